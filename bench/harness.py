@@ -1,0 +1,31 @@
+"""Shared by the benchmarks: a stack of their own, and figures printed as `name: value unit`.
+
+Run a benchmark as `.venv/bin/python bench/NAME.py`; it brings up what it needs on
+ports QUOTAFLOW_BENCH_PORT_BASE+N (default 33000), state in .quotaflow-bench/.
+Machines are shared and noisy: every benchmark measures its baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from deploy import stack
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = int(os.environ.get("QUOTAFLOW_BENCH_PORT_BASE", "33000"))
+
+os.environ.update(stack.isolated_env(BASE, ROOT / ".quotaflow-bench",
+                                     Path(os.environ.get("QUOTAFLOW_CACHE_DIR", ROOT / ".quotaflow" / "cache"))))
+
+from quotaflow.settings import Settings, get_settings  # noqa: E402  (after the environment is set)
+
+
+def up() -> Settings:
+    settings = get_settings()
+    stack.up(settings)
+    return settings
+
+
+def report(name: str, value: float, unit: str) -> None:
+    print(f"{name}: {value:.3f} {unit}", flush=True)

@@ -1,0 +1,176 @@
+"""``quotaflow demo``: the whole pipeline with demo traffic, watched live, then accounted.
+
+Final line: ``demo: produced=N processed=N stored=N denied_keys=K dead_letters=D lost=L``
+where produced counts valid events acknowledged by Kafka, processed the ones the
+processor applied, stored the rows ClickHouse holds for them, denied_keys the
+keys denied at some point, dead_letters the malformed records dead-lettered, and
+lost every valid event not stored plus every malformed one not dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+from dataclasses import dataclass, field
+
+import redis
+
+from collector.emitter import Emitter
+from deploy import stack
+from deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
+from deploy.observe import denied_keys, end_offsets, pipeline_caught_up
+from deploy.procs import StackError
+from quotaflow import metrics
+from quotaflow.settings import Settings
+from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from schemas.topics import DEAD_LETTER_TOPIC
+from sinks.clickhouse.client import connect
+
+PROCESSED = ('quotaflow_processor_events_total{outcome="counted"}', 'quotaflow_processor_events_total{outcome="late"}')
+STORED = "quotaflow_sink_rows_inserted_total"
+DRAIN_TIMEOUT_S = 90
+
+
+@dataclass
+class Tally:
+    processed: int = 0
+    stored_live: int = 0
+    dead_letters: int = 0
+    denied_now: set[str] = field(default_factory=set)
+    denied_ever: set[str] = field(default_factory=set)
+
+
+def _scrape(port: int) -> dict[str, float] | None:
+    try:
+        return metrics.scrape(port)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _processed(sample: dict[str, float] | None) -> int:
+    return int(sum((sample or {}).get(name, 0) for name in PROCESSED))
+
+
+async def _dead_letter_total(settings: Settings) -> int:
+    return sum((await end_offsets(settings.kafka_bootstrap, DEAD_LETTER_TOPIC)).values())
+
+
+class Watcher:
+    """Reads the pipeline's progress from its metrics, Redis and Kafka."""
+
+    def __init__(self, settings: Settings, r: redis.Redis):
+        self.settings = settings
+        self.redis = r
+        self.base_processed = 0
+        self.base_stored = 0
+        self.base_dead = 0
+        self.tally = Tally()
+
+    async def baseline(self) -> None:
+        self.base_processed = _processed(_scrape(self.settings.processor_metrics_port))
+        self.base_stored = int((_scrape(self.settings.sink_metrics_port) or {}).get(STORED, 0))
+        self.base_dead = await _dead_letter_total(self.settings)
+
+    async def poll(self) -> Tally:
+        t = self.tally
+        proc = _scrape(self.settings.processor_metrics_port)
+        sink = _scrape(self.settings.sink_metrics_port)
+        if proc is not None:
+            t.processed = _processed(proc) - self.base_processed
+        if sink is not None:
+            t.stored_live = int(sink.get(STORED, 0)) - self.base_stored
+        t.dead_letters = await _dead_letter_total(self.settings) - self.base_dead
+        t.denied_now = await asyncio.to_thread(denied_keys, self.redis)
+        t.denied_ever |= t.denied_now
+        return t
+
+
+def _line(elapsed: float, stats: TrafficStats, t: Tally) -> str:
+    denied = ",".join(sorted(t.denied_now)) or "-"
+    return (f"[{elapsed:5.1f}s] produced={stats.valid_sent} processed={t.processed} stored={t.stored_live} "
+            f"denied_keys={len(t.denied_now)} ({denied}) dead_letters={t.dead_letters}")
+
+
+async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally, int]:
+    r = redis.Redis.from_url(settings.redis_url)
+    for org, tier in DEMO_ORGS.items():
+        r.hset(org_key(org), ORG_TIER_FIELD, tier.value)
+    print("waiting for the processor and the sink to catch up with earlier events...", flush=True)
+    deadline = time.monotonic() + 120
+    while not await pipeline_caught_up(settings.kafka_bootstrap):
+        if time.monotonic() > deadline:
+            raise StackError("the processor or the sink did not catch up within 120 s; see the logs in "
+                             f"{settings.state_dir / 'logs'}")
+        await asyncio.sleep(0.5)
+    watcher = Watcher(settings, r)
+    await watcher.baseline()
+
+    stats = TrafficStats()
+    emitter = Emitter(settings.kafka_bootstrap)
+    await emitter.start()
+    started = time.monotonic()
+    print(f"sending demo traffic for {seconds:g} s from {len(DEMO_ORGS)} orgs "
+          f"({', '.join(f'{o}={t.value}' for o, t in DEMO_ORGS.items())})", flush=True)
+    traffic = asyncio.create_task(drive(emitter, seconds, stats))
+    try:
+        while not traffic.done():
+            await asyncio.wait({traffic}, timeout=2.0)
+            print(_line(time.monotonic() - started, stats, await watcher.poll()), flush=True)
+        await traffic
+    finally:
+        await emitter.stop()
+    if emitter.failed:
+        print(f"warning: {emitter.failed} events were not acknowledged by Kafka", flush=True)
+
+    print("traffic done; waiting for the pipeline to drain...", flush=True)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        t = await watcher.poll()
+        drained = (t.processed >= stats.valid_sent and t.stored_live >= stats.valid_sent
+                   and t.dead_letters >= stats.invalid_sent)
+        if drained or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1.0)
+    print(_line(time.monotonic() - started, stats, t), flush=True)
+    r.close()
+    return stats, watcher.tally, emitter.failed
+
+
+def _count_stored(settings: Settings, stats: TrafficStats) -> tuple[int, int]:
+    """(rows, distinct event ids) ClickHouse holds for this run's events."""
+    client = connect(settings.clickhouse_url)
+    try:
+        row = client.query(
+            "SELECT count(), uniqExact(event_id) FROM requests "
+            "WHERE org_id IN {orgs:Array(String)} AND service = 'demo-shop' "
+            "AND event_time BETWEEN fromUnixTimestamp64Milli({lo:Int64}) AND fromUnixTimestamp64Milli({hi:Int64})",
+            parameters={"orgs": list(DEMO_ORGS), "lo": stats.first_ts_ms, "hi": stats.last_ts_ms},
+        ).result_rows[0]
+        return int(row[0]), int(row[1])
+    finally:
+        client.close()
+
+
+def run_demo(settings: Settings, seconds: float) -> int:
+    print(f"quotaflow demo: state in {settings.state_dir}", flush=True)
+    print("starting the stack (first run downloads Kafka and may install redis-server)...", flush=True)
+    started = stack.up(settings)
+    for name, running, where in stack.status(settings)[:3]:
+        print(f"  {name:<11} {'running' if running else 'stopped':<8} {where}", flush=True)
+    try:
+        for name in stack.PIPELINE:
+            stack.start_pipeline_process(settings, name)
+        print("  processor and sink running; logs in", settings.state_dir / "logs", flush=True)
+        stats, tally, failed = asyncio.run(_run(settings, seconds))
+    finally:
+        stack.down(settings, only=list(stack.PIPELINE))
+    try:
+        rows, distinct = _count_stored(settings, stats)
+    finally:
+        stack.down(settings, only=started)
+    lost = max(stats.valid_sent - distinct, 0) + max(stats.invalid_sent - tally.dead_letters, 0) + failed
+    print(f"demo: produced={stats.valid_sent} processed={tally.processed} stored={rows} "
+          f"denied_keys={len(tally.denied_ever)} dead_letters={tally.dead_letters} lost={lost}", flush=True)
+    ok = lost == 0 and rows == stats.valid_sent and tally.processed == stats.valid_sent
+    return 0 if ok else 1

@@ -1,0 +1,47 @@
+"""Redis for the local stack: Debian's redis-server on its own port, AOF persistence
+in the state dir."""
+
+from __future__ import annotations
+
+import redis
+
+from deploy.procs import Proc, StackError, ensure_port_free, tail, wait_until
+from deploy.system_packages import ensure_command
+from quotaflow.settings import Settings
+
+
+def proc(settings: Settings) -> Proc:
+    return Proc("redis", settings.state_dir / "run")
+
+
+def start(settings: Settings) -> bool:
+    p = proc(settings)
+    if p.pid() is not None:
+        return False
+    server = ensure_command("redis-server", "redis-server")
+    ensure_port_free(settings.redis_port, "Redis", "QUOTAFLOW_REDIS_PORT")
+    data = settings.state_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    log = data / "redis.log"
+    argv = [server, "--bind", "127.0.0.1", "--port", str(settings.redis_port), "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+            "--logfile", str(log)]
+    p.start(argv, data / "stdout.log", marker="redis-server")  # redis rewrites its title; the name stays
+    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_timeout=1)
+
+    def ready() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    if not wait_until(lambda: p.pid() is None or ready(), 30):
+        p.stop()
+        raise StackError(f"redis-server did not answer PING within 30 s; log:\n{tail(log)}")
+    if p.pid() is None:
+        raise StackError(f"redis-server exited at start; log:\n{tail(log)}")
+    return True
+
+
+def stop(settings: Settings) -> bool:
+    return proc(settings).stop(timeout_s=30)

@@ -1,0 +1,77 @@
+"""Gap-free, duplicate-free input per partition, whatever the stream delivers.
+
+Faust acknowledges records it skips around a rebalance (records prefetched
+under the previous consumer generation), and its commit can then move past
+records no agent ever saw: they would be lost. Seen here as a jump from offset
+2074 to 2081 right after a worker restart. The guard keeps, in the table (and
+so in its changelog), the next offset the processor must apply for each
+partition. A record past it is either a legitimate gap (transaction markers,
+retention) or a skip: a probe of the broker tells which, and a skip makes the
+guard seek the stream back and drop what arrives until the missing record does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Awaitable, Callable, MutableMapping
+
+from processors.window_counts import REDELIVERED
+
+APPLY = "apply"
+REFETCH = "refetch"  # dropped now; it will be delivered again after the seek back
+
+RESEEK_AFTER_S = 5.0  # a seek lost in a rebalance is repeated after this long
+
+Probe = Callable[[int, int], Awaitable[int | None]]  # (partition, offset) -> first real offset >= it
+Seek = Callable[[int, int], Awaitable[None]]
+
+
+def next_offset_key(partition: int) -> str:
+    """Table key of a partition's next offset. Cannot collide with an api_key_id,
+    which starts with a letter or digit."""
+    return f"__next_offset__/{partition}"
+
+
+class OffsetGuard:
+    def __init__(self, data: MutableMapping, probe: Probe, seek: Seek, clock: Callable[[], float] = time.monotonic):
+        self.data = data
+        self._probe = probe
+        self._seek = seek
+        self._clock = clock
+        self._refetching: dict[int, tuple[int, float]] = {}  # partition -> (offset sought, when)
+
+    def reset(self) -> None:
+        """Forget seeks in flight: a rebalance repositions the stream anyway."""
+        self._refetching.clear()
+
+    async def reseek_stale(self) -> None:
+        """Repeat seeks that have not brought the missing record back: a rebalance
+        or records drained just before the seek can undo one. Also run on a timer,
+        so a quiet partition does not wait for new traffic."""
+        now = self._clock()
+        for partition, (sought, when) in list(self._refetching.items()):
+            if now - when > RESEEK_AFTER_S:
+                await self._seek(partition, sought)
+                self._refetching[partition] = (sought, now)
+
+    async def check(self, partition: int, offset: int) -> str:
+        key = next_offset_key(partition)
+        expected = self.data.get(key)
+        if expected is None or offset == expected:
+            self._refetching.pop(partition, None)
+            self.data[key] = offset + 1
+            return APPLY
+        if offset < expected:
+            return REDELIVERED
+        if partition in self._refetching:
+            await self.reseek_stale()
+            return REFETCH
+        first = await self._probe(partition, expected)
+        if first is not None and first >= offset:  # nothing real in between: a legitimate gap
+            self.data[key] = offset + 1
+            return APPLY
+        target = expected if first is None else first
+        self.data[key] = target
+        self._refetching[partition] = (target, self._clock())
+        await self._seek(partition, target)
+        return REFETCH

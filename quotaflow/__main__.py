@@ -1,0 +1,3 @@
+from quotaflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""All configuration, read once from ``QUOTAFLOW_*`` environment variables.
+
+Defaults run everything on 127.0.0.1 with data under ``.quotaflow/`` in the
+current directory. Ports are unusual on purpose so a developer's own Kafka or
+Redis on the standard ports is never touched.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUOTAFLOW_", extra="ignore")
+
+    # Everything the local stack writes lives below state_dir; downloads are
+    # cached in cache_dir so a second state dir (tests) does not download again.
+    state_dir: Path = Path(".quotaflow")
+    cache_dir: Path | None = None
+
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack's broker")
+    kafka_heap: str = "768m"
+    events_partitions: int = Field(4, ge=1)
+
+    redis_port: int = 16379
+    redis_url: str | None = Field(None, description="default: the local stack's redis-server")
+
+    clickhouse_url: str | None = Field(
+        None, description="chdb://PATH for the embedded engine (default, under state_dir) or http(s)://user:pass@host:port/db"
+    )
+
+    # Prometheus /metrics of each long-running process; 0 disables it.
+    processor_metrics_port: int = 19110
+    sink_metrics_port: int = 19111
+
+    # Batching knobs of the stream stages.
+    processor_batch_size: int = Field(2000, ge=1)
+    processor_batch_seconds: float = Field(0.05, gt=0)
+    sink_batch_size: int = Field(10000, ge=1)
+    sink_batch_seconds: float = Field(0.5, gt=0)
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Settings":
+        self.state_dir = self.state_dir.expanduser().resolve()
+        if self.cache_dir is None:
+            self.cache_dir = self.state_dir / "cache"
+        self.cache_dir = self.cache_dir.expanduser().resolve()
+        if self.kafka_bootstrap is None:
+            self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
+        if self.redis_url is None:
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.clickhouse_url is None:
+            self.clickhouse_url = f"chdb://{self.state_dir / 'clickhouse'}"
+        ports = [self.kafka_port, self.kafka_controller_port, self.redis_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"kafka_port, kafka_controller_port and redis_port must differ, got {ports}")
+        return self
+
+    @property
+    def clickhouse_embedded(self) -> bool:
+        return self.clickhouse_url.startswith("chdb://")
+
+    @property
+    def kafka_is_local(self) -> bool:
+        """True when clients talk to the broker the local stack runs."""
+        return self.kafka_bootstrap == f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_is_local(self) -> bool:
+        return self.redis_url.startswith(f"redis://127.0.0.1:{self.redis_port}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,41 @@
+"""Dead-letter records: the original bytes, untouched, plus headers saying why.
+
+Keeping the value as published (rather than wrapping it) lets an operator fix
+the cause and replay the record as is. A record may be dead-lettered twice after
+a crash (at-least-once); the source topic/partition/offset headers identify it.
+"""
+
+from __future__ import annotations
+
+HEADER_REASON = "qf.error.reason"  # human readable, every problem found
+HEADER_STAGE = "qf.error.stage"  # which stage rejected it: collector, processor, sink
+HEADER_SOURCE_TOPIC = "qf.source.topic"
+HEADER_SOURCE_PARTITION = "qf.source.partition"
+HEADER_SOURCE_OFFSET = "qf.source.offset"
+HEADER_TS_MS = "qf.error.ts_ms"
+
+STAGE_COLLECTOR = "collector"
+STAGE_PROCESSOR = "processor"
+STAGE_SINK = "sink"
+
+MAX_REASON_BYTES = 2000
+
+
+def headers(reason: str, stage: str, *, topic: str | None = None, partition: int | None = None,
+            offset: int | None = None, ts_ms: int) -> list[tuple[str, bytes]]:
+    out = [
+        (HEADER_REASON, reason.encode()[:MAX_REASON_BYTES]),
+        (HEADER_STAGE, stage.encode()),
+        (HEADER_TS_MS, str(ts_ms).encode()),
+    ]
+    if topic is not None:
+        out += [
+            (HEADER_SOURCE_TOPIC, topic.encode()),
+            (HEADER_SOURCE_PARTITION, str(partition).encode()),
+            (HEADER_SOURCE_OFFSET, str(offset).encode()),
+        ]
+    return out
+
+
+def read_headers(raw: list[tuple[str, bytes]] | tuple | None) -> dict[str, str]:
+    return {k: v.decode(errors="replace") for k, v in (raw or ())}

@@ -1,0 +1,14 @@
+"""Kafka topic and consumer group names: the contract between publishers and stages."""
+
+EVENTS_TOPIC = "quotaflow.requests.v1"
+DEAD_LETTER_TOPIC = "quotaflow.deadletter.v1"
+
+# The Faust app id is also its consumer group and the prefix of its internal
+# (changelog, repartition) topics.
+PROCESSOR_APP_ID = "quotaflow-processor"
+SINK_CLICKHOUSE_GROUP = "quotaflow-sink-clickhouse"
+
+# Retention of the shared topics. Events are kept long enough to replay a day of
+# outage into ClickHouse; dead letters long enough for someone to look at them.
+EVENTS_RETENTION_MS = 7 * 24 * 3600 * 1000
+DEAD_LETTER_RETENTION_MS = 30 * 24 * 3600 * 1000

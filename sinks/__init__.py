@@ -1,0 +1,1 @@
+"""Outputs of the pipeline: ClickHouse (raw events) and, later, alert notifications."""

@@ -1,0 +1,25 @@
+"""One way to reach ClickHouse: the embedded engine (chdb://PATH) or a server (http(s)://)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+
+class ClickHouseUnavailable(RuntimeError):
+    pass
+
+
+def connect(url: str) -> Client:
+    """A clickhouse-connect client for ``url``. The embedded engine can be open
+    in one process at a time; that process is the sink (or whoever runs alone)."""
+    if url.startswith("chdb://"):
+        Path(url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    elif not url.startswith(("http://", "https://")):
+        raise ValueError(f"QUOTAFLOW_CLICKHOUSE_URL must start with chdb://, http:// or https://, got {url!r}")
+    try:
+        return clickhouse_connect.get_client(dsn=url)
+    except Exception as exc:  # the driver raises several types; all mean the same to callers
+        raise ClickHouseUnavailable(f"cannot open ClickHouse at {url}: {exc}") from exc

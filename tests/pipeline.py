@@ -1,0 +1,149 @@
+"""Test helpers: pipeline processes as real subprocesses, events, and waiting on them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from typing import Callable
+
+from deploy import stack
+from quotaflow import metrics
+from quotaflow.settings import Settings
+from schemas.events import RequestEvent
+from sinks.clickhouse.client import connect
+
+
+def unique(prefix: str) -> str:
+    """Ids unique to one test, so tests sharing the session's stack never see each other's data."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def event(org_id: str, api_key_id: str, ts_ms: int, **over) -> RequestEvent:
+    fields = dict(org_id=org_id, api_key_id=api_key_id, service="tests", endpoint="/v1/items/{id}", method="GET",
+                  status=200, latency_ms=12.5, request_bytes=0, response_bytes=512, client_ip="198.51.100.7",
+                  user_agent="pytest", ts_ms=ts_ms)
+    fields.update(over)
+    return RequestEvent.new(**fields)
+
+
+def minute_start() -> int:
+    """Start of a minute window for a test's events, chosen so that its decisions
+    (which expire a minute after the window ends) outlive the test by 90 s or more:
+    the current minute if it began at most 30 s ago, else the next one."""
+    now = int(time.time() * 1000)
+    start = now - now % 60_000
+    return start if now - start <= 30_000 else start + 60_000
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, logs: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs()}")
+        time.sleep(0.2)
+
+
+async def publish(settings: Settings, events: list[RequestEvent], raw: list[tuple[bytes, bytes]] = ()) -> None:
+    from collector.emitter import Emitter
+
+    async with Emitter(settings.kafka_bootstrap) as emitter:
+        for ev in events:
+            await emitter.emit(ev)
+        for key, value in raw:
+            await emitter.emit_bytes(key, value)
+        await emitter.flush()
+        assert emitter.failed == 0
+
+
+class Pipeline:
+    """The processor and the sink, started as `quotaflow processor|sink` subprocesses."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._log_starts: dict[str, int] = {}
+
+    def start(self, name: str) -> int:
+        log = stack.pipeline_log(self.settings, name)
+        self._log_starts.setdefault(name, log.stat().st_size if log.exists() else 0)  # this test's part
+        return stack.start_pipeline_process(self.settings, name, env=os.environ.copy())
+
+    def pid(self, name: str) -> int | None:
+        return stack.pipeline_proc(self.settings, name).pid()
+
+    def stop(self, name: str) -> None:
+        stack.pipeline_proc(self.settings, name).stop()
+
+    def kill(self, name: str) -> None:
+        pid = self.pid(name)
+        assert pid is not None, f"{name} is not running"
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: self.pid(name) is None, 10, f"{name} to die")
+
+    def stop_all(self) -> None:
+        for name in stack.PIPELINE:
+            self.stop(name)
+
+    def metric(self, name: str, sample: str) -> float:
+        try:
+            return metrics.scrape(stack.metrics_port(self.settings, name)).get(sample, 0.0)
+        except OSError:
+            return 0.0
+
+    def logs(self, name: str | None = None, lines: int = 40) -> str:
+        """What the processes wrote during this test, minus aiokafka's reconnect noise."""
+        out = []
+        for n in [name] if name else list(stack.PIPELINE):
+            path = stack.pipeline_log(self.settings, n)
+            if n not in self._log_starts or not path.exists():
+                continue
+            with open(path, "rb") as f:
+                f.seek(self._log_starts[n])
+                text = f.read().decode(errors="replace").splitlines()
+            text = [t for t in text if "Unable connect to node" not in t and "Unable to update metadata" not in t]
+            out.append(f"--- {n} log ---\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+    def wait_caught_up(self, timeout_s: float = 60) -> None:
+        """Both consumer groups have committed everything on the events topic."""
+        from deploy.observe import pipeline_caught_up
+
+        wait_for(lambda: asyncio.run(pipeline_caught_up(self.settings.kafka_bootstrap)), timeout_s,
+                 "processor and sink to commit all events", self.logs)
+
+    def query_clickhouse(self, sql: str, parameters: dict | None = None) -> list[tuple]:
+        """Run a query on the engine. The embedded engine is open in one process at a
+        time, so the sink must be stopped first."""
+        assert self.pid("sink") is None, "stop the sink before opening the embedded engine"
+        client = connect(self.settings.clickhouse_url)
+        try:
+            return client.query(sql, parameters=parameters or {}).result_rows
+        finally:
+            client.close()
+
+
+async def read_all(settings: Settings, topic: str) -> list:
+    """Every record of ``topic`` from the beginning to its current end."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from deploy.observe import end_offsets
+
+    ends = await end_offsets(settings.kafka_bootstrap, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in ends]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        out = []
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp.partition] for tp in tps])
+
+        while await behind():
+            for recs in (await consumer.getmany(timeout_ms=1000)).values():
+                out.extend(recs)
+        return out
+    finally:
+        await consumer.stop()

@@ -1,0 +1,168 @@
+"""RequestEvent v1: strict validation with precise messages, encoding, the exported JSON Schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import orjson
+import pytest
+
+from schemas.events import FIELD_NAMES, RequestEvent, SchemaError, decode, json_schema, render_json_schema, validate
+
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "request_event.v1.schema.json"
+
+
+def good() -> dict:
+    return {
+        "schema_version": 1,
+        "event_id": "123e4567-e89b-42d3-a456-426614174000",
+        "ts_ms": 1_795_000_000_123,
+        "org_id": "acme",
+        "api_key_id": "acme-web",
+        "service": "checkout",
+        "endpoint": "/v1/orders/{order_id}/items",
+        "method": "POST",
+        "status": 201,
+        "latency_ms": 12.75,
+        "request_bytes": 300,
+        "response_bytes": 1200,
+        "client_ip": "2001:db8::1",
+        "user_agent": "okhttp/4.12.0",
+    }
+
+
+def test_valid_event_round_trips_through_the_wire_format():
+    ev = validate(good())
+    assert isinstance(ev, RequestEvent)
+    assert decode(ev.encode()) == ev
+    assert orjson.loads(ev.encode()) == good()
+    assert ev.partition_key == b"acme"
+
+
+def test_new_fills_id_time_and_version():
+    ev = RequestEvent.new(**{k: v for k, v in good().items() if k not in ("event_id", "ts_ms", "schema_version")})
+    assert ev.schema_version == 1
+    assert len(ev.event_id) == 36 and ev.event_id != good()["event_id"]
+    assert ev.ts_ms > 1_700_000_000_000
+
+
+def test_numbers_are_normalised_as_json_schema_reads_them():
+    ev = validate({**good(), "latency_ms": 7, "status": 200.0})
+    assert ev.latency_ms == 7.0 and isinstance(ev.latency_ms, float)
+    assert ev.status == 200 and isinstance(ev.status, int)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("event_id", "not-a-uuid", "event_id: must be a lowercase UUID"),
+        ("event_id", "123E4567-E89B-42D3-A456-426614174000", "event_id: must be a lowercase UUID"),
+        ("ts_ms", 1_795_000_000, "ts_ms: must be between 946684800000 and 4102444800000 (milliseconds since the epoch), got 1795000000"),
+        ("ts_ms", 1795000000000.5, "ts_ms: must be an integer, got 1795000000000.5"),
+        ("ts_ms", "1795000000123", "ts_ms: must be an integer, got str '1795000000123'"),
+        ("org_id", "", "org_id: must be 1-64 characters"),
+        ("org_id", "a" * 65, "org_id: must be 1-64 characters"),
+        ("api_key_id", "key with spaces", "api_key_id: must be 1-64 characters"),
+        ("endpoint", "/v1/users/42", "endpoint: segment '42' looks like a raw id; publish the route template"),
+        ("endpoint", "/v1/users/123e4567-e89b-42d3-a456-426614174000/orders", "endpoint: segment '123e4567-e89b-42d3-a456-426614174000' looks like a raw id"),
+        ("endpoint", "/v1/blobs/deadbeefcafebabe0011", "endpoint: segment 'deadbeefcafebabe0011' looks like a raw id"),
+        ("endpoint", "/v1/search?q=shoes", "endpoint: must not carry a query string or fragment"),
+        ("endpoint", "v1/search", "endpoint: must start with '/'"),
+        ("endpoint", "/" + "a" * 300, "endpoint: at most 256 characters, got 301"),
+        ("method", "get", "method: must be one of GET, HEAD, POST"),
+        ("status", 700, "status: must be between 100 and 599, got 700"),
+        ("status", True, "status: must be an integer, got bool True"),
+        ("status", "200", "status: must be an integer, got str '200'"),
+        ("latency_ms", -1, "latency_ms: must be between 0 and 86400000, got -1"),
+        ("latency_ms", float("nan"), "latency_ms: must be a finite number"),
+        ("request_bytes", -5, "request_bytes: must be between 0 and"),
+        ("client_ip", "300.1.1.1", "client_ip: must be an IPv4 or IPv6 address, got '300.1.1.1'"),
+        ("user_agent", "x" * 513, "user_agent: at most 512 characters, got 513"),
+        ("user_agent", None, "user_agent: must be a string, got NoneType None"),
+    ],
+)
+def test_bad_field_is_rejected_with_a_precise_message(field, value, message):
+    with pytest.raises(SchemaError) as err:
+        validate({**good(), field: value})
+    assert len(err.value.errors) == 1, err.value.errors
+    assert err.value.errors[0].startswith(message), err.value.errors[0]
+
+
+def test_every_problem_is_reported_not_only_the_first():
+    doc = {**good(), "status": 99, "method": "FETCH"}
+    del doc["org_id"]
+    with pytest.raises(SchemaError) as err:
+        validate(doc)
+    assert err.value.errors == [
+        "org_id: required field is missing",
+        "method: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT, TRACE, got 'FETCH'",
+        "status: must be between 100 and 599, got 99",
+    ]
+
+
+def test_unknown_fields_are_rejected():
+    with pytest.raises(SchemaError, match=r"unknown field\(s\): path, tenant"):
+        validate({**good(), "tenant": "x", "path": "/v1/users/42"})
+
+
+def test_newer_schema_version_is_refused_by_name():
+    with pytest.raises(SchemaError, match="schema_version: 2 is not supported by this consumer"):
+        validate({**good(), "schema_version": 2})
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"GET /v1/orders 200", "event: not valid UTF-8 JSON"),
+        (b"\xff\xfe{}", "event: not valid UTF-8 JSON"),
+        (b"[1, 2]", "event: must be a JSON object, got list"),
+        (None, "event: record has no value (tombstone)"),
+    ],
+)
+def test_undecodable_records_are_rejected(raw, message):
+    with pytest.raises(SchemaError) as err:
+        decode(raw)
+    assert str(err.value).startswith(message)
+
+
+def test_exported_schema_file_is_current():
+    assert SCHEMA_FILE.read_bytes() == render_json_schema(), "run: quotaflow schema export --output " + str(SCHEMA_FILE)
+    assert json_schema()["required"] == list(FIELD_NAMES)
+
+
+def _agree(doc: dict) -> bool:
+    """Do the Python validator and the published JSON Schema give the same verdict?"""
+    checker = jsonschema.Draft202012Validator(orjson.loads(SCHEMA_FILE.read_bytes()),
+                                              format_checker=jsonschema.FormatChecker())
+    try:
+        validate(doc)
+        python_ok = True
+    except SchemaError:
+        python_ok = False
+    return python_ok == checker.is_valid(doc)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"endpoint": "/v1/users/42"},
+        {"endpoint": "/v1/users/{id}/orders/123e4567-e89b-42d3-a456-426614174000"},
+        {"endpoint": "/v1/items/abc123"},
+        {"endpoint": "/v1/search?q=1"},
+        {"ts_ms": 12},
+        {"status": 600},
+        {"method": "BREW"},
+        {"client_ip": "10.0.0.1"},
+        {"client_ip": "not-an-ip"},
+        {"org_id": "-leading-dash"},
+        {"event_id": "123e4567e89b42d3a456426614174000"},
+        {"latency_ms": 0},
+        {"status": 200.0},
+        {"status": 200.5},
+        {"extra": 1},
+    ],
+)
+def test_published_json_schema_agrees_with_the_validator(change):
+    assert _agree({**good(), **change})

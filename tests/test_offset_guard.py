@@ -1,0 +1,85 @@
+"""OffsetGuard: the processor's defence against records the stream skips or repeats
+(pure logic; the broker probe and the seek are given as plain functions)."""
+
+import asyncio
+
+from processors.offset_guard import APPLY, REDELIVERED, REFETCH, RESEEK_AFTER_S, OffsetGuard, next_offset_key
+
+
+class Log:
+    """The partition as the broker holds it: which offsets are real records."""
+
+    def __init__(self, real_offsets):
+        self.real = sorted(real_offsets)
+        self.seeks = []
+
+    async def probe(self, partition, offset):
+        return next((o for o in self.real if o >= offset), None)
+
+    async def seek(self, partition, offset):
+        self.seeks.append((partition, offset))
+
+
+def run(guard, deliveries, partition=0):
+    return [asyncio.run(guard.check(partition, o)) for o in deliveries]
+
+
+def test_in_order_records_are_applied_and_repeats_skipped():
+    log = Log(range(100))
+    data = {}
+    guard = OffsetGuard(data, log.probe, log.seek)
+    assert run(guard, [10, 11, 12, 11, 12, 13]) == [APPLY, APPLY, APPLY, REDELIVERED, REDELIVERED, APPLY]
+    assert data[next_offset_key(0)] == 14 and log.seeks == []
+
+
+def test_skipped_records_are_fetched_again():
+    """The stream jumps from 74 to 81 (as Faust did after a worker restart): the guard
+    seeks back to 75, drops what arrives before 75, then applies 75.. in order."""
+    log = Log(range(200))
+    guard = OffsetGuard({}, log.probe, log.seek)
+    assert run(guard, [73, 74, 81, 82]) == [APPLY, APPLY, REFETCH, REFETCH]
+    assert log.seeks == [(0, 75)]
+    assert run(guard, list(range(75, 84))) == [APPLY] * 9
+    assert log.seeks == [(0, 75)]
+
+
+def test_a_legitimate_gap_is_not_fetched_again():
+    """Offsets 75 and 76 hold transaction markers, not records: nothing was skipped."""
+    log = Log([73, 74, 77, 78])
+    guard = OffsetGuard({}, log.probe, log.seek)
+    assert run(guard, [73, 74, 77, 78]) == [APPLY] * 4
+    assert log.seeks == []
+
+
+def test_a_skip_after_a_marker_seeks_to_the_first_real_record():
+    log = Log([74, 76, 77, 78, 79])  # 75 is a marker, 76-78 were skipped by the stream
+    guard = OffsetGuard({}, log.probe, log.seek)
+    assert run(guard, [74, 79]) == [APPLY, REFETCH]
+    assert log.seeks == [(0, 76)]
+    assert run(guard, [76, 77, 78, 79]) == [APPLY] * 4
+
+
+def test_a_seek_that_brings_nothing_back_is_repeated_and_forgotten_on_rebalance():
+    now = [0.0]
+    log = Log(range(100))
+    guard = OffsetGuard({}, log.probe, log.seek, clock=lambda: now[0])
+    run(guard, [10, 20])
+    assert log.seeks == [(0, 11)]
+    asyncio.run(guard.reseek_stale())
+    assert log.seeks == [(0, 11)]  # not yet
+    now[0] += RESEEK_AFTER_S + 1
+    assert run(guard, [21]) == [REFETCH]
+    assert log.seeks == [(0, 11), (0, 11)]
+    guard.reset()
+    assert run(guard, [30]) == [REFETCH]  # a new gap after the rebalance: probed and sought again
+    assert log.seeks[-1] == (0, 11)
+
+
+def test_partitions_are_independent():
+    log = Log(range(100))
+    data = {}
+    guard = OffsetGuard(data, log.probe, log.seek)
+    assert asyncio.run(guard.check(0, 5)) == APPLY
+    assert asyncio.run(guard.check(1, 50)) == APPLY
+    assert asyncio.run(guard.check(0, 6)) == APPLY
+    assert (data[next_offset_key(0)], data[next_offset_key(1)]) == (7, 51)
