@@ -30,6 +30,8 @@ def isolated_env(port_base: int, state_dir: Path, cache_dir: Path) -> dict[str, 
         "QUOTAFLOW_REDIS_PORT": str(port_base + 379),
         "QUOTAFLOW_PROCESSOR_METRICS_PORT": str(port_base + 110),
         "QUOTAFLOW_SINK_METRICS_PORT": str(port_base + 111),
+        "QUOTAFLOW_API_PORT": str(port_base + 120),
+        "QUOTAFLOW_GATEWAY_PORT": str(port_base + 130),
     }
 
 

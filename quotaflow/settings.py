@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(10000, ge=1)
     sink_batch_seconds: float = Field(0.5, gt=0)
 
+    # --- ClickHouse storage and the query API (analytics/) ---
+    # HTTP JSON query API; 0 disables it. With the embedded engine it is served by
+    # the sink process, the one process that may open the engine.
+    api_port: int = 19120
+    retention_raw_days: int = Field(30, ge=1)
+    retention_minute_days: int = Field(90, ge=1)
+    retention_hour_days: int = Field(365, ge=1)
+    retention_day_days: int = Field(1095, ge=1)
+
+    # --- Gateways (gateway/) ---
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
