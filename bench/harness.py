@@ -1,7 +1,7 @@
 """Shared by the benchmarks: a stack of their own, and figures printed as `name: value unit`.
 
 Run a benchmark as `.venv/bin/python bench/NAME.py`; it brings up what it needs on
-ports QUOTAFLOW_BENCH_PORT_BASE+N (default 33000), state in .quotaflow-bench/.
+ports QUOTAFLOW_BENCH_PORT_BASE+N (default 33000), state in .quotaflow-bench-BASE/.
 Machines are shared and noisy: every benchmark measures its baseline in the same run.
 """
 
@@ -15,14 +15,19 @@ from deploy import stack
 ROOT = Path(__file__).resolve().parent.parent
 BASE = int(os.environ.get("QUOTAFLOW_BENCH_PORT_BASE", "33000"))
 
-os.environ.update(stack.isolated_env(BASE, ROOT / ".quotaflow-bench",
+os.environ.update(stack.isolated_env(BASE, ROOT / f".quotaflow-bench-{BASE}",
                                      Path(os.environ.get("QUOTAFLOW_CACHE_DIR", ROOT / ".quotaflow" / "cache"))))
 
 from quotaflow.settings import Settings, get_settings  # noqa: E402  (after the environment is set)
 
 
 def up() -> Settings:
+    """The stack, from an empty state dir: every run starts alike."""
+    import shutil
+
     settings = get_settings()
+    stack.down(settings)
+    shutil.rmtree(settings.state_dir, ignore_errors=True)
     stack.up(settings)
     return settings
 

@@ -27,7 +27,8 @@ from schemas.redis_keys import ORG_TIER_FIELD, org_key
 from schemas.topics import DEAD_LETTER_TOPIC
 from sinks.clickhouse.client import connect
 
-PROCESSED = ('quotaflow_processor_events_total{outcome="counted"}', 'quotaflow_processor_events_total{outcome="late"}')
+# Valid events handled once each: counted, late for some window, or refused (429) and so not counted.
+PROCESSED = tuple(f'quotaflow_processor_events_total{{outcome="{o}"}}' for o in ("counted", "late", "rejected"))
 STORED = "quotaflow_sink_rows_inserted_total"
 DRAIN_TIMEOUT_S = 90
 

@@ -25,11 +25,12 @@ class DemoKey:
     per_minute: float  # request rate this key sends at
 
 
-# Rates against per-minute limits: FREE 10, STARTER 30, PROFESSIONAL 100, SCALE 200, ENTERPRISE 500.
+# Rates against per-minute limits, which hold for each key and for each org as a whole:
+# FREE 10, STARTER 30, PROFESSIONAL 100, SCALE 200, ENTERPRISE 500.
 DEMO_KEYS = (
-    DemoKey("acme", Tier.ENTERPRISE, "acme-web", 240),
+    DemoKey("acme", Tier.ENTERPRISE, "acme-web", 240),  # 420/min together: under acme's 500
     DemoKey("acme", Tier.ENTERPRISE, "acme-mobile", 180),
-    DemoKey("globex", Tier.PROFESSIONAL, "globex-api", 60),
+    DemoKey("globex", Tier.PROFESSIONAL, "globex-api", 60),  # under 100/min, but refused once its org is over
     DemoKey("globex", Tier.PROFESSIONAL, "globex-crawler", 360),  # over 100/min
     DemoKey("initech", Tier.STARTER, "initech-batch", 120),  # over 30/min
     DemoKey("hooli", Tier.FREE, "hooli-dev", 60),  # over 10/min

@@ -191,7 +191,7 @@ def _configure(settings: Settings, java: str, libs: Path) -> Path:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         result = subprocess.run(
             [java, "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={data / 'log4j2.properties'}",
-             STORAGE_TOOL, "format", "-t", cluster_id, "-c", str(config)],
+             STORAGE_TOOL, "format", f"--cluster-id={cluster_id}", "-c", str(config)],  # ids may start with "-"
             capture_output=True, text=True)
         if result.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{(result.stdout + result.stderr).strip()[-1500:]}")

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from schemas.redis_keys import DECISION_PATTERN, Decision
+from schemas.redis_keys import USAGE_KEY_PATTERN, Decision
 from schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
 
 
@@ -58,14 +58,15 @@ async def pipeline_caught_up(bootstrap: str) -> bool:
     return not any(lags)
 
 
-def decisions(client: redis.Redis) -> list[Decision]:
-    keys = list(client.scan_iter(match=DECISION_PATTERN, count=1000))
+def decisions(client: redis.Redis) -> dict[str, Decision]:
+    """api_key_id -> the decision the processors last wrote for it."""
+    keys = list(client.scan_iter(match=USAGE_KEY_PATTERN, count=1000))
     pipe = client.pipeline(transaction=False)
     for k in keys:
         pipe.hgetall(k)
-    return [Decision.from_redis(raw) for raw in pipe.execute() if raw]
+    return {raw[b"api_key_id"].decode(): Decision.from_redis(raw) for raw in pipe.execute() if b"allowed" in raw}
 
 
 def denied_keys(client: redis.Redis, now_ms: int | None = None) -> set[str]:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return {d.api_key_id for d in decisions(client) if d.denies_at(now_ms)}
+    return {key for key, d in decisions(client).items() if d.denies_at(now_ms)}

@@ -1,12 +1,16 @@
-"""The Faust app: counts requests per API key per minute, writes decisions to Redis,
-dead-letters invalid events.
+"""The Faust app: counts requests per API key and per org in every window of the
+policy, writes counts and decisions to Redis, releases the gateways' reservations
+of the events it counts, and dead-letters invalid events.
 
 Guarantee: at-least-once delivery, idempotent effect. A batch is acknowledged
-(its offsets become committable) only once its decisions are in Redis and its
+(its offsets become committable) only once its counts are in Redis and its
 changelog records and dead letters are on the broker. The table also holds each
 partition's next offset: records Faust delivers twice or skips are caught by
 OffsetGuard; records redelivered after a crash are recognised by their offset
-and not counted twice (window_counts keeps, per key, the last offset applied).
+and not counted twice (window_counts keeps, per scope, the last offset applied).
+An event published twice (same event_id, two records) is counted once if the
+copies arrive within the dedup window. Events with status 429 (refused by a
+limiter) are never counted.
 """
 
 from __future__ import annotations
@@ -14,116 +18,187 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any, Awaitable, Sequence
 
 import faust
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge, Histogram
 
-from processors.backend import RedisBackend
-from processors.decisions import decide
-from processors.limits import DEFAULT_LIMITS, MINUTE_MS
-from processors.offset_guard import APPLY, REDELIVERED, REFETCH, OffsetGuard, next_offset_key
-from processors.window_counts import apply_event
+from processors.backend import RedisBackend, ScopeWrite
+from processors.decisions import decide, scope_windows
+from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
+from processors.output import Output
+from processors.window_counts import REDELIVERED, ScopeState, apply_event
 from quotaflow.settings import Settings
 from schemas import deadletter
-from schemas.events import SchemaError, decode
+from schemas.events import RequestEvent, SchemaError, decode_record
+from schemas.limits import SCOPE_ORG, policy_from_settings
+from schemas.redis_keys import Decision
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
 log = logging.getLogger(__name__)
 
-EVENTS = Counter("quotaflow_processor_events_total", "Events consumed by the processor, by outcome", ["outcome"])
-DECISIONS = Counter("quotaflow_processor_decisions_written_total", "Decisions written to Redis")
+EVENTS = PromCounter("quotaflow_processor_events_total", "Events consumed by the processor, by outcome", ["outcome"])
+DECISIONS = PromCounter("quotaflow_processor_decisions_written_total", "Decisions written to Redis")
 BATCH_SECONDS = Histogram("quotaflow_processor_batch_seconds", "Time to process one batch",
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 READY = Gauge("quotaflow_processor_ready", "1 once partitions are assigned and tables recovered")
-TABLE_NAME = "key-minute-counts"
+TABLE_NAME = "window-counts"
+REJECTED_STATUS = 429
+SWEEP_EVERY_S = 60.0
+DUPLICATE = "duplicate"  # the same event_id already counted from another record
+
+
+def position(offset: int, index: int) -> int:
+    """Where an event stands in a partition: its record's offset, then its index in the record."""
+    return (offset << 16) | index  # MAX_EVENTS_PER_RECORD < 2**16
+
+
+def key_scope(api_key_id: str) -> str:
+    return "k/" + api_key_id
+
+
+def org_scope(org_id: str) -> str:
+    return "o/" + org_id
 
 
 class RequestCounter:
     """Handles one batch of events: the processor's work, apart from Faust's plumbing."""
 
-    def __init__(self, table: faust.Table, dead_letters: faust.TopicT, backend: RedisBackend, guard: OffsetGuard):
+    def __init__(self, table: faust.Table, output: Output, backend: RedisBackend, guard: OffsetGuard):
         self.table = table
-        self.dead_letters = dead_letters
+        self.output = output
         self.backend = backend
+        self.policy = backend.policy
         self.guard = guard
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
 
     async def handle(self, events: Sequence[faust.types.EventT]) -> None:
         started = time.perf_counter()
         data = self.table.data
-        touched: dict[str, tuple[int, str]] = {}  # api_key_id -> (partition, org_id)
-        changed: set[str] = set()
-        partitions: set[int] = set()
+        policy = self.policy
+        touched: dict[tuple[str, str], int] = {}  # (org_id, api_key_id) -> partition
+        released: dict[tuple[str, str], list[str]] = {}  # reservations to release, per key
+        changed: dict[str, int] = {}  # table key -> partition
         pending: list[Awaitable] = []  # deliveries to the broker
+        fresh: list[tuple[RequestEvent, int, int]] = []  # (event, partition, offset) not applied before
+        outcomes: Counter[str] = Counter()
         for event in events:
             msg = event.message
-            verdict = await self.guard.check(msg.partition, msg.offset)
+            verdict = self.guard.quick(msg.partition, msg.offset) or await self.guard.check(msg.partition, msg.offset)
             if verdict == REFETCH:
-                EVENTS.labels("refetch").inc()
+                outcomes["refetch"] += 1
                 continue
-            partitions.add(msg.partition)
-            try:
-                ev = decode(msg.value)
-            except SchemaError as exc:
-                if verdict == APPLY:
-                    pending.append(await self._dead_letter(msg, exc))
+            changed[next_offset_key(msg.partition)] = msg.partition
+            items = decode_record(msg.value)
+            for index, ev in enumerate(items):
+                if isinstance(ev, SchemaError):
+                    if verdict == APPLY:
+                        outcomes["invalid"] += 1
+                        pending.append(await self._dead_letter(msg, ev, index if ev.payload is not None else None))
+                    else:
+                        outcomes[REDELIVERED] += 1
+                    continue
+                if ev.status == REJECTED_STATUS:  # refused by a limiter: counting it would lock retrying clients out
+                    outcomes["rejected"] += 1
+                    continue
+                ident = (ev.org_id, ev.api_key_id)
+                touched[ident] = msg.partition
+                released.setdefault(ident, []).append(ev.event_id)
+                if verdict == REDELIVERED:
+                    outcomes[REDELIVERED] += 1
                 else:
-                    EVENTS.labels(REDELIVERED).inc()
+                    fresh.append((ev, msg.partition, position(msg.offset, index)))
+
+        duplicate = await self.backend.duplicates([(ev.org_id, ev.event_id, p, pos) for ev, p, pos in fresh])
+        states: dict[str, ScopeState | None] = {}  # this batch's working copy: the table is slower to reach
+        for (ev, partition, pos), dup in zip(fresh, duplicate, strict=True):
+            if dup:
+                outcomes[DUPLICATE] += 1
                 continue
-            key = ev.api_key_id
-            if verdict == APPLY:
-                outcome, state = apply_event(data.get(key), ev.ts_ms, msg.partition, msg.offset, MINUTE_MS)
-            else:
-                outcome, state = REDELIVERED, None
-            EVENTS.labels(outcome).inc()
-            if state is not None:
-                data[key] = state
-                changed.add(key)
-            # Redelivered and late events still refresh the decision: the write
-            # that followed their first delivery may have been lost in a crash.
-            if key in data:
-                touched[key] = (msg.partition, ev.org_id)
+            for scope, is_key in ((key_scope(ev.api_key_id), True), (org_scope(ev.org_id), False)):
+                state = states[scope] if scope in states else data.get(scope)
+                outcome, state = apply_event(state, ev.ts_ms, partition, pos, policy)
+                if is_key:
+                    outcomes[outcome] += 1
+                if state is not None:
+                    states[scope] = state
+                    changed[scope] = partition
+        for scope, state in states.items():
+            data[scope] = state
 
-        # One changelog record per changed key per batch, not per event, written to
-        # the partition of the events that changed it (so it recovers with them);
-        # then each partition's next offset, which is only valid once those are in.
-        changelog = self.table.changelog_topic
-        for key in changed:
-            pending.append(await changelog.send(key=key, value=data[key], partition=touched[key][0]))
-        for p in partitions:
-            pending.append(await changelog.send(key=next_offset_key(p), value=data[next_offset_key(p)], partition=p))
+        # One changelog record per changed scope per batch, not per event, written to the
+        # partition of the events that changed it (so it recovers with them); each
+        # partition's next offset last, as it is only valid once those are in.
+        for scope, partition in sorted(changed.items(), key=lambda item: item[0].startswith("__")):
+            pending.append(await self.output.changelog(scope, data[scope], partition))
 
-        tiers = await self.backend.org_tiers({org for _, org in touched.values()})
-        now = int(time.time() * 1000)
-        decisions = []
-        for key, (_, org) in touched.items():
-            tier = tiers[org]
-            decisions.append(decide(key, org, tier.value, DEFAULT_LIMITS[tier], data[key], now))
-        await self.backend.write_decisions(decisions)
-        DECISIONS.inc(len(decisions))
+        if touched:
+            await self.backend.write(await self._writes(touched, released))
+            DECISIONS.inc(len(touched))
+        if time.monotonic() >= self._next_sweep:
+            pending += await self._forget_idle_scopes()
         # The batch is acknowledged (and its offsets become committable) when this
         # returns, so its changelog and dead letters must be on the broker by then.
         # Faust's own flush before a commit gives up after 0.1 s per message.
         await asyncio.gather(*pending)
+        for outcome, n in outcomes.items():
+            EVENTS.labels(outcome).inc(n)
         BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _dead_letter(self, msg: Any, exc: SchemaError) -> Awaitable:
-        EVENTS.labels("invalid").inc()
+    async def _writes(self, touched: dict[tuple[str, str], int], released: dict[tuple[str, str], list[str]]
+                      ) -> list[ScopeWrite]:
+        """Counts, durable decisions and reservation releases of every key and org touched."""
+        data, policy = self.table.data, self.policy
+        tiers, overrides = await self.backend.limits_config(set(touched))
+        now = int(time.time() * 1000)
+        writes = []
+        orgs: dict[str, list[str]] = {}
+        for (org, key), _ in touched.items():
+            kstate, ostate = data.get(key_scope(key)), data.get(org_scope(org))
+            decision = decide(kstate, ostate, policy, tiers[org], overrides[(org, key)], now)
+            writes.append(ScopeWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)]))
+            orgs.setdefault(org, []).extend(released[(org, key)])
+        for org, ids in orgs.items():
+            ostate = data.get(org_scope(org))
+            windows = scope_windows(SCOPE_ORG, ostate, policy.limits(SCOPE_ORG, tiers[org]), policy, now)
+            decision = Decision.from_windows(windows, allowed=all(w.used < w.limit for w in windows),
+                                             tier=tiers[org], now_ms=now)
+            writes.append(ScopeWrite(org, None, ostate["b"] if ostate else None, decision, ids))
+        return writes
+
+    async def _forget_idle_scopes(self) -> list[Awaitable]:
+        """Drop scopes idle for longer than their longest window and the grace after it:
+        their counts can no longer matter, and the table (and its recovery) stays the
+        size of the active keys. Runs inside a batch, so nothing else changes the table."""
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        horizon = max(w.length_ms for w in self.policy.windows) + self.policy.late_grace_ms
+        cutoff = int(time.time() * 1000) - horizon
+        data = self.table.data
+        idle = [(k, v["p"]) for k, v in list(data.items()) if not k.startswith("__") and v["m"] < cutoff]
+        sent = []
+        for key, partition in idle:
+            del data[key]
+            sent.append(await self.output.changelog(key, None, partition))
+        if idle:
+            log.info("idle scopes forgotten", extra={"scopes": len(idle)})
+        return sent
+
+    async def _dead_letter(self, msg: Any, exc: SchemaError, index: int | None) -> Awaitable:
         log.warning("invalid event dead-lettered",
-                    extra={"reason": str(exc), "partition": msg.partition, "offset": msg.offset})
-        return await self.dead_letters.send(
-            key=msg.key,
-            value=msg.value,
-            headers=deadletter.headers(str(exc), deadletter.STAGE_PROCESSOR, topic=msg.topic,
-                                       partition=msg.partition, offset=msg.offset,
-                                       ts_ms=int(time.time() * 1000)),
-        )
+                    extra={"reason": str(exc), "partition": msg.partition, "offset": msg.offset, "index": index})
+        return await self.output.dead_letter(
+            msg.key, msg.value if exc.payload is None else exc.payload,
+            deadletter.headers(str(exc), deadletter.STAGE_PROCESSOR, topic=msg.topic, partition=msg.partition,
+                               offset=msg.offset, index=index, ts_ms=int(time.time() * 1000)))
 
 
 def create_app(settings: Settings) -> faust.App:
+    policy = policy_from_settings(settings)
     app = faust.App(
         PROCESSOR_APP_ID,
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
@@ -141,14 +216,20 @@ def create_app(settings: Settings) -> faust.App:
         # A worker killed without leaving the group holds its partitions until
         # its session times out; Faust's default of 60 s stalls a restart that long.
         broker_session_timeout=15.0,
+        # Batches of thousands: fetch and buffer that much at a time.
+        broker_max_poll_records=settings.processor_batch_size * 2,
+        stream_buffer_maxsize=settings.processor_batch_size * 4,
+        consumer_max_fetch_size=8 * 1024 * 1024,
     )
     events_topic = app.topic(EVENTS_TOPIC, key_type=bytes, value_type=bytes,
                              key_serializer="raw", value_serializer="raw",
                              partitions=settings.events_partitions)
-    dead_topic = app.topic(DEAD_LETTER_TOPIC, key_type=bytes, value_type=bytes,
-                           key_serializer="raw", value_serializer="raw")
     table = app.Table(TABLE_NAME, default=None, partitions=settings.events_partitions,
-                      schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="json"))
+                      schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
+                      # Every batch rewrites the scopes it touches: roll segments often so the log
+                      # cleaner compacts them, and a restart recovers one record per scope, not
+                      # one per batch.
+                      extra_topic_configs={"segment.ms": str(5 * 60_000), "min.cleanable.dirty.ratio": "0.1"})
 
     running: dict[str, RequestCounter] = {}
 
@@ -168,12 +249,14 @@ def create_app(settings: Settings) -> faust.App:
         redis = aioredis.Redis.from_url(settings.redis_url)
         probe = OffsetProbe(settings.kafka_bootstrap, EVENTS_TOPIC)
         await probe.start()
+        output = Output(settings.kafka_bootstrap, table.changelog_topic.get_topic_name(), DEAD_LETTER_TOPIC)
+        await output.start()
 
         async def seek(partition: int, offset: int) -> None:
             log.warning("records skipped by the stream; seeking back", extra={"partition": partition, "offset": offset})
             await app.consumer.seek(TP(EVENTS_TOPIC, partition), offset)
 
-        counter = running["counter"] = RequestCounter(table, dead_topic, RedisBackend(redis),
+        counter = running["counter"] = RequestCounter(table, output, RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s),
                                                       OffsetGuard(table.data, probe.first_offset, seek))
         try:
             async for batch in stream.take_events(settings.processor_batch_size,
@@ -181,6 +264,7 @@ def create_app(settings: Settings) -> faust.App:
                 await counter.handle(batch)
         finally:
             running.pop("counter", None)
+            await output.stop()
             await probe.stop()
             await redis.aclose()
 

@@ -1,4 +1,5 @@
-"""Redis I/O of the processors: org tiers in, decisions out.
+"""Redis I/O of the processors: tiers and overrides in; counts, decisions and
+reservation releases out, one atomic script call per batch.
 
 Every call retries until Redis answers. The batch that needs it is not
 acknowledged to Kafka before, so a Redis outage delays decisions (and stalls
@@ -10,14 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
+from importlib import resources
 from typing import Awaitable, Callable, TypeVar
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from processors.limits import parse_tier
-from schemas.redis_keys import ORG_TIER_FIELD, Decision, decision_key, org_key
-from schemas.tiers import Tier
+from schemas.limits import Policy, parse_overrides
+from schemas.redis_keys import (
+    ORG_TIER_FIELD,
+    Decision,
+    encode_buckets,
+    org_key,
+    overrides_key,
+    reservations_key,
+    seen_key,
+    usage_key,
+    window_field,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,41 +47,88 @@ async def until_ok(op: Callable[[], Awaitable[T]], what: str, max_delay_s: float
             delay = min(delay * 2, max_delay_s)
 
 
-class RedisBackend:
-    def __init__(self, redis: aioredis.Redis, tier_ttl_s: float = 5.0):
-        self.redis = redis
-        self._tier_ttl_s = tier_ttl_s
-        self._tiers: dict[str, tuple[float, Tier]] = {}
+@dataclass
+class ScopeWrite:
+    """What one batch changes for one scope (a key, or an org when api_key_id is None)."""
 
-    async def org_tiers(self, org_ids: set[str]) -> dict[str, Tier]:
-        """Tier of each org, cached for a few seconds so a tier change reaches
-        decisions quickly without a Redis read per batch."""
+    org_id: str
+    api_key_id: str | None
+    buckets: list | None = None  # per window, when the counts changed
+    decision: Decision | None = None
+    released: list[str] = field(default_factory=list)  # reservations whose events are now counted
+
+
+SEEN_SCRIPT = resources.files("processors").joinpath("seen.lua").read_text()
+WRITE_SCRIPT = resources.files("processors").joinpath("write.lua").read_text()
+
+
+class RedisBackend:
+    def __init__(self, redis: aioredis.Redis, policy: Policy, *, dedup_window_s: float = 600.0,
+                 config_ttl_s: float = 5.0):
+        self.redis = redis
+        self.policy = policy
+        self._seen = redis.register_script(SEEN_SCRIPT)
+        self._write = redis.register_script(WRITE_SCRIPT)
+        self._dedup_ms = int(dedup_window_s * 1000)
+        self._ttl_s = config_ttl_s
+        self._tiers: dict[str, tuple[float, str]] = {}
+        self._overrides: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+        # Usage expires once its longest window (and the grace after it) has passed.
+        self.usage_ttl_ms = max(w.length_ms for w in policy.windows) * 2 + policy.late_grace_ms
+
+    async def limits_config(self, keys: set[tuple[str, str]]) -> tuple[dict[str, str], dict[tuple[str, str], dict]]:
+        """Tier of each org and overrides of each (org, key), cached for a few seconds so
+        a change reaches decisions quickly without a Redis read per batch."""
         now = time.monotonic()
-        found = {o: hit[1] for o in org_ids if (hit := self._tiers.get(o)) and hit[0] > now}
-        missing = [o for o in org_ids if o not in found]
-        if missing:
+        orgs = {org for org, _ in keys}
+        tiers = {o: hit[1] for o in orgs if (hit := self._tiers.get(o)) and hit[0] > now}
+        overrides = {k: hit[1] for k in keys if (hit := self._overrides.get(k)) and hit[0] > now}
+        missing_orgs = [o for o in orgs if o not in tiers]
+        missing_keys = [k for k in keys if k not in overrides]
+        if missing_orgs or missing_keys:
             async def read() -> list:
                 pipe = self.redis.pipeline(transaction=False)
-                for org in missing:
+                for org in missing_orgs:
                     pipe.hget(org_key(org), ORG_TIER_FIELD)
+                for org, key in missing_keys:
+                    pipe.hgetall(overrides_key(org, key))
                 return await pipe.execute()
 
-            for org, raw in zip(missing, await until_ok(read, "read org tiers"), strict=True):
-                tier = parse_tier(raw)
-                self._tiers[org] = (now + self._tier_ttl_s, tier)
-                found[org] = tier
-        return found
+            results = await until_ok(read, "read tiers and overrides")
+            for org, raw in zip(missing_orgs, results[:len(missing_orgs)], strict=True):
+                tiers[org] = self.policy.tier_of(raw)
+                self._tiers[org] = (now + self._ttl_s, tiers[org])
+            for k, raw in zip(missing_keys, results[len(missing_orgs):], strict=True):
+                overrides[k] = parse_overrides(raw)
+                self._overrides[k] = (now + self._ttl_s, overrides[k])
+        return tiers, overrides
 
-    async def write_decisions(self, decisions: list[Decision]) -> None:
-        """All decisions of a batch in one round trip."""
-        async def write() -> None:
-            pipe = self.redis.pipeline(transaction=False)
-            for d in decisions:
-                key = decision_key(d.api_key_id)
-                pipe.hset(key, mapping=d.to_redis())
-                # Keep a decision one window past its reset, then let Redis drop it.
-                pipe.pexpireat(key, d.reset_ms + d.window_s * 1000)
-            await pipe.execute()
+    async def duplicates(self, events: list[tuple[str, str, int, int]]) -> list[bool]:
+        """For (org_id, event_id, partition, position) events: was the event already
+        counted from another record? One round trip for the batch."""
+        if not events:
+            return []
+        batch = orjson.dumps([[seen_key(org, event_id), f"{p}:{o}"] for org, event_id, p, o in events])
+        result = await until_ok(lambda: self._seen(args=[self._dedup_ms, batch]), "check duplicates")
+        return [bool(x) for x in result]
 
-        if decisions:
-            await until_ok(write, "write decisions")
+    async def write(self, writes: list[ScopeWrite]) -> None:
+        """All of a batch in one script call (write.lua), atomic like MULTI/EXEC."""
+        if not writes:
+            return
+        batch = []
+        for w in writes:
+            fields: list[str] = []
+            if w.buckets is not None:
+                for label, b in zip(self.policy.labels, w.buckets, strict=True):
+                    fields += [window_field(label), encode_buckets(b)]
+            if w.decision is not None:
+                for item in w.decision.to_redis().items():
+                    fields += item
+                fields += ["org_id", w.org_id]
+                if w.api_key_id is not None:
+                    fields += ["api_key_id", w.api_key_id]
+            batch.append([usage_key(w.org_id, w.api_key_id), reservations_key(w.org_id, w.api_key_id), fields,
+                          w.released])
+        payload = orjson.dumps(batch)
+        await until_ok(lambda: self._write(args=[self.usage_ttl_ms, payload]), "write counts and decisions")

@@ -1,24 +1,30 @@
-"""A key's limit decision, computed from its window state: pure logic."""
+"""The durable view of a key's decision: what its counts alone allow (pure logic).
+
+Gateways decide from these counts plus their outstanding reservations
+(gateway/check.lua); this summary is what an operator or dashboard reads."""
 
 from __future__ import annotations
 
-from processors.limits import MINUTE_MS, TierLimits
-from processors.window_counts import KeyState
-from schemas.redis_keys import Decision
+from processors.window_counts import ScopeState, window_count, window_reset
+from schemas.limits import SCOPE_KEY, SCOPE_ORG, Policy
+from schemas.redis_keys import Decision, WindowUsage
 
 
-def decide(api_key_id: str, org_id: str, tier: str, limits: TierLimits, state: KeyState, now_ms: int) -> Decision:
-    limit = limits.per_minute
-    count = state["c"]
-    return Decision(
-        api_key_id=api_key_id,
-        org_id=org_id,
-        tier=tier,
-        allowed=count < limit,
-        limit=limit,
-        remaining=max(limit - count, 0),
-        count=count,
-        window_s=MINUTE_MS // 1000,
-        reset_ms=state["w"] + MINUTE_MS,
-        updated_ms=now_ms,
-    )
+def scope_windows(scope: str, state: ScopeState | None, limits: tuple[int | None, ...], policy: Policy,
+                  now_ms: int) -> tuple[WindowUsage, ...]:
+    out = []
+    for i, (window, limit) in enumerate(zip(policy.windows, limits, strict=True)):
+        if limit is None:
+            continue
+        buckets = state["b"][i] if state is not None else []
+        out.append(WindowUsage(scope, window.label, window.length_s, limit, window_count(buckets, window, now_ms),
+                               window_reset(buckets, window, now_ms)))
+    return tuple(out)
+
+
+def decide(key_state: ScopeState | None, org_state: ScopeState | None, policy: Policy, tier: str,
+           overrides: dict[str, int], now_ms: int) -> Decision:
+    windows = (scope_windows(SCOPE_KEY, key_state, policy.limits(SCOPE_KEY, tier, overrides), policy, now_ms)
+               + scope_windows(SCOPE_ORG, org_state, policy.limits(SCOPE_ORG, tier), policy, now_ms))
+    allowed = all(w.used < w.limit for w in windows)
+    return Decision.from_windows(windows, allowed=allowed, tier=policy.tier_of(tier), now_ms=now_ms)

@@ -54,6 +54,20 @@ class OffsetGuard:
                 await self._seek(partition, sought)
                 self._refetching[partition] = (sought, now)
 
+    def quick(self, partition: int, offset: int) -> str | None:
+        """The verdict for the common case, without a coroutine: the next record
+        (APPLY) or an old one (REDELIVERED); None when check() must look closer."""
+        key = next_offset_key(partition)
+        expected = self.data.get(key)
+        if expected is None or offset == expected:
+            if self._refetching:
+                self._refetching.pop(partition, None)
+            self.data[key] = offset + 1
+            return APPLY
+        if offset < expected:
+            return REDELIVERED
+        return None
+
     async def check(self, partition: int, offset: int) -> str:
         key = next_offset_key(partition)
         expected = self.data.get(key)

@@ -1,46 +1,80 @@
-"""Per-key counts in fixed event-time windows: pure logic, no I/O.
+"""Counts of one scope (an API key or an org) in every window of the policy: pure logic.
 
-The state of a key is a small dict, stored in a Faust table (and so in its
-changelog): ``{"w": window start ms, "c": count, "p": partition, "o": offset}``.
-``p``/``o`` are the source record that last changed the state: after a crash
-Kafka redelivers records whose effect may already be in the changelog, and
-those are recognised by their offset and not counted again.
+The state is a small dict, stored in a Faust table (and so in its changelog):
+
+    {"p": partition, "o": position, # the source event that last changed it (record offset, index)
+     "m": max event time seen (ms), # the scope's own event-time clock
+     "b": [[[bucket_start, count], ...], ...]}  # per window, ascending
+
+After a crash Kafka redelivers records whose effect may already be in the
+changelog; ``p``/``o`` recognise their events, so nothing is counted twice. Time is
+event time only (never the wall clock), so replaying the same records gives the
+same state. An event is late for a window when its bucket stopped mattering more
+than the grace period ago by the scope's clock: it is then not counted there
+(it may still count in longer windows).
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import TypedDict
 
-
-class KeyState(TypedDict):
-    w: int
-    c: int
-    p: int
-    o: int
-
-
-def window_start(ts_ms: int, window_ms: int) -> int:
-    return ts_ms - ts_ms % window_ms
-
-
-def already_applied(state: KeyState | None, partition: int, offset: int) -> bool:
-    return state is not None and state["p"] == partition and offset <= state["o"]
-
+from schemas.limits import Policy, Window
 
 COUNTED = "counted"
+LATE = "late"  # missed at least one window
 REDELIVERED = "redelivered"
-LATE = "late"
 
 
-def apply_event(state: KeyState | None, ts_ms: int, partition: int, offset: int,
-                window_ms: int) -> tuple[str, KeyState | None]:
-    """The outcome of one event and the key's new state (None when unchanged:
-    the record was already applied, or it is late, for a window already closed)."""
-    if already_applied(state, partition, offset):
+class ScopeState(TypedDict):
+    p: int
+    o: int
+    m: int
+    b: list[list[list[int]]]
+
+
+def apply_event(state: ScopeState | None, ts_ms: int, partition: int, position: int,
+                policy: Policy) -> tuple[str, ScopeState | None]:
+    """The outcome of one event and the scope's state after it (None when unchanged).
+    The state given is updated in place: this runs for every event of every scope."""
+    if state is not None and state["p"] == partition and position <= state["o"]:
         return REDELIVERED, None
-    start = window_start(ts_ms, window_ms)
-    if state is None or start > state["w"]:
-        return COUNTED, {"w": start, "c": 1, "p": partition, "o": offset}
-    if start < state["w"]:
-        return LATE, None
-    return COUNTED, {"w": start, "c": state["c"] + 1, "p": partition, "o": offset}
+    if state is None or len(state["b"]) != len(policy.windows):
+        state = {"p": partition, "o": position, "m": ts_ms, "b": [[] for _ in policy.windows]}
+    clock = max(state["m"], ts_ms)
+    outcome = COUNTED
+    for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"], strict=True):
+        keep_after = clock - retained
+        while buckets and buckets[0][0] + bucket_ms <= keep_after:  # ascending: drop from the front
+            buckets.pop(0)
+        start = ts_ms - ts_ms % bucket_ms
+        if start + bucket_ms <= keep_after:
+            outcome = LATE
+        elif buckets and buckets[-1][0] == start:  # the usual case: the newest bucket
+            buckets[-1][1] += 1
+        else:
+            i = bisect.bisect_left(buckets, [start, 0])
+            if i < len(buckets) and buckets[i][0] == start:
+                buckets[i][1] += 1
+            else:
+                buckets.insert(i, [start, 1])
+    state["p"], state["o"], state["m"] = partition, position, clock
+    return outcome, state
+
+
+def window_count(buckets: list[list[int]], window: Window, now_ms: int) -> int:
+    """Count of the window as it stands at now_ms. A sliding window includes every
+    bucket that overlaps it, so it may over-count by part of one bucket, never under-count."""
+    if window.sliding:
+        return sum(c for s, c in buckets if s + window.bucket_ms > now_ms - window.length_ms)
+    current = now_ms - now_ms % window.length_ms
+    return sum(c for s, c in buckets if s == current)
+
+
+def window_reset(buckets: list[list[int]], window: Window, now_ms: int) -> int:
+    """When the window next frees a unit: a fixed window at its end; a sliding one
+    when its oldest counted bucket leaves it."""
+    if not window.sliding:
+        return now_ms - now_ms % window.length_ms + window.length_ms
+    live = [s for s, c in buckets if c and s + window.bucket_ms > now_ms - window.length_ms]
+    return (min(live) + window.bucket_ms + window.length_ms) if live else now_ms + window.bucket_ms

@@ -55,9 +55,53 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, sink.stop)
-        await sink.run()
+        await sink.open()
+        api = None
+        if settings.api_port:
+            # The embedded engine can be open in one process only: this one serves the API.
+            from analytics.server import ApiServer
+
+            api = ApiServer(settings)
+            try:
+                await api.start()
+            except OSError as exc:
+                raise StackError(f"cannot serve the query API on port {settings.api_port}: {exc} "
+                                 "(QUOTAFLOW_API_PORT=0 disables it)") from None
+        try:
+            await sink.run()
+        finally:
+            if api is not None:
+                await api.stop()
 
     asyncio.run(main())
+    return 0
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from analytics.server import ApiServer
+    from sinks.clickhouse.client import ClickHouseUnavailable
+
+    if not settings.api_port:
+        print("quotaflow: QUOTAFLOW_API_PORT is 0 (disabled)", file=sys.stderr)
+        return 2
+    server = ApiServer(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    except (OSError, ClickHouseUnavailable) as exc:
+        print(f"quotaflow: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -82,32 +126,96 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
+    from schemas.limits import policy_from_settings
     from schemas.redis_keys import ORG_TIER_FIELD, org_key
-    from schemas.tiers import DEFAULT_TIER, Tier
 
+    policy = policy_from_settings(settings)
     client = redis.Redis.from_url(settings.redis_url)
     if args.action == "set-tier":
-        tier = Tier(args.tier.upper())
-        client.hset(org_key(args.org_id), ORG_TIER_FIELD, tier.value)
-        print(f"{args.org_id}: {tier.value}")
+        if args.tier not in policy.tiers:
+            print(f"quotaflow: unknown tier {args.tier}; configured: {', '.join(policy.tiers)}", file=sys.stderr)
+            return 2
+        client.hset(org_key(args.org_id), ORG_TIER_FIELD, args.tier)
+        print(f"{args.org_id}: {args.tier}")
     else:
         raw = client.hget(org_key(args.org_id), ORG_TIER_FIELD)
-        print(f"{args.org_id}: {raw.decode() if raw else DEFAULT_TIER.value + ' (default)'}")
+        print(f"{args.org_id}: {raw.decode() if raw else policy.default_tier + ' (default)'}")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from schemas.limits import parse_overrides, policy_from_settings
+    from schemas.redis_keys import Decision, overrides_key, usage_key
+
+    policy = policy_from_settings(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+    key = overrides_key(args.org_id, args.api_key_id)
+    if args.action == "set-limit":
+        if args.window not in policy.labels:
+            print(f"quotaflow: unknown window {args.window}; configured: {', '.join(policy.labels)}", file=sys.stderr)
+            return 2
+        client.hset(key, args.window, args.limit)
+    elif args.action == "clear-limits":
+        client.delete(key)
+    overrides = parse_overrides(client.hgetall(key))
+    print(f"{args.org_id}/{args.api_key_id} overrides: {overrides or 'none (tier limits apply)'}")
+    if args.action == "show":
+        raw = client.hgetall(usage_key(args.org_id, args.api_key_id))
+        print(f"  decision: {Decision.from_redis(raw) if raw else 'none yet (no events counted)'}")
+    return 0
+
+
+def cmd_enforcement(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from schemas.redis_keys import ENFORCEMENT_KEY, ENFORCEMENT_OFF
+
+    client = redis.Redis.from_url(settings.redis_url)
+    if args.action == "off":
+        client.set(ENFORCEMENT_KEY, ENFORCEMENT_OFF)
+    elif args.action == "on":
+        client.delete(ENFORCEMENT_KEY)
+    off = client.get(ENFORCEMENT_KEY) == ENFORCEMENT_OFF.encode()
+    print("enforcement: " + ("OFF (every gateway admits every request)" if off else "on"))
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from gateway.limiter import RateLimiter
+    from gateway.server import create_app
+
+    app = create_app(RateLimiter.from_settings(settings))
+    uvicorn.run(app, host=args.host, port=settings.gateway_port, log_config=logging_dict(settings.log_level,
+                settings.log_format), access_log=False)
     return 0
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.clickhouse.client import connect
+    from sinks.clickhouse import retention
+    from sinks.clickhouse.client import ClickHouseUnavailable, connect
     from sinks.clickhouse.migrate import migrate
 
-    applied = migrate(connect(settings.clickhouse_url))
+    try:
+        client = connect(settings.clickhouse_url)
+    except ClickHouseUnavailable as exc:
+        print(f"quotaflow: {exc}", file=sys.stderr)
+        return 1
+    try:
+        applied = migrate(client)
+        changed = retention.apply(client, settings)
+    finally:
+        client.close()
     print(f"applied migrations: {applied or 'none (up to date)'}")
+    print("retention: " + (", ".join(f"{table} {days} days" for table, days in changed.items())
+                           if changed else "unchanged (as configured)"))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from schemas.tiers import Tier
-
     parser = argparse.ArgumentParser(
         prog="quotaflow",
         description="API usage monitoring and rate limiting. Configuration: QUOTAFLOW_* environment variables.")
@@ -125,9 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_processor)
 
     p = sub.add_parser("sink", help="run the ClickHouse sink in the foreground",
-                       description="Stores raw events in ClickHouse in batches (QUOTAFLOW_CLICKHOUSE_URL). "
-                                   "Metrics on QUOTAFLOW_SINK_METRICS_PORT.")
+                       description="Stores raw events in ClickHouse in batches (QUOTAFLOW_CLICKHOUSE_URL), each "
+                                   "exactly once, rolled up per minute, hour and day. Metrics on "
+                                   "QUOTAFLOW_SINK_METRICS_PORT; also serves the query API on QUOTAFLOW_API_PORT "
+                                   "(0: don't), since the embedded engine can be open in one process only.")
     p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("api", help="serve the analytics query API in the foreground",
+                       description="HTTP JSON and CSV answers from ClickHouse on 127.0.0.1:QUOTAFLOW_API_PORT, "
+                                   "for callers with a token from QUOTAFLOW_API_TOKENS. Meant for a ClickHouse "
+                                   "server; with the embedded engine the sink serves the API itself.")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("demo", help="start everything, drive demo traffic, print a live summary",
                        description="Starts the stack, the processor and the sink, sends traffic from several orgs "
@@ -144,14 +260,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("org", help="read or set the subscription tier of an org")
     org_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = org_sub.add_parser("set-tier", help="put an org on a tier")
+    q = org_sub.add_parser("set-tier", help="put an org on a tier (FREE, STARTER, PROFESSIONAL, SCALE, ENTERPRISE "
+                                            "by default; see QUOTAFLOW_TIER_LIMITS)")
     q.add_argument("org_id")
-    q.add_argument("tier", type=str.upper, choices=[t.value for t in Tier])
+    q.add_argument("tier", type=str.upper)
     q = org_sub.add_parser("get", help="show an org's tier")
     q.add_argument("org_id")
     p.set_defaults(func=cmd_org)
 
-    p = sub.add_parser("db", help="ClickHouse schema migrations")
+    p = sub.add_parser("key", help="per-key limit overrides, and a key's current decision")
+    key_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = key_sub.add_parser("set-limit", help="override one window's limit for one API key")
+    q.add_argument("org_id")
+    q.add_argument("api_key_id")
+    q.add_argument("window", help="window label, e.g. 60s (see QUOTAFLOW_WINDOWS)")
+    q.add_argument("limit", type=int)
+    q = key_sub.add_parser("clear-limits", help="drop a key's overrides: its tier's limits apply again")
+    q.add_argument("org_id")
+    q.add_argument("api_key_id")
+    q = key_sub.add_parser("show", help="a key's overrides and its decision as the processors last wrote it")
+    q.add_argument("org_id")
+    q.add_argument("api_key_id")
+    p.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("enforcement", help="emergency switch: stop (off) or resume (on) enforcing limits everywhere",
+                       description="'off' makes every gateway admit every request from its next check on; "
+                                   "counting goes on. 'on' resumes enforcement.")
+    p.add_argument("action", choices=["on", "off", "status"])
+    p.set_defaults(func=cmd_enforcement)
+
+    p = sub.add_parser("gateway", help="serve the HTTP check endpoint for nginx auth_request / Envoy ext_authz",
+                       description="GET /check with X-Api-Key-Id and X-Org-Id answers 200 or 429 (or ?deny_status=403 "
+                                   "for nginx) with rate-limit headers. Port: QUOTAFLOW_GATEWAY_PORT.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("db", help="ClickHouse schema migrations and retention",
+                       description="'migrate' applies the missing migrations and sets each table's TTL from the "
+                                   "QUOTAFLOW_RETENTION_*_DAYS settings. Run it with the sink stopped.")
     p.add_argument("action", choices=["migrate"])
     p.set_defaults(func=cmd_db)
     return parser

@@ -41,21 +41,38 @@ class Settings(BaseSettings):
     sink_metrics_port: int = 19111
 
     # Batching knobs of the stream stages.
-    processor_batch_size: int = Field(2000, ge=1)
+    processor_batch_size: int = Field(200, ge=1, description="records per batch; a record may carry many events")
     processor_batch_seconds: float = Field(0.05, gt=0)
-    sink_batch_size: int = Field(10000, ge=1)
+    sink_batch_size: int = Field(10000, ge=1, description="records per insert at most")
+    sink_batch_bytes: int = Field(32 * 1024 * 1024, ge=1, description="record bytes per insert at most: "
+                                                                       "a record may carry a batch of events")
     sink_batch_seconds: float = Field(0.5, gt=0)
 
     # --- ClickHouse storage and the query API (analytics/) ---
     # HTTP JSON query API; 0 disables it. With the embedded engine it is served by
     # the sink process, the one process that may open the engine.
     api_port: int = 19120
+    # Who may ask the query API what: a JSON object of bearer token -> org id, or "*" for
+    # every org (operators). Without tokens every request is refused.
+    api_tokens: dict[str, str] = Field(default_factory=dict)
     retention_raw_days: int = Field(30, ge=1)
     retention_minute_days: int = Field(90, ge=1)
     retention_hour_days: int = Field(365, ge=1)
     retention_day_days: int = Field(1095, ge=1)
 
+    # --- Rate limits (schemas/limits.py), shared by processors and gateways ---
+    windows: str = Field("60,3600,86400", description="window lengths in seconds, comma separated")
+    sliding_windows: bool = Field(False, description="sliding windows instead of fixed (epoch-aligned) ones")
+    tier_limits: str | None = Field(None, description='JSON {"FREE": [10, 100, 1000], ...}, one limit per window; null: unlimited')
+    late_grace_s: float = Field(60.0, ge=0, description="how late an event may arrive and still count")
+    reservation_ttl_s: float = Field(120.0, gt=0, description="how long a gateway reservation waits for its event")
+    dedup_window_s: float = Field(600.0, gt=0, description="how long processors remember event ids to count "
+                                                          "an event published twice once (~100 bytes of Redis each)")
+
     # --- Gateways (gateway/) ---
+    gateway_port: int = 19130
+    gateway_timeout_ms: int = Field(50, gt=0, description="Redis budget of one check")
+    gateway_fail_open: bool = Field(True, description="admit (true) or refuse (false) when Redis is slow or down")
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -1,7 +1,8 @@
 """Dead-letter records: the original bytes, untouched, plus headers saying why.
 
 Keeping the value as published (rather than wrapping it) lets an operator fix
-the cause and replay the record as is. A record may be dead-lettered twice after
+the cause and replay the record as is. From a batch record only the refused
+event is dead-lettered (re-encoded alone), with its index in the record. A record may be dead-lettered twice after
 a crash (at-least-once); the source topic/partition/offset headers identify it.
 """
 
@@ -12,6 +13,7 @@ HEADER_STAGE = "qf.error.stage"  # which stage rejected it: collector, processor
 HEADER_SOURCE_TOPIC = "qf.source.topic"
 HEADER_SOURCE_PARTITION = "qf.source.partition"
 HEADER_SOURCE_OFFSET = "qf.source.offset"
+HEADER_SOURCE_INDEX = "qf.source.index"  # position in the source record, when it carried a batch
 HEADER_TS_MS = "qf.error.ts_ms"
 
 STAGE_COLLECTOR = "collector"
@@ -22,7 +24,7 @@ MAX_REASON_BYTES = 2000
 
 
 def headers(reason: str, stage: str, *, topic: str | None = None, partition: int | None = None,
-            offset: int | None = None, ts_ms: int) -> list[tuple[str, bytes]]:
+            offset: int | None = None, index: int | None = None, ts_ms: int) -> list[tuple[str, bytes]]:
     out = [
         (HEADER_REASON, reason.encode()[:MAX_REASON_BYTES]),
         (HEADER_STAGE, stage.encode()),
@@ -34,6 +36,8 @@ def headers(reason: str, stage: str, *, topic: str | None = None, partition: int
             (HEADER_SOURCE_PARTITION, str(partition).encode()),
             (HEADER_SOURCE_OFFSET, str(offset).encode()),
         ]
+    if index is not None:
+        out.append((HEADER_SOURCE_INDEX, str(index).encode()))
     return out
 
 

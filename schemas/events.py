@@ -16,13 +16,15 @@ import math
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping, NamedTuple
 
 import orjson
 
 SCHEMA_VERSION = 1
 MAX_ERRORS = 8
+MAX_EVENTS_PER_RECORD = 10_000  # also bounds the index of an event within its record
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
 
@@ -77,6 +79,7 @@ FIELD_NAMES = tuple(f.name for f in FIELDS)
 _FIELD_SET = frozenset(FIELD_NAMES)
 _INT_FIELDS = tuple(f.name for f in FIELDS if f.json_type == "integer")
 _COMPILED = {f.name: re.compile(f.pattern) for f in FIELDS if f.pattern}
+_SPECS = {f.name: f for f in FIELDS}
 
 
 class SchemaError(ValueError):
@@ -84,11 +87,13 @@ class SchemaError(ValueError):
 
     def __init__(self, errors: list[str]):
         self.errors = errors
+        self.payload: bytes | None = None  # the refused item alone, when it came in a batch record
         super().__init__("; ".join(errors))
 
 
-@dataclass(frozen=True, slots=True)
-class RequestEvent:
+class RequestEvent(NamedTuple):
+    """One valid event. A named tuple: immutable, and cheap to build for every record."""
+
     schema_version: int
     event_id: str
     ts_ms: int
@@ -113,7 +118,7 @@ class RequestEvent:
         return validate(fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
     def encode(self) -> bytes:
         return orjson.dumps(self.to_dict())
@@ -188,8 +193,51 @@ def _pattern_error(spec: FieldSpec, value: str) -> str:
     return f"{name}: must be 1-64 characters of letters, digits and _.:- starting with a letter or digit, got {_show(value)}"
 
 
+@lru_cache(maxsize=65536)
+def _valid_string(name: str, value: str) -> bool:
+    """Verdicts on string fields, cached: orgs, keys, services, endpoints, user agents and
+    client addresses repeat from event to event, and every consumer validates every event."""
+    return _check(_SPECS[name], value) is None
+
+
+@lru_cache(maxsize=65536)
+def _valid_strings(org: str, key: str, service: str, endpoint: str, ip: str, user_agent: str) -> bool:
+    """The six string fields of the fast path in one cached verdict: one lookup per event."""
+    return (_valid_string("org_id", org) and _valid_string("api_key_id", key) and _valid_string("service", service)
+            and _valid_string("endpoint", endpoint) and _valid_string("client_ip", ip)
+            and _valid_string("user_agent", user_agent))
+
+
+_new_event = tuple.__new__  # RequestEvent(...) without the Python-level __new__ of a NamedTuple
+_UUID_MATCH = _COMPILED["event_id"].match
+_METHODS = frozenset(METHODS)
+_N_FIELDS = len(FIELDS)
+
+
 def validate(doc: Mapping[str, Any]) -> RequestEvent:
     """Return the event described by ``doc`` or raise SchemaError listing every problem."""
+    # Fast path: a valid event in its canonical types passes these checks (same rules as
+    # _check); anything else takes the slow path, which also finds the words for errors.
+    if type(doc) is dict and len(doc) == _N_FIELDS:
+        g = doc.get
+        eid, ts, org, key, svc, ep = g("event_id"), g("ts_ms"), g("org_id"), g("api_key_id"), g("service"), g("endpoint")
+        status, lat, rq, rs, ip, ua = g("status"), g("latency_ms"), g("request_bytes"), g("response_bytes"), \
+            g("client_ip"), g("user_agent")
+        if (g("schema_version") == SCHEMA_VERSION and type(g("schema_version")) is int
+                and type(eid) is str and _UUID_MATCH(eid)
+                and type(ts) is int and TS_MIN_MS <= ts <= TS_MAX_MS
+                and type(status) is int and 100 <= status <= 599
+                and type(lat) in (int, float) and 0 <= lat <= LATENCY_MAX_MS
+                and type(rq) is int and 0 <= rq <= BYTES_MAX and type(rs) is int and 0 <= rs <= BYTES_MAX
+                and g("method") in _METHODS
+                and type(org) is str and type(key) is str and type(svc) is str and type(ep) is str
+                and type(ip) is str and type(ua) is str and _valid_strings(org, key, svc, ep, ip, ua)):
+            return _new_event(RequestEvent, (SCHEMA_VERSION, eid, ts, org, key, svc, ep, g("method"), status,
+                                             float(lat), rq, rs, ip, ua))
+    return _validate_slowly(doc)
+
+
+def _validate_slowly(doc: Mapping[str, Any]) -> RequestEvent:
     if not isinstance(doc, Mapping):
         raise SchemaError([f"event: must be a JSON object, got {type(doc).__name__}"])
     errors: list[str] = []
@@ -212,7 +260,7 @@ def validate(doc: Mapping[str, Any]) -> RequestEvent:
 
 
 def decode(data: bytes | None) -> RequestEvent:
-    """Parse a Kafka record value into a RequestEvent or raise SchemaError."""
+    """Parse a single-event record value into a RequestEvent or raise SchemaError."""
     if data is None:
         raise SchemaError(["event: record has no value (tombstone)"])
     try:
@@ -220,6 +268,46 @@ def decode(data: bytes | None) -> RequestEvent:
     except orjson.JSONDecodeError as exc:
         raise SchemaError([f"event: not valid UTF-8 JSON ({exc})"]) from None
     return validate(doc)
+
+
+def decode_record(data: bytes | None) -> list[RequestEvent | SchemaError]:
+    """The events a record of the events topic carries: one JSON object, or a JSON array
+    of up to MAX_EVENTS_PER_RECORD objects of one org (the record's key). Each item is
+    the event, or the SchemaError that refuses it, with ``payload`` set to that item
+    alone so it can be dead-lettered by itself. A record that cannot be read at all is
+    a single SchemaError without payload."""
+    if data is None:
+        return [SchemaError(["event: record has no value (tombstone)"])]
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return [SchemaError([f"event: not valid UTF-8 JSON ({exc})"])]
+    if type(doc) is not list:
+        try:
+            return [validate(doc)]
+        except SchemaError as exc:
+            return [exc]
+    if not 1 <= len(doc) <= MAX_EVENTS_PER_RECORD:
+        return [SchemaError([f"record: a batch holds 1 to {MAX_EVENTS_PER_RECORD} events, got {len(doc)}"])]
+    out: list[RequestEvent | SchemaError] = []
+    org = None
+    for item in doc:
+        try:
+            ev = validate(item)
+            if org is None:
+                org = ev.org_id
+            elif ev.org_id != org:
+                raise SchemaError([f"org_id: a batch carries one org's events; expected {org!r}, got {ev.org_id!r}"])
+            out.append(ev)
+        except SchemaError as exc:
+            exc.payload = orjson.dumps(item, default=repr)
+            out.append(exc)
+    return out
+
+
+def encode_batch(events: list[RequestEvent]) -> bytes:
+    """One record for several events of one org."""
+    return orjson.dumps([ev._asdict() for ev in events])
 
 
 def json_schema() -> dict[str, Any]:
@@ -242,15 +330,26 @@ def json_schema() -> dict[str, Any]:
         if f.ip:
             p["anyOf"] = [{"format": "ipv4"}, {"format": "ipv6"}]
         props[f.name] = p
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "urn:quotaflow:schema:request_event:v1",
-        "title": "quotaflow RequestEvent v1",
-        "description": "One API request. Publish as a UTF-8 JSON object on the events topic, keyed by org_id.",
+    event = {
+        "description": "One API request.",
         "type": "object",
         "additionalProperties": False,
         "required": list(FIELD_NAMES),
         "properties": props,
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:quotaflow:schema:request_event:v1",
+        "title": "quotaflow RequestEvent v1",
+        "description": "A record of the events topic, keyed by org_id, UTF-8 JSON: one RequestEvent, or an array "
+                       f"of 1 to {MAX_EVENTS_PER_RECORD} RequestEvents of that same org (cheaper to publish and "
+                       "to process).",
+        "oneOf": [
+            {"$ref": "#/$defs/RequestEvent"},
+            {"type": "array", "minItems": 1, "maxItems": MAX_EVENTS_PER_RECORD,
+             "items": {"$ref": "#/$defs/RequestEvent"}},
+        ],
+        "$defs": {"RequestEvent": event},
     }
 
 

@@ -1,79 +1,158 @@
-"""Redis key layout and the decision record gateways read.
+"""Redis key layout, the encoding of window counts, and the Decision record.
 
-    qf:v1:org:{org_id}           HASH  tier                 set by operators (quotaflow org set-tier)
-    qf:v1:decision:{api_key_id}  HASH  Decision fields      set by processors, read by gateways;
-                                                            expires after the window resets
+Every key of an org carries the org as a hash tag ({org_id}) so that one Lua
+call touches a single slot:
 
-A gateway answers "may this key make a request now?" with one HGETALL.
+    qf:v1:{org}:org                  HASH  tier                     operators (quotaflow org set-tier)
+    qf:v1:{org}:overrides:{key}      HASH  <window label> -> limit  operators (quotaflow key set-limit)
+    qf:v1:{org}:usage:key:{key}      HASH  w:<label> counts + the key's Decision summary
+    qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary
+                                           (processors write them; expire after the longest window)
+    qf:v1:{org}:resv:key:{key}       ZSET  event_id -> reservation time (ms)
+    qf:v1:{org}:resv:org             ZSET  event_id -> reservation time (ms)
+                                           (gateways add one per admitted request; processors remove
+                                           it when they count the event; stale ones expire)
+    qf:v1:{org}:seen:{event_id}      STRING partition:offset of the record that first carried the event
+                                           (processors: duplicates published twice are counted once)
+    qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch)
+
+A window's counts are buckets "start:count,start:count" (start in epoch ms).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PREFIX = "qf:v1:"
-ORG_PREFIX = PREFIX + "org:"
-DECISION_PREFIX = PREFIX + "decision:"
+ENFORCEMENT_KEY = PREFIX + "enforcement"
+ENFORCEMENT_OFF = "off"
 
 ORG_TIER_FIELD = "tier"
+WINDOW_FIELD_PREFIX = "w:"
+USAGE_KEY_PATTERN = PREFIX + "{*}:usage:key:*"
+
+
+def _org(org_id: str) -> str:
+    return f"{PREFIX}{{{org_id}}}:"
 
 
 def org_key(org_id: str) -> str:
-    return ORG_PREFIX + org_id
+    return _org(org_id) + "org"
 
 
-def decision_key(api_key_id: str) -> str:
-    return DECISION_PREFIX + api_key_id
+def overrides_key(org_id: str, api_key_id: str) -> str:
+    return _org(org_id) + "overrides:" + api_key_id
 
 
-DECISION_PATTERN = DECISION_PREFIX + "*"
+def usage_key(org_id: str, api_key_id: str | None = None) -> str:
+    """The key's usage hash, or the org's when api_key_id is None."""
+    return _org(org_id) + ("usage:org" if api_key_id is None else "usage:key:" + api_key_id)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Whether the next request of a key is allowed, and until when that holds."""
+def reservations_key(org_id: str, api_key_id: str | None = None) -> str:
+    return _org(org_id) + ("resv:org" if api_key_id is None else "resv:key:" + api_key_id)
 
-    api_key_id: str
-    org_id: str
-    tier: str
-    allowed: bool
+
+def seen_key(org_id: str, event_id: str) -> str:
+    return _org(org_id) + "seen:" + event_id
+
+
+def window_field(label: str) -> str:
+    return WINDOW_FIELD_PREFIX + label
+
+
+def encode_buckets(buckets: list[list[int]] | list[tuple[int, int]]) -> str:
+    return ",".join(f"{start}:{count}" for start, count in buckets)
+
+
+def decode_buckets(text: str | bytes | None) -> list[tuple[int, int]]:
+    if not text:
+        return []
+    if isinstance(text, bytes):
+        text = text.decode()
+    return [(int(s), int(c)) for s, c in (item.split(":") for item in text.split(","))]
+
+
+class WindowUsage(NamedTuple):
+    """One limited window of one scope ("key" or "org") as a decision saw it."""
+
+    scope: str
+    label: str
+    length_s: int
     limit: int
+    used: int
+    reset_ms: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope}:{self.label}"
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.used, 0)
+
+
+class Decision(NamedTuple):
+    """Whether a request is allowed, against which window, and until when.
+
+    Gateways get one from ``gateway.RateLimiter.check`` (with the reservation's
+    ``event_id``/``ts_ms``, to publish the request's event with); processors
+    store the durable view of each key in its usage hash (``to_redis``)."""
+
+    allowed: bool
+    tier: str
+    limit: int  # of the binding window: the one that denies, or the one closest to its limit
     remaining: int
-    count: int  # requests seen in the current window
-    window_s: int
-    reset_ms: int  # end of the current window, epoch ms
-    updated_ms: int
+    reset_ms: int
+    window: str  # name of the binding window, e.g. "key:60s"; "" when nothing is limited
+    denied_by: str  # "" when allowed
+    now_ms: int
+    windows: tuple[WindowUsage, ...] = ()
+    event_id: str = ""
+    enforced: bool = True  # False: admitted without enforcement (switch off, or Redis down and failing open)
+
+    @classmethod
+    def from_windows(cls, windows: tuple[WindowUsage, ...], *, allowed: bool, tier: str, now_ms: int,
+                     event_id: str = "", enforced: bool = True) -> "Decision":
+        denying = [w for w in windows if w.used >= w.limit] if not allowed else []
+        binding = (max(denying, key=lambda w: w.reset_ms) if denying
+                   else min(windows, key=lambda w: (w.remaining, w.reset_ms)) if windows else None)
+        return cls(
+            allowed=allowed, tier=tier, now_ms=now_ms, windows=windows, event_id=event_id, enforced=enforced,
+            limit=binding.limit if binding else 0,
+            remaining=0 if not allowed else binding.remaining if binding else 0,
+            reset_ms=binding.reset_ms if binding else now_ms,
+            window=binding.name if binding else "",
+            denied_by=binding.name if denying else "",
+        )
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds until the denying window frees a unit (0 when allowed)."""
+        if self.allowed:
+            return 0
+        return max(1, -(-(self.reset_ms - self.now_ms) // 1000))
 
     def to_redis(self) -> dict[str, str]:
         return {
-            "api_key_id": self.api_key_id,
-            "org_id": self.org_id,
-            "tier": self.tier,
             "allowed": "1" if self.allowed else "0",
+            "tier": self.tier,
             "limit": str(self.limit),
             "remaining": str(self.remaining),
-            "count": str(self.count),
-            "window_s": str(self.window_s),
             "reset_ms": str(self.reset_ms),
-            "updated_ms": str(self.updated_ms),
+            "window": self.window,
+            "denied_by": self.denied_by,
+            "updated_ms": str(self.now_ms),
         }
 
     @classmethod
     def from_redis(cls, raw: dict[bytes | str, bytes | str]) -> "Decision":
-        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
-        return cls(
-            api_key_id=d["api_key_id"],
-            org_id=d["org_id"],
-            tier=d["tier"],
-            allowed=d["allowed"] == "1",
-            limit=int(d["limit"]),
-            remaining=int(d["remaining"]),
-            count=int(d["count"]),
-            window_s=int(d["window_s"]),
-            reset_ms=int(d["reset_ms"]),
-            updated_ms=int(d["updated_ms"]),
-        )
+        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in raw.items()}
+        return cls(allowed=d["allowed"] == "1", tier=d["tier"], limit=int(d["limit"]),
+                   remaining=int(d["remaining"]), reset_ms=int(d["reset_ms"]), window=d["window"],
+                   denied_by=d["denied_by"], now_ms=int(d["updated_ms"]))
 
     def denies_at(self, now_ms: int) -> bool:
-        """A deny only holds until its window resets."""
+        """A stored deny only holds until its window frees a unit."""
         return not self.allowed and now_ms < self.reset_ms

@@ -29,13 +29,15 @@ def event(org_id: str, api_key_id: str, ts_ms: int, **over) -> RequestEvent:
     return RequestEvent.new(**fields)
 
 
-def minute_start() -> int:
-    """Start of a minute window for a test's events, chosen so that its decisions
-    (which expire a minute after the window ends) outlive the test by 90 s or more:
-    the current minute if it began at most 30 s ago, else the next one."""
-    now = int(time.time() * 1000)
-    start = now - now % 60_000
-    return start if now - start <= 30_000 else start + 60_000
+def minute_start(need_s: float = 30) -> int:
+    """Start of the current minute, once at least ``need_s`` of it remain (waiting for
+    the next minute if not), so a test's events and the decisions written for them
+    fall in one window that is still current when the test reads them."""
+    now = time.time()
+    if 60 - now % 60 < need_s:
+        time.sleep(60 - now % 60 + 0.05)
+    now_ms = int(time.time() * 1000)
+    return now_ms - now_ms % 60_000
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, logs: Callable[[], str] = lambda: "") -> None:
@@ -46,10 +48,12 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, logs: Callab
         time.sleep(0.2)
 
 
-async def publish(settings: Settings, events: list[RequestEvent], raw: list[tuple[bytes, bytes]] = ()) -> None:
+async def publish(settings: Settings, events: list[RequestEvent], raw: list[tuple[bytes, bytes]] = (),
+                  batch_events: int = 500) -> None:
+    """Publish as the Python emitter does: up to ``batch_events`` events of one org per record."""
     from collector.emitter import Emitter
 
-    async with Emitter(settings.kafka_bootstrap) as emitter:
+    async with Emitter(settings.kafka_bootstrap, batch_events=batch_events) as emitter:
         for ev in events:
             await emitter.emit(ev)
         for key, value in raw:
@@ -147,3 +151,23 @@ async def read_all(settings: Settings, topic: str) -> list:
         return out
     finally:
         await consumer.stop()
+
+
+def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label: str = "60s") -> int | None:
+    """What the processors counted for a key (or, with api_key_id None, an org) in the
+    window of the default policy labelled ``label`` that contains ``at_ms``; None before any count."""
+    from processors.window_counts import window_count
+    from schemas.limits import Window
+    from schemas.redis_keys import decode_buckets, usage_key, window_field
+
+    raw = redis_client.hget(usage_key(org_id, api_key_id), window_field(label))
+    if raw is None:
+        return None
+    return window_count(decode_buckets(raw), Window(int(label.rstrip("s"))), at_ms)
+
+
+def decision(redis_client, org_id: str, api_key_id: str):
+    from schemas.redis_keys import Decision, usage_key
+
+    raw = redis_client.hgetall(usage_key(org_id, api_key_id))
+    return Decision.from_redis(raw) if b"allowed" in raw else None

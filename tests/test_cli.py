@@ -6,7 +6,8 @@ import sys
 import pytest
 
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
-            ["db"]]
+            ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["enforcement"],
+            ["gateway"], ["api"]]
 
 
 def quotaflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

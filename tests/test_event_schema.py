@@ -128,7 +128,7 @@ def test_undecodable_records_are_rejected(raw, message):
 
 def test_exported_schema_file_is_current():
     assert SCHEMA_FILE.read_bytes() == render_json_schema(), "run: quotaflow schema export --output " + str(SCHEMA_FILE)
-    assert json_schema()["required"] == list(FIELD_NAMES)
+    assert json_schema()["$defs"]["RequestEvent"]["required"] == list(FIELD_NAMES)
 
 
 def _agree(doc: dict) -> bool:
@@ -166,3 +166,27 @@ def _agree(doc: dict) -> bool:
 )
 def test_published_json_schema_agrees_with_the_validator(change):
     assert _agree({**good(), **change})
+
+
+def test_a_batch_record_yields_each_event_and_refuses_items_alone():
+    from schemas.events import decode_record, encode_batch
+
+    a, b = validate(good()), validate({**good(), "event_id": "123e4567-e89b-42d3-a456-426614174001"})
+    assert decode_record(encode_batch([a, b])) == [a, b]
+    assert decode_record(a.encode()) == [a]
+    bad = {**good(), "status": 700}
+    other_org = {**good(), "org_id": "globex"}
+    items = decode_record(orjson.dumps([good(), bad, other_org]))
+    assert items[0] == a
+    assert str(items[1]) == "status: must be between 100 and 599, got 700" and orjson.loads(items[1].payload) == bad
+    assert str(items[2]) == "org_id: a batch carries one org's events; expected 'acme', got 'globex'"
+    assert [str(e) for e in decode_record(b"[]")] == ["record: a batch holds 1 to 10000 events, got 0"]
+    assert decode_record(b"nope")[0].payload is None  # unreadable: the whole record is refused
+
+
+def test_the_published_schema_accepts_batches_too():
+    checker = jsonschema.Draft202012Validator(orjson.loads(SCHEMA_FILE.read_bytes()),
+                                              format_checker=jsonschema.FormatChecker())
+    assert checker.is_valid([good(), good()])
+    assert not checker.is_valid([])
+    assert not checker.is_valid([good(), {**good(), "status": 700}])

@@ -12,35 +12,30 @@ import pytest
 from collector.emitter import Emitter
 from deploy import kafka
 from deploy import redis as redis_service
-from schemas.redis_keys import ORG_TIER_FIELD, Decision, decision_key, org_key
-from tests.pipeline import event, minute_start, publish, unique, wait_for
+from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from tests.pipeline import counted, decision, event, minute_start, publish, unique, wait_for
 
 pytestmark = pytest.mark.stack
 COUNTED = 'quotaflow_processor_events_total{outcome="counted"}'
 REDELIVERED = 'quotaflow_processor_events_total{outcome="redelivered"}'
 
 
-def decision_count(redis_client, key: str) -> int | None:
-    raw = redis_client.hgetall(decision_key(key))
-    return Decision.from_redis(raw).count if raw else None
-
-
 def test_redis_outage_delays_decisions_but_loses_none(live_stack, redis_client, pipeline):
     org, key = unique("org"), unique("key")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "SCALE")
-    window = minute_start()
     pipeline.start("processor")
+    window = minute_start()
     asyncio.run(publish(live_stack, [event(org, key, window + i) for i in range(50)]))
-    wait_for(lambda: decision_count(redis_client, key) == 50, 60, "first decisions", pipeline.logs)
+    wait_for(lambda: counted(redis_client, org, key, window) == 50, 60, "first counts", pipeline.logs)
 
     redis_service.stop(live_stack)
     asyncio.run(publish(live_stack, [event(org, key, window + 100 + i) for i in range(70)]))
     wait_for(lambda: "redis unavailable, retrying" in pipeline.logs("processor"), 30, "the processor to notice")
     redis_service.start(live_stack)
 
-    wait_for(lambda: decision_count(redis_client, key) == 120, 60, "decisions after Redis came back", pipeline.logs)
-    d = Decision.from_redis(redis_client.hgetall(decision_key(key)))
-    assert (d.count, d.limit, d.remaining, d.allowed) == (120, 200, 80, True)
+    wait_for(lambda: counted(redis_client, org, key, window) == 120, 60, "counts after Redis came back", pipeline.logs)
+    d = decision(redis_client, org, key)
+    assert (d.limit, d.remaining, d.allowed) == (200, 80, True)
 
 
 def test_broker_restart_mid_stream_loses_nothing(live_stack, redis_client, pipeline):
@@ -64,7 +59,7 @@ def test_broker_restart_mid_stream_loses_nothing(live_stack, redis_client, pipel
             return emitter.failed
 
     assert asyncio.run(send_across_a_restart()) == 0
-    wait_for(lambda: decision_count(redis_client, key) == 400, 120, "all 400 counted once", pipeline.logs)
+    wait_for(lambda: counted(redis_client, org, key, window) == 400, 120, "all 400 counted once", pipeline.logs)
     pipeline.wait_caught_up(120)
     pipeline.stop("sink")
     rows = pipeline.query_clickhouse("SELECT uniqExact(event_id), count() FROM requests WHERE org_id = {o:String}",
@@ -91,12 +86,13 @@ def test_processor_killed_mid_stream_counts_each_event_once(live_stack, redis_cl
     pipeline.start("processor")
     publisher.join()
 
-    wait_for(lambda: decision_count(redis_client, key) == total, 120, f"exactly {total} counted",
-             lambda: f"count={decision_count(redis_client, key)} counted={pipeline.metric('processor', COUNTED)} "
+    wait_for(lambda: counted(redis_client, org, key, window) == total, 120, f"exactly {total} counted",
+             lambda: f"count={counted(redis_client, org, key, window)} counted={pipeline.metric('processor', COUNTED)} "
                      f"redelivered={pipeline.metric('processor', REDELIVERED)} "
-                     f"ready={pipeline.metric('processor', 'quotaflow_processor_ready')} KEY={key}\n{pipeline.logs()}")
+                     f"ready={pipeline.metric('processor', 'quotaflow_processor_ready')}\n{pipeline.logs()}")
     # The restarted processor did see records again (their offsets were not committed
     # when it died) and skipped them rather than count them twice.
     assert pipeline.metric("processor", REDELIVERED) > 0
     time.sleep(2)  # nothing arrives late to push the count past the total
-    assert decision_count(redis_client, key) == total
+    assert counted(redis_client, org, key, window) == total
+    assert counted(redis_client, org, None, window) == total

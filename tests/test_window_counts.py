@@ -1,61 +1,101 @@
-"""Per-key minute counting and the decision derived from it (pure logic, no servers)."""
+"""Counting per scope in every window, and the durable decision (pure logic, no servers)."""
 
 from processors.decisions import decide
-from processors.limits import DEFAULT_LIMITS, MINUTE_MS, parse_tier
-from processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event
+from processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event, window_count, window_reset
+from schemas.limits import DEFAULT_TIER_LIMITS, SCOPE_KEY, SCOPE_ORG, Policy, Window, policy_from_settings
 from schemas.tiers import Tier
 
-W = 1_795_000_020_000 - 1_795_000_020_000 % MINUTE_MS  # a minute boundary
+MIN, HOUR, DAY = Window(60), Window(3600), Window(86400)
+POLICY = Policy(windows=(MIN, HOUR, DAY), tiers=DEFAULT_TIER_LIMITS, late_grace_ms=30_000)
+D = 1_795_000_000_000 - 1_795_000_000_000 % 86_400_000  # a day boundary (so also an hour and a minute one)
 
 
-def run(events, state=None):
+def run(events, policy=POLICY, state=None):
     outcomes = []
     for ts, partition, offset in events:
-        outcome, new = apply_event(state, ts, partition, offset, MINUTE_MS)
+        outcome, new = apply_event(state, ts, partition, offset, policy)
         outcomes.append(outcome)
         state = new if new is not None else state
     return outcomes, state
 
 
-def test_counts_within_a_window_and_restarts_in_the_next():
-    outcomes, state = run([(W + 1, 0, 10), (W + 59_999, 0, 11), (W + 60_000, 0, 12)])
-    assert outcomes == [COUNTED, COUNTED, COUNTED]
-    assert state == {"w": W + 60_000, "c": 1, "p": 0, "o": 12}
+def counts(state, at, policy=POLICY):
+    return [window_count(b, w, at) for w, b in zip(policy.windows, state["b"], strict=True)]
+
+
+def test_defaults_match_the_tiers_of_the_brief():
+    assert {t: DEFAULT_TIER_LIMITS[t.value] for t in Tier} == {
+        Tier.FREE: (10, 100, 1_000), Tier.STARTER: (30, 500, 5_000), Tier.PROFESSIONAL: (100, 2_000, 20_000),
+        Tier.SCALE: (200, 5_000, 50_000), Tier.ENTERPRISE: (500, 10_000, 100_000)}
+
+
+def test_each_window_restarts_at_its_own_boundary():
+    outcomes, state = run([(D + 10_000, 0, 1), (D + 59_999, 0, 2), (D + 60_000, 0, 3)])
+    assert outcomes == [COUNTED] * 3
+    assert counts(state, D + 59_999) == [2, 3, 3]
+    assert counts(state, D + 60_000) == [1, 3, 3]
+    outcomes, state = run([(D + 3_600_000, 0, 4)], state=state)
+    assert outcomes == [COUNTED]
+    assert counts(state, D + 3_600_000) == [1, 1, 4]
+    assert counts(state, D + 59_999) == [0, 3, 4]  # closed minutes are dropped from the state
 
 
 def test_redelivered_records_are_not_counted_twice():
-    _, state = run([(W + i, 2, 100 + i) for i in range(5)])
-    outcomes, again = run([(W + 3, 2, 103), (W + 4, 2, 104), (W + 5, 2, 105)], state)
+    _, state = run([(D + i, 2, 100 + i) for i in range(5)])
+    outcomes, again = run([(D + 3, 2, 103), (D + 4, 2, 104), (D + 5, 2, 105)], state=state)
     assert outcomes == [REDELIVERED, REDELIVERED, COUNTED]
-    assert again["c"] == 6
+    assert counts(again, D + 5) == [6, 6, 6]
 
 
-def test_same_offset_in_another_partition_is_a_different_record():
-    outcomes, state = run([(W, 0, 7), (W + 1, 1, 7)])
-    assert outcomes == [COUNTED, COUNTED] and state["c"] == 2
+def test_late_events_count_within_the_grace_period_and_in_longer_windows_only_after():
+    # the scope's clock is at D+120s; the minute [D, D+60s) closed 60 s ago, beyond the 30 s grace
+    outcomes, state = run([(D + 120_000, 0, 1), (D + 95_000, 0, 2), (D + 1_000, 0, 3)])
+    assert outcomes == [COUNTED, COUNTED, LATE]
+    assert counts(state, D + 95_000) == [1, 3, 3]  # the late one counts in the hour and the day
+    assert counts(state, D + 1_000) == [0, 3, 3]   # but not in its closed minute
 
 
-def test_events_for_a_closed_window_are_late():
-    outcomes, state = run([(W + 60_500, 0, 1), (W + 59_000, 0, 2)])
-    assert outcomes == [COUNTED, LATE]
-    assert state == {"w": W + 60_000, "c": 1, "p": 0, "o": 1}
+def test_sliding_windows_count_the_last_length_at_bucket_precision():
+    policy = Policy(windows=(Window(60, sliding=True),), tiers={"FREE": (10,)}, late_grace_ms=0)
+    _, state = run([(D + i * 10_000, 0, i) for i in range(9)], policy)  # one event every 10 s, D .. D+80s
+    # At D+85s the window (D+25s, D+85s] holds the events at 30..80 s: 6 of them.
+    assert counts(state, D + 85_000, policy) == [6]
+    # One bucket is 1 s: at D+90.5s the event at 30 s is in the bucket [30 s, 31 s), still overlapping.
+    assert counts(state, D + 90_500, policy) == [6]
+    assert counts(state, D + 91_000, policy) == [5]
+    # it frees a unit when its oldest counted bucket leaves
+    assert window_reset(state["b"][0], policy.windows[0], D + 85_000) == D + 30_000 + 1_000 + 60_000
 
 
-def test_decision_denies_exactly_at_the_tier_limit():
-    limits = DEFAULT_LIMITS[Tier.FREE]
-    assert limits.per_minute == 10
-    for count, allowed, remaining in [(1, True, 9), (9, True, 1), (10, False, 0), (14, False, 0)]:
-        d = decide("k", "o", "FREE", limits, {"w": W, "c": count, "p": 0, "o": count}, now_ms=W + 5)
-        assert (d.allowed, d.remaining, d.count, d.limit) == (allowed, remaining, count, 10)
-        assert d.reset_ms == W + MINUTE_MS and d.window_s == 60
-        assert d.denies_at(W + 5) is (not allowed)
-        assert d.denies_at(W + MINUTE_MS) is False  # a deny ends when its window resets
+def test_the_durable_decision_denies_at_exactly_the_limit_of_the_key_or_its_org():
+    for count, allowed in [(9, True), (10, False)]:
+        _, key = run([(D + i, 0, i) for i in range(count)])
+        d = decide(key, key, POLICY, "FREE", {}, now_ms=D + 30_000)
+        assert (d.allowed, d.limit, d.remaining) == (allowed, 10, 10 - count if allowed else 0)
+        assert d.denied_by == ("" if allowed else "key:60s") and d.window == "key:60s"
+        assert d.reset_ms == D + 60_000
+    # a key under its own limit is refused when its org is over
+    _, key = run([(D + i, 0, i) for i in range(3)])
+    _, org = run([(D + i, 0, i) for i in range(30)])
+    d = decide(key, org, POLICY, "STARTER", {}, now_ms=D + 1_000)
+    assert (d.allowed, d.denied_by) == (False, "org:60s")
 
 
-def test_tier_defaults_and_unknown_tier():
-    assert [(t.value, l.per_minute, l.per_hour, l.per_day) for t, l in DEFAULT_LIMITS.items()] == [
-        ("FREE", 10, 100, 1_000), ("STARTER", 30, 500, 5_000), ("PROFESSIONAL", 100, 2_000, 20_000),
-        ("SCALE", 200, 5_000, 50_000), ("ENTERPRISE", 500, 10_000, 100_000)]
-    assert parse_tier(b"SCALE") is Tier.SCALE
-    assert parse_tier(None) is Tier.FREE
-    assert parse_tier("GOLD") is Tier.FREE
+def test_overrides_replace_the_tier_limit_of_the_key_only():
+    assert POLICY.limits(SCOPE_KEY, "ENTERPRISE", {"60s": 5}) == (5, 10_000, 100_000)
+    assert POLICY.limits(SCOPE_ORG, "ENTERPRISE", {"60s": 5}) == (500, 10_000, 100_000)
+    assert POLICY.limits(SCOPE_KEY, "GOLD") == (10, 100, 1_000)  # unknown tier: the default
+
+
+def test_policy_from_settings_reads_windows_modes_and_tiers():
+    class S:
+        windows = "1,60"
+        sliding_windows = True
+        tier_limits = '{"FREE": [2, null], "PAID": [100, 1000]}'
+        late_grace_s = 5
+        reservation_ttl_s = 30
+
+    p = policy_from_settings(S)
+    assert p.windows == (Window(1, True), Window(60, True)) and p.labels == ("1s", "60s")
+    assert p.tiers == {"FREE": (2, None), "PAID": (100, 1000)}
+    assert (p.late_grace_ms, p.reservation_ttl_ms) == (5_000, 30_000)

@@ -20,6 +20,12 @@ def connect(url: str) -> Client:
     elif not url.startswith(("http://", "https://")):
         raise ValueError(f"QUOTAFLOW_CLICKHOUSE_URL must start with chdb://, http:// or https://, got {url!r}")
     try:
-        return clickhouse_connect.get_client(dsn=url)
+        if url.startswith("chdb://"):
+            return clickhouse_connect.get_client(dsn=url)
+        # No session: one client may then serve several threads at once (the query API does).
+        return clickhouse_connect.get_client(dsn=url, autogenerate_session_id=False)
     except Exception as exc:  # the driver raises several types; all mean the same to callers
-        raise ClickHouseUnavailable(f"cannot open ClickHouse at {url}: {exc}") from exc
+        hint = ""
+        if url.startswith("chdb://") and "EmbeddedServer" in str(exc):
+            hint = " (is another process using the embedded engine? Normally the sink does; stop it first)"
+        raise ClickHouseUnavailable(f"cannot open ClickHouse at {url}: {exc}{hint}") from exc

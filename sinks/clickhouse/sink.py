@@ -1,10 +1,20 @@
-"""ClickHouse sink: raw events from Kafka into the ``requests`` table, in batches.
+"""ClickHouse sink: raw events from Kafka into the ``requests`` table (and, through
+materialized views, the rollups), each event stored exactly once.
 
 Its own consumer group, so it reads every event whatever the processors do.
-Offsets are committed only after the batch is in ClickHouse (at-least-once); a
-failed insert is retried until ClickHouse takes it, and the stream waits
-meanwhile. Schema-invalid events are skipped and counted here: the processor
-is the stage that dead-letters them, so each lands in the dead-letter topic once.
+Records are buffered per partition and stored in batches of one partition's offset
+range, following the plan protocol of sinks/clickhouse/plans.py: plan committed,
+insert with a token derived from the range, range committed. A crash anywhere in
+between makes the next owner of the partition insert the same range with the same
+token, which ClickHouse drops if it had already stored it.
+
+- Failed inserts are retried with backoff, never skipped; meanwhile nothing more is
+  fetched, so memory stays bounded (a few batches) however slow ClickHouse is.
+- Rows ClickHouse refuses as data (see writer.is_rejection) are isolated by halving
+  the batch and go to the dead-letter topic with ClickHouse's reason, stage ``sink``.
+- Schema-invalid events are skipped and counted: the processor is the stage that
+  dead-letters them, so each lands in the dead-letter topic once.
+- Each row is stamped with the org's tier from Redis (sinks/clickhouse/tiers.py).
 """
 
 from __future__ import annotations
@@ -12,52 +22,45 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
 
 from quotaflow.settings import Settings
-from schemas.events import SchemaError, decode
-from schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from schemas import deadletter
+from schemas.limits import policy_from_settings
+from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from sinks.clickhouse import retention
 from sinks.clickhouse.client import connect
 from sinks.clickhouse.migrate import migrate
+from sinks.clickhouse.plans import Range, parse_plan
+from sinks.clickhouse.rows import Rows, to_rows
+from sinks.clickhouse.tiers import TierCache
+from sinks.clickhouse.writer import Writer, is_rejection
 
 log = logging.getLogger(__name__)
 
-TABLE = "requests"
-COLUMNS = [
-    "event_id", "event_time", "org_id", "api_key_id", "service", "endpoint", "method", "status",
-    "latency_ms", "request_bytes", "response_bytes", "client_ip", "user_agent", "schema_version",
-    "kafka_partition", "kafka_offset",
-]
-
 EVENTS = Counter("quotaflow_sink_events_total", "Events consumed by the ClickHouse sink, by outcome", ["outcome"])
-ROWS = Counter("quotaflow_sink_rows_inserted_total", "Rows inserted into ClickHouse")
+ROWS = Counter("quotaflow_sink_rows_inserted_total",
+               "Rows sent in successful inserts (a replayed batch ClickHouse drops as a duplicate counts again)")
 INSERT_SECONDS = Histogram("quotaflow_sink_insert_seconds", "Duration of one ClickHouse insert",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 READY = Gauge("quotaflow_sink_ready", "1 once the sink has its partitions assigned")
 INSERT_FAILURES = Counter("quotaflow_sink_insert_failures_total", "Failed ClickHouse inserts (retried)")
+REPLAYS = Counter("quotaflow_sink_batches_replayed_total",
+                  "Batches re-inserted from a plan left by a crash or a rebalance (duplicates are dropped by ClickHouse)")
+BUFFERED = Gauge("quotaflow_sink_buffered_records", "Records fetched from Kafka and held by the sink (buffered or being stored)")
 
 
-def to_rows(records) -> tuple[list[list], dict[TopicPartition, int]]:
-    """Rows for the valid records and, per partition, the next offset to commit."""
-    rows = []
-    next_offsets: dict[TopicPartition, int] = {}
-    for rec in records:
-        next_offsets[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
-        try:
-            ev = decode(rec.value)
-        except SchemaError:
-            EVENTS.labels("invalid_skipped").inc()
-            continue
-        rows.append([
-            ev.event_id, ev.ts_ms, ev.org_id, ev.api_key_id, ev.service, ev.endpoint, ev.method, ev.status,
-            ev.latency_ms, ev.request_bytes, ev.response_bytes, ev.client_ip, ev.user_agent, ev.schema_version,
-            rec.partition, rec.offset,
-        ])
-    return rows, next_offsets
+class Batch(NamedTuple):
+    range: Range
+    records: list  # the Kafka records of the range, invalid ones included
+    replay: bool  # True: the range of a plan found after a restart, already committed as a plan
 
 
 class ClickHouseSink:
@@ -65,51 +68,215 @@ class ClickHouseSink:
         self.settings = settings
         self.client = client
         self._stop = asyncio.Event()
+        self._buffers: dict[TopicPartition, list] = {}
+        self._bytes: dict[TopicPartition, int] = {}  # record value bytes held in each buffer
+        self._first_at: dict[TopicPartition, float] = {}  # when the oldest buffered record arrived
+        self._replays: dict[TopicPartition, Range] = {}  # plans found in the committed metadata
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._last_rejection = ""
+        self._opened = False
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def _insert(self, rows: list[list]) -> None:
+    async def open(self) -> None:
+        """Connect to ClickHouse, apply the migrations and the retention settings."""
+        if self.client is None:
+            self.client = await asyncio.to_thread(connect, self.settings.clickhouse_url)
+        await asyncio.to_thread(migrate, self.client)
+        await asyncio.to_thread(retention.apply, self.client, self.settings)
+        self._opened = True
+
+    # --- Kafka side ------------------------------------------------------------------
+
+    async def _load_plans(self, assigned: set[TopicPartition]) -> None:
+        """Plans left in the committed metadata of newly assigned partitions: those
+        batches may or may not be in ClickHouse and are inserted again, as they were."""
+        delay = 0.2
+        while True:
+            try:
+                committed = await self._admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP,
+                                                                          partitions=list(assigned))
+                ends = await self._consumer.end_offsets(list(assigned))
+                break
+            except KafkaError as exc:  # e.g. a broker restart; a plan missed here would mean duplicates
+                if self._stop.is_set():
+                    return
+                log.warning("reading committed offsets failed, retrying", extra={"error": str(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for tp in assigned:
+            meta = committed.get(tp)
+            plan = parse_plan(tp.topic, tp.partition, meta.offset, meta.metadata) if meta else None
+            if plan is None:
+                continue
+            if plan.end >= ends[tp]:  # the topic was recreated: the plan names records that are gone
+                log.warning("ignoring a plan beyond the end of its partition",
+                            extra={"partition": tp.partition, "plan_end": plan.end, "end_offset": ends[tp]})
+                continue
+            self._replays[tp] = plan
+            log.info("found a batch planned before a restart; storing it again",
+                     extra={"partition": tp.partition, "start": plan.start, "end": plan.end})
+
+    def _forget(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            self._buffers.pop(tp, None)
+            self._bytes.pop(tp, None)
+            self._first_at.pop(tp, None)
+            self._replays.pop(tp, None)
+        BUFFERED.set(self._buffered())
+
+    async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
+        """Commit, riding out a broker restart. False when the partitions were taken
+        away by a rebalance: their next owner finds the plan and finishes the batch."""
+        delay = 0.2
+        while True:
+            try:
+                await self._consumer.commit({tp: (om.offset, om.metadata) for tp, om in offsets.items()})
+                return True
+            except CommitFailedError as exc:
+                log.warning("offset commit refused after a rebalance; the batch is left to the plan",
+                            extra={"error": str(exc)})
+                return False
+            except KafkaError as exc:
+                if self._stop.is_set():
+                    return False
+                log.warning("offset commit failed, retrying", extra={"error": str(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _dead_letter(self, rec, index: int, event, reason: str) -> None:
+        """The refused event alone (its record may carry others), with where it came from."""
+        await self._producer.send_and_wait(
+            DEAD_LETTER_TOPIC, event.encode(), key=rec.key,
+            headers=deadletter.headers(reason, deadletter.STAGE_SINK, topic=rec.topic, partition=rec.partition,
+                                       offset=rec.offset, index=index, ts_ms=int(time.time() * 1000)))
+
+    # --- ClickHouse side -------------------------------------------------------------
+
+    async def _insert(self, writer: Writer, rows: Rows, token: str) -> bool:
+        """Insert until ClickHouse takes the rows (True) or refuses them as data (False).
+        Raises _Stopped when asked to stop while failing: the plan finishes the batch."""
         delay = 0.2
         while True:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self.client.insert, TABLE, rows, column_names=COLUMNS)
-            except Exception as exc:  # any driver/server error: retry, never skip a batch
+                await asyncio.to_thread(writer.insert, rows, token)
+            except Exception as exc:  # any driver/server error: refused data, or retry
+                if is_rejection(exc):
+                    self._last_rejection = str(exc)
+                    return False
                 INSERT_FAILURES.inc()
                 log.warning("clickhouse insert failed, retrying",
                             extra={"error": str(exc)[:500], "rows": len(rows), "retry_in_s": delay})
+                if self._stop.is_set():
+                    raise _Stopped from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
             INSERT_SECONDS.observe(time.perf_counter() - started)
             ROWS.inc(len(rows))
             EVENTS.labels("stored").inc(len(rows))
-            return
+            return True
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        """Commit, riding out a broker restart. After a rebalance the offsets are no
-        longer ours to commit: the batch will be delivered again (at-least-once)."""
-        delay = 0.2
-        while True:
-            try:
-                await consumer.commit(offsets)
-                return
-            except CommitFailedError as exc:
-                log.warning("offset commit refused after a rebalance; the batch will be redelivered",
-                            extra={"error": str(exc)})
-                return
-            except KafkaError as exc:
-                log.warning("offset commit failed, retrying", extra={"error": str(exc), "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _store(self, writer: Writer, rows: Rows, batch: Range, token: str) -> None:
+        """Store rows; rows ClickHouse refuses are found by halving and dead-lettered.
+        Halving is deterministic, so a replayed batch is split the same way and each
+        part carries the same token as before."""
+        if await self._insert(writer, rows, token):
+            return
+        if len(rows) == 1:
+            rec, index, event = rows.source(0)
+            log.warning("clickhouse refused an event; dead-lettering it",
+                        extra={"partition": rec.partition, "offset": rec.offset, "index": index,
+                               "reason": self._last_rejection[:500]})
+            await self._dead_letter(rec, index, event, f"clickhouse refused the row: {self._last_rejection}")
+            EVENTS.labels("rejected").inc()
+            return
+        mid = len(rows) // 2
+        for part in (rows.slice(0, mid), rows.slice(mid, len(rows))):
+            await self._store(writer, part, batch, batch.sub_token(part.place(0), part.place(len(part) - 1)))
+
+    # --- the loop --------------------------------------------------------------------
+
+    def _buffered(self) -> int:
+        return sum(len(b) for b in self._buffers.values())
+
+    def _ready(self, now: float) -> dict[TopicPartition, tuple[Range, int, bool]]:
+        """Per partition with a batch to store now: (range, number of buffered records
+        it takes, whether it replays a plan). Only looks; _take takes them."""
+        out = {}
+        size, max_bytes = self.settings.sink_batch_size, self.settings.sink_batch_bytes
+        for tp, buf in self._buffers.items():
+            if not buf:
+                continue
+            plan = self._replays.get(tp)
+            if plan is not None:
+                if buf[-1].offset >= plan.end:  # else the rest of the planned range is still to come
+                    out[tp] = (plan, sum(1 for rec in buf if rec.offset <= plan.end), True)
+            elif (len(buf) >= size or self._bytes.get(tp, 0) >= max_bytes
+                  or now - self._first_at[tp] >= self.settings.sink_batch_seconds):
+                n = _prefix(buf, size, max_bytes)
+                out[tp] = (Range(tp.topic, tp.partition, buf[0].offset, buf[n - 1].offset), n, False)
+        return out
+
+    def _take(self, ready: dict[TopicPartition, tuple[Range, int, bool]], now: float) -> dict[TopicPartition, Batch]:
+        out = {}
+        for tp, (batch_range, n, replay) in ready.items():
+            buf = self._buffers[tp]
+            out[tp] = Batch(batch_range, buf[:n], replay)
+            self._bytes[tp] -= sum(_size(rec) for rec in buf[:n])
+            del buf[:n]
+            self._first_at[tp] = now
+        return out
+
+    async def _flush(self, writer: Writer, tiers: TierCache, batches: dict[TopicPartition, Batch]) -> None:
+        """Plan, store and commit one batch per partition. The plans are committed first,
+        before the records are even decoded: from then on a crash leaves a plan."""
+        plans = {tp: OffsetAndMetadata(b.range.start, b.range.plan_metadata()) for tp, b in batches.items() if not b.replay}
+        if plans and not await self._commit(plans):
+            return
+        ordered = sorted(batches.items(), key=lambda kv: kv[0].partition)
+        # Decoding runs in threads while earlier batches are inserted: the engine releases
+        # the GIL, so the two overlap instead of adding up.
+        decoding = [asyncio.ensure_future(asyncio.to_thread(to_rows, b.records)) for _, b in ordered]
+        try:
+            for (tp, batch), decoded in zip(ordered, decoding, strict=True):
+                await self._flush_one(writer, tiers, tp, batch, await decoded)
+        finally:
+            for task in decoding:
+                task.cancel()
+        await self._commit({tp: OffsetAndMetadata(b.range.end + 1, "") for tp, b in batches.items()})
+
+    async def _flush_one(self, writer: Writer, tiers: TierCache, tp: TopicPartition, batch: Batch,
+                         rows: Rows) -> None:
+        if batch.replay:
+            REPLAYS.inc()
+            self._replays.pop(tp, None)
+        EVENTS.labels("invalid_skipped").inc(rows.invalid)
+        if rows:
+            rows.set_tiers(await tiers.tiers(rows.org_ids))
+            await self._store(writer, rows, batch.range, batch.range.token())
 
     async def run(self) -> None:
-        if self.client is None:
-            self.client = await asyncio.to_thread(connect, self.settings.clickhouse_url)
-        await asyncio.to_thread(migrate, self.client)
-        consumer = AIOKafkaConsumer(
-            EVENTS_TOPIC,
+        if not self._opened:
+            await self.open()
+        writer = Writer(self.client)
+        tiers = TierCache(self.settings.redis_url, policy_from_settings(self.settings).tier_of)
+        sink = self
+
+        class Rebalance(ConsumerRebalanceListener):
+            async def on_partitions_revoked(self, revoked):
+                sink._forget(set(revoked))
+
+            async def on_partitions_assigned(self, assigned):
+                await sink._load_plans(set(assigned))
+
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, enable_idempotence=True)
+        self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=SINK_CLICKHOUSE_GROUP,
             enable_auto_commit=False,
@@ -118,32 +285,71 @@ class ClickHouseSink:
             max_partition_fetch_bytes=4 * 1024 * 1024,
             metadata_max_age_ms=5000,  # see processors/app.py: recover quickly from a broker restart
         )
-        await consumer.start()
+        await self._admin.start()
+        await self._producer.start()
+        await self._consumer.start()
+        self._consumer.subscribe([EVENTS_TOPIC], listener=Rebalance())
         log.info("clickhouse sink started", extra={"clickhouse": self.settings.clickhouse_url.split("@")[-1]})
-        batch_size = self.settings.sink_batch_size
-        ready = False
         try:
-            while not self._stop.is_set():
-                records = []
-                deadline = None
-                while len(records) < batch_size and not self._stop.is_set():
-                    wait_s = 0.5 if deadline is None else deadline - time.monotonic()
-                    if wait_s <= 0:
-                        break
-                    got = await consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=batch_size - len(records))
-                    if not ready and consumer.assignment():
-                        READY.set(1)
-                        ready = True
-                    for part in got.values():
-                        records.extend(part)
-                    if records and deadline is None:
-                        deadline = time.monotonic() + self.settings.sink_batch_seconds
-                if not records:
-                    continue
-                rows, offsets = to_rows(records)
-                if rows:
-                    await self._insert(rows)
-                await self._commit(consumer, offsets)
+            await self._consume(writer, tiers)
+        except _Stopped:
+            pass
         finally:
-            await consumer.stop()
+            await self._consumer.stop()
+            await self._producer.stop()
+            await self._admin.close()
+            await tiers.close()
+            READY.set(0)
             log.info("clickhouse sink stopped")
+
+    async def _consume(self, writer: Writer, tiers: TierCache) -> None:
+        size = self.settings.sink_batch_size
+        while not self._stop.is_set():
+            now = time.monotonic()
+            # Backpressure: fetch only while the buffers have room, and nothing at all
+            # while a batch is being inserted (or retried).
+            partitions = len(self._consumer.assignment()) + 1
+            room = size * partitions - self._buffered()
+            if sum(self._bytes.values()) >= self.settings.sink_batch_bytes * partitions:
+                room = 0
+            if room <= 0 and not self._ready(now):
+                room = size  # a replayed plan longer than today's batch size: let it complete
+            if room > 0:
+                deadlines = [self._first_at[tp] + self.settings.sink_batch_seconds
+                             for tp, buf in self._buffers.items() if buf]
+                wait_s = min([max(d - now, 0.0) for d in deadlines], default=0.5)
+                got = await self._consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=room)
+                if self._consumer.assignment():
+                    READY.set(1)
+                arrived = time.monotonic()
+                for tp, recs in got.items():
+                    buf = self._buffers.setdefault(tp, [])
+                    if not buf:
+                        self._first_at[tp] = arrived
+                    buf.extend(recs)
+                    self._bytes[tp] = self._bytes.get(tp, 0) + sum(_size(rec) for rec in recs)
+                BUFFERED.set(self._buffered())
+            now = time.monotonic()
+            ready = self._ready(now)
+            if ready:
+                await self._flush(writer, tiers, self._take(ready, now))
+                BUFFERED.set(self._buffered())
+
+
+def _size(rec) -> int:
+    return len(rec.value or b"")
+
+
+def _prefix(buf: list, max_records: int, max_bytes: int) -> int:
+    """How many of the buffered records the next batch takes: up to max_records and
+    max_bytes (at least one: a record larger than max_bytes goes alone)."""
+    total = 0
+    for n, rec in enumerate(buf[:max_records]):
+        total += _size(rec)
+        if total > max_bytes and n:
+            return n
+    return min(len(buf), max_records)
+
+
+class _Stopped(Exception):
+    """Stop was requested while an insert was failing: leave the batch to its plan."""

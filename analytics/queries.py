@@ -1,0 +1,258 @@
+"""The questions the query API answers, as SQL on the raw table or a rollup.
+
+Every query is built here, from fixed SQL fragments chosen by name, and every value a
+caller supplies (org, API key, endpoint, times, limit) is a server-side bound
+parameter ({name:Type}); caller input is never put into SQL text. Every query is
+built from a Scope: a caller scoped to one org always has ``org_id = {org:String}``
+in its WHERE clause, whatever else it asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from clickhouse_connect.driver.client import Client
+
+from analytics.scope import Scope
+from analytics.window import Window
+from sinks.clickhouse.tables import (
+    DAY_MS,
+    DENIAL_STATUS,
+    ERROR_MIN_STATUS,
+    HOUR_MS,
+    MINUTE_MS,
+    ORG_ROLLUP_OF,
+    ORG_ROLLUPS,
+    RAW,
+    Table,
+)
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+_BUCKET_FN = {MINUTE_MS: "toStartOfMinute", HOUR_MS: "toStartOfHour", DAY_MS: "toStartOfDay"}
+_ISO = "'%Y-%m-%dT%H:%i:%SZ'"
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    org_id: str | None = None  # an operator may pick one org; a scoped caller gets its own
+    api_key_id: str | None = None
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    question: str
+    sql: str
+    parameters: dict[str, Any]
+    columns: tuple[str, ...]
+    window: Window
+    table: Table  # where the answer is read: the window's table, or the org-level rollup of its grain
+    org_id: str | None  # the org the answer is restricted to (None: every org)
+
+
+# Questions about orgs as a whole: without an API key or endpoint filter, the org-level
+# rollup of the window's grain answers them.
+ORG_LEVEL = frozenset({"summary", "volume", "latency", "orgs", "tiers"})
+
+
+class _Source:
+    """Aggregate expressions over the raw table or a rollup: the same question reads
+    count() from raw events, sum(requests) from a rollup, sum(denials) from an
+    org-level rollup (which has no status column)."""
+
+    def __init__(self, table: Table, step_ms: int):
+        raw = table.name == RAW
+        self.time = "toDateTime(event_time)" if raw else "bucket"
+        self.requests = "count()" if raw else "sum(requests)"
+        self.errors = f"countIf(status >= {ERROR_MIN_STATUS})" if raw else "sum(errors)"
+        if raw:
+            self.denials = f"countIf(status = {DENIAL_STATUS})"
+        elif table in ORG_ROLLUPS:
+            self.denials = "sum(denials)"
+        else:
+            self.denials = f"sumIf(requests, status = {DENIAL_STATUS})"
+        self.request_bytes = "sum(request_bytes)"
+        self.response_bytes = "sum(response_bytes)"
+        self.latency = ("quantilesTDigest(0.5, 0.95, 0.99)(latency_ms)" if raw
+                        else "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms)")
+        self.bucket = f"{_BUCKET_FN[step_ms]}({self.time})"
+
+
+def _where(table: Table, window: Window, org_id: str | None, filters: Filters) -> tuple[str, dict[str, Any]]:
+    if table.name == RAW:
+        conds = ["event_time >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
+                 "event_time < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"]
+    else:
+        conds = ["bucket >= toDateTime({start_s:Int64}, 'UTC')", "bucket < toDateTime({end_s:Int64}, 'UTC')"]
+    params: dict[str, Any] = {"start_ms": window.start_ms, "end_ms": window.end_ms,
+                              "start_s": window.start_ms // 1000, "end_s": window.end_ms // 1000}
+    if org_id is not None:
+        conds.append("org_id = {org:String}")
+        params["org"] = org_id
+    if filters.api_key_id is not None:
+        conds.append("api_key_id = {api_key:String}")
+        params["api_key"] = filters.api_key_id
+    if filters.endpoint is not None:
+        conds.append("endpoint = {endpoint:String}")
+        params["endpoint"] = filters.endpoint
+    return " AND ".join(conds), params
+
+
+# SQL aliases (n, n_errors, ...) differ from the rollup's column names on purpose: in
+# ClickHouse an alias shadows a column of the same name in the whole SELECT, so
+# ``sum(requests) AS requests`` would turn ``sumIf(requests, ...)`` into a nested
+# aggregate. The answer's column names are Query.columns, matched by position.
+
+
+def _summary(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    # No requests: no latency (NULL), rather than the NaN of an empty t-digest.
+    sql = f"""
+SELECT n, n_errors, if(n = 0, 0, n_errors / n), n_denials, bytes_in, bytes_out,
+       if(n = 0, NULL, lat[1]), if(n = 0, NULL, lat[2]), if(n = 0, NULL, lat[3])
+FROM (SELECT {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
+             {s.request_bytes} AS bytes_in, {s.response_bytes} AS bytes_out, {s.latency} AS lat
+      FROM {table} WHERE {where})"""
+    return sql, ("requests", "errors", "error_rate", "denials", "request_bytes", "response_bytes",
+                 "p50_ms", "p95_ms", "p99_ms")
+
+
+def _volume(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    # Buckets without requests are filled in with zeros: a series has every step.
+    sql = f"""
+SELECT formatDateTime(b, {_ISO}, 'UTC') AS bucket_iso, n, n_errors, n_denials
+FROM (SELECT {s.bucket} AS b, {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials
+      FROM {table} WHERE {where} GROUP BY b
+      ORDER BY b WITH FILL FROM toDateTime({{fill_from_s:Int64}}, 'UTC') TO toDateTime({{end_s:Int64}}, 'UTC')
+                          STEP toIntervalSecond({{step_s:UInt32}}))
+ORDER BY bucket_iso"""
+    return sql, ("bucket", "requests", "errors", "denials")
+
+
+def _latency(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    # Buckets without requests are left out: no requests is not a latency of 0 ms.
+    sql = f"""
+SELECT formatDateTime(b, {_ISO}, 'UTC') AS bucket_iso, n, lat[1], lat[2], lat[3]
+FROM (SELECT {s.bucket} AS b, {s.requests} AS n, {s.latency} AS lat FROM {table} WHERE {where} GROUP BY b)
+ORDER BY bucket_iso"""
+    return sql, ("bucket", "requests", "p50_ms", "p95_ms", "p99_ms")
+
+
+def _status(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    sql = f"""
+SELECT concat(toString(intDiv(code, 100)), 'xx') AS class, code, n, n / sum(n) OVER (),
+       sum(n) OVER (PARTITION BY class) AS n_class, n_class / sum(n) OVER ()
+FROM (SELECT status AS code, {s.requests} AS n FROM {table} WHERE {where} GROUP BY code)
+ORDER BY code"""
+    return sql, ("status_class", "status", "requests", "rate", "class_requests", "class_rate")
+
+
+def _endpoints(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    sql = f"""
+SELECT m, e, n, n_errors, if(n = 0, 0, n_errors / n), lat[2]
+FROM (SELECT method AS m, endpoint AS e, {s.requests} AS n, {s.errors} AS n_errors, {s.latency} AS lat
+      FROM {table} WHERE {where} GROUP BY m, e)
+ORDER BY n DESC, e, m
+LIMIT {{limit:UInt32}}"""
+    return sql, ("method", "endpoint", "requests", "errors", "error_rate", "p95_ms")
+
+
+def _orgs(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    sql = f"""
+SELECT org_id, {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
+       {s.request_bytes} AS bytes_in, {s.response_bytes} AS bytes_out
+FROM {table} WHERE {where}
+GROUP BY org_id
+ORDER BY n DESC, org_id
+LIMIT {{limit:UInt32}}"""
+    return sql, ("org_id", "requests", "errors", "denials", "request_bytes", "response_bytes")
+
+
+def _tiers(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    # The tier each row was stored with: the org's tier at request time ('' = unknown).
+    sql = f"""
+SELECT tier, uniqExact(org_id), {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
+       {s.request_bytes} AS bytes_in, {s.response_bytes} AS bytes_out
+FROM {table} WHERE {where}
+GROUP BY tier
+ORDER BY n DESC, tier"""
+    return sql, ("tier", "orgs", "requests", "errors", "denials", "request_bytes", "response_bytes")
+
+
+def _api_keys(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    sql = f"""
+SELECT api_key_id, {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
+       {s.request_bytes} AS bytes_in, {s.response_bytes} AS bytes_out
+FROM {table} WHERE {where}
+GROUP BY api_key_id
+ORDER BY n DESC, api_key_id
+LIMIT {{limit:UInt32}}"""
+    return sql, ("api_key_id", "requests", "errors", "denials", "request_bytes", "response_bytes")
+
+
+def _denials(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    # Rate-limit denials are the requests answered with 429, per API key.
+    sql = f"""
+SELECT k, n_denials, n, n_denials / n
+FROM (SELECT api_key_id AS k, {s.denials} AS n_denials, {s.requests} AS n FROM {table} WHERE {where} GROUP BY k)
+WHERE n_denials > 0
+ORDER BY n_denials DESC, k
+LIMIT {{limit:UInt32}}"""
+    return sql, ("api_key_id", "denials", "requests", "denial_rate")
+
+
+QUESTIONS: dict[str, Callable[[_Source, str, str], tuple[str, tuple[str, ...]]]] = {
+    "summary": _summary,
+    "volume": _volume,
+    "latency": _latency,
+    "status": _status,
+    "endpoints": _endpoints,
+    "orgs": _orgs,
+    "tiers": _tiers,
+    "api_keys": _api_keys,
+    "denials": _denials,
+}
+
+
+def build(question: str, scope: Scope, window: Window, filters: Filters = Filters(),
+          limit: int = DEFAULT_LIMIT) -> Query:
+    """The query answering ``question`` for ``scope``; raises Forbidden if the scope may
+    not read the org asked for, KeyError for an unknown question."""
+    make = QUESTIONS[question]
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    org_id = scope.org_filter(filters.org_id)
+    table = window.table
+    if question in ORG_LEVEL and filters.api_key_id is None and filters.endpoint is None and table.name in ORG_ROLLUP_OF:
+        table = ORG_ROLLUP_OF[table.name]
+    where, params = _where(table, window, org_id, filters)
+    sql, columns = make(_Source(table, window.step_ms), table.name, where)
+    params.update(limit=limit, step_s=window.step_ms // 1000,
+                  fill_from_s=(window.start_ms - window.start_ms % window.step_ms) // 1000)
+    return Query(question, sql.strip(), params, columns, window, table, org_id)
+
+
+def run(client: Client, query: Query) -> list[dict[str, Any]]:
+    """Rows of the answer, each a dict of column -> value."""
+    result = client.query(query.sql, parameters=query.parameters)
+    return [dict(zip(query.columns, row, strict=True)) for row in result.result_rows]
+
+
+def open_stream(client: Client, query: Query) -> Iterator[tuple]:
+    """Start the query (errors are raised here) and return its rows as they come from
+    ClickHouse, block by block."""
+    blocks = client.query_row_block_stream(query.sql, parameters=query.parameters)
+
+    def rows() -> Iterator[tuple]:
+        with blocks:
+            for block in blocks:
+                yield from block
+
+    return rows()
+
+
+def ask(client: Client, question: str, scope: Scope, window: Window, filters: Filters = Filters(),
+        limit: int = DEFAULT_LIMIT) -> list[dict[str, Any]]:
+    """build + run: the Python entry point for one question."""
+    return run(client, build(question, scope, window, filters, limit))

@@ -1,0 +1,74 @@
+"""Serving the query API on 127.0.0.1:QUOTAFLOW_API_PORT, inside an asyncio loop that
+may be busy with something else.
+
+The embedded engine can be open in one process only, so with chdb:// the API is served
+by the sink process (``quotaflow sink`` starts it next to the consumer); against a
+ClickHouse server ``quotaflow api`` runs it on its own, as many as wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+from analytics.app import create_app
+from quotaflow.settings import Settings
+from sinks.clickhouse import retention
+from sinks.clickhouse.client import connect
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"  # put a TLS-terminating proxy in front to serve it further
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # The process's own handlers stay in charge (the sink stops on SIGTERM and
+        # then stops the API); uvicorn must not replace or re-raise them.
+        yield
+
+
+class ApiServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._server: _Server | None = None
+        self._task: asyncio.Task | None = None
+        self._client = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        return self._socket.getsockname()[1]
+
+    async def start(self) -> None:
+        """Bind (raising OSError at once if the port is taken), then serve in the background."""
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((HOST, self.settings.api_port))
+        url = self.settings.clickhouse_url
+        self._client = await asyncio.to_thread(connect, url)
+        app = create_app(self.settings.api_tokens, retention.wanted_days(self.settings), self._client,
+                         lambda: connect(url))
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        while not self._server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            await self._task  # raises what went wrong
+        if not self.settings.api_tokens:
+            log.warning("query API serving, but QUOTAFLOW_API_TOKENS is empty: every request will be refused")
+        log.info("query API serving", extra={"url": f"http://{HOST}:{self.port}/v1/"})
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._task
+        if self._client is not None:
+            self._client.close()
+        if self._socket is not None:
+            self._socket.close()

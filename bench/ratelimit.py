@@ -1,0 +1,324 @@
+"""Rate-limiting benchmark: exactness under concurrency, check latency, decision lag,
+processor throughput. Run: .venv/bin/python bench/ratelimit.py [--phases admission,lag,throughput]
+
+Prints `name: value unit` lines:
+  over_admission_ratio           admitted / limit, worst window of any key, for quotaflow (goal 1.000)
+  baseline_over_admission_ratio  the same for a synchronous Redis sliding-window limiter of the usual kind
+  check_p50_ms, check_p99_ms     latency of RateLimiter.check under that load
+  baseline_check_p99_ms          latency of the baseline's check under the same load
+  decision_lag_p50_ms/_p99_ms    event time to the processor's count visible in Redis, at 10k events/s
+  processor_events_per_s         one processor process working through a backlog
+  baseline_consume_events_per_s  a bare aiokafka consumer decoding the same backlog (the ceiling)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+import harness
+
+# One policy for the gateways and the processor of this run: a 10 s and a 30 s window,
+# so several windows pass within a short run.
+WINDOWS, LIMITS = "10,30", {"FREE": [100, 250]}
+POLICY_ENV = {"QUOTAFLOW_WINDOWS": WINDOWS, "QUOTAFLOW_TIER_LIMITS": json.dumps(LIMITS),
+              "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"}
+os.environ.update(POLICY_ENV)
+
+from collector.emitter import Emitter  # noqa: E402
+from deploy import stack  # noqa: E402
+from deploy.observe import group_lag  # noqa: E402
+from quotaflow import metrics  # noqa: E402
+from schemas.events import RequestEvent  # noqa: E402
+from schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID  # noqa: E402
+
+GATEWAYS = 4
+KEYS = 20
+LOAD_SECONDS = 30
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def event(org: str, key: str, ts_ms: int, event_id: str | None = None, status: int = 200) -> RequestEvent:
+    return RequestEvent.new(event_id=event_id or str(uuid.uuid4()), ts_ms=ts_ms, org_id=org, api_key_id=key,
+                            service="bench", endpoint="/v1/bench", method="GET", status=status, latency_ms=1.0,
+                            request_bytes=0, response_bytes=100, client_ip="192.0.2.9", user_agent="bench")
+
+
+# --- gateway workers (subprocesses) -------------------------------------------------------
+
+async def baseline_check(client, key: str, limit: int, window_ms: int) -> bool:
+    """The usual sliding-window log: trim, count, then add if under the limit. Each step is
+    atomic; the three together are not, so concurrent gateways can all pass the count."""
+    now = time.time() * 1000
+    pipe = client.pipeline(transaction=True)
+    pipe.zremrangebyscore(key, 0, now - window_ms)
+    pipe.zcard(key)
+    _, count = await pipe.execute()
+    if count >= limit:
+        return False
+    await client.zadd(key, {uuid.uuid4().hex: now})
+    await client.pexpire(key, window_ms)
+    return True
+
+
+async def gateway_worker(mode: str, run: str, rate_per_key: float, seconds: float) -> None:
+    import redis.asyncio as aioredis
+
+    from gateway.limiter import RateLimiter
+
+    settings = harness.get_settings()
+    keys = [(f"{run}-org{k}", f"{run}-key{k}") for k in range(KEYS)]
+    limiter = RateLimiter.from_settings(settings) if mode == "quotaflow" else None
+    client = aioredis.Redis.from_url(settings.redis_url)
+    emitter = Emitter(settings.kafka_bootstrap, batch_events=100) if mode == "quotaflow" else None
+    if emitter:
+        await emitter.start()
+    decisions, latencies = [], []
+    start = time.monotonic()
+    sent = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(elapsed * rate_per_key)
+        while sent < due:
+            for org, key in keys:
+                t0 = time.perf_counter()
+                if limiter:
+                    d = await limiter.check(key, org)
+                    allowed, at_ms = d.allowed, d.now_ms
+                else:
+                    allowed = True
+                    for i, w in enumerate(WINDOWS.split(",")):
+                        allowed = allowed and await baseline_check(client, f"bl:{key}:{w}", LIMITS["FREE"][i],
+                                                                   int(w) * 1000)
+                    at_ms = int(time.time() * 1000)
+                latencies.append((time.perf_counter() - t0) * 1000)  # the check alone, for both
+                decisions.append((key, at_ms, allowed))
+                if emitter:  # the request's event, as the middleware publishes it
+                    await emitter.emit(event(org, key, d.now_ms, d.event_id, 200 if d.allowed else 429))
+            sent += 1
+        await asyncio.sleep(0.001)
+    if emitter:
+        await emitter.stop()
+    if limiter:
+        await limiter.aclose()
+    await client.aclose()
+    print(json.dumps({"decisions": decisions, "latencies": latencies}))
+
+
+def run_gateways(mode: str, run: str) -> tuple[list, list]:
+    # 5x the 10 s window's limit, shared by the gateways
+    rate_per_key = 5 * LIMITS["FREE"][0] / 10 / GATEWAYS
+    procs = [subprocess.Popen([sys.executable, __file__, "--gateway", mode, run, str(rate_per_key), str(LOAD_SECONDS)],
+                              stdout=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(GATEWAYS)]
+    decisions, latencies = [], []
+    for p in procs:
+        out = json.loads(p.communicate(timeout=LOAD_SECONDS * 10)[0])
+        decisions += out["decisions"]
+        latencies += out["latencies"]
+    return decisions, latencies
+
+
+def worst_ratio(decisions: list, sliding: bool) -> float:
+    """Admitted / limit in the worst window instance of any key and window length."""
+    worst = 0.0
+    by_key: dict[str, list[int]] = {}
+    for key, at_ms, allowed in decisions:
+        if allowed:
+            by_key.setdefault(key, []).append(at_ms)
+    for times in by_key.values():
+        times.sort()
+        for length_s, limit in zip((int(w) for w in WINDOWS.split(",")), LIMITS["FREE"], strict=True):
+            length = length_s * 1000
+            if sliding:  # most admissions inside any interval of the window's length
+                best, lo = 0, 0
+                for hi, t in enumerate(times):
+                    while t - times[lo] >= length:
+                        lo += 1
+                    best = max(best, hi - lo + 1)
+            else:
+                counts: dict[int, int] = {}
+                for t in times:
+                    counts[t // length] = counts.get(t // length, 0) + 1
+                best = max(counts.values())
+            worst = max(worst, best / limit)
+    return worst
+
+
+# --- decision lag -----------------------------------------------------------------------------
+
+async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int) -> None:
+    """Background traffic at `rate` events/s over 1000 keys, plus probe events on keys of their own."""
+    settings = harness.get_settings()
+    probes = []
+    async with Emitter(settings.kafka_bootstrap) as emitter:  # batched as services publish by default
+        start = time.monotonic()
+        sent = probe_n = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate)
+            now = int(time.time() * 1000)
+            while sent < due:
+                k = sent % 1000
+                await emitter.emit(event(f"{run}-bg{k % 100}", f"{run}-bgkey{k}", now))
+                sent += 1
+            if probe_n < int(elapsed * probes_per_s):
+                org, key = f"{run}-probe{probe_n}", f"{run}-probekey{probe_n}"
+                ts = int(time.time() * 1000)
+                await emitter.emit(event(org, key, ts))
+                probes.append((org, key, ts))
+                probe_n += 1
+            await asyncio.sleep(0.001)
+        await emitter.flush()
+    print(json.dumps({"probes": probes, "sent": sent}))
+
+
+async def measure_lag(run: str, rate: int, seconds: float) -> list[float]:
+    import redis.asyncio as aioredis
+
+    from schemas.redis_keys import usage_key
+
+    settings = harness.get_settings()
+    client = aioredis.Redis.from_url(settings.redis_url)
+    await client.config_set("notify-keyspace-events", "Kh")  # hash writes announce themselves
+    pubsub = client.pubsub()
+    await pubsub.psubscribe(f"__keyspace@0__:qf:v1:{{{run}-probe*}}:usage:key:*")
+    seen: dict[str, float] = {}
+
+    async def listen() -> None:
+        async for msg in pubsub.listen():
+            if msg["type"] == "pmessage":
+                channel = msg["channel"].decode().removeprefix("__keyspace@0__:")
+                seen.setdefault(channel, time.time() * 1000)
+
+    listener = asyncio.create_task(listen())
+    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--produce", run, str(rate), str(seconds), "10",
+                                                stdout=asyncio.subprocess.PIPE, env=os.environ.copy())
+    out, _ = await proc.communicate()
+    report = json.loads(out)
+    await asyncio.sleep(3)
+    listener.cancel()
+    await pubsub.aclose()
+    await client.aclose()
+    lags = [seen[usage_key(org, key)] - ts for org, key, ts in report["probes"] if usage_key(org, key) in seen]
+    harness.report("decision_lag_sent_events_per_s", report["sent"] / seconds, "events/s")
+    if len(lags) < len(report["probes"]):
+        harness.report("decision_lag_probes_missing", len(report["probes"]) - len(lags), "probes")
+    return lags
+
+
+# --- processor throughput -------------------------------------------------------------------
+
+async def publish_backlog(run: str, n: int) -> None:
+    settings = harness.get_settings()
+    now = int(time.time() * 1000)
+    async with Emitter(settings.kafka_bootstrap, batch_events=500, linger_ms=50) as emitter:
+        for i in range(n):
+            await emitter.emit(event(f"{run}-o{i % 200}", f"{run}-k{i % 5000}", now + i % 1000))
+        await emitter.flush()
+
+
+async def baseline_consume(n: int) -> float:
+    """Events/s of a bare consumer that only reads and decodes: what Python gets out of Kafka."""
+    from aiokafka import AIOKafkaConsumer
+
+    from schemas.events import decode_record
+
+    settings = harness.get_settings()
+    consumer = AIOKafkaConsumer(EVENTS_TOPIC, bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    seen, start = 0, None
+    while seen < n:
+        batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+        if start is None and batch:
+            start = time.perf_counter()
+        for records in batch.values():
+            for r in records:
+                seen += len(decode_record(r.value))
+    elapsed = time.perf_counter() - start
+    await consumer.stop()
+    return seen / elapsed
+
+
+def processor_throughput(settings, run: str, n: int) -> float:
+    name = "processor"
+    stack.pipeline_proc(settings, name).stop()
+    asyncio.run(publish_backlog(run, n))
+    port = settings.processor_metrics_port
+    stack.start_pipeline_process(settings, name)
+
+    def processed() -> float:
+        m = metrics.scrape(port)
+        return sum(v for k, v in m.items() if k.startswith("quotaflow_processor_events_total{"))
+
+    first = None
+    while True:
+        done = processed()
+        if first is None and done > 0:
+            first = (time.perf_counter(), done)
+        if asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) == 0:
+            break
+        time.sleep(0.2)
+    end, total = time.perf_counter(), processed()
+    return (total - first[1]) / (end - first[0])
+
+
+PHASES = ("admission", "lag", "throughput")
+
+
+def main(phases: tuple[str, ...] = PHASES) -> None:
+    print("bringing up the benchmark stack...", file=sys.stderr, flush=True)
+    settings = harness.up()
+    for name in stack.PIPELINE:
+        stack.pipeline_proc(settings, name).stop()
+    stack.start_pipeline_process(settings, "processor")
+    run = uuid.uuid4().hex[:6]
+
+    if "admission" in phases:
+        print("over-admission: quotaflow...", file=sys.stderr, flush=True)
+        ours, ours_lat = run_gateways("quotaflow", run)
+        print("over-admission: baseline...", file=sys.stderr, flush=True)
+        base, base_lat = run_gateways("baseline", run)
+        harness.report("over_admission_ratio", worst_ratio(ours, sliding=False), "admitted/limit")
+        harness.report("baseline_over_admission_ratio", worst_ratio(base, sliding=True), "admitted/limit")
+        harness.report("check_p50_ms", pct(ours_lat, 50), "ms")
+        harness.report("check_p99_ms", pct(ours_lat, 99), "ms")
+        harness.report("baseline_check_p50_ms", pct(base_lat, 50), "ms")
+        harness.report("baseline_check_p99_ms", pct(base_lat, 99), "ms")
+        harness.report("checks_measured", len(ours_lat) + len(base_lat), "checks")
+
+    if "lag" in phases:
+        print("decision lag at 10k events/s...", file=sys.stderr, flush=True)
+        lags = asyncio.run(measure_lag(run, 10_000, 20))
+        harness.report("decision_lag_p50_ms", statistics.median(lags), "ms")
+        harness.report("decision_lag_p99_ms", pct(lags, 99), "ms")
+
+    if "throughput" in phases:
+        print("processor throughput...", file=sys.stderr, flush=True)
+        # Measure this phase's backlog alone, not what earlier phases left behind.
+        deadline = time.monotonic() + 300
+        while asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+        n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 200_000))
+        harness.report("processor_events_per_s", processor_throughput(settings, run, n), "events/s")
+        harness.report("baseline_consume_events_per_s", asyncio.run(baseline_consume(n)), "events/s")
+    stack.pipeline_proc(settings, "processor").stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--gateway"]:
+        asyncio.run(gateway_worker(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])))
+    elif sys.argv[1:2] == ["--produce"]:
+        asyncio.run(producer_worker(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
+    else:
+        chosen = tuple(sys.argv[sys.argv.index("--phases") + 1].split(",")) if "--phases" in sys.argv else PHASES
+        main(chosen)

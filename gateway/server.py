@@ -1,0 +1,55 @@
+"""The HTTP check endpoint, for gateways that are not Python.
+
+    GET|POST /check        X-Api-Key-Id, X-Org-Id request headers
+      -> 200 (admitted) or 429 (refused), with the rate-limit headers, and
+         X-Quotaflow-Event-Id / X-Quotaflow-Event-Ts: publish the request's event
+         with these so the processors release the reservation exactly.
+
+Envoy's ext_authz (HTTP mode) forwards a refusal's status and headers as they
+are. nginx's auth_request only understands 2xx, 401 and 403, so nginx asks with
+``?deny_status=403`` and maps 403 to 429 itself (see deploy/nginx/quotaflow.conf).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from gateway.headers import rate_limit_headers
+from gateway.limiter import RateLimiter
+
+DENY_STATUSES = {"429": 429, "403": 403, "401": 401}
+
+
+def create_app(limiter: RateLimiter) -> Starlette:
+    async def check(request: Request) -> Response:
+        key, org = request.headers.get("x-api-key-id"), request.headers.get("x-org-id")
+        if not key or not org:
+            return PlainTextResponse("X-Api-Key-Id and X-Org-Id headers are required\n", status_code=401)
+        deny_status = DENY_STATUSES.get(request.query_params.get("deny_status", "429"))
+        if deny_status is None:
+            return PlainTextResponse("deny_status must be 429, 403 or 401\n", status_code=400)
+        d = await limiter.check(key, org)
+        headers = dict(rate_limit_headers(d))
+        if d.event_id:
+            headers["X-Quotaflow-Event-Id"] = d.event_id
+            headers["X-Quotaflow-Event-Ts"] = str(d.now_ms)
+        if d.allowed:
+            return Response(status_code=200, headers=headers)
+        return JSONResponse({"error": "rate limit exceeded", "window": d.denied_by, "retry_after_s": d.retry_after_s},
+                            status_code=deny_status, headers=headers)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await limiter.aclose()
+
+    return Starlette(routes=[Route("/check", check, methods=["GET", "POST", "HEAD"]), Route("/healthz", healthz)],
+                     lifespan=lifespan)

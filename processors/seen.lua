@@ -1,0 +1,14 @@
+-- Which events of a batch were already counted from another Kafka record?
+-- A publisher that retries (or replays a spool) can put the same event_id on the
+-- topic twice: two records, two offsets. Each event_id is remembered with the
+-- place (partition:position) that first carried it; a redelivery of that same
+-- record is not a duplicate (the position check of window_counts handles it).
+-- ARGV: 1 ttl ms, 2 JSON [[seen key, "partition:position"], ...] (one argument: see write.lua)
+-- Returns: 1 for each duplicate, 0 otherwise.
+local ttl = ARGV[1]
+local out = {}
+for i, e in ipairs(cjson.decode(ARGV[2])) do
+  local first = redis.call('SET', e[1], e[2], 'NX', 'GET', 'PX', ttl)
+  out[i] = (first and first ~= e[2]) and 1 or 0
+end
+return out

@@ -1,0 +1,106 @@
+"""The limit policy: which windows are counted, and each tier's limit in each.
+
+Gateways and processors must agree on it exactly (a gateway admits against the
+counts a processor writes), so both build it from the same settings with
+``policy_from_settings``. Windows may have any length; each is fixed (aligned
+to the epoch: a 60 s window resets on the minute) or sliding (the last
+``length`` seconds, counted in ``SLIDING_BUCKETS`` buckets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from schemas.tiers import Tier
+
+SLIDING_BUCKETS = 60  # a sliding window over-counts by at most one bucket: 1/60 of its length
+
+DEFAULT_WINDOWS_S = (60, 3600, 86400)
+DEFAULT_TIER_LIMITS: dict[str, tuple[int, ...]] = {
+    Tier.FREE.value: (10, 100, 1_000),
+    Tier.STARTER.value: (30, 500, 5_000),
+    Tier.PROFESSIONAL.value: (100, 2_000, 20_000),
+    Tier.SCALE.value: (200, 5_000, 50_000),
+    Tier.ENTERPRISE.value: (500, 10_000, 100_000),
+}
+
+SCOPE_KEY = "key"
+SCOPE_ORG = "org"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    length_s: int
+    sliding: bool = False
+
+    @property
+    def length_ms(self) -> int:
+        return self.length_s * 1000
+
+    @property
+    def bucket_ms(self) -> int:
+        return self.length_ms // SLIDING_BUCKETS if self.sliding else self.length_ms
+
+    @property
+    def label(self) -> str:
+        return f"{self.length_s}s"
+
+
+@dataclass(frozen=True)
+class Policy:
+    windows: tuple[Window, ...]
+    tiers: dict[str, tuple[int | None, ...]]  # tier -> limit per window, None: unlimited
+    default_tier: str = Tier.FREE.value
+    late_grace_ms: int = 60_000
+    reservation_ttl_ms: int = 120_000
+    labels: tuple[str, ...] = field(init=False)
+    # per window: (bucket length, how long a bucket is kept after it ends), both ms
+    buckets: tuple[tuple[int, int], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(w.label for w in self.windows))
+        # a sliding window needs a bucket for its whole length; any window, the grace after
+        object.__setattr__(self, "buckets", tuple(
+            (w.bucket_ms, (w.length_ms if w.sliding else 0) + self.late_grace_ms) for w in self.windows))
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"window lengths must differ, got {self.labels}")
+        for tier, limits in self.tiers.items():
+            if len(limits) != len(self.windows):
+                raise ValueError(f"tier {tier} has {len(limits)} limits for {len(self.windows)} windows")
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default tier {self.default_tier} has no limits")
+
+    def tier_of(self, name: str | bytes | None) -> str:
+        """An org's tier; unknown or unset means the default tier."""
+        if isinstance(name, bytes):
+            name = name.decode()
+        return name if name in self.tiers else self.default_tier
+
+    def limits(self, scope: str, tier: str, overrides: dict[str, int] | None = None) -> tuple[int | None, ...]:
+        """Limits of one scope: an org gets its tier's; a key its tier's unless overridden per window."""
+        base = self.tiers[self.tier_of(tier)]
+        if scope == SCOPE_ORG or not overrides:
+            return base
+        return tuple(overrides.get(label, limit) for label, limit in zip(self.labels, base, strict=True))
+
+
+def parse_overrides(raw: dict[bytes | str, bytes | str]) -> dict[str, int]:
+    """A key's overrides as stored in Redis: window label -> limit."""
+    out = {}
+    for k, v in raw.items():
+        out[k.decode() if isinstance(k, bytes) else k] = int(v)
+    return out
+
+
+def policy_from_settings(settings) -> Policy:
+    """The policy configured by QUOTAFLOW_WINDOWS / QUOTAFLOW_SLIDING_WINDOWS / QUOTAFLOW_TIER_LIMITS."""
+    lengths = tuple(int(x) for x in str(settings.windows).split(",") if x.strip())
+    windows = tuple(Window(length, settings.sliding_windows) for length in lengths)
+    tiers = DEFAULT_TIER_LIMITS
+    if settings.tier_limits:
+        tiers = {name: tuple(None if v is None else int(v) for v in limits)
+                 for name, limits in orjson.loads(settings.tier_limits).items()}
+    return Policy(windows=windows, tiers=tiers, late_grace_ms=int(settings.late_grace_s * 1000),
+                  reservation_ttl_ms=int(settings.reservation_ttl_s * 1000))

@@ -1,0 +1,53 @@
+"""Names of the ClickHouse tables and what each one keeps: the contract between the sink
+(which writes), the query API (which reads) and the migrations (which create them).
+The DDL itself lives in schemas/clickhouse/NNNN_*.sql."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RAW = "requests"
+
+# Columns the sink writes into RAW, in this order (inserted_at is filled in by ClickHouse).
+RAW_COLUMNS = (
+    "event_id", "event_time", "org_id", "api_key_id", "service", "endpoint", "method", "status",
+    "latency_ms", "request_bytes", "response_bytes", "client_ip", "user_agent", "schema_version",
+    "kafka_partition", "kafka_offset", "tier",
+)
+
+# Rollups keep, per time bucket and their dimensions: requests, errors (status >= 500),
+# request/response bytes and a t-digest state of latency (quantiles below).
+LATENCY_QUANTILES = (0.5, 0.95, 0.99)
+ERROR_MIN_STATUS = 500  # "errors" are server errors; 4xx (and 429 denials) are reported by status class/code
+DENIAL_STATUS = 429  # a request refused by rate limiting
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    name: str
+    time_column: str  # what the TTL and every time filter apply to
+    ttl_expr: str  # the DateTime expression the TTL adds the retention to
+    grain_ms: int  # bucket size of a rollup; 0 for the raw table
+    retention_setting: str  # Settings attribute holding the retention in days
+
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
+RAW_TABLE = Table(RAW, "event_time", "toDateTime(event_time)", 0, "retention_raw_days")
+# By org, tier, API key, endpoint, method and status code (finest first).
+ROLLUPS = (
+    Table("requests_1m", "bucket", "bucket", MINUTE_MS, "retention_minute_days"),
+    Table("requests_1h", "bucket", "bucket", HOUR_MS, "retention_hour_days"),
+    Table("requests_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
+)
+# By org and tier only, with a denials column: questions about an org as a whole read
+# these, far fewer rows (and latency states to merge) than ROLLUPS.
+ORG_ROLLUPS = (
+    Table("requests_org_1m", "bucket", "bucket", MINUTE_MS, "retention_minute_days"),
+    Table("requests_org_1h", "bucket", "bucket", HOUR_MS, "retention_hour_days"),
+    Table("requests_org_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
+)
+ORG_ROLLUP_OF = {wide.name: org for wide, org in zip(ROLLUPS, ORG_ROLLUPS, strict=True)}  # same grain
+TABLES = (RAW_TABLE, *ROLLUPS, *ORG_ROLLUPS)

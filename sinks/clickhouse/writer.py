@@ -1,0 +1,76 @@
+"""Inserting rows into the raw table with a deduplication token, and telling errors
+that mean "this data is refused" from errors that mean "try again later".
+
+The code path is the same for the embedded engine and for a server over HTTP: one
+clickhouse-connect client, one insert per batch with per-query settings. The columns go
+as one JSONCompactColumns document (orjson, in C) that ClickHouse parses (in C++):
+encoding them in the driver's Native format from Python cost several times more than
+the engine's insert itself.
+"""
+
+from __future__ import annotations
+
+import orjson
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError
+
+from sinks.clickhouse.rows import Rows
+from sinks.clickhouse.tables import RAW, RAW_COLUMNS
+
+# ClickHouse error codes that mean the data itself was refused: retrying the same rows
+# cannot succeed. Anything else (connection, memory, too many parts, a missing table
+# or column) is retried until it works: stalling is visible and loses nothing, while
+# dead-lettering on an operator error would throw away good events by the million.
+REJECTED_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,   # CANNOT_PARSE_DATE
+    41,   # CANNOT_PARSE_DATETIME
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    376,  # CANNOT_PARSE_UUID
+    407,  # DECIMAL_OVERFLOW
+    469,  # VIOLATED_CONSTRAINT
+    675,  # CANNOT_PARSE_IPV4
+    676,  # CANNOT_PARSE_IPV6
+})
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """True if ClickHouse (or the driver, before sending) refused the data itself."""
+    if isinstance(exc, DataError) and exc.code is None:
+        return True  # the driver could not encode a value
+    return isinstance(exc, DatabaseError) and exc.code in REJECTED_CODES
+
+
+class Writer:
+    """Inserts Rows as one block each, so that a retried insert has the same block
+    structure as the first attempt and its token deduplicates all of it."""
+
+    FORMAT = "JSONCompactColumns"
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def insert(self, rows: Rows, token: str) -> None:
+        try:
+            data = orjson.dumps(rows.columns)
+        except orjson.JSONEncodeError as exc:  # a value JSON cannot carry: that data is refused
+            raise DataError(f"cannot encode rows: {exc}") from exc
+        self.client.raw_insert(RAW, list(RAW_COLUMNS), data, fmt=self.FORMAT, settings={
+            "insert_deduplicate": 1,
+            "insert_deduplication_token": token,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+            # One block whatever the batch size: the token must cover the whole insert.
+            "max_insert_block_size": max(len(rows), 1),
+            "min_insert_block_size_rows": 0,
+            "min_insert_block_size_bytes": 0,
+            # A batch of events with far-apart timestamps (a client with a broken clock)
+            # touches many day partitions; that is unusual, not a reason to refuse it.
+            "max_partitions_per_insert_block": 0,
+        })

@@ -1,0 +1,63 @@
+"""The ASGI middleware in a Starlette service, with the real Redis, Kafka and processor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from collector.emitter import Emitter
+from gateway.asgi import RateLimitMiddleware
+from gateway.limiter import RateLimiter
+from schemas.events import decode_record
+from schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
+from schemas.topics import EVENTS_TOPIC
+from tests.pipeline import counted, minute_start, read_all, unique, wait_for
+
+pytestmark = pytest.mark.stack
+
+
+def test_middleware_enforces_adds_headers_and_publishes_each_request(live_stack, redis_client, pipeline):
+    org, key = unique("org"), unique("key")
+    redis_client.hset(org_key(org), ORG_TIER_FIELD, "FREE")
+
+    async def item(request):
+        return JSONResponse({"id": request.path_params["item_id"]})
+
+    async def scenario() -> tuple[list[httpx.Response], set[str]]:
+        limiter = RateLimiter.from_settings(live_stack)
+        limiter.timeout_s = 2.0
+        async with Emitter(live_stack.kafka_bootstrap) as emitter:
+            app = RateLimitMiddleware(Starlette(routes=[Route("/items/{item_id}", item)]), limiter, emitter,
+                                      service="shop")
+            transport = httpx.ASGITransport(app=app, client=("203.0.113.5", 4242))
+            async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+                anonymous = await client.get("/items/1")  # no identity: not limited, not published
+                assert anonymous.status_code == 200 and "RateLimit" not in anonymous.headers
+                responses = [await client.get(f"/items/{i}", headers={"X-Api-Key-Id": key, "X-Org-Id": org,
+                                                                      "User-Agent": "pytest"}) for i in range(12)]
+            reserved = {m.decode() for m in await limiter._client.zrange(reservations_key(org, key), 0, -1)}
+        await limiter.aclose()
+        return responses, reserved
+
+    minute_start(need_s=25)
+    responses, reserved = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 10 + [429] * 2
+    assert responses[3].json() == {"id": "3"} and responses[3].headers["X-RateLimit-Remaining"] == "6"
+    assert responses[-1].json()["window"] == "key:60s" and int(responses[-1].headers["Retry-After"]) >= 1
+
+    events = [ev._asdict() for r in asyncio.run(read_all(live_stack, EVENTS_TOPIC)) if r.key == org.encode()
+              for ev in decode_record(r.value)]
+    assert sorted(e["status"] for e in events) == [200] * 10 + [429] * 2
+    assert {e["endpoint"] for e in events} == {"/items/{item_id}"}  # the route template, never /items/7
+    assert {e["client_ip"] for e in events} == {"203.0.113.5"} and {e["service"] for e in events} == {"shop"}
+    assert {e["event_id"] for e in events if e["status"] == 200} == reserved  # each admitted request its reservation
+
+    window = min(e["ts_ms"] for e in events) // 60_000 * 60_000
+    pipeline.start("processor")
+    wait_for(lambda: redis_client.zcard(reservations_key(org, key)) == 0, 60, "reservations released", pipeline.logs)
+    assert counted(redis_client, org, key, window) == 10  # the two refusals are not counted

@@ -1,0 +1,206 @@
+"""The ClickHouse sink on the real stack: every valid event stored exactly once across
+SIGKILLs mid-batch, a batch that had landed before a crash not stored twice, rows
+ClickHouse refuses dead-lettered with its reason, rollups equal to the raw rows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from deploy.observe import end_offsets, group_lag
+from schemas import deadletter
+from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from sinks.clickhouse.client import connect
+from sinks.clickhouse.plans import Range, parse_plan
+from sinks.clickhouse.rows import to_rows
+from sinks.clickhouse.writer import Writer
+from tests.pipeline import event, publish, read_all, unique, wait_for
+
+pytestmark = pytest.mark.stack
+INSERTED = "quotaflow_sink_rows_inserted_total"
+REPLAYED = "quotaflow_sink_batches_replayed_total"
+BUFFERED = "quotaflow_sink_buffered_records"
+BATCH = 1000
+TOTAL = 12_000
+
+
+async def committed(settings) -> dict[int, tuple[int, str]]:
+    """The sink group's committed offset and metadata per partition of the events topic."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
+    finally:
+        await admin.close()
+    return {tp.partition: (om.offset, om.metadata) for tp, om in got.items() if tp.topic == EVENTS_TOPIC}
+
+
+def pending_plans(settings) -> list[Range]:
+    return [plan for p, (offset, meta) in asyncio.run(committed(settings)).items()
+            if (plan := parse_plan(EVENTS_TOPIC, p, offset, meta)) is not None]
+
+
+def stored(pipeline, orgs: list[str]) -> tuple[int, int, set[str], dict[str, int]]:
+    """(rows, distinct event ids, event ids, requests per rollup) for these orgs."""
+    rows, distinct = pipeline.query_clickhouse(
+        "SELECT count(), uniqExact(event_id) FROM requests WHERE org_id IN {o:Array(String)}", {"o": orgs})[0]
+    ids = {r[0] for r in pipeline.query_clickhouse(
+        "SELECT toString(event_id) FROM requests WHERE org_id IN {o:Array(String)}", {"o": orgs})}
+    rollups = {t: pipeline.query_clickhouse(f"SELECT sum(requests) FROM {t} WHERE org_id IN {{o:Array(String)}}",
+                                            {"o": orgs})[0][0] for t in ("requests_1m", "requests_1h", "requests_1d")}
+    return rows, distinct, ids, rollups
+
+
+def wait_sink_caught_up(settings, pipeline, timeout_s: float = 120) -> None:
+    """The sink group has committed everything on the events topic (the processor is
+    not running in these tests, so Pipeline.wait_caught_up does not apply)."""
+    wait_for(lambda: asyncio.run(group_lag(settings.kafka_bootstrap, SINK_CLICKHOUSE_GROUP, EVENTS_TOPIC)) == 0,
+             timeout_s, "the sink to commit every event", pipeline.logs)
+
+
+def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack, redis_client, pipeline, monkeypatch):
+    monkeypatch.setenv("QUOTAFLOW_SINK_BATCH_SIZE", str(BATCH))
+    orgs = [unique("kill") for _ in range(3)]  # several orgs: several partitions
+    redis_client.hset(org_key(orgs[0]), ORG_TIER_FIELD, "SCALE")
+    now = int(time.time() * 1000)
+    events = [event(orgs[i % 3], f"{orgs[i % 3]}-key", now - i, status=(200, 404, 500, 429)[i % 4],
+                    latency_ms=float(i % 700)) for i in range(TOTAL)]
+    invalid = [(orgs[0].encode(), b"not json at all"), (orgs[1].encode(), orjson.dumps({"org_id": orgs[1]}))]
+    # One event per record here: batches of BATCH records then hold BATCH events, and
+    # there are enough of them for the kills to land mid-stream.
+    asyncio.run(publish(live_stack, events[:TOTAL // 2], invalid, batch_events=1))
+
+    # The rest is published while the sink works through the backlog, so it stays busy.
+    rest = threading.Thread(target=lambda: asyncio.run(publish(live_stack, events[TOTAL // 2:], batch_events=1)))
+    kills = []  # per kill: the plans pending in the committed metadata right after it
+    buffered = []
+    pipeline.start("sink")
+    rest.start()
+    for _ in range(3):
+        wait_for(lambda: pipeline.metric("sink", INSERTED) >= 2 * BATCH, 120, "the sink to be mid-stream",
+                 pipeline.logs)
+        buffered.append(pipeline.metric("sink", BUFFERED))
+        pipeline.kill("sink")
+        kills.append(pending_plans(live_stack))
+        pipeline.start("sink")
+        if kills[-1]:
+            # The restarted sink first stores the planned batch again, with the same token.
+            wait_for(lambda: pipeline.metric("sink", REPLAYED) >= 1, 120, "the planned batch to be replayed",
+                     pipeline.logs)
+    rest.join()
+    wait_sink_caught_up(live_stack, pipeline)
+    pipeline.stop("sink")
+
+    assert any(kills), f"no kill landed between a plan and its commit: {kills}"
+    rows, distinct, ids, rollups = stored(pipeline, orgs)
+    assert (rows, distinct) == (len(events), len(events))  # no loss, no duplicate
+    assert ids == {e.event_id for e in events}
+    assert rollups == {t: len(events) for t in rollups}  # the views saw each row once too
+    tiers = dict(pipeline.query_clickhouse(
+        "SELECT org_id, groupUniqArray(tier) FROM requests WHERE org_id IN {o:Array(String)} GROUP BY org_id",
+        {"o": orgs}))
+    assert tiers == {orgs[0]: ["SCALE"], orgs[1]: ["FREE"], orgs[2]: ["FREE"]}  # no tier set: the default
+    # Backpressure: what the sink held was bounded by its batch size, not by the backlog.
+    partitions = len(asyncio.run(end_offsets(live_stack.kafka_bootstrap, EVENTS_TOPIC)))
+    assert max(buffered) <= BATCH * (partitions + 1), buffered
+
+
+def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline):
+    """The crash window that matters most: the batch is in ClickHouse, its offsets are
+    not committed. Set that state up exactly as the sink leaves it (plan committed,
+    rows inserted with the plan's token, no final commit), then start the sink."""
+    org = unique("crash")
+    events = [event(org, f"{org}-key", int(time.time() * 1000) - i) for i in range(3000)]
+    pipeline.start("sink")
+    wait_sink_caught_up(live_stack, pipeline)
+    before = asyncio.run(end_offsets(live_stack.kafka_bootstrap, EVENTS_TOPIC))
+    pipeline.stop("sink")  # leaves the group: its offsets may be committed by someone else now
+    asyncio.run(publish(live_stack, events))
+    after = asyncio.run(end_offsets(live_stack.kafka_bootstrap, EVENTS_TOPIC))
+    (partition,) = [p for p in after if after[p] != before[p]]  # one org: one partition
+    start = before[partition]
+
+    async def crash_state() -> Range:
+        tp = TopicPartition(EVENTS_TOPIC, partition)
+        consumer = AIOKafkaConsumer(bootstrap_servers=live_stack.kafka_bootstrap, group_id=SINK_CLICKHOUSE_GROUP,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            recs = []
+            while not recs or recs[-1].offset < after[partition] - 1:
+                recs += (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+            assert len(recs) >= 2, "the emitter put every event in one record; the test needs several"
+            recs = recs[:len(recs) // 2]  # the batch covers part of what was published
+            batch = Range(EVENTS_TOPIC, partition, recs[0].offset, recs[-1].offset)
+            await consumer.commit({tp: (batch.start, batch.plan_metadata())})
+            client = connect(live_stack.clickhouse_url)
+            try:
+                rows = to_rows(recs)
+                rows.set_tiers({org: "FREE"})
+                Writer(client).insert(rows, batch.token())
+            finally:
+                client.close()
+            return batch
+        finally:
+            await consumer.stop()
+
+    batch = asyncio.run(crash_state())
+    assert batch.start == start and pending_plans(live_stack) == [batch]
+    pipeline.start("sink")
+    wait_sink_caught_up(live_stack, pipeline)
+    replayed = pipeline.metric("sink", REPLAYED)
+    pipeline.stop("sink")
+
+    assert replayed == 1  # the sink did insert the planned range again...
+    rows, distinct, ids, rollups = stored(pipeline, [org])
+    assert (rows, distinct) == (len(events), len(events))  # ...and ClickHouse kept it once
+    assert ids == {e.event_id for e in events}
+    assert rollups == {t: len(events) for t in rollups}
+    assert pending_plans(live_stack) == []
+
+
+def test_rows_clickhouse_refuses_are_dead_lettered_with_its_reason(live_stack, pipeline):
+    """A CHECK constraint makes the real engine refuse some schema-valid rows."""
+    org, poison_org = unique("ok"), unique("poison")
+    client = connect(live_stack.clickhouse_url)
+    try:
+        client.command(f"ALTER TABLE requests ADD CONSTRAINT test_poison CHECK org_id != '{poison_org}'")
+    finally:
+        client.close()
+    try:
+        now = int(time.time() * 1000)
+        good = [event(org, f"{org}-key", now - i) for i in range(500)]
+        bad = [event(poison_org, f"{poison_org}-key", now - i) for i in range(3)]
+        pipeline.start("sink")
+        # Mixed in one partition's batch or not, the good rows are stored and the bad ones refused.
+        asyncio.run(publish(live_stack, good[:250] + bad + good[250:]))
+        wait_sink_caught_up(live_stack, pipeline)
+        rejected = pipeline.metric("sink", 'quotaflow_sink_events_total{outcome="rejected"}')
+        pipeline.stop("sink")
+        rows, distinct, ids, _ = stored(pipeline, [org, poison_org])
+    finally:
+        pipeline.stop("sink")
+        client = connect(live_stack.clickhouse_url)
+        try:
+            client.command("ALTER TABLE requests DROP CONSTRAINT test_poison")
+        finally:
+            client.close()
+    assert rejected == len(bad)
+    assert (rows, distinct) == (len(good), len(good)) and ids == {e.event_id for e in good}
+    dead = [r for r in asyncio.run(read_all(live_stack, DEAD_LETTER_TOPIC)) if r.key == poison_org.encode()]
+    assert sorted(r.value for r in dead) == sorted(e.encode() for e in bad)  # the original bytes, for replay
+    for r in dead:
+        h = deadletter.read_headers(r.headers)
+        assert h[deadletter.HEADER_STAGE] == "sink"
+        assert "VIOLATED_CONSTRAINT" in h[deadletter.HEADER_REASON] and "test_poison" in h[deadletter.HEADER_REASON]
+        assert h[deadletter.HEADER_SOURCE_TOPIC] == EVENTS_TOPIC
+        assert int(h[deadletter.HEADER_SOURCE_OFFSET]) >= 0 and int(h[deadletter.HEADER_SOURCE_PARTITION]) >= 0

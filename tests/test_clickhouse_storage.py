@@ -1,0 +1,220 @@
+"""The ClickHouse schema on the real embedded engine (chDB), in a directory of its own:
+migrations (also on a database that predates the rollups), rollups equal to the raw
+totals, TTLs from the retention settings, and deduplication of a retried batch.
+
+These open the engine in the test process, on a path of their own, and close it
+before returning (one engine path per process at a time)."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import Counter
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from quotaflow.settings import Settings
+from schemas.events import RequestEvent
+from sinks.clickhouse import retention
+from sinks.clickhouse.client import connect
+from sinks.clickhouse.migrate import available, migrate, statements
+from sinks.clickhouse.plans import Range
+from sinks.clickhouse.rows import to_rows
+from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
+from sinks.clickhouse.writer import Writer
+
+DAY_S = 86_400
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    yield client
+    client.close()
+
+
+def events(n: int, seed: int, org: str = "acme", now_s: float | None = None) -> list[RequestEvent]:
+    """Events over the last three days, spread over keys, endpoints and statuses."""
+    rnd = random.Random(seed)
+    now_ms = int((now_s or time.time()) * 1000)
+    return [RequestEvent.new(
+        org_id=org, api_key_id=f"{org}-key-{rnd.randrange(3)}", service="shop",
+        endpoint=rnd.choice(["/v1/orders", "/v1/orders/{id}", "/v1/users/{id}"]), method=rnd.choice(["GET", "POST"]),
+        status=rnd.choice([200, 200, 200, 201, 404, 429, 500, 503]), latency_ms=round(rnd.uniform(0.5, 900), 3),
+        request_bytes=rnd.randrange(0, 5000), response_bytes=rnd.randrange(0, 50_000), client_ip="203.0.113.9",
+        user_agent="pytest", ts_ms=now_ms - rnd.randrange(0, 3 * DAY_S * 1000)) for _ in range(n)]
+
+
+def records(evs: list[RequestEvent], partition: int = 0, first_offset: int = 0) -> list:
+    """Kafka records as the consumer hands them to the sink (the fields it reads)."""
+    return [SimpleNamespace(topic="quotaflow.requests.v1", partition=partition, offset=first_offset + i,
+                            key=e.org_id.encode(), value=e.encode()) for i, e in enumerate(evs)]
+
+
+def store(writer: Writer, evs: list[RequestEvent], tiers: dict[str, str], first_offset: int = 0) -> Range:
+    recs = records(evs, first_offset=first_offset)
+    rows = to_rows(recs)
+    rows.set_tiers(tiers)
+    batch = Range(recs[0].topic, 0, recs[0].offset, recs[-1].offset)
+    writer.insert(rows, batch.token())
+    return batch
+
+
+def rank_bounds(ordered: list[float], level: float, rank_error: float = 0.01) -> tuple[float, float]:
+    """The values a quantile estimate may take: t-digest is approximate in rank, so the
+    estimate of ``level`` lies between the exact values ranked ``rank_error`` below and
+    above it (plus one for interpolation between neighbours)."""
+    n = len(ordered)
+    slack = int(rank_error * n) + 1
+    rank = level * (n - 1)
+    return ordered[max(int(rank) - slack, 0)], ordered[min(int(rank) + 1 + slack, n - 1)]
+
+
+def expected_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
+    """Requests per (bucket, org, key, endpoint, method, status), computed here from the events."""
+    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.api_key_id, e.endpoint, e.method, e.status)
+                   for e in evs)
+
+
+def expected_org_groups(evs: list[RequestEvent], grain_s: int, tier: dict[str, str]) -> Counter:
+    """Requests per (bucket, org, tier), computed here from the events and the tier of each org."""
+    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, tier[e.org_id]) for e in evs)
+
+
+def stored_org_groups(client, table: str) -> Counter:
+    sql = f"SELECT toUnixTimestamp(bucket), org_id, tier, sum(requests) FROM {table} GROUP BY ALL"
+    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
+
+
+def stored_groups(client, table: str) -> Counter:
+    if table == RAW:
+        sql = ("SELECT toUnixTimestamp(toStartOfMinute(toDateTime(event_time))), org_id, api_key_id, endpoint, method, "
+               "status, count() FROM requests GROUP BY ALL")
+    else:
+        sql = f"SELECT toUnixTimestamp(bucket), org_id, api_key_id, endpoint, method, status, sum(requests) FROM {table} GROUP BY ALL"
+    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
+
+
+def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engine):
+    # A database as the first release left it: only 0001, with rows in it.
+    version, name, sql = available()[0]
+    assert (version, name) == (1, "requests")
+    engine.command("CREATE TABLE schema_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) "
+                   "ENGINE = MergeTree ORDER BY version")
+    for stmt in statements(sql):
+        engine.command(stmt)
+    engine.insert("schema_migrations", [[1, "requests"]], column_names=["version", "name"])
+    old = events(300, seed=1, org="old-org")
+    old_rows = to_rows(records(old))
+    engine.raw_insert(RAW, list(RAW_COLUMNS[:-1]), orjson.dumps(old_rows.columns[:-1]), fmt=Writer.FORMAT)
+
+    assert migrate(engine) == [v for v, _, _ in available() if v > 1]
+    assert migrate(engine) == []  # recorded: a second run applies nothing
+
+    # The rows already there were rolled up once, with an unknown tier.
+    for table in ROLLUPS:
+        assert stored_groups(engine, table.name) == expected_groups(old, table.grain_ms // 1000), table.name
+    for table in ORG_ROLLUPS:
+        assert stored_org_groups(engine, table.name) == expected_org_groups(old, table.grain_ms // 1000,
+                                                                            {"old-org": ""}), table.name
+    assert engine.query("SELECT groupUniqArray(tier) FROM requests").result_rows[0][0] == [""]
+
+    # New rows go through the views into every rollup, with their tier.
+    new = events(2000, seed=2, org="new-org")
+    store(Writer(engine), new, {"new-org": "SCALE"}, first_offset=1000)
+    both = old + new
+    assert stored_groups(engine, RAW) == expected_groups(both, 60)
+    for table in ROLLUPS:
+        assert stored_groups(engine, table.name) == expected_groups(both, table.grain_ms // 1000), table.name
+    for table in ORG_ROLLUPS:
+        assert stored_org_groups(engine, table.name) == expected_org_groups(
+            both, table.grain_ms // 1000, {"old-org": "", "new-org": "SCALE"}), table.name
+
+
+def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
+    migrate(engine)
+    evs = events(3000, seed=3) + events(1000, seed=4, org="globex")
+    writer = Writer(engine)
+    store(writer, evs[:2500], {"acme": "FREE", "globex": "ENTERPRISE"})
+    store(writer, evs[2500:], {"acme": "FREE", "globex": "ENTERPRISE"}, first_offset=2500)
+    raw = engine.query("SELECT count(), countIf(status >= 500), sum(request_bytes), sum(response_bytes) "
+                       "FROM requests").result_rows[0]
+    assert raw == (len(evs), sum(e.status >= 500 for e in evs), sum(e.request_bytes for e in evs),
+                   sum(e.response_bytes for e in evs))
+    denials = sum(e.status == 429 for e in evs)
+    for table in ROLLUPS + ORG_ROLLUPS:
+        rolled = engine.query(f"SELECT sum(requests), sum(errors), sum(request_bytes), sum(response_bytes) "
+                              f"FROM {table.name}").result_rows[0]
+        assert rolled == raw, table.name
+        denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
+        assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
+        # Latency states merge to the same quantiles as the raw latencies, in every rollup.
+        q_raw = engine.query("SELECT quantilesTDigest(0.5, 0.95, 0.99)(latency_ms) FROM requests").result_rows[0][0]
+        q_rolled = engine.query(f"SELECT quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms) "
+                                f"FROM {table.name}").result_rows[0][0]
+        lat = sorted(e.latency_ms for e in evs)
+        for level, got_raw, got in zip((0.5, 0.95, 0.99), q_raw, q_rolled, strict=True):
+            lo, hi = rank_bounds(lat, level)
+            assert lo <= got_raw <= hi and lo <= got <= hi, (table.name, level, got_raw, got, lo, hi)
+
+
+def test_a_batch_retried_with_its_token_is_stored_once_in_raw_and_rollups(engine):
+    migrate(engine)
+    writer = Writer(engine)
+    evs = events(5000, seed=5)
+    batch = store(writer, evs, {"acme": "FREE"})
+    # The retry after a crash: same range, same token; the tier read from Redis may differ by then.
+    store(writer, evs, {"acme": "ENTERPRISE"})
+    # The same events under another range are a different batch: stored again (the token is the identity).
+    other = store(writer, evs[:10], {"acme": "FREE"}, first_offset=batch.end + 1)
+    assert other.token() != batch.token()
+    expected = len(evs) + 10
+    assert engine.query("SELECT count() FROM requests").result_rows[0][0] == expected
+    assert engine.query("SELECT groupUniqArray(tier) FROM requests").result_rows[0][0] == ["FREE"]
+    for table in ROLLUPS + ORG_ROLLUPS:
+        assert engine.query(f"SELECT sum(requests) FROM {table.name}").result_rows[0][0] == expected, table.name
+
+
+def test_ttls_follow_the_retention_settings_and_are_set_idempotently(engine):
+    migrate(engine)
+    defaults = Settings()
+    retention.apply(engine, defaults)
+
+    def ttl_days() -> dict[str, int]:
+        out = {}
+        for table in TABLES:
+            ddl = engine.query(f"SHOW CREATE TABLE {table.name}").result_rows[0][0]
+            assert f"TTL {table.ttl_expr} + toIntervalDay(" in ddl, ddl
+            out[table.name] = retention.current_days(engine, table)
+        return out
+
+    def by_grain(raw: int, minute: int, hour: int, day: int) -> dict[str, int]:
+        return {"requests": raw, "requests_1m": minute, "requests_1h": hour, "requests_1d": day,
+                "requests_org_1m": minute, "requests_org_1h": hour, "requests_org_1d": day}
+
+    assert ttl_days() == by_grain(defaults.retention_raw_days, defaults.retention_minute_days,
+                                  defaults.retention_hour_days, defaults.retention_day_days)
+    assert retention.apply(engine, defaults) == {}  # nothing to change: nothing altered
+
+    wanted = by_grain(7, 14, 60, 400)
+    changed = Settings(retention_raw_days=7, retention_minute_days=14, retention_hour_days=60, retention_day_days=400)
+    assert retention.apply(engine, changed) == wanted
+    assert ttl_days() == wanted
+    assert retention.apply(engine, changed) == {}
+
+
+def test_expired_rows_are_dropped_by_the_ttl(engine):
+    migrate(engine)
+    retention.apply(engine, Settings(retention_raw_days=1))
+    now = time.time()
+    fresh = events(50, seed=6, now_s=now)
+    fresh = [e for e in fresh if e.ts_ms > (now - DAY_S + 3600) * 1000]  # well inside the one day kept
+    stale = [RequestEvent.new(**{**e.to_dict(), "event_id": str(uuid.uuid4()), "ts_ms": e.ts_ms - 10 * DAY_S * 1000})
+             for e in fresh]
+    store(Writer(engine), fresh + stale, {"acme": "FREE"})
+    engine.command("OPTIMIZE TABLE requests FINAL")  # TTLs are applied when parts merge
+    ids = {r[0] for r in engine.query("SELECT toString(event_id) FROM requests").result_rows}
+    assert ids == {e.event_id for e in fresh}
