@@ -277,41 +277,44 @@ PHASES = ("admission", "lag", "throughput")
 def main(phases: tuple[str, ...] = PHASES) -> None:
     print("bringing up the benchmark stack...", file=sys.stderr, flush=True)
     settings = harness.up()
-    for name in stack.PIPELINE:
-        stack.pipeline_proc(settings, name).stop()
-    stack.start_pipeline_process(settings, "processor")
-    run = uuid.uuid4().hex[:6]
+    try:
+        for name in stack.PIPELINE:
+            stack.pipeline_proc(settings, name).stop()
+        stack.start_pipeline_process(settings, "processor")
+        run = uuid.uuid4().hex[:6]
 
-    if "admission" in phases:
-        print("over-admission: quotaflow...", file=sys.stderr, flush=True)
-        ours, ours_lat = run_gateways("quotaflow", run)
-        print("over-admission: baseline...", file=sys.stderr, flush=True)
-        base, base_lat = run_gateways("baseline", run)
-        harness.report("over_admission_ratio", worst_ratio(ours, sliding=False), "admitted/limit")
-        harness.report("baseline_over_admission_ratio", worst_ratio(base, sliding=True), "admitted/limit")
-        harness.report("check_p50_ms", pct(ours_lat, 50), "ms")
-        harness.report("check_p99_ms", pct(ours_lat, 99), "ms")
-        harness.report("baseline_check_p50_ms", pct(base_lat, 50), "ms")
-        harness.report("baseline_check_p99_ms", pct(base_lat, 99), "ms")
-        harness.report("checks_measured", len(ours_lat) + len(base_lat), "checks")
+        if "admission" in phases:
+            print("over-admission: quotaflow...", file=sys.stderr, flush=True)
+            ours, ours_lat = run_gateways("quotaflow", run)
+            print("over-admission: baseline...", file=sys.stderr, flush=True)
+            base, base_lat = run_gateways("baseline", run)
+            harness.report("over_admission_ratio", worst_ratio(ours, sliding=False), "admitted/limit")
+            harness.report("baseline_over_admission_ratio", worst_ratio(base, sliding=True), "admitted/limit")
+            harness.report("check_p50_ms", pct(ours_lat, 50), "ms")
+            harness.report("check_p99_ms", pct(ours_lat, 99), "ms")
+            harness.report("baseline_check_p50_ms", pct(base_lat, 50), "ms")
+            harness.report("baseline_check_p99_ms", pct(base_lat, 99), "ms")
+            harness.report("checks_measured", len(ours_lat) + len(base_lat), "checks")
 
-    if "lag" in phases:
-        print("decision lag at 10k events/s...", file=sys.stderr, flush=True)
-        lags = asyncio.run(measure_lag(run, 10_000, 20))
-        harness.report("decision_lag_p50_ms", statistics.median(lags), "ms")
-        harness.report("decision_lag_p99_ms", pct(lags, 99), "ms")
+        if "lag" in phases:
+            print("decision lag at 10k events/s...", file=sys.stderr, flush=True)
+            lags = asyncio.run(measure_lag(run, 10_000, 20))
+            harness.report("decision_lag_p50_ms", statistics.median(lags), "ms")
+            harness.report("decision_lag_p99_ms", pct(lags, 99), "ms")
 
-    if "throughput" in phases:
-        print("processor throughput...", file=sys.stderr, flush=True)
-        # Measure this phase's backlog alone, not what earlier phases left behind.
-        deadline = time.monotonic() + 300
-        while asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) and \
-                time.monotonic() < deadline:
-            time.sleep(0.5)
-        n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 200_000))
-        harness.report("processor_events_per_s", processor_throughput(settings, run, n), "events/s")
-        harness.report("baseline_consume_events_per_s", asyncio.run(baseline_consume(n)), "events/s")
-    stack.pipeline_proc(settings, "processor").stop()
+        if "throughput" in phases:
+            print("processor throughput...", file=sys.stderr, flush=True)
+            # Measure this phase's backlog alone, not what earlier phases left behind.
+            deadline = time.monotonic() + 300
+            while asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.5)
+            n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 200_000))
+            harness.report("processor_events_per_s", processor_throughput(settings, run, n), "events/s")
+            harness.report("baseline_consume_events_per_s", asyncio.run(baseline_consume(n)), "events/s")
+        stack.pipeline_proc(settings, "processor").stop()
+    finally:
+        stack.down(settings)  # the benchmark's own stack: nothing left running
 
 
 if __name__ == "__main__":

@@ -99,11 +99,21 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
         r.hset(org_key(org), ORG_TIER_FIELD, tier.value)
     print("waiting for the processor and the sink to catch up with earlier events...", flush=True)
     deadline = time.monotonic() + 120
-    while not await pipeline_caught_up(settings.kafka_bootstrap):
+    previous = None
+    while True:
+        # Caught up: every event committed by both, and the processor's count standing
+        # still (a restarted processor may still be going over records it had seen), so
+        # that the baseline below leaves only this run's events to count.
+        sample = _scrape(settings.processor_metrics_port)
+        current = _processed(sample) if sample is not None else None
+        if (current is not None and current == previous and _scrape(settings.sink_metrics_port) is not None
+                and await pipeline_caught_up(settings.kafka_bootstrap)):
+            break
         if time.monotonic() > deadline:
             raise StackError("the processor or the sink did not catch up within 120 s; see the logs in "
                              f"{settings.state_dir / 'logs'}")
-        await asyncio.sleep(0.5)
+        previous = current
+        await asyncio.sleep(1.0)
     watcher = Watcher(settings, r)
     await watcher.baseline()
 

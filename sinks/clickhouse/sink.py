@@ -317,7 +317,9 @@ class ClickHouseSink:
             if room > 0:
                 deadlines = [self._first_at[tp] + self.settings.sink_batch_seconds
                              for tp, buf in self._buffers.items() if buf]
-                wait_s = min([max(d - now, 0.0) for d in deadlines], default=0.5)
+                # At least a few ms: getmany(timeout_ms=0) returns without yielding to the event
+                # loop, so a replay waiting for its records would spin and starve the fetcher.
+                wait_s = min([max(d - now, 0.01) for d in deadlines], default=0.5)
                 got = await self._consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=room)
                 if self._consumer.assignment():
                     READY.set(1)
