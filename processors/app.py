@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Sequence
 import faust
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
@@ -242,7 +243,16 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(1.0)
     async def _reseek() -> None:
         if "counter" in running:
-            await running["counter"].guard.reseek_stale()
+            guard = running["counter"].guard
+            await guard.reseek_stale()
+            assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC]
+            if assigned:
+                try:
+                    ends = await running["probe"].end_offsets(assigned)
+                except KafkaError as exc:  # a broker restart: look again next time
+                    log.debug("end offsets unavailable", extra={"error": str(exc)})
+                    return
+                await guard.unstick(ends)
 
     @app.agent(events_topic)
     async def count_requests(stream: faust.StreamT) -> None:
@@ -256,6 +266,7 @@ def create_app(settings: Settings) -> faust.App:
             log.warning("records skipped by the stream; seeking back", extra={"partition": partition, "offset": offset})
             await app.consumer.seek(TP(EVENTS_TOPIC, partition), offset)
 
+        running["probe"] = probe
         counter = running["counter"] = RequestCounter(table, output, RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s),
                                                       OffsetGuard(table.data, probe.first_offset, seek))
         try:
@@ -264,6 +275,7 @@ def create_app(settings: Settings) -> faust.App:
                 await counter.handle(batch)
         finally:
             running.pop("counter", None)
+            running.pop("probe", None)
             await output.stop()
             await probe.stop()
             await redis.aclose()
@@ -284,6 +296,10 @@ class OffsetProbe:
 
     async def stop(self) -> None:
         await self._consumer.stop()
+
+    async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
+        got = await self._consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
+        return {tp.partition: offset for tp, offset in got.items()}
 
     async def first_offset(self, partition: int, offset: int) -> int | None:
         tp = TopicPartition(self.topic, partition)

@@ -39,10 +39,12 @@ class OffsetGuard:
         self._seek = seek
         self._clock = clock
         self._refetching: dict[int, tuple[int, float]] = {}  # partition -> (offset sought, when)
+        self._still: dict[int, tuple[int, float]] = {}  # partition -> (next offset, since when unchanged)
 
     def reset(self) -> None:
         """Forget seeks in flight: a rebalance repositions the stream anyway."""
         self._refetching.clear()
+        self._still.clear()
 
     async def reseek_stale(self) -> None:
         """Repeat seeks that have not brought the missing record back: a rebalance
@@ -53,6 +55,27 @@ class OffsetGuard:
             if now - when > RESEEK_AFTER_S:
                 await self._seek(partition, sought)
                 self._refetching[partition] = (sought, now)
+
+    async def unstick(self, ends: dict[int, int]) -> None:
+        """Seek partitions that have records to read (next offset < end offset) but have
+        not moved for RESEEK_AFTER_S. The stream drops records below the highest offset
+        it has delivered, so records it delivered past a seek can make it drop the ones
+        the seek brought back; with no later traffic to notice the gap, the partition
+        would wait forever. Given {partition: end offset} of the assigned partitions;
+        run on a timer."""
+        now = self._clock()
+        for partition, end in ends.items():
+            expected = self.data.get(next_offset_key(partition))
+            if expected is None or expected >= end:
+                self._still.pop(partition, None)
+                continue
+            seen = self._still.get(partition)
+            if seen is None or seen[0] != expected:
+                self._still[partition] = (expected, now)
+            elif now - seen[1] >= RESEEK_AFTER_S:
+                await self._seek(partition, expected)
+                self._refetching[partition] = (expected, now)
+                self._still[partition] = (expected, now)
 
     def quick(self, partition: int, offset: int) -> str | None:
         """The verdict for the common case, without a coroutine: the next record

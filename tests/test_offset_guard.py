@@ -83,3 +83,36 @@ def test_partitions_are_independent():
     assert asyncio.run(guard.check(1, 50)) == APPLY
     assert asyncio.run(guard.check(0, 6)) == APPLY
     assert (data[next_offset_key(0)], data[next_offset_key(1)]) == (7, 51)
+
+
+def test_a_partition_with_records_to_read_that_stands_still_is_sought():
+    """The stream delivered 10, then dropped what followed (Faust drops records below
+    the highest offset it delivered): no later record comes to reveal the gap, so the
+    guard looks at the end offsets on a timer and seeks back to the next offset."""
+    now = [0.0]
+    log = Log(range(100))
+    guard = OffsetGuard({}, log.probe, log.seek, clock=lambda: now[0])
+    run(guard, [10])
+    asyncio.run(guard.unstick({0: 100}))
+    now[0] += RESEEK_AFTER_S - 1
+    asyncio.run(guard.unstick({0: 100}))
+    assert log.seeks == []  # not still for long enough yet
+    now[0] += 2
+    asyncio.run(guard.unstick({0: 100}))
+    assert log.seeks == [(0, 11)]
+    assert run(guard, [12, 11, 12]) == [REFETCH, APPLY, APPLY]  # only the sought record lets it go on
+
+
+def test_a_partition_that_moves_or_has_nothing_to_read_is_left_alone():
+    now = [0.0]
+    log = Log(range(100))
+    guard = OffsetGuard({}, log.probe, log.seek, clock=lambda: now[0])
+    run(guard, [10])
+    for offset in range(11, 20):  # progress between looks
+        asyncio.run(guard.unstick({0: 100}))
+        now[0] += RESEEK_AFTER_S
+        run(guard, [offset])
+    now[0] += 10 * RESEEK_AFTER_S
+    asyncio.run(guard.unstick({0: 20}))  # read up to the end: nothing to seek
+    asyncio.run(guard.unstick({0: 20}))
+    assert log.seeks == []
