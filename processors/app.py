@@ -30,15 +30,14 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
 from processors.backend import RedisBackend, ScopeWrite
-from processors.decisions import decide, scope_windows
+from processors.decisions import decide, decide_org
 from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
 from processors.output import Output
 from processors.window_counts import REDELIVERED, ScopeState, apply_event
 from quotaflow.settings import Settings
 from schemas import deadletter
 from schemas.events import RequestEvent, SchemaError, decode_record
-from schemas.limits import SCOPE_ORG, policy_from_settings
-from schemas.redis_keys import Decision
+from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
 log = logging.getLogger(__name__)
@@ -166,9 +165,7 @@ class RequestCounter:
             orgs.setdefault(org, []).extend(released[(org, key)])
         for org, ids in orgs.items():
             ostate = data.get(org_scope(org))
-            windows = scope_windows(SCOPE_ORG, ostate, policy.limits(SCOPE_ORG, tiers[org]), policy, now)
-            decision = Decision.from_windows(windows, allowed=all(w.used < w.limit for w in windows),
-                                             tier=tiers[org], now_ms=now)
+            decision = decide_org(ostate, policy, tiers[org], now)
             writes.append(ScopeWrite(org, None, ostate["b"] if ostate else None, decision, ids))
         return writes
 
