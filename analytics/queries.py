@@ -158,15 +158,24 @@ LIMIT {{limit:UInt32}}"""
     return sql, ("method", "endpoint", "requests", "errors", "error_rate", "p95_ms")
 
 
-def _orgs(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
-    sql = f"""
-SELECT org_id, {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
+def _ranking(column: str) -> Callable[[_Source, str, str], tuple[str, tuple[str, ...]]]:
+    """Totals per value of ``column`` (one of ours, never a caller's), largest first."""
+
+    def make(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+        sql = f"""
+SELECT {column}, {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
        {s.request_bytes} AS bytes_in, {s.response_bytes} AS bytes_out
 FROM {table} WHERE {where}
-GROUP BY org_id
-ORDER BY n DESC, org_id
+GROUP BY {column}
+ORDER BY n DESC, {column}
 LIMIT {{limit:UInt32}}"""
-    return sql, ("org_id", "requests", "errors", "denials", "request_bytes", "response_bytes")
+        return sql, (column, "requests", "errors", "denials", "request_bytes", "response_bytes")
+
+    return make
+
+
+_orgs = _ranking("org_id")
+_api_keys = _ranking("api_key_id")
 
 
 def _tiers(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
@@ -178,17 +187,6 @@ FROM {table} WHERE {where}
 GROUP BY tier
 ORDER BY n DESC, tier"""
     return sql, ("tier", "orgs", "requests", "errors", "denials", "request_bytes", "response_bytes")
-
-
-def _api_keys(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
-    sql = f"""
-SELECT api_key_id, {s.requests} AS n, {s.errors} AS n_errors, {s.denials} AS n_denials,
-       {s.request_bytes} AS bytes_in, {s.response_bytes} AS bytes_out
-FROM {table} WHERE {where}
-GROUP BY api_key_id
-ORDER BY n DESC, api_key_id
-LIMIT {{limit:UInt32}}"""
-    return sql, ("api_key_id", "requests", "errors", "denials", "request_bytes", "response_bytes")
 
 
 def _denials(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
