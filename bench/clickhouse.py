@@ -42,13 +42,14 @@ from analytics.window import for_timeframe
 from deploy import stack
 from deploy.observe import group_lag
 from quotaflow import metrics
+from schemas.events import FIELD_NAMES
 from schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from sinks.clickhouse import retention
 from sinks.clickhouse.client import connect
 from sinks.clickhouse.migrate import migrate
 from sinks.clickhouse.plans import Range
 from sinks.clickhouse.rows import to_rows
-from sinks.clickhouse.tables import RAW_COLUMNS, RAW_TABLE
+from sinks.clickhouse.tables import RAW_TABLE
 from sinks.clickhouse.writer import Writer
 
 SINK_EVENTS = int(os.environ.get("BENCH_SINK_EVENTS", 500_000))
@@ -123,8 +124,8 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
     batches = []
     for group in record_batches(recs, SINK_BATCH, settings.sink_batch_bytes):
         rows = to_rows(group)
-        org = RAW_COLUMNS.index("org_id")
-        rows.columns[org] = ["baseline-" + o for o in rows.columns[org]]  # kept apart from the sink's rows
+        org = FIELD_NAMES.index("org_id")
+        rows.fields[org] = ["baseline-" + o for o in rows.fields[org]]  # kept apart from the sink's rows
         rows.set_tiers({o: "FREE" for o in rows.org_ids})
         batches.append(rows)
     n = sum(len(rows) for rows in batches)

@@ -34,10 +34,11 @@ def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
     import faust
 
     from processors.app import create_app
-    from quotaflow import metrics
+    from quotaflow import gc_tuning, metrics
 
     app = create_app(settings)
     metrics.serve(settings.processor_metrics_port)
+    gc_tuning.for_streaming()
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                           logging_config=logging_dict(settings.log_level, settings.log_format))
     worker.execute_from_commandline()
@@ -45,11 +46,12 @@ def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
-    from quotaflow import metrics
+    from quotaflow import gc_tuning, metrics
     from sinks.clickhouse.sink import ClickHouseSink
 
     metrics.serve(settings.sink_metrics_port)
     sink = ClickHouseSink(settings)
+    gc_tuning.for_streaming()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

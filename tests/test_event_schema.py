@@ -190,3 +190,64 @@ def test_the_published_schema_accepts_batches_too():
     assert checker.is_valid([good(), good()])
     assert not checker.is_valid([])
     assert not checker.is_valid([good(), {**good(), "status": 700}])
+
+
+BATCH_CHANGES = [
+    {}, {"latency_ms": 7}, {"status": 200.0}, {"ts_ms": 1_795_000_000_000.0}, {"schema_version": True},
+    {"status": True}, {"latency_ms": True}, {"latency_ms": -0.5}, {"latency_ms": 86_400_001}, {"status": 99},
+    {"request_bytes": 2**53}, {"response_bytes": -1}, {"ts_ms": 12}, {"event_id": "123E4567-E89B-42D3-A456-426614174000"},
+    {"event_id": 7}, {"event_id": "123e4567-e89b-42d3-a456-426614174000\n"}, {"org_id": "globex"}, {"org_id": ""},
+    {"api_key_id": ["a"]}, {"service": None}, {"endpoint": "/v1/users/42"}, {"method": "get"}, {"method": ["GET"]},
+    {"client_ip": "300.1.1.1"}, {"user_agent": "x" * 513}, {"extra": 1}, {"schema_version": 2},
+]
+
+
+def _one_by_one(items: list) -> list:
+    """What decode_record must say about a batch, from validate alone, item by item."""
+    out, org = [], None
+    for item in items:
+        try:
+            ev = validate(item)
+        except SchemaError as exc:
+            out.append(str(exc))
+            continue
+        org = org or ev.org_id
+        out.append(ev if ev.org_id == org else "other org")
+    return out
+
+
+@pytest.mark.parametrize("change", BATCH_CHANGES)
+@pytest.mark.parametrize("where", [0, 2])
+def test_a_batch_is_judged_as_its_events_are_one_by_one(change, where):
+    # A whole batch is checked column by column; any doubt sends it item by item.
+    # Both must give the same verdicts, and the same values, as validate.
+    from schemas.events import decode_columns, decode_record
+
+    items = [{**good(), "event_id": f"123e4567-e89b-42d3-a456-42661417400{i}"} for i in range(3)]
+    items[where] = {**items[where], **change}
+    if "extra" not in change:
+        items[where].pop("extra", None)
+    data = orjson.dumps(items)
+    got = [ev if isinstance(ev, RequestEvent) else ("other org" if "one org's" in str(ev) else str(ev))
+           for ev in decode_record(data)]
+    expected = _one_by_one(items)
+    assert got == expected
+    assert all(type(a) is type(b) for ev, exp in zip(got, expected, strict=True) if isinstance(ev, RequestEvent)
+               for a, b in zip(ev, exp, strict=True))
+    columns = decode_columns(data)
+    if all(isinstance(ev, RequestEvent) for ev in expected):
+        assert columns == tuple(zip(*expected, strict=True))
+    else:
+        assert columns is None
+
+
+def test_batch_items_that_are_not_events_are_refused_one_by_one():
+    from schemas.events import decode_columns, decode_record
+
+    missing = {k: v for k, v in good().items() if k != "user_agent"}
+    for odd in (missing, [1] * 14, "x" * 14, 14, None):
+        items = decode_record(orjson.dumps([good(), odd]))
+        assert items[0] == validate(good()) and isinstance(items[1], SchemaError), odd
+        assert decode_columns(orjson.dumps([good(), odd])) is None
+    assert decode_columns(orjson.dumps(good())) == tuple((v,) for v in validate(good()))
+    assert decode_columns(b"nope") is None and decode_columns(None) is None and decode_columns(b"[]") is None

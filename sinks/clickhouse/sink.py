@@ -239,15 +239,18 @@ class ClickHouseSink:
         if plans and not await self._commit(plans):
             return
         ordered = sorted(batches.items(), key=lambda kv: kv[0].partition)
-        # Decoding runs in threads while earlier batches are inserted: the engine releases
-        # the GIL, so the two overlap instead of adding up.
-        decoding = [asyncio.ensure_future(asyncio.to_thread(to_rows, b.records)) for _, b in ordered]
+        # The next batch is decoded (in a thread) while this one is inserted: the engine
+        # releases the GIL, so the two overlap instead of adding up. One decode at a
+        # time: several would only contend for the GIL.
+        decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, ordered[0][1].records))
         try:
-            for (tp, batch), decoded in zip(ordered, decoding, strict=True):
-                await self._flush_one(writer, tiers, tp, batch, await decoded)
+            for i, (tp, batch) in enumerate(ordered):
+                rows = await decoding
+                if i + 1 < len(ordered):
+                    decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, ordered[i + 1][1].records))
+                await self._flush_one(writer, tiers, tp, batch, rows)
         finally:
-            for task in decoding:
-                task.cancel()
+            decoding.cancel()
         await self._commit({tp: OffsetAndMetadata(b.range.end + 1, "") for tp, b in batches.items()})
 
     async def _flush_one(self, writer: Writer, tiers: TierCache, tp: TopicPartition, batch: Batch,
