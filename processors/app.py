@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Any, Awaitable, Sequence
+from typing import Any, Awaitable, NamedTuple, Sequence
 
 import faust
 import redis.asyncio as aioredis
@@ -33,10 +33,10 @@ from processors.backend import RedisBackend, ScopeWrite
 from processors.decisions import decide, decide_org
 from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
 from processors.output import Output
-from processors.window_counts import REDELIVERED, ScopeState, apply_event
+from processors.window_counts import REDELIVERED, apply_events
 from quotaflow.settings import Settings
 from schemas import deadletter
-from schemas.events import RequestEvent, SchemaError, decode_record
+from schemas.events import FIELD_NAMES, SchemaError, decode_columns, decode_record
 from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
@@ -58,8 +58,11 @@ def position(offset: int, index: int) -> int:
     return (offset << 16) | index  # MAX_EVENTS_PER_RECORD < 2**16
 
 
+KEY_SCOPE = "k/"
+
+
 def key_scope(api_key_id: str) -> str:
-    return "k/" + api_key_id
+    return KEY_SCOPE + api_key_id
 
 
 def org_scope(org_id: str) -> str:
@@ -79,13 +82,11 @@ class RequestCounter:
 
     async def handle(self, events: Sequence[faust.types.EventT]) -> None:
         started = time.perf_counter()
-        data = self.table.data
-        policy = self.policy
         touched: dict[tuple[str, str], int] = {}  # (org_id, api_key_id) -> partition
         released: dict[tuple[str, str], list[str]] = {}  # reservations to release, per key
         changed: dict[str, int] = {}  # table key -> partition
         pending: list[Awaitable] = []  # deliveries to the broker
-        fresh: list[tuple[RequestEvent, int, int]] = []  # (event, partition, offset) not applied before
+        fresh: list[_Record] = []  # records whose events were not applied before
         outcomes: Counter[str] = Counter()
         for event in events:
             msg = event.message
@@ -94,46 +95,47 @@ class RequestCounter:
                 outcomes["refetch"] += 1
                 continue
             changed[next_offset_key(msg.partition)] = msg.partition
-            items = decode_record(msg.value)
-            for index, ev in enumerate(items):
-                if isinstance(ev, SchemaError):
-                    if verdict == APPLY:
-                        outcomes["invalid"] += 1
-                        pending.append(await self._dead_letter(msg, ev, index if ev.payload is not None else None))
-                    else:
-                        outcomes[REDELIVERED] += 1
-                    continue
-                if ev.status == REJECTED_STATUS:  # refused by a limiter: counting it would lock retrying clients out
-                    outcomes["rejected"] += 1
-                    continue
-                ident = (ev.org_id, ev.api_key_id)
-                touched[ident] = msg.partition
-                released.setdefault(ident, []).append(ev.event_id)
-                if verdict == REDELIVERED:
-                    outcomes[REDELIVERED] += 1
-                else:
-                    fresh.append((ev, msg.partition, position(msg.offset, index)))
-
-        duplicate = await self.backend.duplicates([(ev.org_id, ev.event_id, p, pos) for ev, p, pos in fresh])
-        states: dict[str, ScopeState | None] = {}  # this batch's working copy: the table is slower to reach
-        for (ev, partition, pos), dup in zip(fresh, duplicate, strict=True):
-            if dup:
-                outcomes[DUPLICATE] += 1
+            record = await self._read(msg, verdict, outcomes, pending)
+            if record is None:
                 continue
-            for scope, is_key in ((key_scope(ev.api_key_id), True), (org_scope(ev.org_id), False)):
-                state = states[scope] if scope in states else data.get(scope)
-                outcome, state = apply_event(state, ev.ts_ms, partition, pos, policy)
-                if is_key:
-                    outcomes[outcome] += 1
-                if state is not None:
-                    states[scope] = state
-                    changed[scope] = partition
-        for scope, state in states.items():
-            data[scope] = state
+            for key, rows in record.by_key().items():
+                ident = (record.org_id, key)
+                touched[ident] = msg.partition
+                released.setdefault(ident, []).extend([record.event_ids[j] for j in rows])
+            if verdict == REDELIVERED:
+                outcomes[REDELIVERED] += len(record.rows)
+            else:
+                fresh.append(record)
+
+        duplicate = await self.backend.duplicates([(r.org_id, r.ids(), r.places()) for r in fresh])
+        runs: dict[str, tuple[int, list[int], list[int]]] = {}  # scope -> (partition, event times, positions)
+        done = 0
+        for record in fresh:
+            dups = duplicate[done:done + len(record.rows)]
+            done += len(record.rows)
+            if any(dups):
+                outcomes[DUPLICATE] += sum(dups)
+                record = record.without([j for j, dup in zip(record.rows, dups, strict=True) if dup])
+                if not record.rows:
+                    continue
+            scopes = [(org_scope(record.org_id), record.rows)]
+            scopes += [(key_scope(key), rows) for key, rows in record.by_key().items()]
+            for scope, rows in scopes:
+                run = runs.get(scope)
+                if run is not None and run[0] != record.partition:  # a scope that moved partition: in order
+                    self._apply(scope, run, outcomes, changed)
+                    run = None
+                if run is None:
+                    run = runs[scope] = (record.partition, [], [])
+                run[1].extend([record.ts_ms[j] for j in rows])
+                run[2].extend([record.positions[j] for j in rows])
+        for scope, run in runs.items():
+            self._apply(scope, run, outcomes, changed)
 
         # One changelog record per changed scope per batch, not per event, written to the
         # partition of the events that changed it (so it recovers with them); each
         # partition's next offset last, as it is only valid once those are in.
+        data = self.table.data
         for scope, partition in sorted(changed.items(), key=lambda item: item[0].startswith("__")):
             pending.append(await self.output.changelog(scope, data[scope], partition))
 
@@ -149,6 +151,49 @@ class RequestCounter:
         for outcome, n in outcomes.items():
             EVENTS.labels(outcome).inc(n)
         BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _apply(self, scope: str, run: tuple[int, list[int], list[int]], outcomes: Counter[str],
+               changed: dict[str, int]) -> None:
+        """Count a run of one scope's events; the outcomes are counted once, by their keys."""
+        partition, ts_ms, positions = run
+        data = self.table.data
+        counted, state = apply_events(data.get(scope), ts_ms, partition, positions, self.policy)
+        if scope.startswith(KEY_SCOPE):
+            outcomes.update(counted)
+        if state is not None:
+            data[scope] = state
+            changed[scope] = partition
+
+    async def _read(self, msg: Any, verdict: str, outcomes: Counter[str], pending: list[Awaitable]) -> "_Record | None":
+        """The events of a record that count (valid, not refused by a limiter), as columns.
+        Invalid ones are dead-lettered here, unless the record was handled before."""
+        columns = decode_columns(msg.value)
+        if columns is not None:
+            indexes: Sequence[int] = range(len(columns[0]))
+        else:  # some of its events are invalid
+            valid = []
+            for index, ev in enumerate(decode_record(msg.value)):
+                if not isinstance(ev, SchemaError):
+                    valid.append((index, ev))
+                elif verdict == APPLY:
+                    outcomes["invalid"] += 1
+                    pending.append(await self._dead_letter(msg, ev, index if ev.payload is not None else None))
+                else:
+                    outcomes[REDELIVERED] += 1
+            if not valid:
+                return None
+            indexes = [index for index, _ in valid]
+            columns = tuple(zip(*(ev for _, ev in valid), strict=True))
+        status = columns[_STATUS]
+        rows: Sequence[int] = range(len(status))
+        if REJECTED_STATUS in status:  # refused by a limiter: counting it would lock retrying clients out
+            rows = [j for j, s in enumerate(status) if s != REJECTED_STATUS]
+            outcomes["rejected"] += len(status) - len(rows)
+            if not rows:
+                return None
+        base = position(msg.offset, 0)
+        return _Record(msg.partition, columns[_ORG][0], columns[_KEY], columns[_TS], columns[_EVENT_ID],
+                       [base | index for index in indexes], rows)
 
     async def _writes(self, touched: dict[tuple[str, str], int], released: dict[tuple[str, str], list[str]]
                       ) -> list[ScopeWrite]:
@@ -193,6 +238,43 @@ class RequestCounter:
             msg.key, msg.value if exc.payload is None else exc.payload,
             deadletter.headers(str(exc), deadletter.STAGE_PROCESSOR, topic=msg.topic, partition=msg.partition,
                                offset=msg.offset, index=index, ts_ms=int(time.time() * 1000)))
+
+
+_EVENT_ID, _TS, _ORG, _KEY, _STATUS = (FIELD_NAMES.index(name) for name in
+                                        ("event_id", "ts_ms", "org_id", "api_key_id", "status"))
+
+
+class _Record(NamedTuple):
+    """A record's events that count, as columns: ``rows`` says which of the columns' rows."""
+
+    partition: int
+    org_id: str  # a record carries one org's events
+    api_key_ids: tuple[str, ...]
+    ts_ms: tuple[int, ...]
+    event_ids: tuple[str, ...]
+    positions: list[int]
+    rows: Sequence[int]
+
+    def by_key(self) -> dict[str, list[int]]:
+        keys = self.api_key_ids
+        if len(set(keys)) == 1:
+            return {keys[0]: list(self.rows)}
+        out: dict[str, list[int]] = {}
+        for j in self.rows:
+            out.setdefault(keys[j], []).append(j)
+        return out
+
+    def ids(self) -> list[str]:
+        return [self.event_ids[j] for j in self.rows]
+
+    def places(self) -> list[str]:
+        """Where each event stands ("partition:position"), for the duplicate check."""
+        prefix = f"{self.partition}:"
+        return [prefix + str(self.positions[j]) for j in self.rows]
+
+    def without(self, rows: list[int]) -> "_Record":
+        drop = set(rows)
+        return self._replace(rows=[j for j in self.rows if j not in drop])
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -27,7 +27,7 @@ from schemas.redis_keys import (
     org_key,
     overrides_key,
     reservations_key,
-    seen_key,
+    seen_prefix,
     usage_key,
     window_field,
 )
@@ -103,14 +103,15 @@ class RedisBackend:
                 self._overrides[k] = (now + self._ttl_s, overrides[k])
         return tiers, overrides
 
-    async def duplicates(self, events: list[tuple[str, str, int, int]]) -> list[bool]:
-        """For (org_id, event_id, partition, position) events: was the event already
-        counted from another record? One round trip for the batch."""
-        if not events:
+    async def duplicates(self, groups: list[tuple[str, Sequence[str], Sequence[str]]]) -> list[bool]:
+        """For groups of (org_id, event_ids, places), a place being "partition:position":
+        was each event already counted from another record? In the order of the events,
+        one round trip for the batch."""
+        if not groups:
             return []
-        batch = orjson.dumps([[seen_key(org, event_id), f"{p}:{o}"] for org, event_id, p, o in events])
+        batch = orjson.dumps([[seen_prefix(org), ids, places] for org, ids, places in groups])
         result = await until_ok(lambda: self._seen(args=[self._dedup_ms, batch]), "check duplicates")
-        return [bool(x) for x in result]
+        return [x == 1 for x in result]
 
     async def write(self, writes: list[ScopeWrite]) -> None:
         """All of a batch in one script call (write.lua), atomic like MULTI/EXEC."""

@@ -3,12 +3,16 @@
 -- topic twice: two records, two offsets. Each event_id is remembered with the
 -- place (partition:position) that first carried it; a redelivery of that same
 -- record is not a duplicate (the position check of window_counts handles it).
--- ARGV: 1 ttl ms, 2 JSON [[seen key, "partition:position"], ...] (one argument: see write.lua)
--- Returns: 1 for each duplicate, 0 otherwise.
+-- ARGV: 1 ttl ms, 2 JSON [[seen key prefix of an org, [event_id, ...], ["partition:position", ...]], ...]
+-- (one argument: see write.lua)
+-- Returns: 1 for each duplicate, 0 otherwise, in the order of the events.
 local ttl = ARGV[1]
 local out = {}
-for i, e in ipairs(cjson.decode(ARGV[2])) do
-  local first = redis.call('SET', e[1], e[2], 'NX', 'GET', 'PX', ttl)
-  out[i] = (first and first ~= e[2]) and 1 or 0
+for _, g in ipairs(cjson.decode(ARGV[2])) do
+  local prefix, places = g[1], g[3]
+  for i, id in ipairs(g[2]) do
+    local first = redis.call('SET', prefix .. id, places[i], 'NX', 'GET', 'PX', ttl)
+    out[#out + 1] = (first and first ~= places[i]) and 1 or 0
+  end
 end
 return out

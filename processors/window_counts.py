@@ -17,7 +17,8 @@ than the grace period ago by the scope's clock: it is then not counted there
 from __future__ import annotations
 
 import bisect
-from typing import TypedDict
+from collections import Counter
+from typing import Sequence, TypedDict
 
 from schemas.limits import Policy, Window
 
@@ -60,6 +61,52 @@ def apply_event(state: ScopeState | None, ts_ms: int, partition: int, position: 
                 buckets.insert(i, [start, 1])
     state["p"], state["o"], state["m"] = partition, position, clock
     return outcome, state
+
+
+def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int, positions: Sequence[int],
+                 policy: Policy) -> tuple[Counter[str], ScopeState | None]:
+    """apply_event for a run of events of one scope from one partition, in position order:
+    the outcomes counted by kind, and the same state as applying them one by one.
+
+    The usual run (none of its events late by the clock at its end, so none late by the
+    clock at its own time either) is counted per bucket, not per event."""
+    outcomes: Counter[str] = Counter()
+    if state is not None and state["p"] == partition:
+        skip = bisect.bisect_right(positions, state["o"])  # a redelivered prefix
+        if skip:
+            outcomes[REDELIVERED] = skip
+            ts_ms, positions = ts_ms[skip:], positions[skip:]
+    if not ts_ms:
+        return outcomes, None
+    fresh = state is None or len(state["b"]) != len(policy.windows)  # apply_event starts such a state anew
+    clock = max(ts_ms) if fresh else max(state["m"], max(ts_ms))
+    oldest = min(ts_ms)
+    if any(oldest - oldest % bucket_ms + bucket_ms <= clock - retained for bucket_ms, retained in policy.buckets):
+        for ts, position in zip(ts_ms, positions, strict=True):  # some may be late: the exact way
+            outcome, changed = apply_event(state, ts, partition, position, policy)
+            state = changed if changed is not None else state
+            outcomes[outcome] += 1
+        return outcomes, state
+    if fresh:
+        state = {"p": partition, "o": positions[0], "m": clock, "b": [[] for _ in policy.windows]}
+    for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"], strict=True):
+        keep_after = clock - retained
+        while buckets and buckets[0][0] + bucket_ms <= keep_after:
+            buckets.pop(0)
+        for start, n in sorted(Counter([ts - ts % bucket_ms for ts in ts_ms]).items()):
+            if buckets and buckets[-1][0] == start:
+                buckets[-1][1] += n
+            elif not buckets or buckets[-1][0] < start:
+                buckets.append([start, n])
+            else:
+                i = bisect.bisect_left(buckets, [start, 0])
+                if buckets[i][0] == start:
+                    buckets[i][1] += n
+                else:
+                    buckets.insert(i, [start, n])
+    state["p"], state["o"], state["m"] = partition, positions[-1], clock
+    outcomes[COUNTED] += len(ts_ms)
+    return outcomes, state
 
 
 def window_count(buckets: list[list[int]], window: Window, now_ms: int) -> int:

@@ -54,7 +54,12 @@ def reservations_key(org_id: str, api_key_id: str | None = None) -> str:
 
 
 def seen_key(org_id: str, event_id: str) -> str:
-    return _org(org_id) + "seen:" + event_id
+    return seen_prefix(org_id) + event_id
+
+
+def seen_prefix(org_id: str) -> str:
+    """What seen_key puts before the event_id (processors/seen.lua joins the two)."""
+    return _org(org_id) + "seen:"
 
 
 def window_field(label: str) -> str:
