@@ -98,7 +98,7 @@ class RequestCounter:
             record = await self._read(msg, verdict, outcomes, pending)
             if record is None:
                 continue
-            for key, rows in record.by_key().items():
+            for key, rows in record.keys.items():
                 ident = (record.org_id, key)
                 touched[ident] = msg.partition
                 released.setdefault(ident, []).extend([record.event_ids[j] for j in rows])
@@ -107,7 +107,7 @@ class RequestCounter:
             else:
                 fresh.append(record)
 
-        duplicate = await self.backend.duplicates([(r.org_id, r.ids(), r.places()) for r in fresh])
+        duplicate = await self.backend.duplicates([(r.org_id, r.partition, r.row_ids(), r.row_positions()) for r in fresh])
         runs: dict[str, tuple[int, list[int], list[int]]] = {}  # scope -> (partition, event times, positions)
         done = 0
         for record in fresh:
@@ -119,7 +119,7 @@ class RequestCounter:
                 if not record.rows:
                     continue
             scopes = [(org_scope(record.org_id), record.rows)]
-            scopes += [(key_scope(key), rows) for key, rows in record.by_key().items()]
+            scopes += [(key_scope(key), rows) for key, rows in record.keys.items()]
             for scope, rows in scopes:
                 run = runs.get(scope)
                 if run is not None and run[0] != record.partition:  # a scope that moved partition: in order
@@ -159,7 +159,8 @@ class RequestCounter:
         data = self.table.data
         counted, state = apply_events(data.get(scope), ts_ms, partition, positions, self.policy)
         if scope.startswith(KEY_SCOPE):
-            outcomes.update(counted)
+            for outcome, n in counted.items():
+                outcomes[outcome] += n
         if state is not None:
             data[scope] = state
             changed[scope] = partition
@@ -192,8 +193,8 @@ class RequestCounter:
             if not rows:
                 return None
         base = position(msg.offset, 0)
-        return _Record(msg.partition, columns[_ORG][0], columns[_KEY], columns[_TS], columns[_EVENT_ID],
-                       [base | index for index in indexes], rows)
+        return _Record.of(msg.partition, columns[_ORG][0], columns[_KEY], columns[_TS], columns[_EVENT_ID],
+                          [base | index for index in indexes], rows)
 
     async def _writes(self, touched: dict[tuple[str, str], int], released: dict[tuple[str, str], list[str]]
                       ) -> list[ScopeWrite]:
@@ -254,27 +255,29 @@ class _Record(NamedTuple):
     event_ids: tuple[str, ...]
     positions: list[int]
     rows: Sequence[int]
+    keys: dict[str, list[int]]  # the rows of each API key
 
-    def by_key(self) -> dict[str, list[int]]:
-        keys = self.api_key_ids
-        if len(set(keys)) == 1:
-            return {keys[0]: list(self.rows)}
-        out: dict[str, list[int]] = {}
-        for j in self.rows:
-            out.setdefault(keys[j], []).append(j)
-        return out
+    @classmethod
+    def of(cls, partition: int, org_id: str, api_key_ids: tuple[str, ...], ts_ms: tuple[int, ...],
+           event_ids: tuple[str, ...], positions: list[int], rows: Sequence[int]) -> "_Record":
+        if len(set(api_key_ids)) == 1:
+            keys = {api_key_ids[0]: list(rows)}
+        else:
+            keys = {}
+            for j in rows:
+                keys.setdefault(api_key_ids[j], []).append(j)
+        return cls(partition, org_id, api_key_ids, ts_ms, event_ids, positions, rows, keys)
 
-    def ids(self) -> list[str]:
+    def row_ids(self) -> list[str]:
         return [self.event_ids[j] for j in self.rows]
 
-    def places(self) -> list[str]:
-        """Where each event stands ("partition:position"), for the duplicate check."""
-        prefix = f"{self.partition}:"
-        return [prefix + str(self.positions[j]) for j in self.rows]
+    def row_positions(self) -> list[int]:
+        """Where each event stands in its partition, for the duplicate check."""
+        return [self.positions[j] for j in self.rows]
 
     def without(self, rows: list[int]) -> "_Record":
         drop = set(rows)
-        return self._replace(rows=[j for j in self.rows if j not in drop])
+        return _Record.of(*self[:6], [j for j in self.rows if j not in drop])
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -103,13 +103,13 @@ class RedisBackend:
                 self._overrides[k] = (now + self._ttl_s, overrides[k])
         return tiers, overrides
 
-    async def duplicates(self, groups: list[tuple[str, Sequence[str], Sequence[str]]]) -> list[bool]:
-        """For groups of (org_id, event_ids, places), a place being "partition:position":
-        was each event already counted from another record? In the order of the events,
-        one round trip for the batch."""
+    async def duplicates(self, groups: list[tuple[str, int, Sequence[str], Sequence[int]]]) -> list[bool]:
+        """For groups of (org_id, partition, event_ids, positions): was each event already
+        counted from another record? In the order of the events, one round trip for the batch."""
         if not groups:
             return []
-        batch = orjson.dumps([[seen_prefix(org), ids, places] for org, ids, places in groups])
+        batch = orjson.dumps([[seen_prefix(org), ids, f"{partition}:", list(map(str, positions))]
+                              for org, partition, ids, positions in groups])
         result = await until_ok(lambda: self._seen(args=[self._dedup_ms, batch]), "check duplicates")
         return [x == 1 for x in result]
 

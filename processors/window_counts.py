@@ -64,13 +64,13 @@ def apply_event(state: ScopeState | None, ts_ms: int, partition: int, position: 
 
 
 def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int, positions: Sequence[int],
-                 policy: Policy) -> tuple[Counter[str], ScopeState | None]:
+                 policy: Policy) -> tuple[dict[str, int], ScopeState | None]:
     """apply_event for a run of events of one scope from one partition, in position order:
     the outcomes counted by kind, and the same state as applying them one by one.
 
     The usual run (none of its events late by the clock at its end, so none late by the
     clock at its own time either) is counted per bucket, not per event."""
-    outcomes: Counter[str] = Counter()
+    outcomes: dict[str, int] = {}
     if state is not None and state["p"] == partition:
         skip = bisect.bisect_right(positions, state["o"])  # a redelivered prefix
         if skip:
@@ -79,13 +79,13 @@ def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int,
     if not ts_ms:
         return outcomes, None
     fresh = state is None or len(state["b"]) != len(policy.windows)  # apply_event starts such a state anew
-    clock = max(ts_ms) if fresh else max(state["m"], max(ts_ms))
-    oldest = min(ts_ms)
+    oldest, newest = min(ts_ms), max(ts_ms)
+    clock = newest if fresh else max(state["m"], newest)
     if any(oldest - oldest % bucket_ms + bucket_ms <= clock - retained for bucket_ms, retained in policy.buckets):
         for ts, position in zip(ts_ms, positions, strict=True):  # some may be late: the exact way
             outcome, changed = apply_event(state, ts, partition, position, policy)
             state = changed if changed is not None else state
-            outcomes[outcome] += 1
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
         return outcomes, state
     if fresh:
         state = {"p": partition, "o": positions[0], "m": clock, "b": [[] for _ in policy.windows]}
@@ -93,7 +93,10 @@ def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int,
         keep_after = clock - retained
         while buckets and buckets[0][0] + bucket_ms <= keep_after:
             buckets.pop(0)
-        for start, n in sorted(Counter([ts - ts % bucket_ms for ts in ts_ms]).items()):
+        first, last = oldest - oldest % bucket_ms, newest - newest % bucket_ms
+        per_bucket = [(first, len(ts_ms))] if first == last else \
+            sorted(Counter([ts - ts % bucket_ms for ts in ts_ms]).items())
+        for start, n in per_bucket:
             if buckets and buckets[-1][0] == start:
                 buckets[-1][1] += n
             elif not buckets or buckets[-1][0] < start:
@@ -105,7 +108,7 @@ def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int,
                 else:
                     buckets.insert(i, [start, n])
     state["p"], state["o"], state["m"] = partition, positions[-1], clock
-    outcomes[COUNTED] += len(ts_ms)
+    outcomes[COUNTED] = len(ts_ms)
     return outcomes, state
 
 
