@@ -309,7 +309,7 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
             while asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) and \
                     time.monotonic() < deadline:
                 time.sleep(0.5)
-            n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 200_000))
+            n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 500_000))
             harness.report("processor_events_per_s", processor_throughput(settings, run, n), "events/s")
             harness.report("baseline_consume_events_per_s", asyncio.run(baseline_consume(n)), "events/s")
         stack.pipeline_proc(settings, "processor").stop()

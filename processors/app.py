@@ -16,6 +16,7 @@ limiter) are never counted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -87,27 +88,32 @@ class RequestCounter:
         changed: dict[str, int] = {}  # table key -> partition
         pending: list[Awaitable] = []  # deliveries to the broker
         fresh: list[_Record] = []  # records whose events were not applied before
+        checks = _DuplicateChecks(self.backend)
         outcomes: Counter[str] = Counter()
-        for event in events:
-            msg = event.message
-            verdict = self.guard.quick(msg.partition, msg.offset) or await self.guard.check(msg.partition, msg.offset)
-            if verdict == REFETCH:
-                outcomes["refetch"] += 1
-                continue
-            changed[next_offset_key(msg.partition)] = msg.partition
-            record = await self._read(msg, verdict, outcomes, pending)
-            if record is None:
-                continue
-            for key, rows in record.keys.items():
-                ident = (record.org_id, key)
-                touched[ident] = msg.partition
-                released.setdefault(ident, []).extend([record.event_ids[j] for j in rows])
-            if verdict == REDELIVERED:
-                outcomes[REDELIVERED] += len(record.rows)
-            else:
-                fresh.append(record)
-
-        duplicate = await self.backend.duplicates([(r.org_id, r.partition, r.row_ids(), r.row_positions()) for r in fresh])
+        try:
+            for event in events:
+                msg = event.message
+                verdict = self.guard.quick(msg.partition, msg.offset) or await self.guard.check(msg.partition,
+                                                                                                 msg.offset)
+                if verdict == REFETCH:
+                    outcomes["refetch"] += 1
+                    continue
+                changed[next_offset_key(msg.partition)] = msg.partition
+                record = await self._read(msg, verdict, outcomes, pending)
+                if record is None:
+                    continue
+                for key, rows in record.keys.items():
+                    ident = (record.org_id, key)
+                    touched[ident] = msg.partition
+                    released.setdefault(ident, []).extend([record.event_ids[j] for j in rows])
+                if verdict == REDELIVERED:
+                    outcomes[REDELIVERED] += len(record.rows)
+                else:
+                    fresh.append(record)
+                    checks.add(record)
+            duplicate = await checks.results()
+        finally:
+            checks.cancel()
         runs: dict[str, tuple[int, list[int], list[int]]] = {}  # scope -> (partition, event times, positions)
         done = 0
         for record in fresh:
@@ -241,6 +247,46 @@ class RequestCounter:
                                offset=msg.offset, index=index, ts_ms=int(time.time() * 1000)))
 
 
+class _DuplicateChecks:
+    """A batch's duplicate check, sent in parts while the rest of the batch is still being
+    read, so that Redis answers one part while Python reads the next records. The parts
+    reach Redis one after another, in order, as a single call would."""
+
+    PART_EVENTS = 10_000
+
+    def __init__(self, backend: RedisBackend):
+        self.backend = backend
+        self._parts: list[asyncio.Future] = []
+        self._records: list[_Record] = []
+        self._events = 0
+
+    def add(self, record: "_Record") -> None:
+        self._records.append(record)
+        self._events += len(record.rows)
+        if self._events >= self.PART_EVENTS:
+            self._send()
+
+    async def results(self) -> list[bool]:
+        """Per event of the records added, in their order: already counted from another record?"""
+        self._send()
+        return list(itertools.chain.from_iterable(await asyncio.gather(*self._parts)))
+
+    def cancel(self) -> None:
+        for part in self._parts:
+            part.cancel()
+
+    def _send(self) -> None:
+        if self._records:
+            groups = [(r.org_id, r.partition, *r.row_values()) for r in self._records]
+            self._parts.append(asyncio.ensure_future(self._check(self._parts[-1] if self._parts else None, groups)))
+            self._records, self._events = [], 0
+
+    async def _check(self, previous: asyncio.Future | None, groups: list) -> list[bool]:
+        if previous is not None:
+            await previous
+        return await self.backend.duplicates(groups)
+
+
 _EVENT_ID, _TS, _ORG, _KEY, _STATUS = (FIELD_NAMES.index(name) for name in
                                         ("event_id", "ts_ms", "org_id", "api_key_id", "status"))
 
@@ -268,12 +314,12 @@ class _Record(NamedTuple):
                 keys.setdefault(api_key_ids[j], []).append(j)
         return cls(partition, org_id, api_key_ids, ts_ms, event_ids, positions, rows, keys)
 
-    def row_ids(self) -> list[str]:
-        return [self.event_ids[j] for j in self.rows]
-
-    def row_positions(self) -> list[int]:
-        """Where each event stands in its partition, for the duplicate check."""
-        return [self.positions[j] for j in self.rows]
+    def row_values(self) -> tuple[Sequence[int], Sequence[str], Sequence[int]]:
+        """Event times, event ids and positions of the rows, for the duplicate check."""
+        if isinstance(self.rows, range):  # all of them
+            return self.ts_ms, self.event_ids, self.positions
+        return ([self.ts_ms[j] for j in self.rows], [self.event_ids[j] for j in self.rows],
+                [self.positions[j] for j in self.rows])
 
     def without(self, rows: list[int]) -> "_Record":
         drop = set(rows)
@@ -291,7 +337,7 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.processor_commit_interval_s,
         # After a broker restart the first rebalance can see topics without
         # leaders and assign nothing; fresh metadata within seconds makes the
         # group leader notice and rebalance again (default: 5 minutes).

@@ -27,7 +27,7 @@ from schemas.redis_keys import (
     org_key,
     overrides_key,
     reservations_key,
-    seen_prefix,
+    seen_key,
     usage_key,
     window_field,
 )
@@ -103,15 +103,40 @@ class RedisBackend:
                 self._overrides[k] = (now + self._ttl_s, overrides[k])
         return tiers, overrides
 
-    async def duplicates(self, groups: list[tuple[str, int, Sequence[str], Sequence[int]]]) -> list[bool]:
-        """For groups of (org_id, partition, event_ids, positions): was each event already
-        counted from another record? In the order of the events, one round trip for the batch."""
-        if not groups:
+    async def duplicates(self, groups: list[tuple[str, int, Sequence[int], Sequence[str], Sequence[int]]]
+                         ) -> list[bool]:
+        """For groups of (org_id, partition, event times, event ids, positions): was each
+        event already counted from another record? In the order of the events, one round
+        trip for the batch."""
+        batch: list[list] = []
+        order: list[int] = []  # per answer of the script, the index of its event
+        regrouped = False
+        n = 0
+        for org, partition, ts_ms, ids, positions in groups:
+            place = f"{partition}:"
+            first = seen_key(org, min(ts_ms))
+            if first == seen_key(org, max(ts_ms)):  # the usual case: a group within one minute
+                batch.append([first, place, ids, list(map(str, positions))])
+                order.extend(range(n, n + len(ids)))
+            else:
+                regrouped = True
+                by_key: dict[str, list[int]] = {}
+                for j, ts in enumerate(ts_ms):
+                    by_key.setdefault(seen_key(org, ts), []).append(j)
+                for key, rows in by_key.items():
+                    batch.append([key, place, [ids[j] for j in rows], [str(positions[j]) for j in rows]])
+                    order.extend(n + j for j in rows)
+            n += len(ids)
+        if not batch:
             return []
-        batch = orjson.dumps([[seen_prefix(org), ids, f"{partition}:", list(map(str, positions))]
-                              for org, partition, ids, positions in groups])
-        result = await until_ok(lambda: self._seen(args=[self._dedup_ms, batch]), "check duplicates")
-        return [x == 1 for x in result]
+        payload = orjson.dumps(batch)
+        result = await until_ok(lambda: self._seen(args=[self._dedup_ms, payload]), "check duplicates")
+        if not regrouped:
+            return [x == 1 for x in result]
+        out = [False] * n
+        for i, x in zip(order, result, strict=True):
+            out[i] = x == 1
+        return out
 
     async def write(self, writes: list[ScopeWrite]) -> None:
         """All of a batch in one script call (write.lua), atomic like MULTI/EXEC."""

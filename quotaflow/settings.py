@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # Batching knobs of the stream stages.
     processor_batch_size: int = Field(200, ge=1, description="records per batch; a record may carry many events")
     processor_batch_seconds: float = Field(0.05, gt=0)
+    processor_commit_interval_s: float = Field(1.0, gt=0, description="how often the processor commits the offsets "
+                                               "it has handled; a restart reads again (and recognises) what came after")
     sink_batch_size: int = Field(10000, ge=1, description="records per insert at most")
     sink_batch_bytes: int = Field(32 * 1024 * 1024, ge=1, description="record bytes per insert at most: "
                                                                        "a record may carry a batch of events")

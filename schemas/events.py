@@ -241,7 +241,15 @@ def validate(doc: Mapping[str, Any]) -> RequestEvent:
 _FIELDS_OF = operator.itemgetter(*FIELD_NAMES)
 _make_event = functools.partial(tuple.__new__, RequestEvent)
 _UUID_LINES = re.compile(rf"(?:{UUID_PATTERN[1:-1]}\n)+")
-_BATCH_STRINGS = (("api_key_id", 4), ("service", 5), ("endpoint", 6), ("client_ip", 12), ("user_agent", 13))
+_BATCH_STRINGS = tuple((name, FIELD_NAMES.index(name))
+                       for name in ("api_key_id", "service", "endpoint", "client_ip", "user_agent"))
+
+
+def _uuids(column: tuple) -> bool:
+    """All lowercase UUIDs: one regex run over the column joined by newlines (TypeError
+    unless all are strings). The length rules out an id hiding a newline of its own."""
+    text = "\n".join(column) + "\n"
+    return len(text) == 37 * len(column) and _UUID_LINES.fullmatch(text) is not None
 
 
 def _ints_within(column: tuple, low: float, high: float) -> bool:
@@ -264,7 +272,7 @@ def _validate_batch(items: list) -> tuple[list[tuple], tuple[tuple, ...]] | None
         (version, eid, ts, org, _key, _svc, _ep, method, status, lat, rq, rs, _ip, _ua) = cols
         orgs = set(org)
         if not (set(version) == {SCHEMA_VERSION} and set(map(type, version)) == {int}
-                and _UUID_LINES.fullmatch("\n".join(eid) + "\n")  # TypeError unless all strings
+                and _uuids(eid)
                 and _ints_within(ts, TS_MIN_MS, TS_MAX_MS) and _ints_within(status, 100, 599)
                 and _ints_within(rq, 0, BYTES_MAX) and _ints_within(rs, 0, BYTES_MAX)
                 and set(method) <= _METHODS

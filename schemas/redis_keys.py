@@ -12,8 +12,10 @@ call touches a single slot:
     qf:v1:{org}:resv:org             ZSET  event_id -> reservation time (ms)
                                            (gateways add one per admitted request; processors remove
                                            it when they count the event; stale ones expire)
-    qf:v1:{org}:seen:{event_id}      STRING partition:offset of the record that first carried the event
-                                           (processors: duplicates published twice are counted once)
+    qf:v1:{org}:seen:{minute}        HASH  event_id -> partition:position of the record that first
+                                           carried the event, per minute of event time (processors:
+                                           duplicates published twice are counted once; expires
+                                           the dedup window after its last write)
     qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch)
 
 A window's counts are buckets "start:count,start:count" (start in epoch ms).
@@ -53,13 +55,11 @@ def reservations_key(org_id: str, api_key_id: str | None = None) -> str:
     return _org(org_id) + ("resv:org" if api_key_id is None else "resv:key:" + api_key_id)
 
 
-def seen_key(org_id: str, event_id: str) -> str:
-    return seen_prefix(org_id) + event_id
+SEEN_BUCKET_MS = 60_000  # event time per seen hash: a copy of an event has the same time
 
 
-def seen_prefix(org_id: str) -> str:
-    """What seen_key puts before the event_id (processors/seen.lua joins the two)."""
-    return _org(org_id) + "seen:"
+def seen_key(org_id: str, ts_ms: int) -> str:
+    return _org(org_id) + "seen:" + str(ts_ms // SEEN_BUCKET_MS)
 
 
 def window_field(label: str) -> str:

@@ -69,10 +69,11 @@ class Pipeline:
         self.settings = settings
         self._log_starts: dict[str, int] = {}
 
-    def start(self, name: str) -> int:
+    def start(self, name: str, **env: str) -> int:
+        """Start a stage; ``env`` adds variables (settings) for this start only."""
         log = stack.pipeline_log(self.settings, name)
         self._log_starts.setdefault(name, log.stat().st_size if log.exists() else 0)  # this test's part
-        return stack.start_pipeline_process(self.settings, name, env=os.environ.copy())
+        return stack.start_pipeline_process(self.settings, name, env={**os.environ, **env})
 
     def pid(self, name: str) -> int | None:
         return stack.pipeline_proc(self.settings, name).pid()

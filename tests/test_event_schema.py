@@ -196,7 +196,8 @@ BATCH_CHANGES = [
     {}, {"latency_ms": 7}, {"status": 200.0}, {"ts_ms": 1_795_000_000_000.0}, {"schema_version": True},
     {"status": True}, {"latency_ms": True}, {"latency_ms": -0.5}, {"latency_ms": 86_400_001}, {"status": 99},
     {"request_bytes": 2**53}, {"response_bytes": -1}, {"ts_ms": 12}, {"event_id": "123E4567-E89B-42D3-A456-426614174000"},
-    {"event_id": 7}, {"event_id": "123e4567-e89b-42d3-a456-426614174000\n"}, {"org_id": "globex"}, {"org_id": ""},
+    {"event_id": 7}, {"event_id": "123e4567-e89b-42d3-a456-426614174000\n"},
+    {"event_id": "123e4567-e89b-42d3-a456-426614174009\n123e4567-e89b-42d3-a456-426614174008"}, {"org_id": "globex"}, {"org_id": ""},
     {"api_key_id": ["a"]}, {"service": None}, {"endpoint": "/v1/users/42"}, {"method": "get"}, {"method": ["GET"]},
     {"client_ip": "300.1.1.1"}, {"user_agent": "x" * 513}, {"extra": 1}, {"schema_version": 2},
 ]
