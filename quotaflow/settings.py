@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     late_grace_s: float = Field(60.0, ge=0, description="how late an event may arrive and still count")
     reservation_ttl_s: float = Field(120.0, gt=0, description="how long a gateway reservation waits for its event")
     dedup_window_s: float = Field(600.0, gt=0, description="how long processors remember event ids to count "
-                                                          "an event published twice once (~100 bytes of Redis each)")
+                                                          "an event published twice once (~120 bytes of Redis each)")
 
     # --- Gateways (gateway/) ---
     gateway_port: int = 19130
