@@ -20,12 +20,15 @@ from starlette.routing import Match
 from collector.emitter import Emitter
 from gateway.headers import rate_limit_headers
 from gateway.limiter import RateLimiter
-from schemas.events import ENDPOINT_MAX, USER_AGENT_MAX
+from schemas.events import ENDPOINT_MAX, RAW_ID_SEGMENT, USER_AGENT_MAX
 from schemas.redis_keys import Decision
 
 Identify = Callable[[dict], "tuple[str, str] | None"]  # scope -> (api_key_id, org_id), None: not limited
 
-_RAW_ID = re.compile(r"^(?:[0-9]+|[0-9a-fA-F-]{16,})$")
+# A path segment replaced by {id}: every segment the event schema refuses as a raw id, and
+# also runs of 16 or more hex digits and dashes in other id formats, which the schema
+# accepts but which would still make an endpoint per id.
+_RAW_ID = re.compile(rf"^(?:{RAW_ID_SEGMENT}|[0-9a-fA-F-]{{16,}})$")
 
 
 def header_identity(scope: dict) -> tuple[str, str] | None:

@@ -38,8 +38,8 @@ UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # A route template: absolute, no query or fragment, no segment that is a raw id
 # (all digits, a UUID, or a long hex string). Raw paths would make per-endpoint
 # rollups explode in cardinality, so they are rejected at the door.
-_RAW_ID_SEGMENT = r"(?:[0-9]+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,})"
-ENDPOINT_PATTERN = rf"^(?!.*/{_RAW_ID_SEGMENT}(?:/|$))/[A-Za-z0-9._~!$&'()*+,;=:@%{{}}/-]*$"
+RAW_ID_SEGMENT = r"(?:[0-9]+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,})"
+ENDPOINT_PATTERN = rf"^(?!.*/{RAW_ID_SEGMENT}(?:/|$))/[A-Za-z0-9._~!$&'()*+,;=:@%{{}}/-]*$"
 ENDPOINT_MAX = 256
 USER_AGENT_MAX = 512
 LATENCY_MAX_MS = 86_400_000.0
@@ -185,7 +185,7 @@ def _pattern_error(spec: FieldSpec, value: str) -> str:
         if "?" in value or "#" in value:
             return f"endpoint: must not carry a query string or fragment, got {_show(value)}"
         for segment in value.split("/"):
-            if re.fullmatch(_RAW_ID_SEGMENT, segment):
+            if re.fullmatch(RAW_ID_SEGMENT, segment):
                 return (f"endpoint: segment {segment!r} looks like a raw id; publish the route template "
                         f"(for example /users/{{id}}), got {_show(value)}")
         return f"endpoint: may only contain URL path characters, got {_show(value)}"

@@ -252,3 +252,17 @@ def test_batch_items_that_are_not_events_are_refused_one_by_one():
         assert decode_columns(orjson.dumps([good(), odd])) is None
     assert decode_columns(orjson.dumps(good())) == tuple((v,) for v in validate(good()))
     assert decode_columns(b"nope") is None and decode_columns(None) is None and decode_columns(b"[]") is None
+
+
+def test_the_asgi_middleware_turns_every_raw_id_the_schema_refuses_into_a_template():
+    from gateway.asgi import endpoint_template
+
+    raw = ("42", "123e4567-e89b-42d3-a456-426614174000", "DEADBEEFCAFEBABE0011", "0123-4567-89ab-cdef-0123")
+    for segment in raw:
+        path = f"/v1/users/{segment}/orders"
+        assert endpoint_template({"path": path}) == "/v1/users/{id}/orders", segment
+        validate({**good(), "endpoint": endpoint_template({"path": path})})
+    # segments that are not ids stay
+    assert endpoint_template({"path": "/v1/abc123/search"}) == "/v1/abc123/search"
+    with pytest.raises(SchemaError):
+        validate({**good(), "endpoint": "/v1/users/42/orders"})
