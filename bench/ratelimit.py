@@ -255,19 +255,22 @@ def processor_throughput(settings, run: str, n: int) -> float:
     port = settings.processor_metrics_port
     stack.start_pipeline_process(settings, name)
 
-    def processed() -> float:
+    def processed() -> tuple[float, float]:
+        """(events handled, the processor's own backlog: records skipped by the stream included)."""
         m = metrics.scrape(port)
-        return sum(v for k, v in m.items() if k.startswith("quotaflow_processor_events_total{"))
+        return (sum(v for k, v in m.items() if k.startswith("quotaflow_processor_events_total{")
+                    and 'outcome="refetch"' not in k),  # records dropped to be read again, not events
+                m.get("quotaflow_processor_backlog_records", float("nan")))
 
     first = None
     while True:
-        done = processed()
+        done, backlog = processed()
         if first is None and done > 0:
             first = (time.perf_counter(), done)
-        if asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) == 0:
+        if backlog == 0 and asyncio.run(group_lag(settings.kafka_bootstrap, PROCESSOR_APP_ID, EVENTS_TOPIC)) == 0:
             break
         time.sleep(0.2)
-    end, total = time.perf_counter(), processed()
+    end, total = time.perf_counter(), processed()[0]
     return (total - first[1]) / (end - first[0])
 
 

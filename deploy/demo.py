@@ -28,6 +28,7 @@ from schemas.topics import DEAD_LETTER_TOPIC
 from sinks.clickhouse.client import connect
 
 # Valid events handled once each: counted, late for some window, or refused (429) and so not counted.
+BACKLOG_METRIC = "quotaflow_processor_backlog_records"
 PROCESSED = tuple(f'quotaflow_processor_events_total{{outcome="{o}"}}' for o in ("counted", "late", "rejected"))
 STORED = "quotaflow_sink_rows_inserted_total"
 DRAIN_TIMEOUT_S = 90
@@ -104,9 +105,12 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
         # Caught up: every event committed by both, and the processor's count standing
         # still (a restarted processor may still be going over records it had seen), so
         # that the baseline below leaves only this run's events to count.
+        # The group's committed offsets can pass records the stream skipped (the processor
+        # fetches those again), so the processor's own backlog must be nil too.
         sample = _scrape(settings.processor_metrics_port)
         current = _processed(sample) if sample is not None else None
-        if (current is not None and current == previous and _scrape(settings.sink_metrics_port) is not None
+        if (current is not None and current == previous and sample.get(BACKLOG_METRIC) == 0
+                and _scrape(settings.sink_metrics_port) is not None
                 and await pipeline_caught_up(settings.kafka_bootstrap)):
             break
         if time.monotonic() > deadline:

@@ -48,6 +48,9 @@ DECISIONS = PromCounter("quotaflow_processor_decisions_written_total", "Decision
 BATCH_SECONDS = Histogram("quotaflow_processor_batch_seconds", "Time to process one batch",
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 READY = Gauge("quotaflow_processor_ready", "1 once partitions are assigned and tables recovered")
+BACKLOG = Gauge("quotaflow_processor_backlog_records",
+                "Records of the assigned partitions not applied yet, skipped ones included (NaN until known)")
+BACKLOG.set(float("nan"))
 TABLE_NAME = "window-counts"
 REJECTED_STATUS = 429
 SWEEP_EVERY_S = 60.0
@@ -137,6 +140,7 @@ class RequestCounter:
                 run[2].extend([record.positions[j] for j in rows])
         for scope, run in runs.items():
             self._apply(scope, run, outcomes, changed)
+        await self.guard.after_batch()
 
         # One changelog record per changed scope per batch, not per event, written to the
         # partition of the events that changed it (so it recovers with them); each
@@ -381,6 +385,7 @@ def create_app(settings: Settings) -> faust.App:
                     log.debug("end offsets unavailable", extra={"error": str(exc)})
                     return
                 await guard.unstick(ends)
+                BACKLOG.set(guard.backlog(ends))
 
     @app.agent(events_topic)
     async def count_requests(stream: faust.StreamT) -> None:

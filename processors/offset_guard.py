@@ -40,11 +40,26 @@ class OffsetGuard:
         self._clock = clock
         self._refetching: dict[int, tuple[int, float]] = {}  # partition -> (offset sought, when)
         self._still: dict[int, tuple[int, float]] = {}  # partition -> (next offset, since when unchanged)
+        self._overrun: set[int] = set()  # refetching partitions that delivered records past the seek
 
     def reset(self) -> None:
         """Forget seeks in flight: a rebalance repositions the stream anyway."""
         self._refetching.clear()
         self._still.clear()
+        self._overrun.clear()
+
+    async def after_batch(self) -> None:
+        """Seek again the partitions that delivered records past their seek in this batch.
+        Those records were already on their way when the guard sought (fetched, or queued
+        in the stream); the stream now drops anything below them, which would undo the
+        seek. Seeking after each such batch instead of waiting RESEEK_AFTER_S repairs a
+        skip as soon as the records in flight are through."""
+        for partition in self._overrun:
+            if partition in self._refetching:
+                sought, _ = self._refetching[partition]
+                await self._seek(partition, sought)
+                self._refetching[partition] = (sought, self._clock())
+        self._overrun.clear()
 
     async def reseek_stale(self) -> None:
         """Repeat seeks that have not brought the missing record back: a rebalance
@@ -77,6 +92,13 @@ class OffsetGuard:
                 self._refetching[partition] = (expected, now)
                 self._still[partition] = (expected, now)
 
+    def backlog(self, ends: dict[int, int]) -> int:
+        """Records not applied yet, by this guard's own next offsets: unlike the group's
+        committed offsets, it also counts records the stream skipped and will fetch again.
+        Given {partition: end offset}; a partition with no record applied yet counts 0."""
+        return sum(max(end - expected, 0) for partition, end in ends.items()
+                   if (expected := self.data.get(next_offset_key(partition))) is not None)
+
     def quick(self, partition: int, offset: int) -> str | None:
         """The verdict for the common case, without a coroutine: the next record
         (APPLY) or an old one (REDELIVERED); None when check() must look closer."""
@@ -101,6 +123,7 @@ class OffsetGuard:
         if offset < expected:
             return REDELIVERED
         if partition in self._refetching:
+            self._overrun.add(partition)
             await self.reseek_stale()
             return REFETCH
         first = await self._probe(partition, expected)

@@ -116,3 +116,41 @@ def test_a_partition_that_moves_or_has_nothing_to_read_is_left_alone():
     asyncio.run(guard.unstick({0: 20}))  # read up to the end: nothing to seek
     asyncio.run(guard.unstick({0: 20}))
     assert log.seeks == []
+
+
+def test_the_backlog_counts_skipped_records_that_the_group_offsets_passed():
+    log = Log(range(300))
+    guard = OffsetGuard({}, log.probe, log.seek)
+    assert guard.backlog({0: 300, 1: 50}) == 0  # nothing applied yet: not known here
+    run(guard, [0, 1, 2])
+    assert guard.backlog({0: 300}) == 297
+    run(guard, [100])  # the stream skipped 3..99: they are still to be applied
+    assert guard.backlog({0: 300, 1: 50}) == 297
+    run(guard, range(3, 300))
+    assert guard.backlog({0: 300}) == 0
+
+
+def test_a_seek_undone_by_records_in_flight_is_repeated_after_the_batch():
+    """Records fetched before the seek still arrive after it (74 -> 81 is the skip; 82
+    and 83 were in flight); the stream then drops the refetched ones below them. The
+    guard seeks again once the batch that brought them is through, not RESEEK_AFTER_S
+    later."""
+    log = Log(range(200))
+    guard = OffsetGuard({}, log.probe, log.seek, clock=lambda: 0.0)
+    assert run(guard, [73, 74, 81, 82]) == [APPLY, APPLY, REFETCH, REFETCH]
+    asyncio.run(guard.after_batch())
+    assert log.seeks == [(0, 75), (0, 75)]
+    assert run(guard, [83]) == [REFETCH]  # still in flight
+    asyncio.run(guard.after_batch())
+    assert log.seeks == [(0, 75), (0, 75), (0, 75)]
+    assert run(guard, [75, 76]) == [APPLY, APPLY]  # the seek took
+    asyncio.run(guard.after_batch())
+    assert log.seeks == [(0, 75), (0, 75), (0, 75)]  # nothing more to repeat
+
+
+def test_the_record_that_reveals_a_skip_alone_does_not_repeat_the_seek():
+    log = Log(range(200))
+    guard = OffsetGuard({}, log.probe, log.seek, clock=lambda: 0.0)
+    assert run(guard, [73, 74, 81]) == [APPLY, APPLY, REFETCH]
+    asyncio.run(guard.after_batch())
+    assert log.seeks == [(0, 75)]
