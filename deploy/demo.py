@@ -19,7 +19,7 @@ import redis
 from collector.emitter import Emitter
 from deploy import stack
 from deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
-from deploy.observe import denied_keys, end_offsets, pipeline_caught_up
+from deploy.observe import denied_keys, end_offsets, sink_caught_up
 from deploy.procs import StackError
 from quotaflow import metrics
 from quotaflow.settings import Settings
@@ -105,13 +105,14 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
         # Caught up: every event committed by both, and the processor's count standing
         # still (a restarted processor may still be going over records it had seen), so
         # that the baseline below leaves only this run's events to count.
-        # The group's committed offsets can pass records the stream skipped (the processor
-        # fetches those again), so the processor's own backlog must be nil too.
+        # The processor by its own backlog, not its group's committed offsets: those can
+        # pass records the stream skipped (fetched again later) or lag behind what it has
+        # applied.
         sample = _scrape(settings.processor_metrics_port)
         current = _processed(sample) if sample is not None else None
         if (current is not None and current == previous and sample.get(BACKLOG_METRIC) == 0
                 and _scrape(settings.sink_metrics_port) is not None
-                and await pipeline_caught_up(settings.kafka_bootstrap)):
+                and await sink_caught_up(settings.kafka_bootstrap)):
             break
         if time.monotonic() > deadline:
             raise StackError("the processor or the sink did not catch up within 120 s; see the logs in "

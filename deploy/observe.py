@@ -51,8 +51,17 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> int:
 
 async def pipeline_caught_up(bootstrap: str) -> bool:
     """Have the processor and the sink both committed every event published so far?"""
+    return await _committed_all(bootstrap, (PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP))
+
+
+async def sink_caught_up(bootstrap: str) -> bool:
+    """Has the sink committed every event published so far?"""
+    return await _committed_all(bootstrap, (SINK_CLICKHOUSE_GROUP,))
+
+
+async def _committed_all(bootstrap: str, groups: tuple[str, ...]) -> bool:
     try:
-        lags = [await group_lag(bootstrap, group, EVENTS_TOPIC) for group in (PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP)]
+        lags = [await group_lag(bootstrap, group, EVENTS_TOPIC) for group in groups]
     except KafkaError:  # e.g. the group coordinator is still being created on a fresh broker
         return False
     return not any(lags)

@@ -385,7 +385,8 @@ def create_app(settings: Settings) -> faust.App:
                     log.debug("end offsets unavailable", extra={"error": str(exc)})
                     return
                 await guard.unstick(ends)
-                BACKLOG.set(guard.backlog(ends))
+                backlog = guard.backlog(ends)
+                BACKLOG.set(float("nan") if backlog is None else backlog)
 
     @app.agent(events_topic)
     async def count_requests(stream: faust.StreamT) -> None:

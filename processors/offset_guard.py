@@ -92,12 +92,20 @@ class OffsetGuard:
                 self._refetching[partition] = (expected, now)
                 self._still[partition] = (expected, now)
 
-    def backlog(self, ends: dict[int, int]) -> int:
+    def backlog(self, ends: dict[int, int]) -> int | None:
         """Records not applied yet, by this guard's own next offsets: unlike the group's
         committed offsets, it also counts records the stream skipped and will fetch again.
-        Given {partition: end offset}; a partition with no record applied yet counts 0."""
-        return sum(max(end - expected, 0) for partition, end in ends.items()
-                   if (expected := self.data.get(next_offset_key(partition))) is not None)
+        Given {partition: end offset}; None while a partition with records has had none
+        applied yet (its backlog is not known here)."""
+        total = 0
+        for partition, end in ends.items():
+            expected = self.data.get(next_offset_key(partition))
+            if expected is None:
+                if end > 0:
+                    return None
+                continue
+            total += max(end - expected, 0)
+        return total
 
     def quick(self, partition: int, offset: int) -> str | None:
         """The verdict for the common case, without a coroutine: the next record
