@@ -1,7 +1,8 @@
 """Shared by the benchmarks: a stack of their own, and figures printed as `name: value unit`.
 
 Run a benchmark as `.venv/bin/python bench/NAME.py`; it brings up what it needs on
-ports QUOTAFLOW_BENCH_PORT_BASE+N (default 33000), state in .quotaflow-bench-BASE/.
+ports QUOTAFLOW_BENCH_PORT_BASE+N (default 27000: below the kernel's ephemeral ports, so a
+client polling a port not listening yet cannot connect to itself), state in .quotaflow-bench-BASE/.
 Machines are shared and noisy: every benchmark measures its baseline in the same run.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from deploy import stack
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = int(os.environ.get("QUOTAFLOW_BENCH_PORT_BASE", "33000"))
+BASE = int(os.environ.get("QUOTAFLOW_BENCH_PORT_BASE", "27000"))
 
 os.environ.update(stack.isolated_env(BASE, ROOT / f".quotaflow-bench-{BASE}",
                                      Path(os.environ.get("QUOTAFLOW_CACHE_DIR", ROOT / ".quotaflow" / "cache"))))
