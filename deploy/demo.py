@@ -28,9 +28,9 @@ from schemas.topics import DEAD_LETTER_TOPIC
 from sinks.clickhouse.client import connect
 
 # Valid events handled once each: counted, late for some window, or refused (429) and so not counted.
-BACKLOG_METRIC = "quotaflow_processor_backlog_records"
 PROCESSED = tuple(f'quotaflow_processor_events_total{{outcome="{o}"}}' for o in ("counted", "late", "rejected"))
 STORED = "quotaflow_sink_rows_inserted_total"
+BACKLOG_METRIC = "quotaflow_processor_backlog_records"
 DRAIN_TIMEOUT_S = 90
 
 
@@ -102,12 +102,11 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
     deadline = time.monotonic() + 120
     previous = None
     while True:
-        # Caught up: every event committed by both, and the processor's count standing
-        # still (a restarted processor may still be going over records it had seen), so
-        # that the baseline below leaves only this run's events to count.
-        # The processor by its own backlog, not its group's committed offsets: those can
-        # pass records the stream skipped (fetched again later) or lag behind what it has
-        # applied.
+        # Caught up: the sink has committed every event; the processor has applied every
+        # record by its own offsets (its group's committed offsets can pass records the
+        # stream skipped, or lag behind what it applied) and its count stands still (a
+        # restarted processor may still be going over records it had seen). So the
+        # baseline below leaves only this run's events to count.
         sample = _scrape(settings.processor_metrics_port)
         current = _processed(sample) if sample is not None else None
         if (current is not None and current == previous and sample.get(BACKLOG_METRIC) == 0
