@@ -261,8 +261,10 @@ def processor_throughput(settings, run: str, n: int) -> float:
                     and 'outcome="refetch"' not in k),  # records dropped to be read again, not events
                 m.get("quotaflow_processor_backlog_records", float("nan")))
 
-    first = None
+    first, deadline = None, time.monotonic() + 600
     while True:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the processor did not work through {n} events within 600 s; see its log")
         done, backlog = processed()
         if first is None and done > 0:
             first = (time.perf_counter(), done)
