@@ -31,7 +31,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
 from processors.backend import RedisBackend, ScopeWrite
-from processors.decisions import decide, decide_org
+from processors.decisions import decide, decide_org, org_windows
 from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
 from processors.output import Output
 from processors.window_counts import REDELIVERED, apply_events
@@ -213,15 +213,16 @@ class RequestCounter:
         tiers, overrides = await self.backend.limits_config(set(touched))
         now = int(time.time() * 1000)
         writes = []
-        orgs: dict[str, list[str]] = {}
+        orgs: dict[str, list[str]] = {}  # org -> its events' reservations
+        windows = {org: org_windows(data.get(org_scope(org)), policy, tiers[org], now) for org in tiers}
         for (org, key), _ in touched.items():
-            kstate, ostate = data.get(key_scope(key)), data.get(org_scope(org))
-            decision = decide(kstate, ostate, policy, tiers[org], overrides[(org, key)], now)
+            kstate = data.get(key_scope(key))
+            decision = decide(kstate, windows[org], policy, tiers[org], overrides[(org, key)], now)
             writes.append(ScopeWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)]))
             orgs.setdefault(org, []).extend(released[(org, key)])
         for org, ids in orgs.items():
             ostate = data.get(org_scope(org))
-            decision = decide_org(ostate, policy, tiers[org], now)
+            decision = decide_org(windows[org], policy, tiers[org], now)
             writes.append(ScopeWrite(org, None, ostate["b"] if ostate else None, decision, ids))
         return writes
 

@@ -27,15 +27,18 @@ def _decision(windows: tuple[WindowUsage, ...], policy: Policy, tier: str, now_m
     return Decision.from_windows(windows, allowed=allowed, tier=policy.tier_of(tier), now_ms=now_ms)
 
 
-def decide(key_state: ScopeState | None, org_state: ScopeState | None, policy: Policy, tier: str,
+def org_windows(org_state: ScopeState | None, policy: Policy, tier: str, now_ms: int) -> tuple[WindowUsage, ...]:
+    """An org's limited windows: computed once per batch, shared by the decisions of its keys."""
+    return scope_windows(SCOPE_ORG, org_state, policy.limits(SCOPE_ORG, tier), policy, now_ms)
+
+
+def decide(key_state: ScopeState | None, org: tuple[WindowUsage, ...], policy: Policy, tier: str,
            overrides: dict[str, int], now_ms: int) -> Decision:
-    """A key's decision: its own windows and its org's."""
-    windows = (scope_windows(SCOPE_KEY, key_state, policy.limits(SCOPE_KEY, tier, overrides), policy, now_ms)
-               + scope_windows(SCOPE_ORG, org_state, policy.limits(SCOPE_ORG, tier), policy, now_ms))
+    """A key's decision: its own windows and its org's (from org_windows)."""
+    windows = scope_windows(SCOPE_KEY, key_state, policy.limits(SCOPE_KEY, tier, overrides), policy, now_ms) + org
     return _decision(windows, policy, tier, now_ms)
 
 
-def decide_org(org_state: ScopeState | None, policy: Policy, tier: str, now_ms: int) -> Decision:
-    """An org's decision: its windows alone."""
-    return _decision(scope_windows(SCOPE_ORG, org_state, policy.limits(SCOPE_ORG, tier), policy, now_ms),
-                     policy, tier, now_ms)
+def decide_org(org: tuple[WindowUsage, ...], policy: Policy, tier: str, now_ms: int) -> Decision:
+    """An org's decision: its windows (from org_windows) alone."""
+    return _decision(org, policy, tier, now_ms)

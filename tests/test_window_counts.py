@@ -1,6 +1,6 @@
 """Counting per scope in every window, and the durable decision (pure logic, no servers)."""
 
-from processors.decisions import decide
+from processors.decisions import decide, org_windows
 from processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event, window_count, window_reset
 from schemas.limits import DEFAULT_TIER_LIMITS, SCOPE_KEY, SCOPE_ORG, Policy, Window, policy_from_settings
 from schemas.tiers import Tier
@@ -70,14 +70,14 @@ def test_sliding_windows_count_the_last_length_at_bucket_precision():
 def test_the_durable_decision_denies_at_exactly_the_limit_of_the_key_or_its_org():
     for count, allowed in [(9, True), (10, False)]:
         _, key = run([(D + i, 0, i) for i in range(count)])
-        d = decide(key, key, POLICY, "FREE", {}, now_ms=D + 30_000)
+        d = decide(key, org_windows(key, POLICY, "FREE", D + 30_000), POLICY, "FREE", {}, now_ms=D + 30_000)
         assert (d.allowed, d.limit, d.remaining) == (allowed, 10, 10 - count if allowed else 0)
         assert d.denied_by == ("" if allowed else "key:60s") and d.window == "key:60s"
         assert d.reset_ms == D + 60_000
     # a key under its own limit is refused when its org is over
     _, key = run([(D + i, 0, i) for i in range(3)])
     _, org = run([(D + i, 0, i) for i in range(30)])
-    d = decide(key, org, POLICY, "STARTER", {}, now_ms=D + 1_000)
+    d = decide(key, org_windows(org, POLICY, "STARTER", D + 1_000), POLICY, "STARTER", {}, now_ms=D + 1_000)
     assert (d.allowed, d.denied_by) == (False, "org:60s")
 
 
