@@ -37,7 +37,7 @@ from processors.output import Output
 from processors.window_counts import REDELIVERED, apply_events
 from quotaflow.settings import Settings
 from schemas import deadletter
-from schemas.events import FIELD_NAMES, SchemaError, decode_columns, decode_record
+from schemas.events import FIELD_NAMES, SchemaError, decode_columns
 from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
@@ -178,23 +178,15 @@ class RequestCounter:
     async def _read(self, msg: Any, verdict: str, outcomes: Counter[str], pending: list[Awaitable]) -> "_Record | None":
         """The events of a record that count (valid, not refused by a limiter), as columns.
         Invalid ones are dead-lettered here, unless the record was handled before."""
-        columns = decode_columns(msg.value)
-        if columns is not None:
-            indexes: Sequence[int] = range(len(columns[0]))
-        else:  # some of its events are invalid
-            valid = []
-            for index, ev in enumerate(decode_record(msg.value)):
-                if not isinstance(ev, SchemaError):
-                    valid.append((index, ev))
-                elif verdict == APPLY:
-                    outcomes["invalid"] += 1
-                    pending.append(await self._dead_letter(msg, ev, index if ev.payload is not None else None))
-                else:
-                    outcomes[REDELIVERED] += 1
-            if not valid:
-                return None
-            indexes = [index for index, _ in valid]
-            columns = tuple(zip(*(ev for _, ev in valid), strict=True))
+        columns, indexes, refused = decode_columns(msg.value)
+        for index, exc in refused:
+            if verdict == APPLY:
+                outcomes["invalid"] += 1
+                pending.append(await self._dead_letter(msg, exc, index if exc.payload is not None else None))
+            else:
+                outcomes[REDELIVERED] += 1
+        if not indexes:
+            return None
         status = columns[_STATUS]
         rows: Sequence[int] = range(len(status))
         if REJECTED_STATUS in status:  # refused by a limiter: counting it would lock retrying clients out

@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import orjson
 
@@ -256,14 +256,16 @@ def _ints_within(column: tuple, low: float, high: float) -> bool:
     return set(map(type, column)) == {int} and low <= min(column) and max(column) <= high
 
 
-def _validate_batch(items: list) -> tuple[list[tuple], tuple[tuple, ...]] | None:
-    """(rows, columns) of a batch record's events, when every item is a valid event of one
-    org: each row a RequestEvent's values, each column one field's values (FIELDS order).
+def _validate_batch(items: Any) -> tuple[list[tuple], tuple[tuple, ...]] | None:
+    """(rows, columns) of a batch record's events, when it is one and every item is a valid
+    event of one org: each row a RequestEvent's values, each column one field's values (FIELDS order).
     None otherwise: the caller then validates item by item, to find and word the errors.
 
     The same rules as validate, checked column by column: each check is one loop in C over
     a column (types, min and max, a set of the distinct strings) instead of Python code
     per field per event, which was most of the cost of reading a record."""
+    if type(items) is not list or not 1 <= len(items) <= MAX_EVENTS_PER_RECORD:
+        return None
     try:
         if set(map(len, items)) != {_N_FIELDS}:
             return None
@@ -313,15 +315,19 @@ def _validate_slowly(doc: Mapping[str, Any]) -> RequestEvent:
     return RequestEvent(**{**doc, **{name: int(doc[name]) for name in _INT_FIELDS}, "latency_ms": float(doc["latency_ms"])})
 
 
-def decode(data: bytes | None) -> RequestEvent:
-    """Parse a single-event record value into a RequestEvent or raise SchemaError."""
+def _load(data: bytes | None) -> Any:
+    """The JSON document of a record value, or SchemaError when there is none to read."""
     if data is None:
         raise SchemaError(["event: record has no value (tombstone)"])
     try:
-        doc = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise SchemaError([f"event: not valid UTF-8 JSON ({exc})"]) from None
-    return validate(doc)
+
+
+def decode(data: bytes | None) -> RequestEvent:
+    """Parse a single-event record value into a RequestEvent or raise SchemaError."""
+    return validate(_load(data))
 
 
 def decode_record(data: bytes | None) -> list[RequestEvent | SchemaError]:
@@ -330,37 +336,39 @@ def decode_record(data: bytes | None) -> list[RequestEvent | SchemaError]:
     the event, or the SchemaError that refuses it, with ``payload`` set to that item
     alone so it can be dead-lettered by itself. A record that cannot be read at all is
     a single SchemaError without payload."""
-    if data is None:
-        return [SchemaError(["event: record has no value (tombstone)"])]
     try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        return [SchemaError([f"event: not valid UTF-8 JSON ({exc})"])]
-    if type(doc) is list and 1 <= len(doc) <= MAX_EVENTS_PER_RECORD:
-        checked = _validate_batch(doc)
-        if checked is not None:
-            return list(map(_make_event, checked[0]))
+        doc = _load(data)
+    except SchemaError as exc:
+        return [exc]
+    checked = _validate_batch(doc)
+    if checked is not None:
+        return list(map(_make_event, checked[0]))
     return _items(doc)
 
 
-def decode_columns(data: bytes | None) -> tuple[tuple, ...] | None:
-    """The events of a record as columns, one tuple per field of FIELDS, when all of them
-    are valid; None when any is not (decode_record then tells which, and why). For a
-    consumer that stores columns and never needs the events one by one."""
-    if data is None:
-        return None
+class RecordColumns(NamedTuple):
+    """A record's events as columns, for a consumer that stores or counts columns and
+    never needs the events one by one."""
+
+    columns: tuple[tuple, ...]  # the valid events, one tuple per field of FIELDS; () when none
+    indexes: Sequence[int]  # per valid event, its index in the record
+    refused: list[tuple[int, SchemaError]]  # per refused item, its index and why (as decode_record says)
+
+
+def decode_columns(data: bytes | None) -> RecordColumns:
+    """decode_record's answer as columns: a record whose events are all valid (the usual
+    case) is never turned into events one by one."""
     try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if type(doc) is list and 1 <= len(doc) <= MAX_EVENTS_PER_RECORD:
-        checked = _validate_batch(doc)
-        if checked is not None:
-            return checked[1]
+        doc = _load(data)
+    except SchemaError as exc:
+        return RecordColumns((), (), [(0, exc)])
+    checked = _validate_batch(doc)
+    if checked is not None:
+        return RecordColumns(checked[1], range(len(checked[0])), [])
     items = _items(doc)
-    if any(isinstance(ev, SchemaError) for ev in items):
-        return None
-    return tuple(zip(*items, strict=True))
+    valid = [(i, ev) for i, ev in enumerate(items) if not isinstance(ev, SchemaError)]
+    return RecordColumns(tuple(zip(*(ev for _, ev in valid), strict=True)), [i for i, _ in valid],
+                         [(i, ev) for i, ev in enumerate(items) if isinstance(ev, SchemaError)])
 
 
 def _items(doc: Any) -> list[RequestEvent | SchemaError]:

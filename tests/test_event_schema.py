@@ -235,11 +235,13 @@ def test_a_batch_is_judged_as_its_events_are_one_by_one(change, where):
     assert got == expected
     assert all(type(a) is type(b) for ev, exp in zip(got, expected, strict=True) if isinstance(ev, RequestEvent)
                for a, b in zip(ev, exp, strict=True))
-    columns = decode_columns(data)
-    if all(isinstance(ev, RequestEvent) for ev in expected):
-        assert columns == tuple(zip(*expected, strict=True))
-    else:
-        assert columns is None
+    # The same answer as columns: the valid events, where each stands, and the refusals.
+    columns, indexes, refused = decode_columns(data)
+    valid = [(i, ev) for i, ev in enumerate(expected) if isinstance(ev, RequestEvent)]
+    assert columns == tuple(zip(*(ev for _, ev in valid), strict=True))
+    assert list(indexes) == [i for i, _ in valid]
+    assert [i for i, _ in refused] == [i for i, ev in enumerate(expected) if not isinstance(ev, RequestEvent)]
+    assert all(isinstance(exc, SchemaError) for _, exc in refused)
 
 
 def test_batch_items_that_are_not_events_are_refused_one_by_one():
@@ -249,9 +251,15 @@ def test_batch_items_that_are_not_events_are_refused_one_by_one():
     for odd in (missing, [1] * 14, "x" * 14, 14, None):
         items = decode_record(orjson.dumps([good(), odd]))
         assert items[0] == validate(good()) and isinstance(items[1], SchemaError), odd
-        assert decode_columns(orjson.dumps([good(), odd])) is None
-    assert decode_columns(orjson.dumps(good())) == tuple((v,) for v in validate(good()))
-    assert decode_columns(b"nope") is None and decode_columns(None) is None and decode_columns(b"[]") is None
+        columns, indexes, refused = decode_columns(orjson.dumps([good(), odd]))
+        assert columns == tuple((v,) for v in validate(good())) and list(indexes) == [0]
+        assert [(i, str(exc)) for i, exc in refused] == [(1, str(items[1]))]
+    columns, indexes, refused = decode_columns(orjson.dumps(good()))  # a record of a single event
+    assert (columns, list(indexes), refused) == (tuple((v,) for v in validate(good())), [0], [])
+    for unreadable in (b"nope", None, b"[]"):
+        columns, indexes, refused = decode_columns(unreadable)
+        assert columns == () and not indexes
+        assert [(i, str(exc)) for i, exc in refused] == [(0, str(decode_record(unreadable)[0]))]
 
 
 def test_the_asgi_middleware_turns_every_raw_id_the_schema_refuses_into_a_template():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.events import FIELD_NAMES, RequestEvent, SchemaError, decode_columns, decode_record
+from schemas.events import FIELD_NAMES, RequestEvent, decode_columns
 from sinks.clickhouse.tables import RAW_COLUMNS
 
 _ORG = FIELD_NAMES.index("org_id")
@@ -67,20 +67,12 @@ def to_rows(records) -> Rows:
     which are appended whole: no per-event Python code."""
     rows = Rows()
     for rec in records:
-        columns = decode_columns(rec.value)
-        if columns is not None:
-            n = len(columns[0])
-            rows.indexes.extend(range(n))
-        else:  # some of its events are invalid: keep the others
-            items = decode_record(rec.value)
-            valid = [(i, ev) for i, ev in enumerate(items) if not isinstance(ev, SchemaError)]
-            rows.invalid += len(items) - len(valid)
-            if not valid:
-                continue
-            n = len(valid)
-            columns = tuple(zip(*(ev for _, ev in valid), strict=True))
-            rows.indexes.extend(i for i, _ in valid)
-        for values, column in zip(rows.fields, columns, strict=True):
+        decoded = decode_columns(rec.value)
+        rows.invalid += len(decoded.refused)
+        if not decoded.indexes:
+            continue
+        for values, column in zip(rows.fields, decoded.columns, strict=True):
             values.extend(column)
-        rows.records.extend([rec] * n)
+        rows.indexes.extend(decoded.indexes)
+        rows.records.extend([rec] * len(decoded.indexes))
     return rows
