@@ -46,21 +46,33 @@ def apply_event(state: ScopeState | None, ts_ms: int, partition: int, position: 
     outcome = COUNTED
     for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"], strict=True):
         keep_after = clock - retained
-        while buckets and buckets[0][0] + bucket_ms <= keep_after:  # ascending: drop from the front
-            buckets.pop(0)
+        _drop_closed(buckets, bucket_ms, keep_after)
         start = ts_ms - ts_ms % bucket_ms
         if start + bucket_ms <= keep_after:
             outcome = LATE
-        elif buckets and buckets[-1][0] == start:  # the usual case: the newest bucket
-            buckets[-1][1] += 1
         else:
-            i = bisect.bisect_left(buckets, [start, 0])
-            if i < len(buckets) and buckets[i][0] == start:
-                buckets[i][1] += 1
-            else:
-                buckets.insert(i, [start, 1])
+            _add(buckets, start, 1)
     state["p"], state["o"], state["m"] = partition, position, clock
     return outcome, state
+
+
+def _drop_closed(buckets: list[list[int]], bucket_ms: int, keep_after: int) -> None:
+    while buckets and buckets[0][0] + bucket_ms <= keep_after:  # ascending: drop from the front
+        buckets.pop(0)
+
+
+def _add(buckets: list[list[int]], start: int, n: int) -> None:
+    """Count n in the bucket starting at start, keeping the buckets ascending."""
+    if buckets and buckets[-1][0] == start:  # the usual case: the newest bucket
+        buckets[-1][1] += n
+    elif not buckets or buckets[-1][0] < start:
+        buckets.append([start, n])
+    else:
+        i = bisect.bisect_left(buckets, [start, 0])
+        if buckets[i][0] == start:
+            buckets[i][1] += n
+        else:
+            buckets.insert(i, [start, n])
 
 
 def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int, positions: Sequence[int],
@@ -90,23 +102,12 @@ def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int,
     if fresh:
         state = {"p": partition, "o": positions[0], "m": clock, "b": [[] for _ in policy.windows]}
     for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"], strict=True):
-        keep_after = clock - retained
-        while buckets and buckets[0][0] + bucket_ms <= keep_after:
-            buckets.pop(0)
+        _drop_closed(buckets, bucket_ms, clock - retained)
         first, last = oldest - oldest % bucket_ms, newest - newest % bucket_ms
         per_bucket = [(first, len(ts_ms))] if first == last else \
             sorted(Counter([ts - ts % bucket_ms for ts in ts_ms]).items())
         for start, n in per_bucket:
-            if buckets and buckets[-1][0] == start:
-                buckets[-1][1] += n
-            elif not buckets or buckets[-1][0] < start:
-                buckets.append([start, n])
-            else:
-                i = bisect.bisect_left(buckets, [start, 0])
-                if buckets[i][0] == start:
-                    buckets[i][1] += n
-                else:
-                    buckets.insert(i, [start, n])
+            _add(buckets, start, n)
     state["p"], state["o"], state["m"] = partition, positions[-1], clock
     outcomes[COUNTED] = len(ts_ms)
     return outcomes, state
