@@ -56,9 +56,7 @@ class OffsetGuard:
         skip as soon as the records in flight are through."""
         for partition in self._overrun:
             if partition in self._refetching:
-                sought, _ = self._refetching[partition]
-                await self._seek(partition, sought)
-                self._refetching[partition] = (sought, self._clock())
+                await self._refetch(partition, self._refetching[partition][0])
         self._overrun.clear()
 
     async def reseek_stale(self) -> None:
@@ -68,8 +66,7 @@ class OffsetGuard:
         now = self._clock()
         for partition, (sought, when) in list(self._refetching.items()):
             if now - when > RESEEK_AFTER_S:
-                await self._seek(partition, sought)
-                self._refetching[partition] = (sought, now)
+                await self._refetch(partition, sought)
 
     async def unstick(self, ends: dict[int, int]) -> None:
         """Seek partitions that have records to read (next offset < end offset) but have
@@ -88,8 +85,7 @@ class OffsetGuard:
             if seen is None or seen[0] != expected:
                 self._still[partition] = (expected, now)
             elif now - seen[1] >= RESEEK_AFTER_S:
-                await self._seek(partition, expected)
-                self._refetching[partition] = (expected, now)
+                await self._refetch(partition, expected)
                 self._still[partition] = (expected, now)
 
     def backlog(self, ends: dict[int, int]) -> int | None:
@@ -140,6 +136,10 @@ class OffsetGuard:
             return APPLY
         target = expected if first is None else first
         self.data[key] = target
-        self._refetching[partition] = (target, self._clock())
-        await self._seek(partition, target)
+        await self._refetch(partition, target)
         return REFETCH
+
+    async def _refetch(self, partition: int, offset: int) -> None:
+        """Seek the stream back to offset, and remember when, to repeat it if it is undone."""
+        self._refetching[partition] = (offset, self._clock())
+        await self._seek(partition, offset)
