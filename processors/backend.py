@@ -9,6 +9,7 @@ the stream: backpressure) but never loses them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -109,32 +110,30 @@ class RedisBackend:
         event already counted from another record? In the order of the events, one round
         trip for the batch."""
         batch: list[list] = []
-        order: list[int] = []  # per answer of the script, the index of its event
-        regrouped = False
+        spans: list[Sequence[int]] = []  # per part of the batch, the indexes of its events
         n = 0
         for org, partition, ts_ms, ids, positions in groups:
             place = f"{partition}:"
             first = seen_key(org, min(ts_ms))
             if first == seen_key(org, max(ts_ms)):  # the usual case: a group within one minute
                 batch.append([first, place, ids, list(map(str, positions))])
-                order.extend(range(n, n + len(ids)))
+                spans.append(range(n, n + len(ids)))
             else:
-                regrouped = True
                 by_key: dict[str, list[int]] = {}
                 for j, ts in enumerate(ts_ms):
                     by_key.setdefault(seen_key(org, ts), []).append(j)
                 for key, rows in by_key.items():
                     batch.append([key, place, [ids[j] for j in rows], [str(positions[j]) for j in rows]])
-                    order.extend(n + j for j in rows)
+                    spans.append([n + j for j in rows])
             n += len(ids)
         if not batch:
             return []
         payload = orjson.dumps(batch)
         result = await until_ok(lambda: self._seen(args=[self._dedup_ms, payload]), "check duplicates")
-        if not regrouped:
+        if len(batch) == len(groups):  # no group was split: the answers are in event order
             return [x == 1 for x in result]
         out = [False] * n
-        for i, x in zip(order, result, strict=True):
+        for i, x in zip(itertools.chain.from_iterable(spans), result, strict=True):
             out[i] = x == 1
         return out
 
