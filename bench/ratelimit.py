@@ -33,6 +33,7 @@ os.environ.update(POLICY_ENV)
 
 from collector.emitter import Emitter  # noqa: E402
 from deploy import stack  # noqa: E402
+from deploy.observe import PROCESSOR_BACKLOG_METRIC  # noqa: E402
 from quotaflow import metrics  # noqa: E402
 from schemas.events import RequestEvent  # noqa: E402
 from schemas.topics import EVENTS_TOPIC  # noqa: E402
@@ -259,7 +260,7 @@ def processor_throughput(settings, run: str, n: int) -> float:
         m = metrics.scrape(port)
         return (sum(v for k, v in m.items() if k.startswith("quotaflow_processor_events_total{")
                     and 'outcome="refetch"' not in k),  # records dropped to be read again, not events
-                m.get("quotaflow_processor_backlog_records", float("nan")))
+                m.get(PROCESSOR_BACKLOG_METRIC, float("nan")))
 
     first, deadline = None, time.monotonic() + 600
     while True:
@@ -310,7 +311,7 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
             print("processor throughput...", file=sys.stderr, flush=True)
             # Measure this phase's backlog alone, not what earlier phases left behind.
             deadline = time.monotonic() + 300
-            while metrics.scrape(settings.processor_metrics_port).get("quotaflow_processor_backlog_records") != 0 \
+            while metrics.scrape(settings.processor_metrics_port).get(PROCESSOR_BACKLOG_METRIC) != 0 \
                     and time.monotonic() < deadline:
                 time.sleep(0.5)
             n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 500_000))

@@ -19,7 +19,7 @@ import redis
 from collector.emitter import Emitter
 from deploy import stack
 from deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
-from deploy.observe import denied_keys, end_offsets, sink_caught_up
+from deploy.observe import PROCESSOR_BACKLOG_METRIC, denied_keys, end_offsets, sink_caught_up
 from deploy.procs import StackError
 from quotaflow import metrics
 from quotaflow.settings import Settings
@@ -30,7 +30,6 @@ from sinks.clickhouse.client import connect
 # Valid events handled once each: counted, late for some window, or refused (429) and so not counted.
 PROCESSED = tuple(f'quotaflow_processor_events_total{{outcome="{o}"}}' for o in ("counted", "late", "rejected"))
 STORED = "quotaflow_sink_rows_inserted_total"
-BACKLOG_METRIC = "quotaflow_processor_backlog_records"
 DRAIN_TIMEOUT_S = 90
 
 
@@ -109,7 +108,7 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
         # baseline below leaves only this run's events to count.
         sample = _scrape(settings.processor_metrics_port)
         current = _processed(sample) if sample is not None else None
-        if (current is not None and current == previous and sample.get(BACKLOG_METRIC) == 0
+        if (current is not None and current == previous and sample.get(PROCESSOR_BACKLOG_METRIC) == 0
                 and _scrape(settings.sink_metrics_port) is not None
                 and await sink_caught_up(settings.kafka_bootstrap)):
             break

@@ -13,6 +13,10 @@ from aiokafka.errors import KafkaError
 from schemas.redis_keys import USAGE_KEY_PATTERN, Decision
 from schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
 
+# The processor's own backlog (processors/app.py): records not applied yet, skipped ones
+# included; NaN until known. What "caught up" means for it, unlike its group's lag.
+PROCESSOR_BACKLOG_METRIC = "quotaflow_processor_backlog_records"
+
 
 async def partitions(bootstrap: str, topic: str) -> list[int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
