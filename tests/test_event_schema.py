@@ -168,6 +168,13 @@ def test_published_json_schema_agrees_with_the_validator(change):
     assert _agree({**good(), **change})
 
 
+@pytest.mark.parametrize("field", ["org_id", "api_key_id", "service", "event_id", "endpoint"])
+def test_a_trailing_newline_is_not_part_of_a_valid_id(field):
+    # Python's $ also matches before a final newline; the published schema's (ECMA-262) does not.
+    with pytest.raises(SchemaError, match=field):
+        validate({**good(), field: good()[field] + "\n"})
+
+
 def test_a_batch_record_yields_each_event_and_refuses_items_alone():
     from schemas.events import decode_record, encode_batch
 
@@ -200,6 +207,9 @@ BATCH_CHANGES = [
     {"event_id": "123e4567-e89b-42d3-a456-426614174009\n123e4567-e89b-42d3-a456-426614174008"}, {"org_id": "globex"}, {"org_id": ""},
     {"api_key_id": ["a"]}, {"service": None}, {"endpoint": "/v1/users/42"}, {"method": "get"}, {"method": ["GET"]},
     {"client_ip": "300.1.1.1"}, {"user_agent": "x" * 513}, {"extra": 1}, {"schema_version": 2},
+    {"ts_ms": -1}, {"latency_ms": 1e308}, {"status": "200"}, {"method": None},
+    {"user_agent": "nul \x00 and \u2603"}, {"endpoint": "/v1/" + "a" * 300}, {"org_id": "acme\n"},
+    {"api_key_id": "acme-web\n"},
 ]
 
 
@@ -242,6 +252,33 @@ def test_a_batch_is_judged_as_its_events_are_one_by_one(change, where):
     assert list(indexes) == [i for i, _ in valid]
     assert [i for i, _ in refused] == [i for i, ev in enumerate(expected) if not isinstance(ev, RequestEvent)]
     assert all(isinstance(exc, SchemaError) for _, exc in refused)
+
+
+def test_a_batch_in_odd_json_is_judged_as_its_events_are_one_by_one():
+    # JSON that parsers may read differently: the record's answer must be what validate
+    # says of the document as orjson reads it.
+    from schemas.events import decode_columns, decode_record
+
+    one = orjson.dumps(good())
+    ev = validate(good())
+    duplicate_key = one[:-1] + b',"status":404}'  # the last value counts, as orjson reads it
+    cases = {
+        b"[" + duplicate_key + b"," + one + b"]": [ev._replace(status=404), ev],
+        b"[" + one + b"," + one.replace(b'"okhttp/4.12.0"', rb'"\ud800"') + b"]": None,  # a lone surrogate
+        b"[" + one + b"," + one.replace(b'"okhttp/4.12.0"', b'"\xff"') + b"]": None,  # not UTF-8
+        b"[" + one + b"]  ": [ev],
+        b"[" + one + b"," + one.replace(b'"request_bytes":300', b'"request_bytes":' + b"9" * 30) + b"]": [ev, "big"],
+        b"[" + one + b"] x": None,
+    }
+    for data, expected in cases.items():
+        items = decode_record(data)
+        if expected is None:  # unreadable: the whole record is refused, by orjson's words
+            assert len(items) == 1 and isinstance(items[0], SchemaError) and "JSON" in str(items[0]), data
+        else:
+            assert [e if isinstance(e, RequestEvent) else "big" for e in items] == expected, data
+        columns, indexes, refused = decode_columns(data)
+        valid = [e for e in items if isinstance(e, RequestEvent)]
+        assert columns == tuple(zip(*valid, strict=True)) and len(indexes) == len(valid) and len(refused) == len(items) - len(valid)
 
 
 def test_batch_items_that_are_not_events_are_refused_one_by_one():
