@@ -23,7 +23,7 @@ from sinks.clickhouse.client import connect
 from sinks.clickhouse.migrate import available, migrate, statements
 from sinks.clickhouse.plans import Range
 from sinks.clickhouse.rows import to_rows
-from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
+from sinks.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
 from sinks.clickhouse.writer import Writer
 
 DAY_S = 86_400
@@ -159,6 +159,28 @@ def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
         for level, got_raw, got in zip((0.5, 0.95, 0.99), q_raw, q_rolled, strict=True):
             lo, hi = rank_bounds(lat, level)
             assert lo <= got_raw <= hi and lo <= got <= hi, (table.name, level, got_raw, got, lo, hi)
+
+
+def test_the_ingest_table_takes_the_sinks_columns_with_the_raw_tables_types(engine):
+    # The sink inserts into INGEST, whose view passes the rows on to RAW: a column added to
+    # one and not the other would be refused, or silently left at its default.
+    migrate(engine)
+
+    def columns(table: str) -> list[tuple[str, str]]:
+        sql = ("SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = {t:String} "
+               "ORDER BY position")
+        return [tuple(r) for r in engine.query(sql, parameters={"t": table}).result_rows]
+
+    raw = dict(columns(RAW))
+    unwrapped = {name: t.removeprefix("LowCardinality(").removesuffix(")") if t.startswith("LowCardinality(") else t
+                 for name, t in raw.items()}
+    assert columns(INGEST) == [(name, unwrapped[name]) for name in RAW_COLUMNS]
+    assert set(raw) - set(RAW_COLUMNS) == {"inserted_at"}  # filled in by ClickHouse
+    evs = events(50, seed=9)
+    store(Writer(engine), evs, {"acme": "PROFESSIONAL"})
+    stored = engine.query("SELECT event_id, org_id, tier, inserted_at > now() - 600 FROM requests").result_rows
+    assert sorted((str(r[0]), r[1], r[2], bool(r[3])) for r in stored) == sorted(
+        (e.event_id, "acme", "PROFESSIONAL", True) for e in evs)
 
 
 def test_a_batch_retried_with_its_token_is_stored_once_in_raw_and_rollups(engine):

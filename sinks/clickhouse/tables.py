@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RAW = "requests"
+# What the sink inserts into: a Null table whose view passes the rows on to RAW (see
+# schemas/clickhouse/0004_ingest.sql for why), with the columns of RAW_COLUMNS.
+INGEST = "requests_ingest"
 
 # Columns the sink writes into RAW, in this order (inserted_at is filled in by ClickHouse).
 RAW_COLUMNS = (

@@ -15,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 
 from sinks.clickhouse.rows import Rows
-from sinks.clickhouse.tables import RAW, RAW_COLUMNS
+from sinks.clickhouse.tables import INGEST, RAW_COLUMNS
 
 # ClickHouse error codes that mean the data itself was refused: retrying the same rows
 # cannot succeed. Anything else (connection, memory, too many parts, a missing table
@@ -47,6 +47,23 @@ def is_rejection(exc: BaseException) -> bool:
         return True  # the driver could not encode a value
     return isinstance(exc, DatabaseError) and exc.code in REJECTED_CODES
 
+# Settings of every insert, besides its token and block size.
+INSERT_SETTINGS = {
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    "min_insert_block_size_rows": 0,
+    "min_insert_block_size_bytes": 0,
+    # A batch of events with far-apart timestamps (a client with a broken clock)
+    # touches many day partitions; that is unusual, not a reason to refuse it.
+    "max_partitions_per_insert_block": 0,
+    # The rollup views' GROUP BY already gives one row per key in a block: no need for
+    # the engine to sort-merge equal keys again on insert.
+    "optimize_on_insert": 0,
+    # The six rollup views of a block are computed in parallel threads, not one after
+    # the other: an insert then keeps both cores of a small machine busy.
+    "parallel_view_processing": 1,
+}
+
 
 class Writer:
     """Inserts Rows as one block each, so that a retried insert has the same block
@@ -62,15 +79,9 @@ class Writer:
             data = orjson.dumps(rows.columns)
         except orjson.JSONEncodeError as exc:  # a value JSON cannot carry: that data is refused
             raise DataError(f"cannot encode rows: {exc}") from exc
-        self.client.raw_insert(RAW, list(RAW_COLUMNS), data, fmt=self.FORMAT, settings={
-            "insert_deduplicate": 1,
+        self.client.raw_insert(INGEST, list(RAW_COLUMNS), data, fmt=self.FORMAT, settings={
+            **INSERT_SETTINGS,
             "insert_deduplication_token": token,
-            "deduplicate_blocks_in_dependent_materialized_views": 1,
             # One block whatever the batch size: the token must cover the whole insert.
             "max_insert_block_size": max(len(rows), 1),
-            "min_insert_block_size_rows": 0,
-            "min_insert_block_size_bytes": 0,
-            # A batch of events with far-apart timestamps (a client with a broken clock)
-            # touches many day partitions; that is unusual, not a reason to refuse it.
-            "max_partitions_per_insert_block": 0,
         })
