@@ -107,9 +107,10 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
         "SELECT org_id, groupUniqArray(tier) FROM requests WHERE org_id IN {o:Array(String)} GROUP BY org_id",
         {"o": orgs}))
     assert tiers == {orgs[0]: ["SCALE"], orgs[1]: ["FREE"], orgs[2]: ["FREE"]}  # no tier set: the default
-    # Backpressure: what the sink held was bounded by its batch size, not by the backlog.
+    # Backpressure: what the sink held was bounded by its batch size, not by the backlog:
+    # one bound of buffered records, plus the batches being stored.
     partitions = len(asyncio.run(end_offsets(live_stack.kafka_bootstrap, EVENTS_TOPIC)))
-    assert max(buffered) <= BATCH * (partitions + 1), buffered
+    assert max(buffered) <= 2 * BATCH * (partitions + 1), buffered
 
 
 def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline):

@@ -8,8 +8,9 @@ insert with a token derived from the range, range committed. A crash anywhere in
 between makes the next owner of the partition insert the same range with the same
 token, which ClickHouse drops if it had already stored it.
 
-- Failed inserts are retried with backoff, never skipped; meanwhile nothing more is
-  fetched, so memory stays bounded (a few batches) however slow ClickHouse is.
+- Failed inserts are retried with backoff, never skipped; meanwhile the buffers fill
+  up to their bound and fetching stops, so memory stays bounded (the batches in flight
+  and one bound of buffered records) however slow ClickHouse is.
 - Rows ClickHouse refuses as data (see writer.is_rejection) are isolated by halving
   the batch and go to the dead-letter topic with ClickHouse's reason, stage ``sink``.
 - Schema-invalid events are skipped and counted: the processor is the stage that
@@ -22,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
@@ -63,6 +65,14 @@ class Batch(NamedTuple):
     replay: bool  # True: the range of a plan found after a restart, already committed as a plan
 
 
+class _Pending(NamedTuple):
+    """A batch taken from the buffers, on its way to ClickHouse."""
+
+    tp: TopicPartition
+    batch: Batch
+    rows: asyncio.Future  # its Rows, being decoded in a thread
+
+
 class ClickHouseSink:
     def __init__(self, settings: Settings, client: Client | None = None):
         self.settings = settings
@@ -77,6 +87,7 @@ class ClickHouseSink:
         self._admin: AIOKafkaAdminClient | None = None
         self._last_rejection = ""
         self._opened = False
+        self._pending: deque[_Pending] = deque()  # in order; the first one is being stored
 
     def stop(self) -> None:
         self._stop.set()
@@ -126,7 +137,11 @@ class ClickHouseSink:
             self._bytes.pop(tp, None)
             self._first_at.pop(tp, None)
             self._replays.pop(tp, None)
-        BUFFERED.set(self._buffered())
+        # Batches not started are dropped: no plan committed, the next owner reads them
+        # again. The one being stored ends; its commits are refused if the partition moved.
+        first, *rest = self._pending or [None]
+        self._pending = deque([first] if first else []) + deque(p for p in rest if p.tp not in revoked)
+        BUFFERED.set(self._held())
 
     async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
         """Commit, riding out a broker restart. False when the partitions were taken
@@ -136,7 +151,7 @@ class ClickHouseSink:
             try:
                 await self._consumer.commit({tp: (om.offset, om.metadata) for tp, om in offsets.items()})
                 return True
-            except CommitFailedError as exc:
+            except (CommitFailedError, IllegalStateError) as exc:  # the latter: no longer assigned here
                 log.warning("offset commit refused after a rebalance; the batch is left to the plan",
                             extra={"error": str(exc)})
                 return False
@@ -204,9 +219,13 @@ class ClickHouseSink:
     def _buffered(self) -> int:
         return sum(len(b) for b in self._buffers.values())
 
+    def _held(self) -> int:
+        """Records fetched and not stored yet: buffered, or in a batch on its way."""
+        return self._buffered() + sum(len(p.batch.records) for p in self._pending)
+
     def _ready(self, now: float) -> dict[TopicPartition, tuple[Range, int, bool]]:
         """Per partition with a batch to store now: (range, number of buffered records
-        it takes, whether it replays a plan). Only looks; _take takes them."""
+        it takes, whether it replays a plan). Only looks; _take takes one."""
         out = {}
         size, max_bytes = self.settings.sink_batch_size, self.settings.sink_batch_bytes
         for tp, buf in self._buffers.items():
@@ -222,46 +241,31 @@ class ClickHouseSink:
                 out[tp] = (Range(tp.topic, tp.partition, buf[0].offset, buf[n - 1].offset), n, False)
         return out
 
-    def _take(self, ready: dict[TopicPartition, tuple[Range, int, bool]], now: float) -> dict[TopicPartition, Batch]:
-        out = {}
-        for tp, (batch_range, n, replay) in ready.items():
-            buf = self._buffers[tp]
-            out[tp] = Batch(batch_range, buf[:n], replay)
-            self._bytes[tp] -= sum(_size(rec) for rec in buf[:n])
-            del buf[:n]
-            self._first_at[tp] = now
-        return out
+    def _take(self, tp: TopicPartition, batch_range: Range, n: int, replay: bool, now: float) -> Batch:
+        buf = self._buffers[tp]
+        batch = Batch(batch_range, buf[:n], replay)
+        self._bytes[tp] -= sum(_size(rec) for rec in buf[:n])
+        del buf[:n]
+        self._first_at[tp] = now
+        if replay:
+            del self._replays[tp]  # its records are all in this batch
+        return batch
 
-    async def _flush(self, writer: Writer, tiers: TierCache, batches: dict[TopicPartition, Batch]) -> None:
-        """Plan, store and commit one batch per partition. The plans are committed first,
-        before the records are even decoded: from then on a crash leaves a plan."""
-        plans = {tp: OffsetAndMetadata(b.range.start, b.range.plan_metadata()) for tp, b in batches.items() if not b.replay}
-        if plans and not await self._commit(plans):
-            return
-        ordered = sorted(batches.items(), key=lambda kv: kv[0].partition)
-        # The next batch is decoded (in a thread) while this one is inserted: the engine
-        # releases the GIL, so the two overlap instead of adding up. One decode at a
-        # time: several would only contend for the GIL.
-        decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, ordered[0][1].records))
-        try:
-            for i, (tp, batch) in enumerate(ordered):
-                rows = await decoding
-                if i + 1 < len(ordered):
-                    decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, ordered[i + 1][1].records))
-                await self._flush_one(writer, tiers, tp, batch, rows)
-        finally:
-            decoding.cancel()
-        await self._commit({tp: OffsetAndMetadata(b.range.end + 1, "") for tp, b in batches.items()})
-
-    async def _flush_one(self, writer: Writer, tiers: TierCache, tp: TopicPartition, batch: Batch,
-                         rows: Rows) -> None:
+    async def _store_batch(self, writer: Writer, tiers: TierCache, pending: "_Pending") -> None:
+        """Plan, store and commit one batch. The plan is committed before the insert: from
+        then on a crash leaves it for the partition's next owner. (Decoding, already done
+        or under way, only reads the records.)"""
+        tp, batch = pending.tp, pending.batch
+        rows = await pending.rows
         if batch.replay:
             REPLAYS.inc()
-            self._replays.pop(tp, None)
+        elif not await self._commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
+            return
         EVENTS.labels("invalid_skipped").inc(rows.invalid)
         if rows:
             rows.set_tiers(await tiers.tiers(rows.org_ids))
             await self._store(writer, rows, batch.range, batch.range.token())
+        await self._commit({tp: OffsetAndMetadata(batch.range.end + 1, "")})
 
     async def run(self) -> None:
         if not self._opened:
@@ -306,23 +310,49 @@ class ClickHouseSink:
             log.info("clickhouse sink stopped")
 
     async def _consume(self, writer: Writer, tiers: TierCache) -> None:
+        """Fetch into the buffers while batches go through a pipeline of two: the next
+        batch is decoded (in a thread) while the one before it is stored. The engine
+        releases the GIL, so decoding and inserting overlap, and records keep being
+        fetched meanwhile. One decode at a time: several would only contend for the GIL."""
         size = self.settings.sink_batch_size
-        while not self._stop.is_set():
-            now = time.monotonic()
-            # Backpressure: fetch only while the buffers have room, and nothing at all
-            # while a batch is being inserted (or retried).
-            partitions = len(self._consumer.assignment()) + 1
-            room = size * partitions - self._buffered()
-            if sum(self._bytes.values()) >= self.settings.sink_batch_bytes * partitions:
-                room = 0
-            if room <= 0 and not self._ready(now):
-                room = size  # a replayed plan longer than today's batch size: let it complete
-            if room > 0:
+        storing: asyncio.Future | None = None
+        try:
+            while not self._stop.is_set():
+                if storing is not None and storing.done():
+                    storing.result()  # what storing raised, if anything (_Stopped included)
+                    self._pending.popleft()
+                    storing = None
+                if storing is None and self._pending:
+                    storing = asyncio.ensure_future(self._store_batch(writer, tiers, self._pending[0]))
+                now = time.monotonic()
+                if len(self._pending) < 2 and all(p.rows.done() for p in self._pending):
+                    ready = self._ready(now)
+                    if ready:
+                        tp = min(ready, key=self._first_at.__getitem__)  # the one waiting longest
+                        batch = self._take(tp, *ready[tp], now)
+                        self._pending.append(_Pending(tp, batch, asyncio.ensure_future(
+                            asyncio.to_thread(to_rows, batch.records))))
+                        continue
+                # Backpressure: the buffers are bounded (records and bytes); the two batches
+                # in the pipeline are held besides them, so memory stays bounded however
+                # slowly ClickHouse takes them.
+                partitions = len(self._consumer.assignment()) + 1
+                room = size * partitions - self._buffered()
+                if sum(self._bytes.values()) >= self.settings.sink_batch_bytes * partitions:
+                    room = 0
+                if room <= 0 and not self._pending:
+                    room = size  # nothing ready: a replayed plan longer than today's batch size
+                if room <= 0:  # full: wait until a batch is stored, or decoded (the next can be taken)
+                    await asyncio.wait({storing, *(p.rows for p in self._pending if not p.rows.done())},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 deadlines = [self._first_at[tp] + self.settings.sink_batch_seconds
                              for tp, buf in self._buffers.items() if buf]
                 # At least a few ms: getmany(timeout_ms=0) returns without yielding to the event
                 # loop, so a replay waiting for its records would spin and starve the fetcher.
                 wait_s = min([max(d - now, 0.01) for d in deadlines], default=0.5)
+                if self._pending:
+                    wait_s = min(wait_s, 0.05)  # a batch is moving: come back soon to move the next
                 got = await self._consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=room)
                 if self._consumer.assignment():
                     READY.set(1)
@@ -333,12 +363,10 @@ class ClickHouseSink:
                         self._first_at[tp] = arrived
                     buf.extend(recs)
                     self._bytes[tp] = self._bytes.get(tp, 0) + sum(_size(rec) for rec in recs)
-                BUFFERED.set(self._buffered())
-            now = time.monotonic()
-            ready = self._ready(now)
-            if ready:
-                await self._flush(writer, tiers, self._take(ready, now))
-                BUFFERED.set(self._buffered())
+                BUFFERED.set(self._held())
+        finally:
+            if storing is not None:  # stopping: the batch being stored ends (or is left to its plan)
+                await storing
 
 
 def _size(rec) -> int:
