@@ -71,6 +71,7 @@ class _Pending(NamedTuple):
     tp: TopicPartition
     batch: Batch
     rows: asyncio.Future  # its Rows, being decoded in a thread
+    stored: asyncio.Future  # done once it is stored (or left to its plan)
 
 
 class ClickHouseSink:
@@ -88,6 +89,7 @@ class ClickHouseSink:
         self._last_rejection = ""
         self._opened = False
         self._pending: deque[_Pending] = deque()  # in order; the first one is being stored
+        self._taken = asyncio.Event()  # a batch joined _pending
 
     def stop(self) -> None:
         self._stop.set()
@@ -309,29 +311,37 @@ class ClickHouseSink:
             READY.set(0)
             log.info("clickhouse sink stopped")
 
+    async def _store_all(self, writer: Writer, tiers: TierCache) -> None:
+        """Store the pending batches in order, each as soon as the one before it is
+        stored, until the sink stops."""
+        while not self._stop.is_set():
+            if not self._pending:
+                self._taken.clear()
+                await self._taken.wait()
+                continue
+            pending = self._pending[0]
+            await self._store_batch(writer, tiers, pending)
+            self._pending.popleft()
+            pending.stored.set_result(None)
+
     async def _consume(self, writer: Writer, tiers: TierCache) -> None:
         """Fetch into the buffers while batches go through a pipeline of two: the next
         batch is decoded (in a thread) while the one before it is stored. The engine
         releases the GIL, so decoding and inserting overlap, and records keep being
         fetched meanwhile. One decode at a time: several would only contend for the GIL."""
         size = self.settings.sink_batch_size
-        storing: asyncio.Future | None = None
+        storer = asyncio.ensure_future(self._store_all(writer, tiers))
         try:
-            while not self._stop.is_set():
-                if storing is not None and storing.done():
-                    storing.result()  # what storing raised, if anything (_Stopped included)
-                    self._pending.popleft()
-                    storing = None
-                if storing is None and self._pending:
-                    storing = asyncio.ensure_future(self._store_batch(writer, tiers, self._pending[0]))
+            while not self._stop.is_set() and not storer.done():
                 now = time.monotonic()
                 if len(self._pending) < 2 and all(p.rows.done() for p in self._pending):
                     ready = self._ready(now)
                     if ready:
                         tp = min(ready, key=self._first_at.__getitem__)  # the one waiting longest
                         batch = self._take(tp, *ready[tp], now)
-                        self._pending.append(_Pending(tp, batch, asyncio.ensure_future(
-                            asyncio.to_thread(to_rows, batch.records))))
+                        decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, batch.records))
+                        self._pending.append(_Pending(tp, batch, decoding, asyncio.get_running_loop().create_future()))
+                        self._taken.set()
                         continue
                 # Backpressure: the buffers are bounded (records and bytes); the two batches
                 # in the pipeline are held besides them, so memory stays bounded however
@@ -343,7 +353,8 @@ class ClickHouseSink:
                 if room <= 0 and not self._pending:
                     room = size  # nothing ready: a replayed plan longer than today's batch size
                 if room <= 0:  # full: wait until a batch is stored, or decoded (the next can be taken)
-                    await asyncio.wait({storing, *(p.rows for p in self._pending if not p.rows.done())},
+                    await asyncio.wait({storer, self._pending[0].stored,
+                                        *(p.rows for p in self._pending if not p.rows.done())},
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
                 deadlines = [self._first_at[tp] + self.settings.sink_batch_seconds
@@ -352,7 +363,7 @@ class ClickHouseSink:
                 # loop, so a replay waiting for its records would spin and starve the fetcher.
                 wait_s = min([max(d - now, 0.01) for d in deadlines], default=0.5)
                 if self._pending:
-                    wait_s = min(wait_s, 0.05)  # a batch is moving: come back soon to move the next
+                    wait_s = min(wait_s, 0.05)  # the pipeline moves: come back soon to feed it
                 got = await self._consumer.getmany(timeout_ms=int(wait_s * 1000), max_records=room)
                 if self._consumer.assignment():
                     READY.set(1)
@@ -365,8 +376,11 @@ class ClickHouseSink:
                     self._bytes[tp] = self._bytes.get(tp, 0) + sum(_size(rec) for rec in recs)
                 BUFFERED.set(self._held())
         finally:
-            if storing is not None:  # stopping: the batch being stored ends (or is left to its plan)
-                await storing
+            # Stopping: the batch being stored ends (or is left to its plan); no other starts.
+            self._stop.set()
+            self._taken.set()
+            await asyncio.wait({storer})
+        storer.result()  # what storing raised, if anything (_Stopped included)
 
 
 def _size(rec) -> int:
