@@ -1,14 +1,17 @@
 """ClickHouse storage benchmark: sink ingest and dashboard queries, each with its baseline
 measured in the same run.
 
-1. Sink ingest: BENCH_SINK_EVENTS events (default 500k) are put on the events topic, in
-   records of BENCH_EVENTS_PER_RECORD events (default 500, as the emitter sends them), then
-   `quotaflow sink` (a real subprocess, embedded engine) is started and timed from its
-   readiness until every row is inserted: ``sink_rows_per_s``. Baselines on the same
-   rows: decoding and validating them in Python (``sink_decode_rows_per_s``), and a
-   direct insert of the already decoded rows through the same writer, materialized
-   views included (``direct_insert_rows_per_s``), the ceiling for the sink; and the
-   engine alone inserting the same rows from memory (``engine_insert_rows_per_s``).
+1. Sink ingest: BENCH_SINK_EVENTS events (default 2M: the sink's first second, spent
+   filling its first batch, is then a small part of the time) are put on the events topic, in
+   records of BENCH_EVENTS_PER_RECORD events (default 500, as the emitter sends them), in
+   time order over the last hour, then `quotaflow sink` (a real subprocess, embedded
+   engine) is started and timed from its readiness until every row is inserted:
+   ``sink_rows_per_s``. Baselines on the same rows: decoding and validating them in
+   Python (``sink_decode_rows_per_s``); a direct insert of the already decoded rows
+   through the same writer, materialized views included (``direct_insert_rows_per_s``);
+   the same with the times shuffled over the hour (``direct_insert_shuffled_times_rows_per_s``,
+   the cost of a stream out of time order); and the engine alone inserting the same
+   rows from memory (``engine_insert_rows_per_s``).
 2. Queries: BENCH_QUERY_EVENTS events (default 10M) generated inside ClickHouse
    (INSERT ... SELECT FROM numbers(), through the rollup views), then a dashboard of
    questions (analytics/queries.py) for one org over 1h/24h/7d/30d plus an org
@@ -42,6 +45,7 @@ from analytics.window import for_timeframe
 from deploy import stack
 from deploy.observe import group_lag
 from quotaflow import metrics
+from schemas.events import FIELD_NAMES
 from schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from sinks.clickhouse import retention
 from sinks.clickhouse.client import connect
@@ -51,11 +55,12 @@ from sinks.clickhouse.rows import to_rows
 from sinks.clickhouse.tables import RAW_TABLE
 from sinks.clickhouse.writer import INSERT_SETTINGS, Writer
 
-SINK_EVENTS = int(os.environ.get("BENCH_SINK_EVENTS", 500_000))
+SINK_EVENTS = int(os.environ.get("BENCH_SINK_EVENTS", 2_000_000))
 QUERY_EVENTS = int(os.environ.get("BENCH_QUERY_EVENTS", 10_000_000))
 SINK_BATCH = int(os.environ.get("QUOTAFLOW_SINK_BATCH_SIZE", 10_000))
 ROUNDS = int(os.environ.get("BENCH_QUERY_ROUNDS", 5))
 BATCH_EVENTS = int(os.environ.get("BENCH_EVENTS_PER_RECORD", 500))  # the emitter's default
+SPAN_MS = 3_600_000  # the sink's events are spread over the last hour
 ENDPOINTS = ("/v1/orders", "/v1/orders/{id}", "/v1/users/{id}", "/v1/search", "/v1/carts/{id}/items")
 
 
@@ -65,24 +70,30 @@ def log(msg: str) -> None:
 
 def sink_events(n: int) -> list[tuple[bytes, bytes]]:
     """(key, value) records carrying n valid events over the last hour, as the Python
-    emitter publishes them: up to BATCH_EVENTS events of one org per record."""
+    emitter publishes a stream of requests: events in time order (within a second), each
+    record the next BATCH_EVENTS events of one org, records in the order they fill up."""
     rnd = random.Random(7)
     now = int(time.time() * 1000)
     by_org: dict[str, list[bytes]] = {}
+    out = []
+
+    def emit(org: str) -> None:
+        chunk = by_org.pop(org)
+        out.append((org.encode(), chunk[0] if len(chunk) == 1 else b"[" + b",".join(chunk) + b"]"))
+
     for i in range(n):
         org = f"ingest-{rnd.randrange(50)}"
         by_org.setdefault(org, []).append(orjson.dumps({
             "schema_version": 1, "event_id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
-            "ts_ms": now - rnd.randrange(3_600_000), "org_id": org, "api_key_id": f"{org}-k{i % 5}",
-            "service": "bench", "endpoint": ENDPOINTS[i % len(ENDPOINTS)], "method": "GET",
-            "status": (200, 200, 200, 404, 429, 500)[i % 6], "latency_ms": rnd.uniform(1, 500),
+            "ts_ms": now - SPAN_MS + i * SPAN_MS // n - rnd.randrange(1000), "org_id": org,
+            "api_key_id": f"{org}-k{i % 5}", "service": "bench", "endpoint": ENDPOINTS[i % len(ENDPOINTS)],
+            "method": "GET", "status": (200, 200, 200, 404, 429, 500)[i % 6], "latency_ms": rnd.uniform(1, 500),
             "request_bytes": rnd.randrange(2000), "response_bytes": rnd.randrange(20_000),
             "client_ip": f"198.51.100.{i % 250}", "user_agent": "bench/1.0"}))
-    out = []
-    for org, events in by_org.items():
-        for lo in range(0, len(events), BATCH_EVENTS):
-            chunk = events[lo:lo + BATCH_EVENTS]
-            out.append((org.encode(), chunk[0] if len(chunk) == 1 else b"[" + b",".join(chunk) + b"]"))
+        if len(by_org[org]) == BATCH_EVENTS:
+            emit(org)
+    for org in list(by_org):
+        emit(org)
     return out
 
 
@@ -139,8 +150,22 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
         for i, rows in enumerate(batches):
             writer.insert(rows, Range("bench-baseline", 0, i, i).token() + uuid.uuid4().hex)
         harness.report("direct_insert_rows_per_s", n / (time.perf_counter() - started), "rows/s")
-        # The engine alone: the same rows again, from a table in memory, through the same views.
-        client.command("CREATE TABLE bench_stage ENGINE = Memory AS SELECT * FROM requests")
+        client.command("CREATE TABLE bench_stage ENGINE = Memory AS SELECT * FROM requests")  # for the engine alone
+        # The same rows with their times shuffled over the hour, as if every record of a
+        # backlog spanned all of it: what the order of a real stream saves the engine.
+        ts = FIELD_NAMES.index("ts_ms")
+        times = [t for rows in batches for t in rows.fields[ts]]
+        random.Random(11).shuffle(times)
+        shuffled, lo = [], 0
+        for rows in batches:
+            fields = [*rows.fields[:ts], times[lo:lo + len(rows)], *rows.fields[ts + 1:]]
+            shuffled.append(dataclasses.replace(rows, fields=fields))
+            lo += len(rows)
+        started = time.perf_counter()
+        for i, rows in enumerate(shuffled):
+            writer.insert(rows, Range("bench-shuffled", 0, i, i).token() + uuid.uuid4().hex)
+        harness.report("direct_insert_shuffled_times_rows_per_s", n / (time.perf_counter() - started), "rows/s")
+        # The engine alone: the same rows again, from the table in memory, through the same views.
         block = max(len(rows) for rows in batches)
         started = time.perf_counter()
         client.command("INSERT INTO requests SELECT * FROM bench_stage",
