@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -65,13 +66,15 @@ class Batch(NamedTuple):
     replay: bool  # True: the range of a plan found after a restart, already committed as a plan
 
 
-class _Pending(NamedTuple):
+@dataclass(slots=True)
+class _Pending:
     """A batch taken from the buffers, on its way to ClickHouse."""
 
     tp: TopicPartition
     batch: Batch
     rows: asyncio.Future  # its Rows, being decoded in a thread
-    stored: asyncio.Future  # done once it is stored (or left to its plan)
+    stored: asyncio.Future  # done once it is stored (or dropped, or left to its plan)
+    dropped: bool = False  # its partition was revoked before its plan was committed
 
 
 class ClickHouseSink:
@@ -90,6 +93,7 @@ class ClickHouseSink:
         self._opened = False
         self._pending: deque[_Pending] = deque()  # in order; the first one is being stored
         self._taken = asyncio.Event()  # a batch joined _pending
+        self._planned: set[TopicPartition] = set()  # assigned partitions whose plans are loaded
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,6 +136,13 @@ class ClickHouseSink:
             self._replays[tp] = plan
             log.info("found a batch planned before a restart; storing it again",
                      extra={"partition": tp.partition, "start": plan.start, "end": plan.end})
+            buf = self._buffers.get(tp)
+            if buf and buf[0].offset != plan.start:  # fetched from elsewhere: read the planned range again
+                self._buffers[tp], self._bytes[tp] = [], 0
+                self._consumer.seek(tp, plan.start)
+        # Only now may batches be taken from these partitions: records can arrive before
+        # this listener has run, and a batch taken then would ignore the plan.
+        self._planned |= assigned
 
     def _forget(self, revoked: set[TopicPartition]) -> None:
         for tp in revoked:
@@ -139,10 +150,13 @@ class ClickHouseSink:
             self._bytes.pop(tp, None)
             self._first_at.pop(tp, None)
             self._replays.pop(tp, None)
-        # Batches not started are dropped: no plan committed, the next owner reads them
-        # again. The one being stored ends; its commits are refused if the partition moved.
-        first, *rest = self._pending or [None]
-        self._pending = deque([first] if first else []) + deque(p for p in rest if p.tp not in revoked)
+        self._planned -= revoked
+        # Batches whose plan is not committed yet are dropped (the next owner reads them
+        # again); one whose plan is committed is stored, or left to that plan if its
+        # commit is refused.
+        for pending in self._pending:
+            if pending.tp in revoked:
+                pending.dropped = True
         BUFFERED.set(self._held())
 
     async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> bool:
@@ -231,7 +245,7 @@ class ClickHouseSink:
         out = {}
         size, max_bytes = self.settings.sink_batch_size, self.settings.sink_batch_bytes
         for tp, buf in self._buffers.items():
-            if not buf:
+            if not buf or tp not in self._planned:
                 continue
             plan = self._replays.get(tp)
             if plan is not None:
@@ -259,6 +273,8 @@ class ClickHouseSink:
         or under way, only reads the records.)"""
         tp, batch = pending.tp, pending.batch
         rows = await pending.rows
+        if pending.dropped:
+            return
         if batch.replay:
             REPLAYS.inc()
         elif not await self._commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
