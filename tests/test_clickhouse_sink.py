@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from itertools import pairwise
 
 import orjson
 import pytest
@@ -47,6 +48,32 @@ def pending_plans(settings) -> list[Range]:
             if (plan := parse_plan(EVENTS_TOPIC, p, offset, meta)) is not None]
 
 
+async def until_a_plan(settings, timeout_s: float) -> None:
+    """Return as soon as a plan is committed (a batch is being stored), or after timeout_s."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
+            if any(parse_plan(tp.topic, tp.partition, om.offset, om.metadata) for tp, om in got.items()
+                   if tp.topic == EVENTS_TOPIC):
+                return
+            await asyncio.sleep(0.005)
+    finally:
+        await admin.close()
+
+
+def offset_gaps(pipeline, orgs: list[str]) -> dict[int, list[tuple[int, int]]]:
+    """Per partition, the runs of offsets missing between stored rows of these orgs (the
+    invalid records published among them show up here too): what to look at when a test fails."""
+    offsets: dict[int, list[int]] = {}
+    for p, o in pipeline.query_clickhouse("SELECT kafka_partition, kafka_offset FROM requests "
+                                          "WHERE org_id IN {o:Array(String)} ORDER BY 1, 2", {"o": orgs}):
+        offsets.setdefault(p, []).append(o)
+    return {p: [(a + 1, b - 1) for a, b in pairwise(offs) if b > a + 1] for p, offs in offsets.items()}
+
+
 def stored(pipeline, orgs: list[str]) -> tuple[int, int, set[str], dict[str, int]]:
     """(rows, distinct event ids, event ids, requests per rollup) for these orgs."""
     rows, distinct = pipeline.query_clickhouse(
@@ -78,7 +105,15 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
     asyncio.run(publish(live_stack, events[:TOTAL // 2], invalid, batch_events=1))
 
     # The rest is published while the sink works through the backlog, so it stays busy.
-    rest = threading.Thread(target=lambda: asyncio.run(publish(live_stack, events[TOTAL // 2:], batch_events=1)))
+    failed: list[BaseException] = []  # what publishing the rest raised, if anything
+
+    def publish_rest() -> None:
+        try:
+            asyncio.run(publish(live_stack, events[TOTAL // 2:], batch_events=1))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failed.append(exc)
+
+    rest = threading.Thread(target=publish_rest)
     kills = []  # per kill: the plans pending in the committed metadata right after it
     buffered = []
     pipeline.start("sink")
@@ -87,6 +122,9 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
         wait_for(lambda: pipeline.metric("sink", INSERTED) >= 2 * BATCH, 120, "the sink to be mid-stream",
                  pipeline.logs)
         buffered.append(pipeline.metric("sink", BUFFERED))
+        # Aim the kill at the window that matters, between a plan and its commit: the sink
+        # stores a batch in tens of ms and may spend longer waiting for records.
+        asyncio.run(until_a_plan(live_stack, timeout_s=5))
         pipeline.kill("sink")
         kills.append(pending_plans(live_stack))
         pipeline.start("sink")
@@ -95,12 +133,14 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
             wait_for(lambda: pipeline.metric("sink", REPLAYED) >= 1, 120, "the planned batch to be replayed",
                      pipeline.logs)
     rest.join()
+    assert not failed, f"publishing the second half failed: {failed!r}"
     wait_sink_caught_up(live_stack, pipeline)
     pipeline.stop("sink")
 
     assert any(kills), f"no kill landed between a plan and its commit: {kills}"
     rows, distinct, ids, rollups = stored(pipeline, orgs)
-    assert (rows, distinct) == (len(events), len(events))  # no loss, no duplicate
+    assert (rows, distinct) == (len(events), len(events)), (  # no loss, no duplicate
+        f"offsets missing {offset_gaps(pipeline, orgs)}; plans left by each kill {kills}")
     assert ids == {e.event_id for e in events}
     assert rollups == {t: len(events) for t in rollups}  # the views saw each row once too
     tiers = dict(pipeline.query_clickhouse(
