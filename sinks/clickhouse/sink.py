@@ -267,7 +267,7 @@ class ClickHouseSink:
             del self._replays[tp]  # its records are all in this batch
         return batch
 
-    async def _store_batch(self, writer: Writer, tiers: TierCache, pending: "_Pending") -> None:
+    async def _store_batch(self, writer: Writer, tiers: TierCache, pending: _Pending) -> None:
         """Plan, store and commit one batch. The plan is committed before the insert: from
         then on a crash leaves it for the partition's next owner. (Decoding, already done
         or under way, only reads the records.)"""
