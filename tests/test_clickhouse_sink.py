@@ -29,7 +29,9 @@ INSERTED = "quotaflow_sink_rows_inserted_total"
 REPLAYED = "quotaflow_sink_batches_replayed_total"
 BUFFERED = "quotaflow_sink_buffered_records"
 BATCH = 1000
-TOTAL = 12_000
+# Enough for three sinks to each store 2 * BATCH and be killed before the stream runs
+# out: a sink stores a backlog of one-event records at tens of thousands a second.
+TOTAL = 30_000
 
 
 async def committed(settings) -> dict[int, tuple[int, str]]:
