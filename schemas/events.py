@@ -212,7 +212,7 @@ def _valid_strings(org: str, key: str, service: str, endpoint: str, ip: str, use
             and _valid_string("user_agent", user_agent))
 
 
-_new_event = tuple.__new__  # RequestEvent(...) without the Python-level __new__ of a NamedTuple
+_make_event = functools.partial(tuple.__new__, RequestEvent)  # RequestEvent(*values) without its Python-level __new__
 _UUID_MATCH = _COMPILED["event_id"].fullmatch
 _METHODS = frozenset(METHODS)
 _N_FIELDS = len(FIELDS)
@@ -236,12 +236,11 @@ def validate(doc: Mapping[str, Any]) -> RequestEvent:
                 and type(g("method")) is str and g("method") in _METHODS
                 and type(org) is str and type(key) is str and type(svc) is str and type(ep) is str
                 and type(ip) is str and type(ua) is str and _valid_strings(org, key, svc, ep, ip, ua)):
-            return _new_event(RequestEvent, (SCHEMA_VERSION, eid, ts, org, key, svc, ep, g("method"), status,
-                                             float(lat), rq, rs, ip, ua))
+            return _make_event((SCHEMA_VERSION, eid, ts, org, key, svc, ep, g("method"), status,
+                                float(lat), rq, rs, ip, ua))
     return _validate_slowly(doc)
 
 
-_make_event = functools.partial(tuple.__new__, RequestEvent)
 _UUID_LINE = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx\n"  # the shape of UUID_PATTERN, and a newline
 _UUID_CHARS = bytes(ord("x") if chr(b) in "0123456789abcdef" else b if chr(b) in "-\n" else ord("?")
                     for b in range(256))  # a translate table: hex digit -> x, - and newline kept, else ?
