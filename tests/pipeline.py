@@ -118,6 +118,14 @@ class Pipeline:
         wait_for(lambda: asyncio.run(pipeline_caught_up(self.settings.kafka_bootstrap)), timeout_s,
                  "processor and sink to commit all events", self.logs)
 
+    def wait_sink_caught_up(self, timeout_s: float = 120) -> None:
+        """The sink group has committed everything on the events topic (for tests that
+        run the sink alone, where wait_caught_up would wait on the processor too)."""
+        from deploy.observe import sink_caught_up
+
+        wait_for(lambda: asyncio.run(sink_caught_up(self.settings.kafka_bootstrap)), timeout_s,
+                 "the sink to commit every event", self.logs)
+
     def query_clickhouse(self, sql: str, parameters: dict | None = None) -> list[tuple]:
         """Run a query on the engine. The embedded engine is open in one process at a
         time, so the sink must be stopped first."""

@@ -20,9 +20,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from deploy.observe import group_lag
 from schemas.redis_keys import ORG_TIER_FIELD, org_key
-from schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from tests.pipeline import Pipeline, event, publish, unique, wait_for
 from tests.test_clickhouse_storage import rank_bounds
 
@@ -58,11 +56,6 @@ class Data:
         return out
 
 
-def wait_sink_caught_up(settings, pipeline) -> None:
-    wait_for(lambda: asyncio.run(group_lag(settings.kafka_bootstrap, SINK_CLICKHOUSE_GROUP, EVENTS_TOPIC)) == 0,
-             120, "the sink to commit every event", pipeline.logs)
-
-
 @pytest.fixture(scope="module")
 def data(live_stack):
     import redis
@@ -79,14 +72,14 @@ def data(live_stack):
         pipeline.start("sink")
         first = d.make(d.a, 2500, 1) + d.make(d.b, 1000, 2) + d.make(d.c, 400, 3)
         asyncio.run(publish(live_stack, first))
-        wait_sink_caught_up(live_stack, pipeline)
+        pipeline.wait_sink_caught_up()
         d.tier_of.update({e.event_id: {d.a: "PROFESSIONAL", d.b: "STARTER", d.c: "FREE"}[e.org_id] for e in first})
         # B moves to another tier: its later events are stored with the new one.
         r.hset(org_key(d.b), ORG_TIER_FIELD, "SCALE")
         time.sleep(CACHE_SECONDS + 1)
         second = d.make(d.b, 600, 4)
         asyncio.run(publish(live_stack, second))
-        wait_sink_caught_up(live_stack, pipeline)
+        pipeline.wait_sink_caught_up()
         d.tier_of.update({e.event_id: "SCALE" for e in second})
         d.events = first + second
         d.pipeline = pipeline

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from deploy.observe import end_offsets, group_lag
+from deploy.observe import end_offsets
 from schemas import deadletter
 from schemas.redis_keys import ORG_TIER_FIELD, org_key
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
@@ -34,20 +34,24 @@ BATCH = 1000
 TOTAL = 30_000
 
 
-async def committed(settings) -> dict[int, tuple[int, str]]:
-    """The sink group's committed offset and metadata per partition of the events topic."""
+def plans_in(committed: dict) -> list[Range]:
+    """The plans among the sink group's committed offsets (as list_consumer_group_offsets gives them)."""
+    return [plan for tp, om in committed.items() if tp.topic == EVENTS_TOPIC
+            if (plan := parse_plan(tp.topic, tp.partition, om.offset, om.metadata)) is not None]
+
+
+async def committed(settings) -> dict:
+    """The sink group's committed offsets and metadata."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        got = await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
+        return await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
     finally:
         await admin.close()
-    return {tp.partition: (om.offset, om.metadata) for tp, om in got.items() if tp.topic == EVENTS_TOPIC}
 
 
 def pending_plans(settings) -> list[Range]:
-    return [plan for p, (offset, meta) in asyncio.run(committed(settings)).items()
-            if (plan := parse_plan(EVENTS_TOPIC, p, offset, meta)) is not None]
+    return plans_in(asyncio.run(committed(settings)))
 
 
 async def until_a_plan(settings, timeout_s: float) -> None:
@@ -57,9 +61,7 @@ async def until_a_plan(settings, timeout_s: float) -> None:
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            got = await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
-            if any(parse_plan(tp.topic, tp.partition, om.offset, om.metadata) for tp, om in got.items()
-                   if tp.topic == EVENTS_TOPIC):
+            if plans_in(await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)):
                 return
             await asyncio.sleep(0.005)
     finally:
@@ -85,13 +87,6 @@ def stored(pipeline, orgs: list[str]) -> tuple[int, int, set[str], dict[str, int
     rollups = {t: pipeline.query_clickhouse(f"SELECT sum(requests) FROM {t} WHERE org_id IN {{o:Array(String)}}",
                                             {"o": orgs})[0][0] for t in ("requests_1m", "requests_1h", "requests_1d")}
     return rows, distinct, ids, rollups
-
-
-def wait_sink_caught_up(settings, pipeline, timeout_s: float = 120) -> None:
-    """The sink group has committed everything on the events topic (the processor is
-    not running in these tests, so Pipeline.wait_caught_up does not apply)."""
-    wait_for(lambda: asyncio.run(group_lag(settings.kafka_bootstrap, SINK_CLICKHOUSE_GROUP, EVENTS_TOPIC)) == 0,
-             timeout_s, "the sink to commit every event", pipeline.logs)
 
 
 def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack, redis_client, pipeline, monkeypatch):
@@ -136,7 +131,7 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
                      pipeline.logs)
     rest.join()
     assert not failed, f"publishing the second half failed: {failed!r}"
-    wait_sink_caught_up(live_stack, pipeline)
+    pipeline.wait_sink_caught_up()
     pipeline.stop("sink")
 
     assert any(kills), f"no kill landed between a plan and its commit: {kills}"
@@ -162,7 +157,7 @@ def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline)
     org = unique("crash")
     events = [event(org, f"{org}-key", int(time.time() * 1000) - i) for i in range(3000)]
     pipeline.start("sink")
-    wait_sink_caught_up(live_stack, pipeline)
+    pipeline.wait_sink_caught_up()
     before = asyncio.run(end_offsets(live_stack.kafka_bootstrap, EVENTS_TOPIC))
     pipeline.stop("sink")  # leaves the group: its offsets may be committed by someone else now
     asyncio.run(publish(live_stack, events))
@@ -199,7 +194,7 @@ def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline)
     batch = asyncio.run(crash_state())
     assert batch.start == start and pending_plans(live_stack) == [batch]
     pipeline.start("sink")
-    wait_sink_caught_up(live_stack, pipeline)
+    pipeline.wait_sink_caught_up()
     replayed = pipeline.metric("sink", REPLAYED)
     pipeline.stop("sink")
 
@@ -226,7 +221,7 @@ def test_rows_clickhouse_refuses_are_dead_lettered_with_its_reason(live_stack, p
         pipeline.start("sink")
         # Mixed in one partition's batch or not, the good rows are stored and the bad ones refused.
         asyncio.run(publish(live_stack, good[:250] + bad + good[250:]))
-        wait_sink_caught_up(live_stack, pipeline)
+        pipeline.wait_sink_caught_up()
         rejected = pipeline.metric("sink", 'quotaflow_sink_events_total{outcome="rejected"}')
         pipeline.stop("sink")
         rows, distinct, ids, _ = stored(pipeline, [org, poison_org])
