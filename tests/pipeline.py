@@ -91,11 +91,15 @@ class Pipeline:
         for name in stack.PIPELINE:
             self.stop(name)
 
-    def metric(self, name: str, sample: str) -> float:
+    def metrics(self, name: str) -> dict[str, float]:
+        """Every sample a process exposes (see quotaflow.metrics.scrape); {} if it is not up."""
         try:
-            return metrics.scrape(stack.metrics_port(self.settings, name)).get(sample, 0.0)
+            return metrics.scrape(stack.metrics_port(self.settings, name))
         except OSError:
-            return 0.0
+            return {}
+
+    def metric(self, name: str, sample: str) -> float:
+        return self.metrics(name).get(sample, 0.0)
 
     def logs(self, name: str | None = None, lines: int = 40) -> str:
         """What the processes wrote during this test, minus aiokafka's reconnect noise."""

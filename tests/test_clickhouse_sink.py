@@ -28,6 +28,7 @@ pytestmark = pytest.mark.stack
 INSERTED = "quotaflow_sink_rows_inserted_total"
 REPLAYED = "quotaflow_sink_batches_replayed_total"
 BUFFERED = "quotaflow_sink_buffered_records"
+REPAIRS = "quotaflow_sink_repairs_total"
 BATCH = 1000
 # Enough for three sinks to each store 2 * BATCH and be killed before the stream runs
 # out: a sink stores a backlog of one-event records at tens of thousands a second.
@@ -150,10 +151,16 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
     assert max(buffered) <= 2 * BATCH * (partitions + 1), buffered
 
 
-def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline):
+@pytest.mark.parametrize("lost_from", [None, "requests", "requests_org_1h"])
+def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline, lost_from):
     """The crash window that matters most: the batch is in ClickHouse, its offsets are
     not committed. Set that state up exactly as the sink leaves it (plan committed,
-    rows inserted with the plan's token, no final commit), then start the sink."""
+    rows inserted with the plan's token, no final commit), then start the sink.
+
+    With lost_from, the crash also hit the engine between writing the batch's token to
+    that table's deduplication log and publishing its part: the table lacks the rows but
+    drops the replay as a duplicate. (Set up by deleting the rows, which leaves the log
+    as it is.) The sink must find that and add them to that table alone."""
     org = unique("crash")
     events = [event(org, f"{org}-key", int(time.time() * 1000) - i) for i in range(3000)]
     pipeline.start("sink")
@@ -185,6 +192,8 @@ def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline)
                 rows = to_rows(recs)
                 rows.set_tiers({org: "FREE"})
                 Writer(client).insert(rows, batch.token())
+                if lost_from:
+                    client.command(f"DELETE FROM {lost_from} WHERE org_id = {{org:String}}", parameters={"org": org})
             finally:
                 client.close()
             return batch
@@ -196,9 +205,11 @@ def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline)
     pipeline.start("sink")
     pipeline.wait_sink_caught_up()
     replayed = pipeline.metric("sink", REPLAYED)
+    repairs = {k: v for k, v in pipeline.metrics("sink").items() if k.startswith(REPAIRS + "{")}
     pipeline.stop("sink")
 
     assert replayed == 1  # the sink did insert the planned range again...
+    assert repairs == ({f'{REPAIRS}{{outcome="added",table="{lost_from}"}}': 1.0} if lost_from else {})
     rows, distinct, ids, rollups = stored(pipeline, [org])
     assert (rows, distinct) == (len(events), len(events))  # ...and ClickHouse kept it once
     assert ids == {e.event_id for e in events}

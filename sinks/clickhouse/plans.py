@@ -6,7 +6,9 @@ rows with an insert_deduplication_token derived from the range; then it commits
 ``end + 1`` with no plan. A sink that restarts and finds a plan in the committed
 metadata re-inserts exactly that range with the same token: if the first insert had
 landed, ClickHouse drops the retried block (and, with
-deduplicate_blocks_in_dependent_materialized_views, the rollups' blocks too).
+deduplicate_blocks_in_dependent_materialized_views, the rollups' blocks too). A crash
+inside the engine's own commit can make it drop a block it does not have: the sink
+checks every retried batch afterwards (sinks/clickhouse/repair.py).
 
 Tokens are unique per topic, partition and offsets: if the topic is deleted and
 recreated (offsets start again at 0) within the tables' deduplication window

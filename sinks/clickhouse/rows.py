@@ -57,6 +57,20 @@ class Rows:
     def slice(self, lo: int, hi: int) -> "Rows":
         return Rows([f[lo:hi] for f in self.fields], self.records[lo:hi], self.indexes[lo:hi], self.tiers[lo:hi], 0)
 
+    def take(self, positions: list[int]) -> "Rows":
+        """The rows at these positions, in that order."""
+        return Rows([[f[i] for i in positions] for f in self.fields], [self.records[i] for i in positions],
+                    [self.indexes[i] for i in positions], [self.tiers[i] for i in positions], 0)
+
+    @staticmethod
+    def join(parts: list["Rows"]) -> "Rows":
+        """The rows of the parts one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        return Rows([[v for p in parts for v in p.fields[i]] for i in range(len(FIELD_NAMES))],
+                    [r for p in parts for r in p.records], [i for p in parts for i in p.indexes],
+                    [t for p in parts for t in p.tiers], sum(p.invalid for p in parts))
+
 
 def to_rows(records) -> Rows:
     """Rows for the schema-valid events of the records (a record may carry a batch);

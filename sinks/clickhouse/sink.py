@@ -6,7 +6,9 @@ Records are buffered per partition and stored in batches of one partition's offs
 range, following the plan protocol of sinks/clickhouse/plans.py: plan committed,
 insert with a token derived from the range, range committed. A crash anywhere in
 between makes the next owner of the partition insert the same range with the same
-token, which ClickHouse drops if it had already stored it.
+token, which ClickHouse drops if it had already stored it. After such a retry the
+sink checks each table for the batch and adds what the engine dropped by mistake
+(sinks/clickhouse/repair.py).
 
 - Failed inserts are retried with backoff, never skipped; meanwhile the buffers fill
   up to their bound and fetching stops, so memory stays bounded (the batches in flight
@@ -38,7 +40,7 @@ from quotaflow.settings import Settings
 from schemas import deadletter
 from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from sinks.clickhouse import retention
+from sinks.clickhouse import repair, retention
 from sinks.clickhouse.client import connect
 from sinks.clickhouse.migrate import migrate
 from sinks.clickhouse.plans import Range, parse_plan
@@ -57,6 +59,9 @@ READY = Gauge("quotaflow_sink_ready", "1 once the sink has its partitions assign
 INSERT_FAILURES = Counter("quotaflow_sink_insert_failures_total", "Failed ClickHouse inserts (retried)")
 REPLAYS = Counter("quotaflow_sink_batches_replayed_total",
                   "Batches re-inserted from a plan left by a crash or a rebalance (duplicates are dropped by ClickHouse)")
+REPAIRS = Counter("quotaflow_sink_repairs_total",
+                  "Tables found, after a retried batch, lacking some of it (added), holding some twice (extra), or "
+                  "busy with other writers (undecided: left as they are)", ["table", "outcome"])
 BUFFERED = Gauge("quotaflow_sink_buffered_records", "Records fetched from Kafka and held by the sink (buffered or being stored)")
 
 
@@ -94,6 +99,7 @@ class ClickHouseSink:
         self._pending: deque[_Pending] = deque()  # in order; the first one is being stored
         self._taken = asyncio.Event()  # a batch joined _pending
         self._planned: set[TopicPartition] = set()  # assigned partitions whose plans are loaded
+        self._retried = False  # an insert of the batch being stored failed and was sent again
 
     def stop(self) -> None:
         self._stop.set()
@@ -200,6 +206,7 @@ class ClickHouseSink:
                     self._last_rejection = str(exc)
                     return False
                 INSERT_FAILURES.inc()
+                self._retried = True  # it may have landed in part: the batch is checked once stored
                 log.warning("clickhouse insert failed, retrying",
                             extra={"error": str(exc)[:500], "rows": len(rows), "retry_in_s": delay})
                 if self._stop.is_set():
@@ -212,12 +219,12 @@ class ClickHouseSink:
             EVENTS.labels("stored").inc(len(rows))
             return True
 
-    async def _store(self, writer: Writer, rows: Rows, batch: Range, token: str) -> None:
+    async def _store(self, writer: Writer, rows: Rows, batch: Range, token: str) -> list[Rows]:
         """Store rows; rows ClickHouse refuses are found by halving and dead-lettered.
         Halving is deterministic, so a replayed batch is split the same way and each
-        part carries the same token as before."""
+        part carries the same token as before. Returns the parts stored."""
         if await self._insert(writer, rows, token):
-            return
+            return [rows]
         if len(rows) == 1:
             rec, index, event = rows.source(0)
             log.warning("clickhouse refused an event; dead-lettering it",
@@ -225,10 +232,12 @@ class ClickHouseSink:
                                "reason": self._last_rejection[:500]})
             await self._dead_letter(rec, index, event, f"clickhouse refused the row: {self._last_rejection}")
             EVENTS.labels("rejected").inc()
-            return
+            return []
         mid = len(rows) // 2
+        stored = []
         for part in (rows.slice(0, mid), rows.slice(mid, len(rows))):
-            await self._store(writer, part, batch, batch.sub_token(part.place(0), part.place(len(part) - 1)))
+            stored += await self._store(writer, part, batch, batch.sub_token(part.place(0), part.place(len(part) - 1)))
+        return stored
 
     # --- the loop --------------------------------------------------------------------
 
@@ -282,8 +291,35 @@ class ClickHouseSink:
         EVENTS.labels("invalid_skipped").inc(rows.invalid)
         if rows:
             rows.set_tiers(await tiers.tiers(rows.org_ids))
-            await self._store(writer, rows, batch.range, batch.range.token())
+            self._retried = False
+            stored = await self._store(writer, rows, batch.range, batch.range.token())
+            if batch.replay or self._retried:
+                await self._complete(Rows.join(stored), batch.range)
         await self._commit({tp: OffsetAndMetadata(batch.range.end + 1, "")})
+
+    async def _complete(self, rows: Rows, batch: Range) -> None:
+        """After a retried batch: what a table lacks of it is added (see repair.py)."""
+        delay = 0.2
+        while True:
+            try:
+                outcome = await asyncio.to_thread(repair.complete, self.client, rows, batch)
+                break
+            except Exception as exc:  # ClickHouse unreachable: the check is retried, as inserts are
+                log.warning("checking a retried batch failed, retrying",
+                            extra={"error": str(exc)[:500], "start": batch.start, "retry_in_s": delay})
+                if self._stop.is_set():
+                    raise _Stopped from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for table, found in outcome.findings():
+            REPAIRS.labels(table, found).inc()
+        if outcome:
+            log.warning("a retried batch was missing from some tables (ClickHouse had dropped the retry as a "
+                        "duplicate) and was added to them",
+                        extra={"partition": batch.partition, "start": batch.start, "end": batch.end,
+                               "raw_rows_added": outcome.raw_added, "raw_rows_extra": outcome.raw_extra,
+                               "rollup_groups_added": outcome.groups_added,
+                               "rollup_groups_undecided": outcome.undecided})
 
     async def run(self) -> None:
         if not self._opened:

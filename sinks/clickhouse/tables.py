@@ -10,6 +10,9 @@ RAW = "requests"
 # What the sink inserts into: a Null table whose view passes the rows on to RAW (see
 # schemas/clickhouse/0004_ingest.sql for why), with the columns of RAW_COLUMNS.
 INGEST = "requests_ingest"
+# Where rows the raw table lacks after a retried batch are staged before being attached
+# to it (sinks/clickhouse/repair.py); created and dropped by each repair.
+REPAIR_STAGE = "requests_repair"
 
 # Columns the sink writes into RAW, in this order (inserted_at is filled in by ClickHouse).
 RAW_COLUMNS = (
@@ -54,3 +57,8 @@ ORG_ROLLUPS = (
 )
 ORG_ROLLUP_OF = {wide.name: org for wide, org in zip(ROLLUPS, ORG_ROLLUPS, strict=True)}  # same grain
 TABLES = (RAW_TABLE, *ROLLUPS, *ORG_ROLLUPS)
+
+
+def view_of(rollup: Table) -> str:
+    """The materialized view that fills a rollup from RAW (the migrations name them so)."""
+    return f"{rollup.name}_mv"

@@ -77,14 +77,20 @@ class Writer:
     def __init__(self, client: Client):
         self.client = client
 
-    def insert(self, rows: Rows, token: str) -> None:
+    def insert(self, rows: Rows, token: str | None, table: str = INGEST) -> None:
+        """Insert into ``table`` (INGEST, or a table with its columns). With no token the
+        insert is not deduplicated: the caller has found from the data what is missing."""
         try:
             data = orjson.dumps(rows.columns)
         except orjson.JSONEncodeError as exc:  # a value JSON cannot carry: that data is refused
             raise DataError(f"cannot encode rows: {exc}") from exc
-        self.client.raw_insert(INGEST, list(RAW_COLUMNS), data, fmt=self.FORMAT, settings={
+        settings = {
             **INSERT_SETTINGS,
-            "insert_deduplication_token": token,
             # One block whatever the batch size: the token must cover the whole insert.
             "max_insert_block_size": max(len(rows), 1),
-        })
+        }
+        if token is None:
+            settings["insert_deduplicate"] = 0
+        else:
+            settings["insert_deduplication_token"] = token
+        self.client.raw_insert(table, list(RAW_COLUMNS), data, fmt=self.FORMAT, settings=settings)
