@@ -5,7 +5,8 @@ again) relies on ClickHouse dropping the blocks it already has, by the batch's t
 On a non-replicated MergeTree the engine writes a block's token to the table's
 deduplication log before it publishes the block's part. A crash between the two leaves a
 token without rows, and the retry is dropped from that table as a duplicate. (Seen with
-the embedded engine: 1 kill in ~60 landed there; bench/crash_replay.py counts them.)
+the embedded engine, chDB 26.9: 2 of ~1,000 kills mid-insert landed there;
+bench/crash_replay.py counts them.)
 Any one of the tables may be hit: the raw table or a rollup.
 
 So after a retried batch is stored, the sink checks what each table holds of it and
