@@ -39,16 +39,11 @@ from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
 
-from schemas.events import FIELD_NAMES
 from sinks.clickhouse.plans import Range
 from sinks.clickhouse.rows import Rows
 from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, REPAIR_STAGE, ROLLUPS, Table, view_of
 from sinks.clickhouse.writer import Writer
 
-_ID = FIELD_NAMES.index("event_id")
-_ORG = FIELD_NAMES.index("org_id")
-_TS = FIELD_NAMES.index("ts_ms")
-_BYTES = (FIELD_NAMES.index("request_bytes"), FIELD_NAMES.index("response_bytes"))
 _NONE = (0, 0, 0)
 _PARTITION_ID = re.compile(r"^\w+$")
 
@@ -83,7 +78,7 @@ def complete(client: Client, rows: Rows, batch: Range, reads: int = 5, pause_s: 
     outcome = Outcome()
     if not rows:
         return outcome
-    params = {"orgs": sorted(rows.org_ids), "t0": min(rows.fields[_TS]), "t1": max(rows.fields[_TS]),
+    params = {"orgs": sorted(rows.org_ids), "t0": min(rows.column("ts_ms")), "t1": max(rows.column("ts_ms")),
               "partition": batch.partition, "start": batch.start, "end": batch.end}
     missing, outcome.raw_extra = _raw_missing(client, rows, params)
     if missing:
@@ -103,7 +98,7 @@ def _raw_missing(client: Client, rows: Rows, params: dict) -> tuple[list[int], i
     stored = Counter({(offset, event_id): n for offset, event_id, n in client.query(
         f"SELECT kafka_offset, toString(event_id), count() FROM {RAW} WHERE {_BATCH_FILTER} GROUP BY 1, 2",
         parameters=params).result_rows})
-    keys = [(rec.offset, event_id) for rec, event_id in zip(rows.records, rows.fields[_ID], strict=True)]
+    keys = [(rec.offset, event_id) for rec, event_id in zip(rows.records, rows.column("event_id"), strict=True)]
     extra = sum((stored - Counter(keys)).values())
     missing = []
     for pos, key in enumerate(keys):
@@ -133,7 +128,8 @@ def _complete_rollup(client: Client, table: Table, rows: Rows, params: dict, bat
     """(groups added, groups undecided) of one rollup, for the batch's (org, bucket) groups."""
     grain = table.grain_ms
     share: dict[tuple[str, int], tuple[int, int, int]] = {}
-    for org, ts, req, resp in zip(rows.fields[_ORG], rows.fields[_TS], *(rows.fields[i] for i in _BYTES), strict=True):
+    for org, ts, req, resp in zip(*map(rows.column, ("org_id", "ts_ms", "request_bytes", "response_bytes")),
+                                  strict=True):
         n, a, b = share.get((org, ts // grain * grain), _NONE)
         share[(org, ts // grain * grain)] = (n + 1, a + req, b + resp)
     span = {"orgs": params["orgs"], "b0": min(b for _, b in share), "b1": max(b for _, b in share), "grain": grain}

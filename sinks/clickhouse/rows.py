@@ -26,6 +26,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.indexes)
 
+    def column(self, name: str) -> list[Any]:
+        """One field's values (a name of FIELD_NAMES)."""
+        return self.fields[FIELD_NAMES.index(name)]
+
     @property
     def org_ids(self) -> set[str]:
         return set(self.fields[_ORG])
