@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal, Mapping, NamedTuple, Sequence
 import msgspec
 import orjson
 
+from schemas.ids import ID_PATTERN, ID_RULE, show
+
 SCHEMA_VERSION = 1
 MAX_ERRORS = 8
 MAX_EVENTS_PER_RECORD = 10_000  # also bounds the index of an event within its record
@@ -36,7 +38,6 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT"
 TS_MIN_MS = 946_684_800_000
 TS_MAX_MS = 4_102_444_800_000
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # A route template: absolute, no query or fragment, no segment that is a raw id
 # (all digits, a UUID, or a long hex string). Raw paths would make per-endpoint
@@ -138,9 +139,7 @@ def partition_key(org_id: str) -> bytes:
     return org_id.encode()
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+_show = show
 
 
 def _num(x: float) -> str:
@@ -194,7 +193,7 @@ def _pattern_error(spec: FieldSpec, value: str) -> str:
         return f"endpoint: may only contain URL path characters, got {_show(value)}"
     if name == "event_id":
         return f"event_id: must be a lowercase UUID like 123e4567-e89b-42d3-a456-426614174000, got {_show(value)}"
-    return f"{name}: must be 1-64 characters of letters, digits and _.:- starting with a letter or digit, got {_show(value)}"
+    return f"{name}: must be {ID_RULE}, got {_show(value)}"
 
 
 @functools.lru_cache(maxsize=65536)
