@@ -9,7 +9,6 @@ the stream: backpressure) but never loses them.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from schemas.dedup import DuplicateCheck
 from schemas.limits import Policy, parse_overrides
 from schemas.redis_keys import (
     ORG_TIER_FIELD,
@@ -59,7 +59,6 @@ class ScopeWrite:
     released: list[str] = field(default_factory=list)  # reservations whose events are now counted
 
 
-SEEN_SCRIPT = resources.files("processors").joinpath("seen.lua").read_text()
 WRITE_SCRIPT = resources.files("processors").joinpath("write.lua").read_text()
 
 
@@ -68,9 +67,8 @@ class RedisBackend:
                  config_ttl_s: float = 5.0):
         self.redis = redis
         self.policy = policy
-        self._seen = redis.register_script(SEEN_SCRIPT)
+        self._duplicates = DuplicateCheck(redis, seen_key, dedup_window_s)
         self._write = redis.register_script(WRITE_SCRIPT)
-        self._dedup_ms = int(dedup_window_s * 1000)
         self._ttl_s = config_ttl_s
         self._tiers: dict[str, tuple[float, str]] = {}
         self._overrides: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
@@ -108,34 +106,9 @@ class RedisBackend:
                          ) -> list[bool]:
         """For groups of (org_id, partition, event times, event ids, positions): was each
         event already counted from another record? In the order of the events, one round
-        trip for the batch."""
-        batch: list[list] = []
-        spans: list[Sequence[int]] = []  # per part of the batch, the indexes of its events
-        n = 0
-        for org, partition, ts_ms, ids, positions in groups:
-            place = f"{partition}:"
-            first = seen_key(org, min(ts_ms))
-            if first == seen_key(org, max(ts_ms)):  # the usual case: a group within one minute
-                batch.append([first, place, ids, list(map(str, positions))])
-                spans.append(range(n, n + len(ids)))
-            else:
-                by_key: dict[str, list[int]] = {}
-                for j, ts in enumerate(ts_ms):
-                    by_key.setdefault(seen_key(org, ts), []).append(j)
-                for key, rows in by_key.items():
-                    batch.append([key, place, [ids[j] for j in rows], [str(positions[j]) for j in rows]])
-                    spans.append([n + j for j in rows])
-            n += len(ids)
-        if not batch:
-            return []
-        payload = orjson.dumps(batch)
-        result = await until_ok(lambda: self._seen(args=[self._dedup_ms, payload]), "check duplicates")
-        if len(batch) == len(groups):  # no group was split: the answers are in event order
-            return [x == 1 for x in result]
-        out = [False] * n
-        for i, x in zip(itertools.chain.from_iterable(spans), result, strict=True):
-            out[i] = x == 1
-        return out
+        trip for the batch (schemas/dedup.py)."""
+        prepared = self._duplicates.prepare(groups)
+        return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
     async def write(self, writes: list[ScopeWrite]) -> None:
         """All of a batch in one script call (write.lua), atomic like MULTI/EXEC."""

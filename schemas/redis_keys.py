@@ -15,7 +15,10 @@ call touches a single slot:
     qf:v1:{org}:seen:{minute}        HASH  event_id -> partition:position of the record that first
                                            carried the event, per minute of event time (processors:
                                            duplicates published twice are counted once; expires
-                                           the dedup window after its last write)
+                                           the dedup window after its last write; schemas/dedup.py)
+    qf:v1:{org}:stored:{minute}      HASH  the same for the ClickHouse sink: an event published twice
+                                           is stored once (a key space of its own, so each stage
+                                           decides whatever the other's timing)
     qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch)
 
 A window's counts are buckets "start:count,start:count" (start in epoch ms).
@@ -60,6 +63,10 @@ SEEN_BUCKET_MS = 60_000  # event time per seen hash: a copy of an event has the 
 
 def seen_key(org_id: str, ts_ms: int) -> str:
     return _org(org_id) + "seen:" + str(ts_ms // SEEN_BUCKET_MS)
+
+
+def stored_key(org_id: str, ts_ms: int) -> str:
+    return _org(org_id) + "stored:" + str(ts_ms // SEEN_BUCKET_MS)
 
 
 def window_field(label: str) -> str:

@@ -1,18 +1,19 @@
--- Which events of a batch were already counted from another Kafka record?
+-- Which events were already taken from another Kafka record?
 -- A publisher that retries (or replays a spool) can put the same event_id on the
 -- topic twice: two records, two offsets. Each event_id is remembered with the
--- place (partition:position) that first carried it; a redelivery of that same
--- record is not a duplicate (the position check of window_counts handles it).
+-- place (partition:position) that first carried it; reading that same record again
+-- (a redelivery, a replayed batch) is not a duplicate. See schemas/dedup.py.
 -- Ids are kept in one hash per org and minute of event time, read and written a
 -- thousand fields per command: a command per event cost Redis several times more.
--- ARGV: 1 ttl ms, 2 JSON [[seen hash, "partition:", [event_id, ...], [position, ...]], ...]
--- (one argument: see write.lua); positions are decimal strings.
+-- KEYS: the hashes of the call, all of one org (one hash slot).
+-- ARGV: 1 ttl ms, 2 JSON [[index in KEYS, "partition:", [event_id, ...], [position, ...]], ...]
+-- (one argument: see processors/write.lua); positions are decimal strings.
 -- Returns: 1 for each duplicate, 0 otherwise, in the order of the events.
 local ttl = ARGV[1]
 local out = {}
 local placed = {}  -- hash -> id -> place, for ids this call stores (a copy may follow in the same call)
 for _, g in ipairs(cjson.decode(ARGV[2])) do
-  local key, partition, ids, positions = g[1], g[2], g[3], g[4]
+  local key, partition, ids, positions = KEYS[g[1]], g[2], g[3], g[4]
   placed[key] = placed[key] or {}
   local mine = placed[key]
   -- in chunks: unpack() is bounded by Lua's C stack
@@ -36,6 +37,8 @@ for _, g in ipairs(cjson.decode(ARGV[2])) do
       redis.call('HSET', key, unpack(new))
     end
   end
+end
+for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ttl)
 end
 return out
