@@ -68,8 +68,9 @@ class Settings(BaseSettings):
     tier_limits: str | None = Field(None, description='JSON {"FREE": [10, 100, 1000], ...}, one limit per window; null: unlimited')
     late_grace_s: float = Field(60.0, ge=0, description="how late an event may arrive and still count")
     reservation_ttl_s: float = Field(120.0, gt=0, description="how long a gateway reservation waits for its event")
-    dedup_window_s: float = Field(600.0, gt=0, description="how long processors remember event ids to count "
-                                                          "an event published twice once (~120 bytes of Redis each)")
+    dedup_window_s: float = Field(600.0, gt=0, description="how long processors and the sink remember event ids to "
+                                                          "count and store an event published twice once (~120 bytes "
+                                                          "of Redis each, per stage)")
 
     # --- Gateways (gateway/) ---
     gateway_port: int = 19130

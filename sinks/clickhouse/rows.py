@@ -64,7 +64,7 @@ class Rows:
     def take(self, positions: list[int]) -> "Rows":
         """The rows at these positions, in that order."""
         return Rows([[f[i] for i in positions] for f in self.fields], [self.records[i] for i in positions],
-                    [self.indexes[i] for i in positions], [self.tiers[i] for i in positions], 0)
+                    [self.indexes[i] for i in positions], [self.tiers[i] for i in positions] if self.tiers else [], 0)
 
     @staticmethod
     def join(parts: list["Rows"]) -> "Rows":

@@ -17,6 +17,9 @@ sink checks each table for the batch and adds what the engine dropped by mistake
   the batch and go to the dead-letter topic with ClickHouse's reason, stage ``sink``.
 - Schema-invalid events are skipped and counted: the processor is the stage that
   dead-letters them, so each lands in the dead-letter topic once.
+- An event already stored from another record (published twice) is taken out of the
+  batch before it is planned (sinks/clickhouse/duplicates.py); while Redis is
+  unreachable the batch waits: nothing is stored unchecked.
 - Each row is stamped with the org's tier from Redis (sinks/clickhouse/tiers.py).
 """
 
@@ -29,18 +32,22 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from quotaflow.settings import Settings
 from schemas import deadletter
+from schemas.dedup import DuplicateCheck, Prepared
 from schemas.limits import policy_from_settings
+from schemas.redis_keys import stored_key
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from sinks.clickhouse import repair, retention
+from sinks.clickhouse import duplicates, repair, retention
 from sinks.clickhouse.client import connect
 from sinks.clickhouse.migrate import migrate
 from sinks.clickhouse.plans import Range, parse_plan
@@ -62,6 +69,9 @@ REPLAYS = Counter("quotaflow_sink_batches_replayed_total",
 REPAIRS = Counter("quotaflow_sink_repairs_total",
                   "Tables found, after a retried batch, lacking some of it (added), holding some twice (extra), or "
                   "busy with other writers (undecided: left as they are)", ["table", "outcome"])
+DEDUP_FAILURES = Counter("quotaflow_sink_duplicate_check_failures_total",
+                         "Failed duplicate checks in Redis (retried: the batch waits, nothing is stored unchecked)")
+PIPELINE = 3  # batches in flight: decoded, checked for duplicates, stored
 BUFFERED = Gauge("quotaflow_sink_buffered_records", "Records fetched from Kafka and held by the sink (buffered or being stored)")
 
 
@@ -77,7 +87,8 @@ class _Pending:
 
     tp: TopicPartition
     batch: Batch
-    rows: asyncio.Future  # its Rows, being decoded in a thread
+    decoded: asyncio.Future  # (its Rows, its duplicate check prepared), from a thread
+    rows: asyncio.Future  # (its Rows without duplicates, how many were taken out), once checked
     stored: asyncio.Future  # done once it is stored (or dropped, or left to its plan)
     dropped: bool = False  # its partition was revoked before its plan was committed
 
@@ -100,6 +111,7 @@ class ClickHouseSink:
         self._taken = asyncio.Event()  # a batch joined _pending
         self._planned: set[TopicPartition] = set()  # assigned partitions whose plans are loaded
         self._retried = False  # an insert of the batch being stored failed and was sent again
+        self._duplicates: DuplicateCheck | None = None  # set by run()
 
     def stop(self) -> None:
         self._stop.set()
@@ -276,12 +288,47 @@ class ClickHouseSink:
             del self._replays[tp]  # its records are all in this batch
         return batch
 
+    def _decode(self, batch: Batch) -> tuple[Rows, Prepared]:
+        """The batch's rows and their duplicate check, ready to send (in a thread)."""
+        rows = to_rows(batch.records)
+        return rows, self._duplicates.prepare(duplicates.groups(rows, batch.range.partition))
+
+    async def _checked(self, decoded: asyncio.Future, previous: asyncio.Future | None) -> tuple[Rows, int]:
+        """(the batch's rows without the events already stored from another record, how
+        many those were). Checked once the batch taken before it is (whatever its outcome):
+        in the order the batches are taken, so each partition's events in offset order."""
+        rows, check = await decoded
+        if previous is not None:
+            await asyncio.wait({previous})
+        if not rows:
+            return rows, 0
+        answers = await self._until_redis(lambda: self._duplicates.run(check), "check duplicates")
+        if not any(answers):
+            return rows, 0
+        return await asyncio.to_thread(duplicates.without, rows, answers)
+
+    async def _until_redis(self, op, what: str):
+        """Retry until Redis answers; raises _Stopped when asked to stop meanwhile (the
+        batch is read again by the next start)."""
+        delay = 0.2
+        while True:
+            try:
+                return await op()
+            except (RedisError, OSError) as exc:
+                DEDUP_FAILURES.inc()
+                log.warning("redis unavailable, retrying", extra={"op": what, "error": str(exc), "retry_in_s": delay})
+                if self._stop.is_set():
+                    raise _Stopped from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _store_batch(self, writer: Writer, tiers: TierCache, pending: _Pending) -> None:
         """Plan, store and commit one batch. The plan is committed before the insert: from
-        then on a crash leaves it for the partition's next owner. (Decoding, already done
-        or under way, only reads the records.)"""
+        then on a crash leaves it for the partition's next owner. (Decoding and the duplicate
+        check, done or under way, only read the records: the places the check keeps in Redis
+        give whoever reads these records next the same answers.)"""
         tp, batch = pending.tp, pending.batch
-        rows = await pending.rows
+        rows, dropped_duplicates = await pending.rows
         if pending.dropped:
             return
         if batch.replay:
@@ -289,6 +336,7 @@ class ClickHouseSink:
         elif not await self._commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
             return
         EVENTS.labels("invalid_skipped").inc(rows.invalid)
+        EVENTS.labels("duplicate").inc(dropped_duplicates)
         if rows:
             rows.set_tiers(await tiers.tiers(rows.org_ids))
             self._retried = False
@@ -326,6 +374,8 @@ class ClickHouseSink:
             await self.open()
         writer = Writer(self.client)
         tiers = TierCache(self.settings.redis_url, policy_from_settings(self.settings).tier_of)
+        redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=10.0, socket_connect_timeout=2.0)
+        self._duplicates = DuplicateCheck(redis, stored_key, self.settings.dedup_window_s)
         sink = self
 
         class Rebalance(ConsumerRebalanceListener):
@@ -360,6 +410,7 @@ class ClickHouseSink:
             await self._producer.stop()
             await self._admin.close()
             await tiers.close()
+            await redis.aclose()
             READY.set(0)
             log.info("clickhouse sink stopped")
 
@@ -377,26 +428,30 @@ class ClickHouseSink:
             pending.stored.set_result(None)
 
     async def _consume(self, writer: Writer, tiers: TierCache) -> None:
-        """Fetch into the buffers while batches go through a pipeline of two: the next
-        batch is decoded (in a thread) while the one before it is stored. The engine
-        releases the GIL, so decoding and inserting overlap, and records keep being
-        fetched meanwhile. One decode at a time: several would only contend for the GIL."""
+        """Fetch into the buffers while batches go through a pipeline of three: a batch is
+        decoded (in a thread) while the one before it is checked for duplicates (in Redis)
+        and the one before that is stored. The engine releases the GIL, so decoding and
+        inserting overlap, and records keep being fetched meanwhile. One decode at a time:
+        several would only contend for the GIL."""
         size = self.settings.sink_batch_size
         storer = asyncio.ensure_future(self._store_all(writer, tiers))
         try:
             while not self._stop.is_set() and not storer.done():
                 now = time.monotonic()
-                if len(self._pending) < 2 and all(p.rows.done() for p in self._pending):
+                if len(self._pending) < PIPELINE and all(p.decoded.done() for p in self._pending):
                     ready = self._ready(now)
                     if ready:
                         tp = min(ready, key=self._first_at.__getitem__)  # the one waiting longest
                         batch = self._take(tp, *ready[tp], now)
-                        decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, batch.records))
-                        self._pending.append(_Pending(tp, batch, decoding, asyncio.get_running_loop().create_future()))
+                        decoded = asyncio.ensure_future(asyncio.to_thread(self._decode, batch))
+                        checked = asyncio.ensure_future(
+                            self._checked(decoded, self._pending[-1].rows if self._pending else None))
+                        self._pending.append(_Pending(tp, batch, decoded, checked,
+                                                      asyncio.get_running_loop().create_future()))
                         self._taken.set()
                         continue
-                # Backpressure: the buffers are bounded (records and bytes); the two batches
-                # in the pipeline are held besides them, so memory stays bounded however
+                # Backpressure: the buffers are bounded (records and bytes); the batches in
+                # the pipeline are held besides them, so memory stays bounded however
                 # slowly ClickHouse takes them.
                 partitions = len(self._consumer.assignment()) + 1
                 room = size * partitions - self._buffered()
@@ -406,7 +461,7 @@ class ClickHouseSink:
                     room = size  # nothing ready: a replayed plan longer than today's batch size
                 if room <= 0:  # full: wait until a batch is stored, or decoded (the next can be taken)
                     await asyncio.wait({storer, self._pending[0].stored,
-                                        *(p.rows for p in self._pending if not p.rows.done())},
+                                        *(p.decoded for p in self._pending if not p.decoded.done())},
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
                 deadlines = [self._first_at[tp] + self.settings.sink_batch_seconds
@@ -432,6 +487,12 @@ class ClickHouseSink:
             self._stop.set()
             self._taken.set()
             await asyncio.wait({storer})
+            for pending in self._pending:  # batches not stored: read again by the next start
+                for future in (pending.decoded, pending.rows):
+                    if future.done() and not future.cancelled():
+                        future.exception()  # retrieved: _Stopped while Redis was down, if anything
+                    else:
+                        future.cancel()
         storer.result()  # what storing raised, if anything (_Stopped included)
 
 
