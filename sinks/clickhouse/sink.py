@@ -457,8 +457,12 @@ class ClickHouseSink:
                 room = size * partitions - self._buffered()
                 if sum(self._bytes.values()) >= self.settings.sink_batch_bytes * partitions:
                     room = 0
-                if room <= 0 and not self._pending:
-                    room = size  # nothing ready: a replayed plan longer than today's batch size
+                if room <= 0 and not self._pending:  # full, and nothing could be taken:
+                    if any(tp in self._planned for tp in self._replays):
+                        room = size  # a replayed plan longer than today's bound waits for its records
+                    else:  # plans still being read after an assignment: fetching on would overfill
+                        await asyncio.sleep(0.05)
+                        continue
                 if room <= 0:  # full: wait until a batch is stored, or decoded (the next can be taken)
                     await asyncio.wait({storer, self._pending[0].stored,
                                         *(p.decoded for p in self._pending if not p.decoded.done())},
