@@ -296,7 +296,7 @@ def test_batch_items_that_are_not_events_are_refused_one_by_one():
     for unreadable in (b"nope", None, b"[]"):
         columns, indexes, refused = decode_columns(unreadable)
         assert columns == () and not indexes
-        assert [(i, str(exc)) for i, exc in refused] == [(0, str(decode_record(unreadable)[0]))]
+        assert [(i, str(exc)) for i, exc in refused] == [(None, str(decode_record(unreadable)[0]))]  # the whole record
 
 
 def test_the_asgi_middleware_turns_every_raw_id_the_schema_refuses_into_a_template():
