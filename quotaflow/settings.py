@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     sliding_windows: bool = Field(False, description="sliding windows instead of fixed (epoch-aligned) ones")
     tier_limits: str | None = Field(None, description='JSON {"FREE": [10, 100, 1000], ...}, one limit per window; null: unlimited')
     late_grace_s: float = Field(60.0, ge=0, description="how late an event may arrive and still count")
+    max_clock_skew_s: float = Field(300.0, gt=0, description="how far past the time the broker received its record "
+                                                             "an event may be stamped; later ones are dead-lettered")
     reservation_ttl_s: float = Field(120.0, gt=0, description="how long a gateway reservation waits for its event")
     dedup_window_s: float = Field(600.0, gt=0, description="how long processors remember event ids to count "
                                                           "an event published twice once (~120 bytes of Redis each)")
