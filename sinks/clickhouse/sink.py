@@ -15,8 +15,11 @@ sink checks each table for the batch and adds what the engine dropped by mistake
   and one bound of buffered records) however slow ClickHouse is.
 - Rows ClickHouse refuses as data (see writer.is_rejection) are isolated by halving
   the batch and go to the dead-letter topic with ClickHouse's reason, stage ``sink``.
-- Schema-invalid events are skipped and counted: the processor is the stage that
-  dead-letters them, so each lands in the dead-letter topic once.
+- Schema-invalid events, and events too far in time from their record's arrival, are
+  skipped and counted: the processor is the stage that dead-letters them (by the same
+  rules, judged against the record's broker timestamp), so each lands in the
+  dead-letter topic once. The processor's forwarded copies are skipped too: the
+  original is stored.
 - Each row is stamped with the org's tier from Redis (sinks/clickhouse/tiers.py).
 """
 
@@ -38,6 +41,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from quotaflow.settings import Settings
 from schemas import deadletter
+from schemas.events import time_bounds_from_settings
 from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from sinks.clickhouse import repair, retention
@@ -100,6 +104,7 @@ class ClickHouseSink:
         self._taken = asyncio.Event()  # a batch joined _pending
         self._planned: set[TopicPartition] = set()  # assigned partitions whose plans are loaded
         self._retried = False  # an insert of the batch being stored failed and was sent again
+        self.bounds = time_bounds_from_settings(settings)  # the processor's: both skip the same events
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,7 +293,8 @@ class ClickHouseSink:
             REPLAYS.inc()
         elif not await self._commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
             return
-        EVENTS.labels("invalid_skipped").inc(rows.invalid)
+        for why, n in rows.skipped.items():
+            EVENTS.labels(f"{why}_skipped").inc(n)
         if rows:
             rows.set_tiers(await tiers.tiers(rows.org_ids))
             self._retried = False
@@ -391,7 +397,7 @@ class ClickHouseSink:
                     if ready:
                         tp = min(ready, key=self._first_at.__getitem__)  # the one waiting longest
                         batch = self._take(tp, *ready[tp], now)
-                        decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, batch.records))
+                        decoding = asyncio.ensure_future(asyncio.to_thread(to_rows, batch.records, self.bounds))
                         self._pending.append(_Pending(tp, batch, decoding, asyncio.get_running_loop().create_future()))
                         self._taken.set()
                         continue
