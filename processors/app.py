@@ -25,8 +25,9 @@ import asyncio
 import itertools
 import logging
 import time
+import warnings
 from collections import Counter
-from typing import Any, Awaitable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import faust
 import orjson
@@ -37,6 +38,7 @@ from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
+from processors import stopping
 from processors.backend import RedisBackend, ScopeWrite
 from processors.decisions import decide, decide_org, org_windows
 from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
@@ -469,6 +471,8 @@ def create_app(settings: Settings) -> faust.App:
             async for batch in stream.take_events(settings.processor_batch_size,
                                                   within=settings.processor_batch_seconds):
                 await counter.handle(batch)
+        except stopping.Stopped:
+            log.info("stopping: the batch in progress is left unacknowledged, to be read again")
         finally:
             running.pop("counter", None)
             running.pop("probe", None)
@@ -477,6 +481,24 @@ def create_app(settings: Settings) -> faust.App:
             await redis.aclose()
 
     return app
+
+
+class Worker(faust.Worker):
+    """Faust's worker, stopping within seconds when asked (SIGTERM, SIGINT).
+
+    The retry loops give up the batch in progress (processors/stopping.py), and the
+    consumer no longer waits for every event taken from the stream to be acknowledged:
+    events it took and never handed out would keep it waiting for ever. Unacknowledged
+    records are read again after the restart, which the table recognises. On a
+    rebalance it still waits (stream_wait_empty), so a batch of a revoked partition
+    ends before its next owner recovers the table."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        stopping.request()
+        with warnings.catch_warnings():  # "reconfiguring late": deliberate, for the shutdown only
+            warnings.simplefilter("ignore")
+            self.app.conf.stream_wait_empty = False
+        super()._schedule_shutdown(signal)
 
 
 async def events_partitions(app: faust.App) -> int:

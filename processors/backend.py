@@ -20,6 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from processors import stopping
 from schemas.limits import Policy, parse_overrides
 from schemas.redis_keys import (
     ORG_TIER_FIELD,
@@ -38,13 +39,14 @@ T = TypeVar("T")
 
 
 async def until_ok(op: Callable[[], Awaitable[T]], what: str, max_delay_s: float = 5.0) -> T:
+    """op's answer, retried until Redis gives one (or the processor stops: stopping.Stopped)."""
     delay = 0.1
     while True:
         try:
             return await op()
         except (RedisError, OSError) as exc:
             log.warning("redis unavailable, retrying", extra={"op": what, "error": str(exc), "retry_in_s": delay})
-            await asyncio.sleep(delay)
+            await stopping.pause(delay)
             delay = min(delay * 2, max_delay_s)
 
 

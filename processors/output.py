@@ -18,6 +18,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from processors import stopping
+
 log = logging.getLogger(__name__)
 
 RETRY_MAX_S = 5.0
@@ -65,7 +67,8 @@ class Output:
     async def deliver(self, sent: list[Sent]) -> None:
         """Return once every record is on the broker. Records that failed (a leader
         moving, a topic just created, a broker restarting) are sent again in their order,
-        with backoff, until they are: a batch is never acknowledged with its output lost."""
+        with backoff, until they are (or the processor stops: stopping.Stopped): a batch
+        is never acknowledged with its output lost."""
         delay = 0.1
         while sent:
             await asyncio.wait([s.future for s in sent])
@@ -76,7 +79,7 @@ class Output:
             log.warning("records not delivered to the broker; sending them again",
                         extra={"records": len(failed), "topics": sorted({s.topic for s in failed}),
                                "error": repr(error), "retry_in_s": delay})
-            await asyncio.sleep(delay)
+            await stopping.pause(delay)
             delay = min(delay * 2, RETRY_MAX_S)
             sent = [await self._send(s.topic, s.key, s.value, s.partition, s.headers) for s in failed]
 

@@ -31,16 +31,14 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
-    import faust
-
-    from processors.app import create_app
+    from processors.app import Worker, create_app
     from quotaflow import gc_tuning, metrics
 
     app = create_app(settings)
     metrics.serve(settings.processor_metrics_port)
     gc_tuning.for_streaming()
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
-                          logging_config=logging_dict(settings.log_level, settings.log_format))
+    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                    logging_config=logging_dict(settings.log_level, settings.log_format))
     worker.execute_from_commandline()
     return 0
 
