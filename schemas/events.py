@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 MAX_ERRORS = 8
 MAX_EVENTS_PER_RECORD = 10_000  # also bounds the index of an event within its record
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER")  # OTHER: any method not listed
 
 # 2000-01-01 .. 2100-01-01 in ms: catches seconds or microseconds sent by mistake.
 TS_MIN_MS = 946_684_800_000
