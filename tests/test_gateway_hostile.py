@@ -144,15 +144,16 @@ def test_the_limiters_refuse_an_id_that_breaks_the_rule_before_any_redis_call(ba
 def cluster_node(tmp_path):
     """A real Redis Cluster of one node holding every slot: it enforces what a cluster
     enforces (a Lua call's keys in one slot), so CROSSSLOT shows up here as in production."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # of this session's range (an ephemeral port may be too high: the cluster bus listens 10000 above)
+    port = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000")) + 395
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                              "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path),
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--save", "", "--appendonly", "no"], stdout=(tmp_path / "redis.log").open("wb"),
+                            stderr=subprocess.STDOUT)
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
     try:
-        assert wait_until(lambda: _pings(client), 20)
+        assert wait_until(lambda: proc.poll() is not None or _pings(client), 20), (tmp_path / "redis.log").read_text()
+        assert proc.poll() is None, (tmp_path / "redis.log").read_text()
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         assert wait_until(lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"), 20)
         yield port
