@@ -126,9 +126,14 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
+    from schemas.ids import id_error
     from schemas.limits import policy_from_settings
     from schemas.redis_keys import ORG_TIER_FIELD, org_key
 
+    problem = id_error("org_id", args.org_id)  # before it names a Redis key
+    if problem:
+        print(f"quotaflow: {problem}", file=sys.stderr)
+        return 2
     policy = policy_from_settings(settings)
     client = redis.Redis.from_url(settings.redis_url)
     if args.action == "set-tier":
@@ -146,9 +151,14 @@ def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_key(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
+    from schemas.ids import id_error
     from schemas.limits import parse_overrides, policy_from_settings
     from schemas.redis_keys import Decision, overrides_key, usage_key
 
+    problem = id_error("org_id", args.org_id) or id_error("api_key_id", args.api_key_id)  # before they name a key
+    if problem:
+        print(f"quotaflow: {problem}", file=sys.stderr)
+        return 2
     policy = policy_from_settings(settings)
     client = redis.Redis.from_url(settings.redis_url)
     key = overrides_key(args.org_id, args.api_key_id)
@@ -183,14 +193,11 @@ def cmd_enforcement(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from gateway.limiter import RateLimiter
-    from gateway.server import create_app
+    from gateway.server import serve
 
-    app = create_app(RateLimiter.from_settings(settings))
-    uvicorn.run(app, host=args.host, port=settings.gateway_port, log_config=logging_dict(settings.log_level,
-                settings.log_format), access_log=False)
+    serve(RateLimiter.from_settings(settings), host=args.host, port=settings.gateway_port,
+          log_config=logging_dict(settings.log_level, settings.log_format))
     return 0
 
 

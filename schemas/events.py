@@ -34,7 +34,7 @@ MAX_ERRORS = 8
 MAX_EVENTS_PER_RECORD = 10_000  # also bounds the index of an event within its record
 MAX_DEPTH = 8  # an event is a flat JSON object; a batch nests it once
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER")  # OTHER: any method not listed
 
 # 2000-01-01 .. 2100-01-01 in ms: catches seconds or microseconds sent by mistake.
 TS_MIN_MS = 946_684_800_000

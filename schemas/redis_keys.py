@@ -16,7 +16,12 @@ call touches a single slot:
                                            carried the event, per minute of event time (processors:
                                            duplicates published twice are counted once; expires
                                            the dedup window after its last write)
-    qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch)
+    qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch);
+                                           the one key of no org, so never touched inside a Lua call
+                                           (gateways GET it in the same pipeline as their check)
+
+Org and key ids keep the rule of schemas/ids.py (no braces, no slash), so the hash tag is
+the org and nothing else, and no (org, key) pair names another pair's key.
 
 A window's counts are buckets "start:count,start:count" (start in epoch ms).
 """

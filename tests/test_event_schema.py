@@ -96,7 +96,7 @@ def test_every_problem_is_reported_not_only_the_first():
         validate(doc)
     assert err.value.errors == [
         "org_id: required field is missing",
-        "method: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT, TRACE, got 'FETCH'",
+        "method: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT, TRACE, OTHER, got 'FETCH'",
         "status: must be between 100 and 599, got 99",
     ]
 
