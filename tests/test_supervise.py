@@ -319,19 +319,29 @@ def _ours(state_dir: Path) -> list[tuple[int, str]]:
 
 
 @pytest.mark.stack
-def test_stack_down_stops_stages_supervisors_and_servers_leaving_nothing(live_stack, pipeline):
-    stages = [pipeline.start(name) for name in stack.PIPELINE]
-    supervisors = [pipeline.pid(name) for name in stack.PIPELINE]
+def test_stack_start_then_down_leaves_nothing_running(live_stack):
+    logs = {name: stack.pipeline_log(live_stack, name) for name in stack.PIPELINE}
+    offsets = {name: log.stat().st_size if log.exists() else 0 for name, log in logs.items()}
+    result = subprocess.run([sys.executable, "-m", "quotaflow", "stack", "start"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reported = dict(re.findall(r"^(processor|sink) started \(pid (\d+), supervised\)", result.stdout, re.M))
+    stages = [stack.pipeline_state(live_stack, name).pid for name in stack.PIPELINE]
+    assert [int(reported[name]) for name in stack.PIPELINE] == stages, result.stdout
+    supervisors = [stack.pipeline_proc(live_stack, name).pid() for name in stack.PIPELINE]
     servers = [kafka.proc(live_stack).pid(), redis_service.proc(live_stack).pid()]
-    running = {pid for pid, _ in _ours(live_stack.state_dir)}
-    assert set(stages + supervisors + servers) <= running
+    assert set(stages + supervisors + servers) <= {pid for pid, _ in _ours(live_stack.state_dir)}
     try:
         result = subprocess.run([sys.executable, "-m", "quotaflow", "stack", "down"], capture_output=True, text=True,
                                 timeout=180)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "stopped: processor, sink, kafka, redis"
         assert _ours(live_stack.state_dir) == []  # nothing left: no stage, supervisor, broker or Redis
-        msgs = [r["msg"] for name in stack.PIPELINE for r in supervise_records(pipeline, name)]
-        assert not [m for m in msgs if "restarting" in m], msgs
+        for name, log in logs.items():
+            with open(log, "rb") as f:
+                f.seek(offsets[name])
+                text = f.read().decode(errors="replace")
+            assert f"{name} stopped (code 0)" in text and "restarting" not in text, text[-3000:]
     finally:
+        stack.down(live_stack)
         stack.up(live_stack)  # the session's stack, for the tests after this one
