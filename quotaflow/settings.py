@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     gateway_timeout_ms: int = Field(50, gt=0, description="Redis budget of one check")
     gateway_fail_open: bool = Field(True, description="admit (true) or refuse (false) when Redis is slow or down")
 
+    # --- Restarts of the stages the local stack starts (deploy/supervise.py) ---
+    supervise_backoff_initial_s: float = Field(1.0, gt=0, description="delay before restarting a stage that "
+                                               "exited; doubled with each exit in a row")
+    supervise_backoff_max_s: float = Field(60.0, gt=0, description="longest delay before a restart")
+    supervise_healthy_s: float = Field(60.0, ge=0, description="a stage up this long before it exits "
+                                       "starts the backoff over")
+
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
