@@ -338,8 +338,12 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         assert isinstance(exc, HTTPException)
         return _error(exc.status_code, exc.detail or "error", dict(exc.headers or {}))
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/healthz", healthz),
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})
+    # No redirect of /v1/x/ to /v1/x: nothing is there to find, and building the redirect
+    # from a query string that is not UTF-8 raised (a 500).
+    app.router.redirect_slashes = False
+    return app
