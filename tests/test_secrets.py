@@ -217,3 +217,14 @@ def test_stack_up_with_an_unreachable_clickhouse_says_so_without_its_password(li
     assert result.returncode == 1
     assert_no_secret(result.stdout + result.stderr, PASSWORD)
     assert "cannot open ClickHouse at http://user:***@127.0.0.1:" in error_line(result)
+
+
+def test_tokens_are_taken_as_clients_send_them_after_bearer():
+    from pydantic import ValidationError
+
+    from quotaflow.settings import Settings
+
+    assert Settings(api_tokens={"a!b#c$d%e&f'g(h)": "acme", "x" * 512: "*"}).api_tokens  # visible ASCII
+    for bad in ("", "with space", "tab\there", "caf\u00e9-token", "x" * 513):
+        with pytest.raises(ValidationError):
+            Settings(api_tokens={bad: "acme"})
