@@ -14,6 +14,7 @@ from pathlib import Path
 from deploy import clickhouse, kafka, redis, supervise
 from deploy.procs import Proc, StackError, port_open, running_as, started_at, stop_pid, tail, wait_until
 from deploy.topics import ensure_topics_sync
+from quotaflow.redact import redact
 from quotaflow.settings import Settings
 
 # Pipeline processes the demo (or an operator, `quotaflow stack start`) starts next to
@@ -173,11 +174,11 @@ def status(settings: Settings) -> list[tuple[str, bool, str]]:
         where = f"redis-server on 127.0.0.1:{settings.redis_port}, data in {settings.state_dir / 'redis'}"
         out.append(("redis", pid is not None, f"{where}, pid {pid}" if pid else where))
     else:
-        out.append(("redis", True, f"external {settings.redis_url.split('@')[-1]}"))
+        out.append(("redis", True, f"external {redact(settings.redis_url)}"))
     if settings.clickhouse_embedded:
         out.append(("clickhouse", True, f"embedded engine (chDB) at {settings.clickhouse_url.removeprefix('chdb://')}"))
     else:
-        out.append(("clickhouse", True, f"server {settings.clickhouse_url.split('@')[-1]}"))
+        out.append(("clickhouse", True, f"server {redact(settings.clickhouse_url)}"))
     for name in PIPELINE:
         pid = pipeline_proc(settings, name).pid()
         out.append((name, pid is not None, _stage_status(pipeline_state(settings, name), pid)))

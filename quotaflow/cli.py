@@ -12,7 +12,8 @@ from pathlib import Path
 
 from deploy.procs import StackError
 from quotaflow.logs import logging_dict, setup_logging
-from quotaflow.settings import Settings, get_settings
+from quotaflow.redact import redact
+from quotaflow.settings import ConfigError, Settings, describe_error, get_settings
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
@@ -128,7 +129,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(main())
     except (OSError, ClickHouseUnavailable) as exc:
-        print(f"quotaflow: {exc}", file=sys.stderr)
+        print(f"quotaflow: {redact(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -237,7 +238,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     try:
         client = connect(settings.clickhouse_url)
     except ClickHouseUnavailable as exc:
-        print(f"quotaflow: {exc}", file=sys.stderr)
+        print(f"quotaflow: {redact(exc)}", file=sys.stderr)
         return 1
     try:
         applied = migrate(client)
@@ -351,19 +352,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failure(exc: Exception, settings: Settings) -> str | None:
+    """One line for an error that stopped a command: what could not be reached and why,
+    with every secret redacted. None for an error nobody foresaw (a bug)."""
+    import redis
+
+    from sinks.clickhouse.client import ClickHouseUnavailable
+
+    if isinstance(exc, (StackError, ClickHouseUnavailable)):
+        return redact(exc)
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return f"Redis at {redact(settings.redis_url)} refused the credentials: {redact(exc)}"
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"cannot reach Redis at {redact(settings.redis_url)}: {redact(exc)}"
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis at {redact(settings.redis_url)}: {redact(exc)}"
+    if isinstance(exc, OSError):
+        return redact(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
-    except Exception as exc:  # pydantic's message names the variable and the problem
-        print(f"quotaflow: invalid configuration: {exc}", file=sys.stderr)
+    except Exception as exc:  # names the variable and the problem, never the value
+        print(f"quotaflow: invalid configuration: {describe_error(exc)}", file=sys.stderr)
         return 2
     if args.command not in ("processor",):  # the Faust worker sets up logging itself
         setup_logging(settings.log_level, settings.log_format)
     try:
         return args.func(args, settings)
-    except StackError as exc:
-        print(f"quotaflow: {exc}", file=sys.stderr)
-        return 1
+    except ConfigError as exc:
+        print(f"quotaflow: invalid configuration: {redact(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _failure(exc, settings)
+        if message is not None:
+            print(f"quotaflow: {' '.join(message.split())}", file=sys.stderr)  # one line
+        else:  # a bug: the traceback helps, with its secrets hidden
+            import traceback
+
+            print("quotaflow: unexpected error (please report it):\n" + redact(traceback.format_exc()).rstrip(),
+                  file=sys.stderr)
+        return 1
