@@ -11,6 +11,13 @@ Parameters: ``timeframe`` (1h, 24h, 7d, 30d) or ``from`` and ``to`` (ISO 8601 wi
 timezone, or epoch milliseconds); optional ``org`` (operators; a scoped caller may
 only name its own org), ``api_key``, ``endpoint`` and ``limit``. Anything else is
 refused, as is a parameter given twice.
+
+Every input is hostile: a parameter or header the API cannot use is answered 400 (401
+for the token) with a reason naming it, never a 500; a filter that could never match
+anything stored (an org or key outside the id rule, an endpoint that is not a route
+template) is refused rather than answered with nothing. Queries run within bounds
+(analytics/queries.py Bounds) and at most ``max_concurrent`` at once; a query stopped
+by a bound, or a request that finds no free slot, is answered 503 naming the bound.
 """
 
 from __future__ import annotations
@@ -18,25 +25,44 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+import anyio
 from clickhouse_connect.driver.client import Client
+from prometheus_client import Counter, Gauge
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope as AsgiScope, Send
 
 from analytics import queries
-from analytics.scope import Forbidden, Scope, scope_for_token
+from analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
 from analytics.window import BadWindow, Window, for_range, for_timeframe
+from quotaflow.redact import redact
+from quotaflow.settings import TOKEN_MAX, ConfigError
+from schemas.events import ENDPOINT_MAX, ENDPOINT_PATTERN
+from schemas.ids import ID_RULE, id_error, is_valid_id, show
 
 log = logging.getLogger(__name__)
 
 PARAMS = {"timeframe", "from", "to", "org", "api_key", "endpoint", "limit"}
 MAX_VALUE_CHARS = 256
+# ASCII digits only: str.isdigit() and int() also take "²" or "٣". 16 digits cover every
+# millisecond from 1970 to 2100 and then some; longer numbers are refused before int().
+_EPOCH_MS = re.compile(r"-?[0-9]{1,16}")
+_LIMIT = re.compile(r"[0-9]{1,7}")
+_ENDPOINT = re.compile(ENDPOINT_PATTERN)
+RETRY_AFTER_S = 1
+
+QUERIES_RUNNING = Gauge("quotaflow_api_queries_running", "query API queries running (exports included)")
+QUERIES_WAITING = Gauge("quotaflow_api_queries_waiting", "query API requests waiting for a query slot")
+REFUSED = Counter("quotaflow_api_refused_total", "query API requests answered 503 by a bound", ["bound"])
 
 
 class BadRequest(ValueError):
@@ -45,22 +71,30 @@ class BadRequest(ValueError):
 
 def _parse_time(name: str, text: str) -> int:
     """Epoch milliseconds from an integer or an ISO 8601 time with a timezone."""
-    if text.lstrip("-").isdigit():
+    if _EPOCH_MS.fullmatch(text):
         return int(text)
+    if re.fullmatch(r"-?[0-9]+", text):
+        raise BadRequest(f"{name}: epoch milliseconds out of range, got {show(text)}")
+    expected = f"{name}: expected epoch milliseconds or an ISO 8601 time with a timezone, got {show(text)}"
+    if not text.isascii():
+        raise BadRequest(expected)
     try:
         t = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
-        raise BadRequest(f"{name}: expected epoch milliseconds or an ISO 8601 time, got {text[:40]!r}") from None
+        raise BadRequest(expected) from None
     if t.tzinfo is None:
         raise BadRequest(f"{name}: give a timezone (e.g. 2025-01-31T10:00:00Z)")
-    return round(t.timestamp() * 1000)
+    try:
+        return round(t.timestamp() * 1000)
+    except (ValueError, OverflowError):  # year 1 or 9999 shifted out of range by its offset
+        raise BadRequest(f"{name}: time out of range, got {show(text)}") from None
 
 
 def _params(request: Request) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in request.query_params.multi_items():
         if key not in PARAMS:
-            raise BadRequest(f"unknown parameter {key[:40]!r}; known: {', '.join(sorted(PARAMS))}")
+            raise BadRequest(f"unknown parameter {show(key)}; known: {', '.join(sorted(PARAMS))}")
         if key in out:
             raise BadRequest(f"parameter {key!r} given more than once")
         if len(value) > MAX_VALUE_CHARS:
@@ -73,49 +107,140 @@ def _window(p: dict[str, str], retention_days: dict[str, int]) -> Window:
     now_ms = int(time.time() * 1000)
     if "timeframe" in p:
         if "from" in p or "to" in p:
-            raise BadRequest("give either timeframe or from/to, not both")
+            raise BadRequest("timeframe: give either timeframe or from/to, not both")
         return for_timeframe(p["timeframe"], now_ms, retention_days)
     if "from" not in p or "to" not in p:
-        raise BadRequest("give timeframe (1h, 24h, 7d, 30d) or both from and to")
-    return for_range(_parse_time("from", p["from"]), _parse_time("to", p["to"]), now_ms, retention_days)
+        raise BadRequest("timeframe: give timeframe (1h, 24h, 7d, 30d) or both from and to")
+    start, end = _parse_time("from", p["from"]), _parse_time("to", p["to"])
+    try:
+        return for_range(start, end, now_ms, retention_days)
+    except BadWindow as exc:
+        raise BadRequest(f"from/to: {exc}") from None
 
 
 def _limit(p: dict[str, str]) -> int:
     text = p.get("limit", str(queries.DEFAULT_LIMIT))
-    if not text.isdigit() or not 1 <= int(text) <= queries.MAX_LIMIT:
-        raise BadRequest(f"limit must be an integer between 1 and {queries.MAX_LIMIT}")
+    if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= queries.MAX_LIMIT:
+        raise BadRequest(f"limit: must be an integer between 1 and {queries.MAX_LIMIT}, got {show(text)}")
     return int(text)
+
+
+def _filters(p: dict[str, str], scope: Scope) -> queries.Filters:
+    """The filters asked for, each refused if nothing stored could ever match it."""
+    org = p.get("org")
+    if org is not None:
+        scope.org_filter(org)  # a scoped caller naming anything but its own org: 403, whatever it is
+        if problem := id_error("org", org):
+            raise BadRequest(problem)
+    api_key = p.get("api_key")
+    if api_key is not None and (problem := id_error("api_key", api_key)):
+        raise BadRequest(problem)
+    endpoint = p.get("endpoint")
+    if endpoint is not None and (len(endpoint) > ENDPOINT_MAX or not _ENDPOINT.fullmatch(endpoint)):
+        raise BadRequest(f"endpoint: must be a route template as events carry it (/v1/users/{{id}}, never a raw id "
+                         f"or a query string), up to {ENDPOINT_MAX} characters, got {show(endpoint)}")
+    return queries.Filters(org_id=org, api_key_id=api_key, endpoint=endpoint)
 
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def check_tokens(tokens: dict[str, str]) -> None:
+    """Each token must map to '*' or a valid org id; the message names the token by its
+    position only."""
+    for n, org in enumerate(tokens.values(), 1):
+        if org != ALL_ORGS and not is_valid_id(org):
+            raise ConfigError(f"QUOTAFLOW_API_TOKENS: token #{n} maps to {show(org)}, which is neither "
+                              f"'*' (every org) nor an org id ({ID_RULE})")
+
+
+class _Export(StreamingResponse):
+    """A CSV export that gives its query slot back when the response ends, however it
+    ends (done, failed, client gone)."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except _ExportAborted:
+            # Already logged with its reason. Returning without finishing the body makes the
+            # server cut the connection: the client sees a broken export, not a short one.
+            pass
+        finally:
+            self._release()
+
+
+class _ExportAborted(Exception):
+    pass
 
 
 def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: Client,
-               connect_for_export: Callable[[], Client]) -> Starlette:
+               connect_for_export: Callable[[], Client], bounds: queries.Bounds = queries.Bounds(),
+               max_concurrent: int = 4, queue_wait_s: float = 1.0) -> Starlette:
     """``client`` answers the JSON requests (one at a time per client); each CSV export
     gets a client of its own from ``connect_for_export`` so that a slow reader of a long
-    export does not hold up everybody else."""
+    export does not hold up everybody else. At most ``max_concurrent`` queries run at
+    once (exports until their last row is sent); a request waits up to ``queue_wait_s``
+    for a slot, then gets 503 with Retry-After."""
+    check_tokens(tokens)
+    slots = anyio.Semaphore(max_concurrent)
 
-    def authorize(request: Request) -> Scope | None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        return scope_for_token(token.strip(), tokens) if scheme.lower() == "bearer" else None
+    async def acquire() -> bool:
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            with QUERIES_WAITING.track_inprogress(), anyio.move_on_after(queue_wait_s):
+                await slots.acquire()
+                return _running(+1)
+            REFUSED.labels("max_concurrent_queries").inc()
+            return False
+        return _running(+1)
+
+    def _running(delta: int) -> bool:
+        QUERIES_RUNNING.inc(delta)
+        return True
+
+    def release() -> None:
+        QUERIES_RUNNING.dec()
+        slots.release()
+
+    def busy() -> Response:
+        return _error(503, f"too many queries at once (max_concurrent_queries={max_concurrent}); try again shortly",
+                      {"retry-after": str(RETRY_AFTER_S)})
+
+    def authorize(request: Request) -> Scope | str:
+        """The caller's scope, or why it has none (for a 401)."""
+        headers = request.headers.getlist("authorization")
+        if not headers:
+            return "missing Authorization header; send 'Authorization: Bearer <token>'"
+        if len(headers) > 1:
+            return "Authorization header given more than once"
+        scheme, _, token = headers[0].strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return "Authorization must be 'Bearer <token>'"
+        if len(token) > TOKEN_MAX:
+            return f"bearer token longer than {TOKEN_MAX} characters"
+        return scope_for_token(token, tokens) or "unknown bearer token"
 
     def prepare(request: Request) -> queries.Query | Response:
         scope = authorize(request)
-        if scope is None:
-            return _error(401, "missing or unknown bearer token")
+        if isinstance(scope, str):
+            return _error(401, scope, {"www-authenticate": 'Bearer realm="quotaflow"'})
         question = request.path_params["question"]
         if question not in queries.QUESTIONS:
             return _error(404, f"unknown question; ask one of: {', '.join(queries.QUESTIONS)}")
         try:
             p = _params(request)
-            filters = queries.Filters(org_id=p.get("org"), api_key_id=p.get("api_key"), endpoint=p.get("endpoint"))
+            filters = _filters(p, scope)
             return queries.build(question, scope, _window(p, retention_days), filters, _limit(p))
         except Forbidden as exc:
             return _error(403, str(exc))
@@ -127,35 +252,55 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         return {"question": query.question, "from": _iso(w.start_ms), "to": _iso(w.end_ms), "step": w.step,
                 "source": query.table.name, "org": query.org_id}
 
+    def failed(query: queries.Query, exc: BaseException, what: str) -> Response:
+        hit = queries.bound_hit(exc, bounds)
+        if hit is not None:
+            REFUSED.labels(hit.setting).inc()
+            log.warning(f"{what} stopped by a bound", extra={"question": query.question, "bound": hit.setting})
+            return _error(503, hit.message)
+        log.warning(f"{what} failed", extra={"question": query.question, "error": redact(str(exc)[:500])})
+        return _error(503, "the analytics store could not answer; try again")
+
+    async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+        # Shielded: a query keeps its slot until ClickHouse is done with it, even when
+        # the caller has gone, so the bound on queries running at once is exact.
+        with anyio.CancelScope(shield=True):
+            return await run_in_threadpool(fn, *args)
+
     async def answer_json(request: Request) -> Response:
         query = prepare(request)
         if isinstance(query, Response):
             return query
+        if not await acquire():
+            return busy()
         try:
-            rows = await run_in_threadpool(queries.run, client, query)
+            rows = await in_thread(queries.run, client, query, bounds)
         except Exception as exc:  # the driver raises several types; to the caller they all mean the same
-            log.warning("query failed", extra={"question": query.question, "error": str(exc)[:500]})
-            return _error(503, "the analytics store could not answer; try again")
+            return failed(query, exc, "query")
+        finally:
+            release()
         return JSONResponse({**meta(query), "columns": list(query.columns), "rows": rows})
 
     async def answer_csv(request: Request) -> Response:
         query = prepare(request)
         if isinstance(query, Response):
             return query
+        if not await acquire():
+            return busy()
 
         def start() -> tuple[Client, Iterator[tuple]]:
             export_client = connect_for_export()
             try:
-                return export_client, queries.open_stream(export_client, query)
+                return export_client, queries.open_stream(export_client, query, bounds)
             except Exception:
                 export_client.close()
                 raise
 
         try:
-            export_client, rows = await run_in_threadpool(start)
+            export_client, rows = await in_thread(start)
         except Exception as exc:  # as above; failing here still allows a proper status code
-            log.warning("export failed", extra={"question": query.question, "error": str(exc)[:500]})
-            return _error(503, "the analytics store could not answer; try again")
+            release()
+            return failed(query, exc, "export")
 
         def lines() -> Iterator[str]:
             buf = io.StringIO()
@@ -169,21 +314,36 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
                         buf.seek(0)
                         buf.truncate()
                 yield buf.getvalue()
+            except Exception as exc:  # the status is sent: all that is left is to say why and cut it
+                hit = queries.bound_hit(exc, bounds)
+                log.warning("export cut short", extra={"question": query.question,
+                                                       "bound": hit.setting if hit else None,
+                                                       "error": redact(str(exc)[:500])})
+                raise _ExportAborted() from None
             finally:
                 rows.close()
                 export_client.close()
 
         filename = f"quotaflow-{query.question}.csv"
-        return StreamingResponse(lines(), media_type="text/csv; charset=utf-8",
-                                 headers={"content-disposition": f'attachment; filename="{filename}"',
-                                          "x-quotaflow-from": meta(query)["from"], "x-quotaflow-to": meta(query)["to"],
-                                          "x-quotaflow-source": query.table.name})
+        return _Export(lines(), media_type="text/csv; charset=utf-8", release=release,
+                       headers={"content-disposition": f'attachment; filename="{filename}"',
+                                "x-quotaflow-from": meta(query)["from"], "x-quotaflow-to": meta(query)["to"],
+                                "x-quotaflow-source": query.table.name})
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
-    return Starlette(routes=[
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Starlette's own answers (no such route, method not allowed) with a reason too.
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail or "error", dict(exc.headers or {}))
+
+    app = Starlette(routes=[
         Route("/healthz", healthz),
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
-    ])
+    ], exception_handlers={HTTPException: http_error})
+    # No redirect of /v1/x/ to /v1/x: nothing is there to find, and building the redirect
+    # from a query string that is not UTF-8 raised (a 500).
+    app.router.redirect_slashes = False
+    return app

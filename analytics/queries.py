@@ -5,6 +5,13 @@ caller supplies (org, API key, endpoint, times, limit) is a server-side bound
 parameter ({name:Type}); caller input is never put into SQL text. Every query is
 built from a Scope: a caller scoped to one org always has ``org_id = {org:String}``
 in its WHERE clause, whatever else it asks for.
+
+Every query runs within Bounds (execution time, memory, read-only), ClickHouse settings
+that the server and the embedded engine both enforce by stopping the query; ``bound_hit``
+tells which one stopped it. The size of an answer is bounded by the SQL itself (LIMIT,
+at most 3661 buckets of a series), not by max_result_rows: with chDB a query stopped by
+max_result_rows could leave the next answer on the same client unreadable (IndexError
+in the driver, seen when another client had streamed meanwhile).
 """
 
 from __future__ import annotations
@@ -231,16 +238,56 @@ def build(question: str, scope: Scope, window: Window, filters: Filters = Filter
     return Query(question, sql.strip(), params, columns, window, table, org_id)
 
 
-def run(client: Client, query: Query) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What one query may use. ClickHouse stops a query that goes beyond either of them
+    (TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED); the embedded engine (chDB) honours both as
+    a server does."""
+
+    max_execution_time_s: float = 30.0
+    max_memory_usage: int = 1024 ** 3
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_execution_time": self.max_execution_time_s, "timeout_overflow_mode": "throw",
+                "max_memory_usage": self.max_memory_usage,
+                # Reads only, whatever the SQL became; settings (these) may still be set.
+                "readonly": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class BoundHit:
+    setting: str  # the ClickHouse setting (or limit) that stopped the query
+    message: str  # for the caller: which bound, and what to do
+
+
+def bound_hit(exc: BaseException, bounds: Bounds) -> BoundHit | None:
+    """The bound that stopped a query, from the error ClickHouse raised; None if the
+    error was something else. The driver raises one type for every server error, so the
+    error's name in the message (the same from a server and from chDB) decides."""
+    text = str(exc)
+    if "TIMEOUT_EXCEEDED" in text:
+        return BoundHit("max_execution_time", f"query exceeded max_execution_time={bounds.max_execution_time_s:g}s; "
+                                              "ask for a shorter range or try again later")
+    if "MEMORY_LIMIT_EXCEEDED" in text:
+        if "Query memory limit" in text or "max_memory_usage" in text:
+            return BoundHit("max_memory_usage", f"query exceeded max_memory_usage={bounds.max_memory_usage} bytes; "
+                                                "ask for a shorter range or fewer rows")
+        return BoundHit("server_memory", "the analytics store is short of memory (its total limit); try again later")
+    if "TOO_MANY_ROWS_OR_BYTES" in text or "TOO_MANY_ROWS" in text:  # a server profile's own limits
+        return BoundHit("rows", "query exceeded the analytics store's limit on rows; ask for a shorter range")
+    return None
+
+
+def run(client: Client, query: Query, bounds: Bounds = Bounds()) -> list[dict[str, Any]]:
     """Rows of the answer, each a dict of column -> value."""
-    result = client.query(query.sql, parameters=query.parameters)
+    result = client.query(query.sql, parameters=query.parameters, settings=bounds.settings())
     return [dict(zip(query.columns, row, strict=True)) for row in result.result_rows]
 
 
-def open_stream(client: Client, query: Query) -> Iterator[tuple]:
+def open_stream(client: Client, query: Query, bounds: Bounds = Bounds()) -> Iterator[tuple]:
     """Start the query (errors are raised here) and return its rows as they come from
     ClickHouse, block by block."""
-    blocks = client.query_row_block_stream(query.sql, parameters=query.parameters)
+    blocks = client.query_row_block_stream(query.sql, parameters=query.parameters, settings=bounds.settings())
 
     def rows() -> Iterator[tuple]:
         with blocks:

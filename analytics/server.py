@@ -15,7 +15,8 @@ import socket
 
 import uvicorn
 
-from analytics.app import create_app
+from analytics.app import check_tokens, create_app
+from analytics.queries import Bounds
 from quotaflow.settings import Settings
 from sinks.clickhouse import retention
 from sinks.clickhouse.client import connect
@@ -46,13 +47,17 @@ class ApiServer:
 
     async def start(self) -> None:
         """Bind (raising OSError at once if the port is taken), then serve in the background."""
+        check_tokens(self.settings.api_tokens)  # before anything is opened: a bad token map is fatal
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((HOST, self.settings.api_port))
         url = self.settings.clickhouse_url
         self._client = await asyncio.to_thread(connect, url)
-        app = create_app(self.settings.api_tokens, retention.wanted_days(self.settings), self._client,
-                         lambda: connect(url))
+        s = self.settings
+        app = create_app(s.api_tokens, retention.wanted_days(s), self._client, lambda: connect(url),
+                         bounds=Bounds(max_execution_time_s=s.api_query_timeout_s,
+                                       max_memory_usage=s.api_query_max_memory_bytes),
+                         max_concurrent=s.api_max_concurrent_queries, queue_wait_s=s.api_queue_wait_s)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
@@ -62,7 +67,10 @@ class ApiServer:
             await self._task  # raises what went wrong
         if not self.settings.api_tokens:
             log.warning("query API serving, but QUOTAFLOW_API_TOKENS is empty: every request will be refused")
-        log.info("query API serving", extra={"url": f"http://{HOST}:{self.port}/v1/"})
+        log.info("query API serving", extra={"url": f"http://{HOST}:{self.port}/v1/",
+                                             "query_timeout_s": s.api_query_timeout_s,
+                                             "query_max_memory_bytes": s.api_query_max_memory_bytes,
+                                             "max_concurrent_queries": s.api_max_concurrent_queries})
 
     async def stop(self) -> None:
         if self._server is not None:

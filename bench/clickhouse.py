@@ -128,7 +128,7 @@ def record_batches(recs: list, max_records: int, max_bytes: int) -> list[list]:
 def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
     """Baselines on the same events: Python decode; the insert of decoded rows through the
     sink's writer (encoding + engine); the engine alone inserting the same rows."""
-    recs = [SimpleNamespace(topic=EVENTS_TOPIC, partition=0, offset=i, key=k, value=v)
+    recs = [SimpleNamespace(topic=EVENTS_TOPIC, partition=0, offset=i, key=k, value=v, headers=())
             for i, (k, v) in enumerate(records)]
     started = time.perf_counter()
     batches = []

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
 from schemas import deadletter
+from schemas.ids import show
 from schemas.events import MAX_EVENTS_PER_RECORD, RequestEvent, SchemaError, encode_batch, partition_key, validate
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 
@@ -80,7 +81,8 @@ class Emitter:
 
     async def emit(self, event: RequestEvent | Mapping[str, Any]) -> bool:
         """Queue one event. A mapping is validated first; invalid input is
-        dead-lettered and False returned."""
+        dead-lettered and False returned, whatever it holds: never an exception
+        into the request path."""
         if not isinstance(event, RequestEvent):
             try:
                 event = validate(event)
@@ -137,11 +139,11 @@ class Emitter:
     async def _dead_letter(self, doc: Any, exc: SchemaError) -> None:
         self.dead_lettered += 1
         EMITTED.labels("dead_lettered").inc()
-        log.warning("invalid event dead-lettered", extra={"reason": str(exc)})
+        log.warning("invalid event dead-lettered", extra={"reason": str(exc)[:500]})
         try:
-            value = orjson.dumps(doc, default=repr)
-        except TypeError:
-            value = repr(doc).encode()
+            value = orjson.dumps(doc, default=show)
+        except (TypeError, ValueError, RecursionError):  # nested too deep, cyclic, keys JSON cannot hold
+            value = show(doc).encode()
         headers = deadletter.headers(str(exc), deadletter.STAGE_COLLECTOR, ts_ms=int(time.time() * 1000))
         fut = await self._producer.send(DEAD_LETTER_TOPIC, value=value, headers=headers)
         self._pending.add(fut)

@@ -175,8 +175,13 @@ def run_demo(settings: Settings, seconds: float) -> int:
     try:
         for name in stack.PIPELINE:
             stack.start_pipeline_process(settings, name)
-        print("  processor and sink running; logs in", settings.state_dir / "logs", flush=True)
+        print("  processor and sink running, each restarted by its supervisor if it exits; logs in",
+              settings.state_dir / "logs", flush=True)
         stats, tally, failed = asyncio.run(_run(settings, seconds))
+        for name in stack.PIPELINE:
+            if (state := stack.pipeline_state(settings, name)) is not None and state.restarts:
+                print(f"note: the {name} exited and was restarted {state.restarts} times during the demo; "
+                      f"see {stack.pipeline_log(settings, name)}", flush=True)
     finally:
         stack.down(settings, only=list(stack.PIPELINE))
     try:

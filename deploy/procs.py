@@ -1,7 +1,8 @@
 """Background processes of the local stack: start detached, record the PID, stop by PID.
 
 A PID file holds the PID and a marker from the command line, so a PID reused
-by an unrelated process after a reboot is never taken for ours.
+by an unrelated process after a reboot is never taken for ours. A process that
+supervises another (deploy/supervise.py) keeps its state next to its PID file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class Proc:
     @property
     def pid_file(self) -> Path:
         return self.run_dir / f"{self.name}.pid"
+
+    @property
+    def state_file(self) -> Path:
+        """Where a supervisor records its stage (deploy/supervise.py State)."""
+        return self.run_dir / f"{self.name}.state.json"
 
     def pid(self) -> int | None:
         """PID of our running process, or None (a stale PID file is removed)."""
@@ -60,12 +66,35 @@ class Proc:
         pid = self.pid()
         if pid is None:
             return False
-        _signal_group(pid, signal.SIGTERM)
-        if not wait_until(lambda: not _alive(pid), timeout_s):
-            _signal_group(pid, signal.SIGKILL)
-            wait_until(lambda: not _alive(pid), 10.0)
+        stop_pid(pid, timeout_s)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def stop_pid(pid: int, timeout_s: float, group: bool = True) -> None:
+    """SIGTERM, then SIGKILL after timeout_s: to pid's process group (pid leads the
+    group it was started in) or to pid alone."""
+    send = _signal_group if group else _signal_one
+    send(pid, signal.SIGTERM)
+    if not wait_until(lambda: not alive(pid), timeout_s):
+        send(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 10.0)
+
+
+def running_as(pid: int, marker: str) -> bool:
+    """pid is alive and its command line contains marker (so not a reused pid)."""
+    return marker in _cmdline(pid) and alive(pid)
+
+
+def started_at(pid: int) -> float | None:
+    """When pid started, in epoch seconds (to within a second), or None if it is gone."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (FileNotFoundError, IndexError, ValueError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _cmdline(pid: int) -> str:
@@ -84,6 +113,13 @@ def _signal_group(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _signal_one(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -91,7 +127,7 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
     except ChildProcessError:

@@ -7,15 +7,18 @@ QUOTAFLOW_CLICKHOUSE_URL pointing elsewhere) are used as they are, not started.
 from __future__ import annotations
 
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
-from deploy import clickhouse, kafka, redis
-from deploy.procs import Proc, StackError, port_open, tail, wait_until
+from deploy import clickhouse, kafka, redis, supervise
+from deploy.procs import Proc, StackError, port_open, running_as, started_at, stop_pid, tail, wait_until
 from deploy.topics import ensure_topics_sync
+from quotaflow.redact import redact
 from quotaflow.settings import Settings
 
-# Pipeline processes the demo (or an operator) starts next to the stack.
+# Pipeline processes the demo (or an operator, `quotaflow stack start`) starts next to
+# the stack, each under a supervisor that restarts it (deploy/supervise.py).
 PIPELINE = ("processor", "sink")
 
 
@@ -47,27 +50,86 @@ def pipeline_log(settings: Settings, name: str):
     return settings.state_dir / "logs" / f"{name}.log"
 
 
-def start_pipeline_process(settings: Settings, name: str, env: dict | None = None, timeout_s: float = 90) -> int:
-    """Run ``quotaflow <name>`` in the background; return once it reports itself
-    ready (partitions assigned) on its /metrics."""
+def stage_ready(settings: Settings, name: str) -> bool:
+    """The stage reports itself ready (partitions assigned) on its /metrics."""
     from quotaflow import metrics
 
+    try:
+        return metrics.scrape(metrics_port(settings, name)).get(f"quotaflow_{name}_ready") == 1.0
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def pipeline_state(settings: Settings, name: str) -> supervise.State | None:
+    """What the stage's supervisor last recorded (the stage's pid, restarts, last
+    exit), while that supervisor runs."""
+    proc = pipeline_proc(settings, name)
+    if (pid := proc.pid()) is None:
+        return None
+    state = supervise.State.read(proc.state_file)
+    return state if state is not None and state.supervisor_pid == pid else None
+
+
+def start_pipeline_process(settings: Settings, name: str, env: dict | None = None, timeout_s: float = 90) -> int:
+    """Run ``quotaflow <name>`` in the background under ``quotaflow supervise <name>``,
+    which restarts it with backoff whenever it exits unasked; return the stage's own pid
+    once it reports itself ready. A stage that exits before it is ready has failed to
+    start: it is stopped, not restarted, and the error shows its log."""
     proc = pipeline_proc(settings, name)
     if (pid := proc.pid()) is not None:
         raise StackError(f"a {name} is already running (pid {pid}); stop it first with 'quotaflow stack down'")
-    pid = proc.start([sys.executable, "-m", "quotaflow", name], pipeline_log(settings, name),
-                     marker=f"quotaflow {name}", env=env)
+    proc.start([sys.executable, "-m", "quotaflow", "supervise", name], pipeline_log(settings, name),
+               marker=f"quotaflow supervise {name}", env=env)
 
-    def ready() -> bool:
-        try:
-            return metrics.scrape(metrics_port(settings, name)).get(f"quotaflow_{name}_ready") == 1.0
-        except (urllib.error.URLError, OSError):
-            return False
+    def exited() -> bool:
+        state = pipeline_state(settings, name)
+        return proc.pid() is None or (state is not None and state.restarts > 0)
 
-    if not wait_until(lambda: proc.pid() is None or ready(), timeout_s) or proc.pid() is None:
-        proc.stop()
-        raise StackError(f"the {name} did not become ready; log:\n{tail(pipeline_log(settings, name))}")
-    return pid
+    if not wait_until(lambda: exited() or stage_ready(settings, name), timeout_s) or exited():
+        state = supervise.State.read(proc.state_file)
+        failed = exited()
+        stop_pipeline_process(settings, name)
+        if not failed:
+            why = f"did not become ready within {timeout_s:g} s"
+        elif state is not None and state.last_exit is not None:
+            why = f"exited at start ({supervise.describe_exit(state.last_exit)})"
+        else:
+            why = "exited at start"
+        raise StackError(f"the {name} {why}; log:\n{tail(pipeline_log(settings, name))}")
+    state = pipeline_state(settings, name)
+    return state.pid if state is not None and state.pid is not None else proc.pid()
+
+
+def wait_restarted(settings: Settings, name: str, after: int, timeout_s: float = 90) -> int:
+    """Wait until the supervisor has restarted the stage (more than ``after`` restarts
+    so far) and the new process is ready; return its pid."""
+
+    def restarted() -> bool:
+        state = pipeline_state(settings, name)
+        return (state is not None and state.restarts > after and state.status == "running"
+                and stage_ready(settings, name))
+
+    if not wait_until(restarted, timeout_s):
+        raise StackError(f"the {name} was not restarted and ready within {timeout_s:g} s; "
+                         f"log:\n{tail(pipeline_log(settings, name))}")
+    return pipeline_state(settings, name).pid
+
+
+def stop_pipeline_process(settings: Settings, name: str) -> bool:
+    """Stop the stage's supervisor, which stops the stage (SIGTERM, SIGKILL after a
+    timeout) and does not restart it. True if something was stopped."""
+    proc = pipeline_proc(settings, name)
+    state = supervise.State.read(proc.state_file)
+    stopped = proc.stop()
+    # The stage gets SIGTERM from its supervisor, or from the kernel if the supervisor
+    # died first (PR_SET_PDEATHSIG); one that still runs is stopped here, so that
+    # nothing outlives `stack down`. Its start time tells it from a process that got
+    # its pid later (another stack's stage, say).
+    if (state is not None and state.pid is not None and running_as(state.pid, f"quotaflow {name}")
+            and abs((started_at(state.pid) or 0) - state.up_since) < 5):
+        stop_pid(state.pid, 30, group=False)
+        stopped = True
+    return stopped
 
 
 def up(settings: Settings) -> list[str]:
@@ -87,7 +149,7 @@ def down(settings: Settings, only: list[str] | None = None) -> list[str]:
     """Stop the pipeline processes and services (all, or those named); return what was stopped."""
     stopped = []
     for name in PIPELINE:
-        if (only is None or name in only) and pipeline_proc(settings, name).stop():
+        if (only is None or name in only) and stop_pipeline_process(settings, name):
             stopped.append(name)
     if (only is None or "kafka" in only) and kafka.stop(settings):
         stopped.append("kafka")
@@ -112,12 +174,44 @@ def status(settings: Settings) -> list[tuple[str, bool, str]]:
         where = f"redis-server on 127.0.0.1:{settings.redis_port}, data in {settings.state_dir / 'redis'}"
         out.append(("redis", pid is not None, f"{where}, pid {pid}" if pid else where))
     else:
-        out.append(("redis", True, f"external {settings.redis_url.split('@')[-1]}"))
+        out.append(("redis", True, f"external {redact(settings.redis_url)}"))
     if settings.clickhouse_embedded:
         out.append(("clickhouse", True, f"embedded engine (chDB) at {settings.clickhouse_url.removeprefix('chdb://')}"))
     else:
-        out.append(("clickhouse", True, f"server {settings.clickhouse_url.split('@')[-1]}"))
+        out.append(("clickhouse", True, f"server {redact(settings.clickhouse_url)}"))
     for name in PIPELINE:
         pid = pipeline_proc(settings, name).pid()
-        out.append((name, pid is not None, f"pid {pid}" if pid else "not started"))
+        out.append((name, pid is not None, _stage_status(pipeline_state(settings, name), pid)))
     return out
+
+
+def _stage_status(state: supervise.State | None, supervisor_pid: int | None) -> str:
+    """``pid 4321, up 3 min 5 s (since ...), 1 restart, last exit code -9 (SIGKILL) at ...``"""
+    if supervisor_pid is None:
+        return "not started"
+    if state is None:
+        return f"pid {supervisor_pid}"  # a supervisor that has not written its state yet
+    now = time.time()
+    if state.status == "running":
+        parts = [f"pid {state.pid}, up {_duration(now - state.up_since)} (since {_clock(state.up_since)})"]
+    elif state.status == "restarting":
+        parts = [f"restarting in {max(state.next_start_at - now, 0):.1f} s"]
+    else:
+        parts = [state.status]
+    parts.append(f"{state.restarts} restart{'' if state.restarts == 1 else 's'}")
+    if state.last_exit is not None:
+        parts.append(f"last exit {supervise.describe_exit(state.last_exit)} at {_clock(state.last_exit_at)}")
+    parts.append(f"supervisor pid {supervisor_pid}")
+    return ", ".join(parts)
+
+
+def _clock(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size} {unit} {s % size // sub_size} {sub}"
+    return f"{s} s"

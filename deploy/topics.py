@@ -6,19 +6,28 @@ import asyncio
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from deploy.procs import StackError
 from quotaflow.settings import Settings
-from schemas.topics import DEAD_LETTER_RETENTION_MS, DEAD_LETTER_TOPIC, EVENTS_RETENTION_MS, EVENTS_TOPIC
+from schemas.topics import (
+    DEAD_LETTER_RETENTION_MS,
+    DEAD_LETTER_TOPIC,
+    EVENTS_RETENTION_MS,
+    EVENTS_TIMESTAMP_TYPE,
+    EVENTS_TOPIC,
+)
 
 log = logging.getLogger(__name__)
 TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+TIMESTAMP_TYPE = "message.timestamp.type"
+DEFAULT_CONFIG = 5  # DescribeConfigs config source DEFAULT_CONFIG
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
     return [
         NewTopic(EVENTS_TOPIC, settings.events_partitions, 1,
-                 topic_configs={"retention.ms": str(EVENTS_RETENTION_MS)}),
+                 topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}),
         NewTopic(DEAD_LETTER_TOPIC, 1, 1, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS)}),
     ]
 
@@ -36,6 +45,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
             existing = set(await admin.list_topics())
             missing = [t for t in wanted(settings) if t.name not in existing]
             if not missing:
+                await _stamp_on_arrival(admin)
                 return created
             response = await admin.create_topics(missing)
             errors = {name: (code, msg) for name, code, msg in
@@ -47,6 +57,24 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
                 await asyncio.sleep(0.5)
     finally:
         await admin.close()
+
+
+async def _stamp_on_arrival(admin: AIOKafkaAdminClient) -> None:
+    """Make the broker stamp event records with their arrival time (LogAppendTime), as
+    the stages judge event times against it; a topic made before that (or by hand) is
+    altered, its other settings kept (AlterConfigs replaces the whole set)."""
+    resource = ConfigResource(ConfigResourceType.TOPIC, EVENTS_TOPIC)
+    (response,) = await admin.describe_configs([resource])
+    entries = response.resources[0][4]  # (name, value, read_only, config_source, is_sensitive, ...)
+    current = {e[0]: e[1] for e in entries if e[3] != DEFAULT_CONFIG and not e[2]}
+    if current.get(TIMESTAMP_TYPE) == EVENTS_TIMESTAMP_TYPE:
+        return
+    log.warning("stamping the events topic's records with their arrival time", extra={"topic": EVENTS_TOPIC})
+    configs = {**current, TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}
+    (altered,) = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, EVENTS_TOPIC, configs)])
+    code, message = altered.resources[0][:2]
+    if code:
+        raise StackError(f"could not set {TIMESTAMP_TYPE}={EVENTS_TIMESTAMP_TYPE} on {EVENTS_TOPIC}: {message}")
 
 
 def ensure_topics_sync(settings: Settings) -> list[str]:

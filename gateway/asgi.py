@@ -4,60 +4,37 @@ Each request of an identified caller is checked (one Redis round trip); a
 refusal is answered 429 with the rate-limit headers, an admitted request gets
 the headers added to its response. Either way one RequestEvent is emitted after
 the response, carrying the reservation's event_id and time, so the processors
-can count it and release the reservation exactly.
+can count it and release the reservation exactly. The event is built to fit the
+schema whatever the request held (gateway/request_event.py), so an admitted
+request is always counted; an identity that breaks the id rule is answered 400
+before anything is admitted or reserved.
 """
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
 from typing import Awaitable, Callable
 
 import orjson
-from starlette.routing import Match
 
 from collector.emitter import Emitter
+from gateway import identity, request_event
 from gateway.headers import rate_limit_headers
+from gateway.identity import header_identity
 from gateway.limiter import RateLimiter
-from schemas.events import ENDPOINT_MAX, RAW_ID_SEGMENT, USER_AGENT_MAX
+from schemas.ids import check_id
 from schemas.redis_keys import Decision
+
+__all__ = ["RateLimitMiddleware", "endpoint_template", "header_identity"]
 
 Identify = Callable[[dict], "tuple[str, str] | None"]  # scope -> (api_key_id, org_id), None: not limited
 
-# A path segment replaced by {id}: every segment the event schema refuses as a raw id, and
-# also runs of 16 or more hex digits and dashes in other id formats, which the schema
-# accepts but which would still make an endpoint per id.
-_RAW_ID = re.compile(rf"^(?:{RAW_ID_SEGMENT}|[0-9a-fA-F-]{{16,}})$")
-
-
-def header_identity(scope: dict) -> tuple[str, str] | None:
-    """Default identity: the X-Api-Key-Id and X-Org-Id request headers (set by an auth layer in front)."""
-    headers = dict(scope.get("headers") or [])
-    key, org = headers.get(b"x-api-key-id"), headers.get(b"x-org-id")
-    return (key.decode(), org.decode()) if key and org else None
-
 
 def endpoint_template(scope: dict, routes: list | None = None) -> str:
-    """The route template of the request: the one the framework matched (Starlette sets
-    scope["route"]), else the first of ``routes`` matching it (for refused requests,
-    which never reach the router), else the path with id-like segments replaced, so a
-    raw id never becomes an endpoint."""
-    route = scope.get("route")
-    if route is None:
-        for candidate in routes or ():
-            if candidate.matches(scope)[0] == Match.FULL:
-                route = candidate
-                break
-    if route is not None and getattr(route, "path", None):
-        return route.path[:ENDPOINT_MAX]
-    parts = [("{id}" if _RAW_ID.match(p) else p) for p in scope.get("path", "/").split("/")]
-    return ("/".join(parts) or "/")[:ENDPOINT_MAX]
-
-
-def _content_length(headers: dict) -> int:
-    raw = headers.get(b"content-length", b"0")
-    return int(raw) if raw.isdigit() else 0
+    """The route template of the request (the one the framework matched, else the first of
+    ``routes`` matching it), else the path with id-like segments replaced, so a raw id
+    never becomes an endpoint; always one the event schema takes."""
+    return request_event.endpoint(scope, routes)[0]
 
 
 class RateLimitMiddleware:
@@ -66,9 +43,11 @@ class RateLimitMiddleware:
         self.app = app
         self.limiter = limiter
         self.emitter = emitter
-        self.service = service
+        self.service = check_id("service", service)  # a configuration error, said at start, not per request
         self.identify = identify
+        self._names = identity.HEADERS if identify is header_identity else identity.FIELDS
         self._routes = getattr(app, "routes", None)  # a Starlette app or router: match templates ourselves
+        self._report = request_event.Reporter(self.service)
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         ident = self.identify(scope) if scope["type"] == "http" else None
@@ -76,6 +55,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         api_key_id, org_id = ident
+        refused = identity.problem(api_key_id, org_id, self._names)
+        if refused:
+            await _answer(send, 400, {"error": "invalid identity", "reason": refused})
+            return
         started = time.perf_counter()
         decision = await self.limiter.check(api_key_id, org_id)
         extra = [(k.lower().encode(), v.encode()) for k, v in rate_limit_headers(decision)]
@@ -95,27 +78,23 @@ class RateLimitMiddleware:
             finally:
                 await self._emit(scope, decision, api_key_id, org_id, seen, started)
             return
-        body = orjson.dumps({"error": "rate limit exceeded", "window": decision.denied_by,
-                             "retry_after_s": decision.retry_after_s})
-        await send_with_headers({"type": "http.response.start", "status": 429,
-                                 "headers": [(b"content-type", b"application/json"),
-                                             (b"content-length", str(len(body)).encode())]})
-        await send_with_headers({"type": "http.response.body", "body": body})
+        await _answer(send_with_headers, 429, {"error": "rate limit exceeded", "window": decision.denied_by,
+                                               "retry_after_s": decision.retry_after_s})
         await self._emit(scope, decision, api_key_id, org_id, seen, started)
 
     async def _emit(self, scope: dict, decision: Decision, api_key_id: str, org_id: str, seen: dict,
                     started: float) -> None:
         if self.emitter is None:
             return
-        headers = dict(scope.get("headers") or [])
-        client = scope.get("client") or ("0.0.0.0", 0)
-        await self.emitter.emit({
-            "schema_version": 1,
-            "event_id": decision.event_id or str(uuid.uuid4()),
-            "ts_ms": decision.now_ms,  # the reservation's time: the event counts in the window it was admitted in
-            "org_id": org_id, "api_key_id": api_key_id, "service": self.service,
-            "endpoint": endpoint_template(scope, self._routes), "method": scope.get("method", "GET"), "status": seen["status"],
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            "request_bytes": _content_length(headers), "response_bytes": seen["bytes"],
-            "client_ip": client[0], "user_agent": headers.get(b"user-agent", b"").decode(errors="replace")[:USER_AGENT_MAX],
-        })
+        event, normalised = request_event.build(
+            scope, decision, api_key_id=api_key_id, org_id=org_id, service=self.service, status_code=seen["status"],
+            response_bytes=seen["bytes"], latency_ms=(time.perf_counter() - started) * 1000, routes=self._routes)
+        self._report(normalised)
+        await self.emitter.emit(event)
+
+
+async def _answer(send: Callable, status: int, doc: dict) -> None:
+    body = orjson.dumps(doc)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -4,18 +4,17 @@
 -- the limit; then reserves one unit (the request's event_id) in both scopes.
 --
 -- KEYS: 1 key usage, 2 org usage, 3 key reservations, 4 org reservations,
---       5 org (tier), 6 key overrides, 7 enforcement switch
+--       5 org (tier), 6 key overrides: all of one org, in its hash slot. The
+--       emergency switch (one key for all orgs) is read beside this call, in the
+--       same pipeline, and applied by the gateway (gateway/limiter.py).
 -- ARGV: 1 event_id, 2 reservation ttl ms, 3 default tier, 4 window count n,
 --       then n x (label, length ms, bucket ms, sliding 0|1),
 --       then tier count, then per tier: name and n limits (-1: unlimited)
--- Returns: {allowed, enforced, now_ms, tier, then per limited window:
+-- Returns: {allowed, now_ms, tier, then per limited window:
 --           scope, label, length s, limit, used (including this request if admitted), reset ms}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('GET', KEYS[7]) == 'off' then
-  return {1, 0, now, ''}
-end
 
 local event_id, ttl, default_tier = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local nw = tonumber(ARGV[4])
@@ -102,7 +101,7 @@ if allowed == 1 then
   redis.call('PEXPIRE', KEYS[3], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
 end
-local out = {allowed, 1, now, tier}
+local out = {allowed, now, tier}
 for _, r in ipairs(result) do
   table.insert(out, r[1]); table.insert(out, r[2]); table.insert(out, r[3]); table.insert(out, r[4])
   table.insert(out, r[5] + allowed); table.insert(out, r[6])

@@ -4,13 +4,19 @@ of the events it counts, and dead-letters invalid events.
 
 Guarantee: at-least-once delivery, idempotent effect. A batch is acknowledged
 (its offsets become committable) only once its counts are in Redis and its
-changelog records and dead letters are on the broker. The table also holds each
-partition's next offset: records Faust delivers twice or skips are caught by
-OffsetGuard; records redelivered after a crash are recognised by their offset
-and not counted twice (window_counts keeps, per scope, the last offset applied).
-An event published twice (same event_id, two records) is counted once if the
-copies arrive within the dedup window. Events with status 429 (refused by a
-limiter) are never counted.
+changelog records, dead letters and forwarded records are on the broker (dead
+letters and forwarded records first: the changelog then says the batch is applied).
+The table also holds each partition's next offset: records Faust delivers twice
+or skips are caught by OffsetGuard; records redelivered after a crash are
+recognised by their offset and not counted twice (window_counts keeps, per scope,
+the last offset applied). An event published twice (same event_id, two records)
+is counted once if the copies arrive within the dedup window. Events with status
+429 (refused by a limiter) are never counted.
+
+Counts are kept per (org, key) and per org, each on its org's partition
+(schemas.events.partition_of): a record a publisher put on another partition
+(another partitioner, another key) is forwarded there and counted from there, so
+every count lives in exactly one partition, whoever publishes.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import asyncio
 import itertools
 import logging
 import time
+import warnings
 from collections import Counter
-from typing import Any, Awaitable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import faust
+import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -30,14 +38,24 @@ from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
+from processors import stopping
 from processors.backend import RedisBackend, ScopeWrite
 from processors.decisions import decide, decide_org, org_windows
 from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
-from processors.output import Output
+from processors.output import Output, Sent
 from processors.window_counts import REDELIVERED, apply_events
 from quotaflow.settings import Settings
 from schemas import deadletter
-from schemas.events import FIELD_NAMES, SchemaError, decode_columns
+from schemas.events import (
+    FIELD_NAMES,
+    FORWARDED_HEADER,
+    SchemaError,
+    TimeBounds,
+    decode_columns,
+    partition_key,
+    partition_of,
+    time_bounds_from_settings,
+)
 from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
@@ -53,6 +71,7 @@ BACKLOG = Gauge("quotaflow_processor_backlog_records",
 BACKLOG.set(float("nan"))
 TABLE_NAME = "window-counts"
 REJECTED_STATUS = 429
+LOG_APPEND_TIME = 1  # a record's timestamp type: stamped by the broker on arrival
 SWEEP_EVERY_S = 60.0
 DUPLICATE = "duplicate"  # the same event_id already counted from another record
 
@@ -63,10 +82,13 @@ def position(offset: int, index: int) -> int:
 
 
 KEY_SCOPE = "k/"
+FORWARDED = "forwarded"  # events of a record on another partition than their org's
 
 
-def key_scope(api_key_id: str) -> str:
-    return KEY_SCOPE + api_key_id
+def key_scope(org_id: str, api_key_id: str) -> str:
+    """Table key of a key's counts: keys of different orgs may share an id. Ids cannot
+    hold '/' (schemas/ids.py), so the two parts never run into each other."""
+    return f"{KEY_SCOPE}{org_id}/{api_key_id}"
 
 
 def org_scope(org_id: str) -> str:
@@ -76,12 +98,16 @@ def org_scope(org_id: str) -> str:
 class RequestCounter:
     """Handles one batch of events: the processor's work, apart from Faust's plumbing."""
 
-    def __init__(self, table: faust.Table, output: Output, backend: RedisBackend, guard: OffsetGuard):
+    def __init__(self, table: faust.Table, output: Output, backend: RedisBackend, guard: OffsetGuard,
+                 bounds: TimeBounds, partitions: int):
         self.table = table
         self.output = output
         self.backend = backend
         self.policy = backend.policy
         self.guard = guard
+        self.bounds = bounds
+        self.partitions = partitions  # of the events topic: where each org is counted
+        self._warned_create_time = False
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
 
     async def handle(self, events: Sequence[faust.types.EventT]) -> None:
@@ -89,7 +115,7 @@ class RequestCounter:
         touched: dict[tuple[str, str], int] = {}  # (org_id, api_key_id) -> partition
         released: dict[tuple[str, str], list[str]] = {}  # reservations to release, per key
         changed: dict[str, int] = {}  # table key -> partition
-        pending: list[Awaitable] = []  # deliveries to the broker
+        sent: list[Sent] = []  # dead letters and forwarded records, on their way to the broker
         fresh: list[_Record] = []  # records whose events were not applied before
         checks = _DuplicateChecks(self.backend)
         outcomes: Counter[str] = Counter()
@@ -102,7 +128,7 @@ class RequestCounter:
                     outcomes["refetch"] += 1
                     continue
                 changed[next_offset_key(msg.partition)] = msg.partition
-                record = await self._read(msg, verdict, outcomes, pending)
+                record = await self._read(msg, verdict, outcomes, sent)
                 if record is None:
                     continue
                 for key, rows in record.keys.items():
@@ -117,7 +143,7 @@ class RequestCounter:
             duplicate = await checks.results()
         finally:
             checks.cancel()
-        runs: dict[str, tuple[int, list[int], list[int]]] = {}  # scope -> (partition, event times, positions)
+        runs: dict[str, tuple[int, list[int], list[int], list[int]]] = {}  # scope -> (partition, times, positions, clocks)
         done = 0
         for record in fresh:
             dups = duplicate[done:done + len(record.rows)]
@@ -128,46 +154,52 @@ class RequestCounter:
                 if not record.rows:
                     continue
             scopes = [(org_scope(record.org_id), record.rows)]
-            scopes += [(key_scope(key), rows) for key, rows in record.keys.items()]
+            scopes += [(key_scope(record.org_id, key), rows) for key, rows in record.keys.items()]
             for scope, rows in scopes:
                 run = runs.get(scope)
                 if run is not None and run[0] != record.partition:  # a scope that moved partition: in order
                     self._apply(scope, run, outcomes, changed)
                     run = None
                 if run is None:
-                    run = runs[scope] = (record.partition, [], [])
+                    run = runs[scope] = (record.partition, [], [], [])
                 run[1].extend([record.ts_ms[j] for j in rows])
                 run[2].extend([record.positions[j] for j in rows])
+                run[3].extend([min(record.ts_ms[j], record.received_ms) for j in rows])
         for scope, run in runs.items():
             self._apply(scope, run, outcomes, changed)
         await self.guard.after_batch()
+
+        # Dead letters and forwarded records reach the broker before the changelog says
+        # their records are applied: a crash in between redelivers those records, which
+        # are then handled again, never skipped.
+        await self.output.deliver(sent)
 
         # One changelog record per changed scope per batch, not per event, written to the
         # partition of the events that changed it (so it recovers with them); each
         # partition's next offset last, as it is only valid once those are in.
         data = self.table.data
-        for scope, partition in sorted(changed.items(), key=lambda item: item[0].startswith("__")):
-            pending.append(await self.output.changelog(scope, data[scope], partition))
+        changelog = [await self.output.changelog(scope, data[scope], partition)
+                     for scope, partition in sorted(changed.items(), key=lambda item: item[0].startswith("__"))]
 
         if touched:
             await self.backend.write(await self._writes(touched, released))
             DECISIONS.inc(len(touched))
         if time.monotonic() >= self._next_sweep:
-            pending += await self._forget_idle_scopes()
+            changelog += await self._forget_idle_scopes()
         # The batch is acknowledged (and its offsets become committable) when this
-        # returns, so its changelog and dead letters must be on the broker by then.
-        # Faust's own flush before a commit gives up after 0.1 s per message.
-        await asyncio.gather(*pending)
+        # returns, so its changelog must be on the broker by then. Faust's own flush
+        # before a commit gives up after 0.1 s per message.
+        await self.output.deliver(changelog)
         for outcome, n in outcomes.items():
             EVENTS.labels(outcome).inc(n)
         BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    def _apply(self, scope: str, run: tuple[int, list[int], list[int]], outcomes: Counter[str],
+    def _apply(self, scope: str, run: tuple[int, list[int], list[int], list[int]], outcomes: Counter[str],
                changed: dict[str, int]) -> None:
         """Count a run of one scope's events; the outcomes are counted once, by their keys."""
-        partition, ts_ms, positions = run
+        partition, ts_ms, positions, clocks = run
         data = self.table.data
-        counted, state = apply_events(data.get(scope), ts_ms, partition, positions, self.policy)
+        counted, state = apply_events(data.get(scope), ts_ms, partition, positions, self.policy, clocks)
         if scope.startswith(KEY_SCOPE):
             for outcome, n in counted.items():
                 outcomes[outcome] += n
@@ -175,17 +207,35 @@ class RequestCounter:
             data[scope] = state
             changed[scope] = partition
 
-    async def _read(self, msg: Any, verdict: str, outcomes: Counter[str], pending: list[Awaitable]) -> "_Record | None":
-        """The events of a record that count (valid, not refused by a limiter), as columns.
-        Invalid ones are dead-lettered here, unless the record was handled before."""
-        columns, indexes, refused = decode_columns(msg.value)
+    async def _read(self, msg: Any, verdict: str, outcomes: Counter[str], sent: list[Sent]) -> "_Record | None":
+        """The events of a record that count here (valid, not refused by a limiter, on
+        their org's partition), as columns. Invalid ones are dead-lettered and events on
+        another partition forwarded to theirs, unless the record was handled before."""
+        # Times are judged against the broker's time of the record (LogAppendTime): the
+        # same for every stage, every replay.
+        received_ms = round(msg.timestamp * 1000)
+        if msg.timestamp_type != LOG_APPEND_TIME and not self._warned_create_time:
+            self._warned_create_time = True
+            log.error("the events topic keeps the publishers' record times (CreateTime): a publisher can then "
+                      "choose the time its events are judged against; set message.timestamp.type=LogAppendTime "
+                      "on it ('quotaflow stack up' does)", extra={"topic": msg.topic})
+        columns, indexes, refused = decode_columns(msg.value, received_ms, self.bounds)
         for index, exc in refused:
             if verdict == APPLY:
-                outcomes["invalid"] += 1
-                pending.append(await self._dead_letter(msg, exc, index if exc.payload is not None else None))
+                outcomes[exc.kind] += 1
+                sent.append(await self._dead_letter(msg, exc, index))
             else:
                 outcomes[REDELIVERED] += 1
         if not indexes:
+            return None
+        org = columns[_ORG][0]
+        home = partition_of(org, self.partitions)
+        if msg.partition != home:
+            if verdict == APPLY:
+                outcomes[FORWARDED] += len(indexes)
+                sent.append(await self._forward(msg, org, columns, home))
+            else:
+                outcomes[REDELIVERED] += len(indexes)
             return None
         status = columns[_STATUS]
         rows: Sequence[int] = range(len(status))
@@ -195,8 +245,18 @@ class RequestCounter:
             if not rows:
                 return None
         base = position(msg.offset, 0)
-        return _Record.of(msg.partition, columns[_ORG][0], columns[_KEY], columns[_TS], columns[_EVENT_ID],
+        return _Record.of(msg.partition, received_ms, org, columns[_KEY], columns[_TS], columns[_EVENT_ID],
                           [base | index for index in indexes], rows)
+
+    async def _forward(self, msg: Any, org: str, columns: tuple[tuple, ...], home: int) -> Sent:
+        """The valid events of a record published on another partition than its org's,
+        to that partition, to be counted there (the sink stores the original only)."""
+        log.warning("events on another partition than their org's; forwarding them (publish keyed by org_id "
+                    "with Kafka's default murmur2 partitioner to avoid this)",
+                    extra={"org_id": org, "partition": msg.partition, "offset": msg.offset, "home": home})
+        value = orjson.dumps([dict(zip(FIELD_NAMES, row)) for row in zip(*columns)])
+        origin = f"{msg.topic}/{msg.partition}/{msg.offset}".encode()
+        return await self.output.forward(partition_key(org), value, home, [(FORWARDED_HEADER, origin)])
 
     async def _writes(self, touched: dict[tuple[str, str], int], released: dict[tuple[str, str], list[str]]
                       ) -> list[ScopeWrite]:
@@ -208,7 +268,7 @@ class RequestCounter:
         orgs: dict[str, list[str]] = {}  # org -> its events' reservations
         windows = {org: org_windows(data.get(org_scope(org)), policy, tiers[org], now) for org in tiers}
         for (org, key), _ in touched.items():
-            kstate = data.get(key_scope(key))
+            kstate = data.get(key_scope(org, key))
             decision = decide(kstate, windows[org], policy, tiers[org], overrides[(org, key)], now)
             writes.append(ScopeWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)]))
             orgs.setdefault(org, []).extend(released[(org, key)])
@@ -218,7 +278,7 @@ class RequestCounter:
             writes.append(ScopeWrite(org, None, ostate["b"] if ostate else None, decision, ids))
         return writes
 
-    async def _forget_idle_scopes(self) -> list[Awaitable]:
+    async def _forget_idle_scopes(self) -> list[Sent]:
         """Drop scopes idle for longer than their longest window and the grace after it:
         their counts can no longer matter, and the table (and its recovery) stays the
         size of the active keys. Runs inside a batch, so nothing else changes the table."""
@@ -235,9 +295,9 @@ class RequestCounter:
             log.info("idle scopes forgotten", extra={"scopes": len(idle)})
         return sent
 
-    async def _dead_letter(self, msg: Any, exc: SchemaError, index: int | None) -> Awaitable:
+    async def _dead_letter(self, msg: Any, exc: SchemaError, index: int | None) -> Sent:
         log.warning("invalid event dead-lettered",
-                    extra={"reason": str(exc), "partition": msg.partition, "offset": msg.offset, "index": index})
+                    extra={"reason": str(exc)[:500], "partition": msg.partition, "offset": msg.offset, "index": index})
         return await self.output.dead_letter(
             msg.key, msg.value if exc.payload is None else exc.payload,
             deadletter.headers(str(exc), deadletter.STAGE_PROCESSOR, topic=msg.topic, partition=msg.partition,
@@ -292,6 +352,7 @@ class _Record(NamedTuple):
     """A record's events that count, as columns: ``rows`` says which of the columns' rows."""
 
     partition: int
+    received_ms: int  # when the broker received the record: caps how far its events move clocks
     org_id: str  # a record carries one org's events
     api_key_ids: tuple[str, ...]
     ts_ms: tuple[int, ...]
@@ -301,7 +362,7 @@ class _Record(NamedTuple):
     keys: dict[str, list[int]]  # the rows of each API key
 
     @classmethod
-    def of(cls, partition: int, org_id: str, api_key_ids: tuple[str, ...], ts_ms: tuple[int, ...],
+    def of(cls, partition: int, received_ms: int, org_id: str, api_key_ids: tuple[str, ...], ts_ms: tuple[int, ...],
            event_ids: tuple[str, ...], positions: list[int], rows: Sequence[int]) -> "_Record":
         if len(set(api_key_ids)) == 1:
             keys = {api_key_ids[0]: list(rows)}
@@ -309,7 +370,7 @@ class _Record(NamedTuple):
             keys = {}
             for j in rows:
                 keys.setdefault(api_key_ids[j], []).append(j)
-        return cls(partition, org_id, api_key_ids, ts_ms, event_ids, positions, rows, keys)
+        return cls(partition, received_ms, org_id, api_key_ids, ts_ms, event_ids, positions, rows, keys)
 
     def row_values(self) -> tuple[Sequence[int], Sequence[str], Sequence[int]]:
         """Event times, event ids and positions of the rows, for the duplicate check."""
@@ -320,7 +381,7 @@ class _Record(NamedTuple):
 
     def without(self, rows: list[int]) -> "_Record":
         drop = set(rows)
-        return _Record.of(*self[:6], [j for j in self.rows if j not in drop])
+        return _Record.of(*self[:7], [j for j in self.rows if j not in drop])
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -368,7 +429,13 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(1.0)
     async def _reseek() -> None:
         if "counter" in running:
-            guard = running["counter"].guard
+            counter = running["counter"]
+            partitions = app.consumer.topic_partitions(EVENTS_TOPIC)
+            if partitions and partitions != counter.partitions:  # partitions added: orgs move (counts restart)
+                log.warning("the events topic's partition count changed; orgs are counted on their new partitions",
+                            extra={"before": counter.partitions, "after": partitions})
+                counter.partitions = partitions
+            guard = counter.guard
             await guard.reseek_stale()
             assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC]
             if assigned:
@@ -386,20 +453,26 @@ def create_app(settings: Settings) -> faust.App:
         redis = aioredis.Redis.from_url(settings.redis_url)
         probe = OffsetProbe(settings.kafka_bootstrap, EVENTS_TOPIC)
         await probe.start()
-        output = Output(settings.kafka_bootstrap, table.changelog_topic.get_topic_name(), DEAD_LETTER_TOPIC)
+        output = Output(settings.kafka_bootstrap, table.changelog_topic.get_topic_name(), DEAD_LETTER_TOPIC,
+                        EVENTS_TOPIC)
         await output.start()
 
         async def seek(partition: int, offset: int) -> None:
             log.warning("records skipped by the stream; seeking back", extra={"partition": partition, "offset": offset})
-            await app.consumer.seek(TP(EVENTS_TOPIC, partition), offset)
+            await seek_stream(app, TP(EVENTS_TOPIC, partition), offset)
 
         running["probe"] = probe
-        counter = running["counter"] = RequestCounter(table, output, RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s),
-                                                      OffsetGuard(table.data, probe.first_offset, seek))
+        backend = RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s)
+        counter = running["counter"] = RequestCounter(table, output, backend,
+                                                      OffsetGuard(table.data, probe.first_offset, seek),
+                                                      time_bounds_from_settings(settings),
+                                                      await events_partitions(app))
         try:
             async for batch in stream.take_events(settings.processor_batch_size,
                                                   within=settings.processor_batch_seconds):
                 await counter.handle(batch)
+        except stopping.Stopped:
+            log.info("stopping: the batch in progress is left unacknowledged, to be read again")
         finally:
             running.pop("counter", None)
             running.pop("probe", None)
@@ -408,6 +481,45 @@ def create_app(settings: Settings) -> faust.App:
             await redis.aclose()
 
     return app
+
+
+class Worker(faust.Worker):
+    """Faust's worker, stopping within seconds when asked (SIGTERM, SIGINT).
+
+    The retry loops give up the batch in progress (processors/stopping.py), and the
+    consumer no longer waits for every event taken from the stream to be acknowledged:
+    events it took and never handed out would keep it waiting for ever. Unacknowledged
+    records are read again after the restart, which the table recognises. On a
+    rebalance it still waits (stream_wait_empty), so a batch of a revoked partition
+    ends before its next owner recovers the table."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        stopping.request()
+        with warnings.catch_warnings():  # "reconfiguring late": deliberate, for the shutdown only
+            warnings.simplefilter("ignore")
+            self.app.conf.stream_wait_empty = False
+        super()._schedule_shutdown(signal)
+
+
+async def events_partitions(app: faust.App) -> int:
+    """Partitions of the events topic, as the group's last rebalance saw them (the
+    agent's first batch comes after that rebalance)."""
+    while not (partitions := app.consumer.topic_partitions(EVENTS_TOPIC)):
+        await asyncio.sleep(0.1)
+    return partitions
+
+
+async def seek_stream(app: faust.App, tp: TP, offset: int) -> None:
+    """Seek the agent's stream back to ``offset``. Faust runs its aiokafka consumer in a
+    thread of its own, and its Consumer.seek calls that consumer from ours: the fetcher,
+    between listing and reading its fetched partitions, then finds one gone (KeyError in
+    fetched_records, which stops the worker). seek_wait runs the seek in the consumer's
+    thread. A partition revoked meanwhile cannot be sought: the guard repeats seeks that
+    did not take, and a rebalance repositions the stream anyway."""
+    try:
+        await app.consumer.seek_wait({tp: offset})
+    except (KafkaError, asyncio.TimeoutError, AssertionError) as exc:
+        log.warning("seek failed; it will be repeated", extra={"partition": tp.partition, "error": repr(exc)})
 
 
 class OffsetProbe:

@@ -17,8 +17,9 @@ from typing import Awaitable, Callable, Sequence, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from processors import stopping
 from schemas.dedup import DuplicateCheck
 from schemas.limits import Policy, parse_overrides
 from schemas.redis_keys import (
@@ -38,13 +39,14 @@ T = TypeVar("T")
 
 
 async def until_ok(op: Callable[[], Awaitable[T]], what: str, max_delay_s: float = 5.0) -> T:
+    """op's answer, retried until Redis gives one (or the processor stops: stopping.Stopped)."""
     delay = 0.1
     while True:
         try:
             return await op()
         except (RedisError, OSError) as exc:
             log.warning("redis unavailable, retrying", extra={"op": what, "error": str(exc), "retry_in_s": delay})
-            await asyncio.sleep(delay)
+            await stopping.pause(delay)
             delay = min(delay * 2, max_delay_s)
 
 
@@ -111,10 +113,12 @@ class RedisBackend:
         return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
     async def write(self, writes: list[ScopeWrite]) -> None:
-        """All of a batch in one script call (write.lua), atomic like MULTI/EXEC."""
+        """All of a batch in one round trip: one script call (write.lua) per org, each
+        atomic like MULTI/EXEC and touching that org's keys only (one hash slot, as on a
+        Redis Cluster), pipelined."""
         if not writes:
             return
-        batch = []
+        by_org: dict[str, list] = {}
         for w in writes:
             fields: list[str] = []
             if w.buckets is not None:
@@ -126,7 +130,21 @@ class RedisBackend:
                 fields += ["org_id", w.org_id]
                 if w.api_key_id is not None:
                     fields += ["api_key_id", w.api_key_id]
-            batch.append([usage_key(w.org_id, w.api_key_id), reservations_key(w.org_id, w.api_key_id), fields,
-                          w.released])
-        payload = orjson.dumps(batch)
-        await until_ok(lambda: self._write(args=[self.usage_ttl_ms, payload]), "write counts and decisions")
+            by_org.setdefault(w.org_id, []).append([usage_key(w.org_id, w.api_key_id),
+                                                    reservations_key(w.org_id, w.api_key_id), fields, w.released])
+        calls = [(usage_key(org), orjson.dumps(batch)) for org, batch in by_org.items()]
+
+        async def send() -> None:
+            for attempt in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for slot_key, payload in calls:  # queued as plain commands: a coroutine each cost more
+                    pipe.execute_command("EVALSHA", self._write.sha, 1, slot_key, self.usage_ttl_ms, payload)
+                replies = await pipe.execute(raise_on_error=False)
+                errors = [r for r in replies if isinstance(r, Exception)]
+                if not errors:
+                    return
+                if attempt or not all(isinstance(e, NoScriptError) for e in errors):
+                    raise errors[0]
+                await self.redis.script_load(WRITE_SCRIPT)  # a restarted or flushed Redis: load it, send again
+
+        await until_ok(send, "write counts and decisions")

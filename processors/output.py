@@ -1,24 +1,47 @@
-"""The processor's own Kafka producer, for its changelog records and dead letters.
+"""The processor's own Kafka producer, for its changelog records, dead letters and
+forwarded records.
 
 Faust's producer path sends records one by one through its buffer; a batch that
 touches thousands of keys spent most of its time there. This producer appends
-them all at once (idempotent, batched, lingering a few ms) and hands back the
-delivery futures, which the batch awaits before it is acknowledged. Faust still
-reads the changelog topic to recover the table: it does not care who wrote it.
+them all at once (idempotent, batched, lingering a few ms) and hands back what it
+sent, which the batch delivers (``deliver``) before it is acknowledged. Faust
+still reads the changelog topic to recover the table: it does not care who wrote it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from processors import stopping
+
+log = logging.getLogger(__name__)
+
+RETRY_MAX_S = 5.0
+
+
+@dataclass(slots=True)
+class Sent:
+    """A record handed to the producer, and the future of its delivery."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None
+    headers: list | None
+    future: asyncio.Future
 
 
 class Output:
-    def __init__(self, bootstrap: str, changelog_topic: str, dead_letter_topic: str):
+    def __init__(self, bootstrap: str, changelog_topic: str, dead_letter_topic: str, events_topic: str):
         self.changelog_topic = changelog_topic
         self.dead_letter_topic = dead_letter_topic
+        self.events_topic = events_topic
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=5,
                                           max_batch_size=512 * 1024, compression_type="zstd")
 
@@ -28,11 +51,43 @@ class Output:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def changelog(self, key: str, state: dict | int | None, partition: int) -> asyncio.Future:
+    async def changelog(self, key: str, state: dict | int | None, partition: int) -> Sent:
         """A table record, encoded as Faust reads its changelog back (key and value both
         JSON: a raw key fails its recovery, which then skips the record); None deletes the key."""
         value = None if state is None else orjson.dumps(state)
-        return await self._producer.send(self.changelog_topic, value=value, key=orjson.dumps(key), partition=partition)
+        return await self._send(self.changelog_topic, orjson.dumps(key), value, partition, None)
 
-    async def dead_letter(self, key: bytes | None, value: bytes | None, headers: list) -> asyncio.Future:
-        return await self._producer.send(self.dead_letter_topic, value=value, key=key, headers=headers)
+    async def dead_letter(self, key: bytes | None, value: bytes | None, headers: list) -> Sent:
+        return await self._send(self.dead_letter_topic, key, value, None, headers)
+
+    async def forward(self, key: bytes, value: bytes, partition: int, headers: list) -> Sent:
+        """Events to the partition of the events topic where their org is counted."""
+        return await self._send(self.events_topic, key, value, partition, headers)
+
+    async def deliver(self, sent: list[Sent]) -> None:
+        """Return once every record is on the broker. Records that failed (a leader
+        moving, a topic just created, a broker restarting) are sent again in their order,
+        with backoff, until they are (or the processor stops: stopping.Stopped): a batch
+        is never acknowledged with its output lost."""
+        delay = 0.1
+        while sent:
+            await asyncio.wait([s.future for s in sent])
+            failed = [s for s in sent if s.future.cancelled() or s.future.exception() is not None]
+            if not failed:
+                return
+            error = failed[0].future.exception() if not failed[0].future.cancelled() else "cancelled"
+            log.warning("records not delivered to the broker; sending them again",
+                        extra={"records": len(failed), "topics": sorted({s.topic for s in failed}),
+                               "error": repr(error), "retry_in_s": delay})
+            await stopping.pause(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            sent = [await self._send(s.topic, s.key, s.value, s.partition, s.headers) for s in failed]
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                    headers: list | None) -> Sent:
+        try:
+            future = await self._producer.send(topic, value=value, key=key, partition=partition, headers=headers)
+        except KafkaError as exc:  # e.g. no metadata for the topic yet: counts as a failed delivery
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        return Sent(topic, key, value, partition, headers, future)

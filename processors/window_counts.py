@@ -3,15 +3,17 @@
 The state is a small dict, stored in a Faust table (and so in its changelog):
 
     {"p": partition, "o": position, # the source event that last changed it (record offset, index)
-     "m": max event time seen (ms), # the scope's own event-time clock
+     "m": the scope's clock (ms),   # the latest event time seen, each capped by its record's arrival
      "b": [[[bucket_start, count], ...], ...]}  # per window, ascending
 
 After a crash Kafka redelivers records whose effect may already be in the
 changelog; ``p``/``o`` recognise their events, so nothing is counted twice. Time is
-event time only (never the wall clock), so replaying the same records gives the
-same state. An event is late for a window when its bucket stopped mattering more
-than the grace period ago by the scope's clock: it is then not counted there
-(it may still count in longer windows).
+event time, capped by the time the broker received the event's record (never the
+wall clock), so replaying the same records gives the same state, and an event
+stamped in the future cannot push the clock past the present: it would close the
+current windows for every later event. An event is late for a window when its
+bucket stopped mattering more than the grace period ago by the scope's clock: it
+is then not counted there (it may still count in longer windows).
 """
 
 from __future__ import annotations
@@ -35,14 +37,17 @@ class ScopeState(TypedDict):
 
 
 def apply_event(state: ScopeState | None, ts_ms: int, partition: int, position: int,
-                policy: Policy) -> tuple[str, ScopeState | None]:
+                policy: Policy, clock_ms: int | None = None) -> tuple[str, ScopeState | None]:
     """The outcome of one event and the scope's state after it (None when unchanged).
-    The state given is updated in place: this runs for every event of every scope."""
+    ``clock_ms``: how far the event moves the scope's clock (its time, capped by its
+    record's arrival; its time when None). The state given is updated in place: this
+    runs for every event of every scope."""
     if state is not None and state["p"] == partition and position <= state["o"]:
         return REDELIVERED, None
+    moved = ts_ms if clock_ms is None else clock_ms
     if state is None or len(state["b"]) != len(policy.windows):
-        state = {"p": partition, "o": position, "m": ts_ms, "b": [[] for _ in policy.windows]}
-    clock = max(state["m"], ts_ms)
+        state = {"p": partition, "o": position, "m": moved, "b": [[] for _ in policy.windows]}
+    clock = max(state["m"], moved)
     outcome = COUNTED
     for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"], strict=True):
         keep_after = clock - retained
@@ -76,26 +81,29 @@ def _add(buckets: list[list[int]], start: int, n: int) -> None:
 
 
 def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int, positions: Sequence[int],
-                 policy: Policy) -> tuple[dict[str, int], ScopeState | None]:
+                 policy: Policy, clocks: Sequence[int] | None = None) -> tuple[dict[str, int], ScopeState | None]:
     """apply_event for a run of events of one scope from one partition, in position order:
     the outcomes counted by kind, and the same state as applying them one by one.
+    ``clocks``: per event, apply_event's clock_ms (None: their times).
 
     The usual run (none of its events late by the clock at its end, so none late by the
     clock at its own time either) is counted per bucket, not per event."""
     outcomes: dict[str, int] = {}
+    if clocks is None:
+        clocks = ts_ms
     if state is not None and state["p"] == partition:
         skip = bisect.bisect_right(positions, state["o"])  # a redelivered prefix
         if skip:
             outcomes[REDELIVERED] = skip
-            ts_ms, positions = ts_ms[skip:], positions[skip:]
+            ts_ms, positions, clocks = ts_ms[skip:], positions[skip:], clocks[skip:]
     if not ts_ms:
         return outcomes, None
     fresh = state is None or len(state["b"]) != len(policy.windows)  # apply_event starts such a state anew
-    oldest, newest = min(ts_ms), max(ts_ms)
-    clock = newest if fresh else max(state["m"], newest)
+    oldest, newest, latest = min(ts_ms), max(ts_ms), max(clocks)
+    clock = latest if fresh else max(state["m"], latest)
     if any(oldest - oldest % bucket_ms + bucket_ms <= clock - retained for bucket_ms, retained in policy.buckets):
-        for ts, position in zip(ts_ms, positions, strict=True):  # some may be late: the exact way
-            outcome, changed = apply_event(state, ts, partition, position, policy)
+        for ts, position, moved in zip(ts_ms, positions, clocks, strict=True):  # some may be late: the exact way
+            outcome, changed = apply_event(state, ts, partition, position, policy, moved)
             state = changed if changed is not None else state
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         return outcomes, state

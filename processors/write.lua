@@ -2,9 +2,11 @@
 -- decisions into usage hashes, and the reservations of counted events released,
 -- so a gateway sees a counted event either as a reservation or in the counts,
 -- never in both and never in neither.
--- The batch comes as one JSON argument (decoded here in C): packing thousands of
--- arguments costs the client more than the whole script costs Redis. Its keys
--- are therefore not declared: a single Redis server (or primary), not a cluster.
+-- One call per org: every key it touches carries the org's hash tag, so the call
+-- stays in one hash slot (one node of a Redis Cluster), which KEYS[1] (the org's
+-- usage hash) declares. The org's writes come as one JSON argument (decoded here
+-- in C): packing thousands of arguments costs the client more than the script.
+-- KEYS: 1 the org's usage hash
 -- ARGV: 1 usage ttl ms, 2 JSON [[usage key, reservations key, [field, value, ...], [event id, ...]], ...]
 local ttl = ARGV[1]
 local writes = cjson.decode(ARGV[2])

@@ -12,35 +12,62 @@ from pathlib import Path
 
 from deploy.procs import StackError
 from quotaflow.logs import logging_dict, setup_logging
-from quotaflow.settings import Settings, get_settings
+from quotaflow.redact import redact
+from quotaflow.settings import ConfigError, Settings, describe_error, get_settings
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     from deploy import stack
 
+    if args.stages and args.action != "start":
+        print(f"quotaflow: stack {args.action} takes no stage names", file=sys.stderr)
+        return 2
+    if unknown := [name for name in args.stages if name not in stack.PIPELINE]:
+        print(f"quotaflow: unknown stage {unknown[0]!r}; stages: {', '.join(stack.PIPELINE)}", file=sys.stderr)
+        return 2
     if args.action == "up":
         started = stack.up(settings)
         print(f"stack up ({', '.join(started) or 'already running'}; state in {settings.state_dir})")
+    elif args.action == "start":
+        stack.up(settings)  # what the stages need, if it is not running yet
+        for name in args.stages or stack.PIPELINE:
+            if stack.pipeline_proc(settings, name).pid() is None:
+                pid = stack.start_pipeline_process(settings, name)
+                print(f"{name} started (pid {pid}, supervised); log in {stack.pipeline_log(settings, name)}")
+            else:
+                print(f"{name} already running")
     elif args.action == "down":
         stopped = stack.down(settings)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
-    if args.action in ("up", "status"):
+    if args.action in ("up", "start", "status"):
         for name, running, where in stack.status(settings):
             print(f"  {name:<11} {'running' if running else 'stopped':<8} {where}")
     return 0
 
 
-def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
-    import faust
+def cmd_supervise(args: argparse.Namespace, settings: Settings) -> int:
+    from deploy import stack, supervise
+    from deploy.procs import running_as
 
-    from processors.app import create_app
+    state_file = stack.pipeline_proc(settings, args.stage).state_file
+    other = supervise.State.read(state_file)
+    if other and other.supervisor_pid != os.getpid() and running_as(other.supervisor_pid, f"supervise {args.stage}"):
+        print(f"quotaflow: a supervisor of the {args.stage} already runs (pid {other.supervisor_pid})", file=sys.stderr)
+        return 1
+    backoff = supervise.Backoff(settings.supervise_backoff_initial_s, settings.supervise_backoff_max_s,
+                                settings.supervise_healthy_s)
+    return supervise.run(args.stage, [sys.executable, "-m", "quotaflow", args.stage], state_file, backoff)
+
+
+def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
+    from processors.app import Worker, create_app
     from quotaflow import gc_tuning, metrics
 
     app = create_app(settings)
     metrics.serve(settings.processor_metrics_port)
     gc_tuning.for_streaming()
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
-                          logging_config=logging_dict(settings.log_level, settings.log_format))
+    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                    logging_config=logging_dict(settings.log_level, settings.log_format))
     worker.execute_from_commandline()
     return 0
 
@@ -102,7 +129,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(main())
     except (OSError, ClickHouseUnavailable) as exc:
-        print(f"quotaflow: {exc}", file=sys.stderr)
+        print(f"quotaflow: {redact(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -128,9 +155,14 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
+    from schemas.ids import id_error
     from schemas.limits import policy_from_settings
     from schemas.redis_keys import ORG_TIER_FIELD, org_key
 
+    problem = id_error("org_id", args.org_id)  # before it names a Redis key
+    if problem:
+        print(f"quotaflow: {problem}", file=sys.stderr)
+        return 2
     policy = policy_from_settings(settings)
     client = redis.Redis.from_url(settings.redis_url)
     if args.action == "set-tier":
@@ -148,9 +180,14 @@ def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_key(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
+    from schemas.ids import id_error
     from schemas.limits import parse_overrides, policy_from_settings
     from schemas.redis_keys import Decision, overrides_key, usage_key
 
+    problem = id_error("org_id", args.org_id) or id_error("api_key_id", args.api_key_id)  # before they name a key
+    if problem:
+        print(f"quotaflow: {problem}", file=sys.stderr)
+        return 2
     policy = policy_from_settings(settings)
     client = redis.Redis.from_url(settings.redis_url)
     key = overrides_key(args.org_id, args.api_key_id)
@@ -185,14 +222,11 @@ def cmd_enforcement(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from gateway.limiter import RateLimiter
-    from gateway.server import create_app
+    from gateway.server import serve
 
-    app = create_app(RateLimiter.from_settings(settings))
-    uvicorn.run(app, host=args.host, port=settings.gateway_port, log_config=logging_dict(settings.log_level,
-                settings.log_format), access_log=False)
+    serve(RateLimiter.from_settings(settings), host=args.host, port=settings.gateway_port,
+          log_config=logging_dict(settings.log_level, settings.log_format))
     return 0
 
 
@@ -204,7 +238,7 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
     try:
         client = connect(settings.clickhouse_url)
     except ClickHouseUnavailable as exc:
-        print(f"quotaflow: {exc}", file=sys.stderr)
+        print(f"quotaflow: {redact(exc)}", file=sys.stderr)
         return 1
     try:
         applied = migrate(client)
@@ -225,9 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="start, stop or inspect the local Kafka, Redis and ClickHouse",
                        description="The local stack on 127.0.0.1, state under QUOTAFLOW_STATE_DIR (default .quotaflow). "
-                                   "'up' installs what is missing (Kafka jars, redis-server) and starts what is not running.")
-    p.add_argument("action", choices=["up", "down", "status"])
+                                   "'up' installs what is missing (Kafka jars, redis-server) and starts what is not running. "
+                                   "'start' also runs the processor and the sink (or the stages named) in the background, "
+                                   "each under a supervisor that restarts it with backoff if it exits; logs in "
+                                   "QUOTAFLOW_STATE_DIR/logs. 'status' shows each stage's pid, uptime, restarts and "
+                                   "last exit. 'down' stops everything.")
+    p.add_argument("action", choices=["up", "start", "down", "status"])
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="with 'start': processor, sink (default: both)")
     p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("supervise", help="run a stage and restart it with backoff whenever it exits unasked",
+                       description="Runs 'quotaflow STAGE' as a child process and restarts it with exponential backoff "
+                                   "and jitter (QUOTAFLOW_SUPERVISE_*) when it exits, logging each exit; SIGTERM "
+                                   "stops the stage (SIGKILL after 20 s) and the supervisor. 'stack start' and the "
+                                   "demo run stages this way.")
+    p.add_argument("stage", choices=["processor", "sink"])
+    p.set_defaults(func=cmd_supervise)
 
     p = sub.add_parser("processor", help="run the stream processor (Faust worker) in the foreground",
                        description="Counts requests per API key and window, writes limit decisions to Redis, "
@@ -305,19 +352,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failure(exc: Exception, settings: Settings) -> str | None:
+    """One line for an error that stopped a command: what could not be reached and why,
+    with every secret redacted. None for an error nobody foresaw (a bug)."""
+    import redis
+
+    from sinks.clickhouse.client import ClickHouseUnavailable
+
+    if isinstance(exc, (StackError, ClickHouseUnavailable)):
+        return redact(exc)
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return f"Redis at {redact(settings.redis_url)} refused the credentials: {redact(exc)}"
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return f"cannot reach Redis at {redact(settings.redis_url)}: {redact(exc)}"
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis at {redact(settings.redis_url)}: {redact(exc)}"
+    if isinstance(exc, OSError):
+        return redact(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
-    except Exception as exc:  # pydantic's message names the variable and the problem
-        print(f"quotaflow: invalid configuration: {exc}", file=sys.stderr)
+    except Exception as exc:  # names the variable and the problem, never the value
+        print(f"quotaflow: invalid configuration: {describe_error(exc)}", file=sys.stderr)
         return 2
     if args.command not in ("processor",):  # the Faust worker sets up logging itself
         setup_logging(settings.log_level, settings.log_format)
     try:
         return args.func(args, settings)
-    except StackError as exc:
-        print(f"quotaflow: {exc}", file=sys.stderr)
-        return 1
+    except ConfigError as exc:
+        print(f"quotaflow: invalid configuration: {redact(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _failure(exc, settings)
+        if message is not None:
+            print(f"quotaflow: {' '.join(message.split())}", file=sys.stderr)  # one line
+        else:  # a bug: the traceback helps, with its secrets hidden
+            import traceback
+
+            print("quotaflow: unexpected error (please report it):\n" + redact(traceback.format_exc()).rstrip(),
+                  file=sys.stderr)
+        return 1

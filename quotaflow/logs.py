@@ -2,6 +2,10 @@
 
 Context goes in ``extra=``: ``log.info("batch stored", extra={"rows": 500})``
 becomes ``{"ts": ..., "level": "info", "logger": ..., "msg": "batch stored", "rows": 500}``.
+
+Every record passes through RedactSecrets on its way to the handler, whatever logger it
+came from (aiokafka, urllib3, clickhouse-connect, uvicorn and ours alike): URL
+passwords, bearer tokens and the configured secrets never reach a log line.
 """
 
 from __future__ import annotations
@@ -12,8 +16,36 @@ import time
 
 import orjson
 
+from quotaflow.redact import redact, redact_value
+
 # Attributes every LogRecord has; anything else on a record came from extra=.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record with its secrets hidden: the message (formatted with its
+    arguments first), the extra= values, the exception and the stack text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_redacted", False):
+            return True  # already done (a record may pass several handlers)
+        try:
+            message = record.getMessage()
+        except Exception:  # bad %-arguments: show what there is rather than lose the line
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD and not key.startswith("_"):
+                setattr(record, key, redact_value(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        record.exc_info = None  # the text above stands for it; the formatters print exc_text
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        record._redacted = True
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,8 +59,12 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 doc[key] = value
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = record.stack_info
         return orjson.dumps(doc, default=str).decode()
 
 
@@ -55,7 +91,9 @@ def logging_dict(level: str = "INFO", fmt: str = "json") -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"quotaflow": {"()": FORMATTERS[fmt]}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "quotaflow", "stream": "ext://sys.stderr"}},
+        "filters": {"redact": {"()": RedactSecrets}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "quotaflow", "stream": "ext://sys.stderr",
+                                "filters": ["redact"]}},
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {name: {"level": quiet} for name in ("aiokafka", "faust", "mode", "kafka")},
     }

@@ -25,14 +25,16 @@ from typing import Annotated, Any, Literal, Mapping, NamedTuple, Sequence
 
 import msgspec
 import orjson
+from aiokafka.partitioner import murmur2
 
-from schemas.ids import ID_PATTERN, ID_RULE, show
+from schemas.ids import ID_MAX, ID_PATTERN, ID_RULE, show
 
 SCHEMA_VERSION = 1
 MAX_ERRORS = 8
 MAX_EVENTS_PER_RECORD = 10_000  # also bounds the index of an event within its record
+MAX_DEPTH = 8  # an event is a flat JSON object; a batch nests it once
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER")  # OTHER: any method not listed
 
 # 2000-01-01 .. 2100-01-01 in ms: catches seconds or microseconds sent by mistake.
 TS_MIN_MS = 946_684_800_000
@@ -46,6 +48,7 @@ RAW_ID_SEGMENT = r"(?:[0-9]+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-
 ENDPOINT_PATTERN = rf"^(?!.*/{RAW_ID_SEGMENT}(?:/|$))/[A-Za-z0-9._~!$&'()*+,;=:@%{{}}/-]*$"
 ENDPOINT_MAX = 256
 USER_AGENT_MAX = 512
+CLIENT_IP_MAX = 64  # the longest IPv6 text (45) with room for a zone id
 LATENCY_MAX_MS = 86_400_000.0
 BYTES_MAX = 2**53 - 1  # largest integer every JSON parser reads exactly
 
@@ -77,7 +80,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("latency_ms", "number", "Time to serve the request, in milliseconds.", minimum=0, maximum=LATENCY_MAX_MS),
     FieldSpec("request_bytes", "integer", "Size of the request body in bytes.", minimum=0, maximum=BYTES_MAX),
     FieldSpec("response_bytes", "integer", "Size of the response body in bytes.", minimum=0, maximum=BYTES_MAX),
-    FieldSpec("client_ip", "string", "Client IP address (IPv4 or IPv6).", ip=True),
+    FieldSpec("client_ip", "string", "Client IP address (IPv4 or IPv6).", max_length=CLIENT_IP_MAX, ip=True),
     FieldSpec("user_agent", "string", "User-Agent header, possibly empty; collectors truncate it to the maximum.", max_length=USER_AGENT_MAX),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
@@ -90,9 +93,11 @@ _SPECS = {f.name: f for f in FIELDS}
 class SchemaError(ValueError):
     """The input is not a valid RequestEvent; ``errors`` says why, one line per field."""
 
-    def __init__(self, errors: list[str]):
+    def __init__(self, errors: list[str], kind: str = "invalid"):
         self.errors = errors
-        self.payload: bytes | None = None  # the refused item alone, when it came in a batch record
+        self.kind = kind  # "invalid"; for a valid event at the wrong time, TimeBounds' kinds
+        self.index: int | None = None  # the refused item's index, when it came in a batch record
+        self.payload: bytes | None = None  # that item alone (None: dead-letter the record as published)
         super().__init__("; ".join(errors))
 
 
@@ -137,6 +142,19 @@ def partition_key(org_id: str) -> bytes:
     """Kafka key of an event. By org: all keys of an org land in one partition,
     so per-key and per-org counts are both local to one processor."""
     return org_id.encode()
+
+
+def partition_of(org_id: str, partitions: int) -> int:
+    """The partition an org's events belong on: where Kafka's default partitioner (murmur2
+    of the key, as in the Java client, aiokafka and the emitter) puts a record keyed by
+    the org. A processor counts an org's events on that partition only; records a
+    publisher placed elsewhere (another partitioner, another key) are forwarded there."""
+    return (murmur2(partition_key(org_id)) & 0x7FFFFFFF) % partitions
+
+
+# On a record the processor forwarded to its org's partition: "topic/partition/offset"
+# of the record as published. Such a copy is for counting only; the sink stores the original.
+FORWARDED_HEADER = "qf.forwarded.from"
 
 
 _show = show
@@ -196,16 +214,34 @@ def _pattern_error(spec: FieldSpec, value: str) -> str:
     return f"{name}: must be {ID_RULE}, got {_show(value)}"
 
 
-@functools.lru_cache(maxsize=65536)
+# Verdicts on string fields are cached: orgs, keys, services, endpoints, user agents and
+# client addresses repeat from event to event, and every consumer validates every event.
+# Only strings within their field's length reach a cache, so what a cache holds is
+# bounded in bytes as well as in entries, whatever a publisher sends.
+_CACHE_ENTRIES = 16384
+_MAX_CHARS = {f.name: f.max_length for f in FIELDS if f.json_type == "string" and f.max_length}
+_MAX_CHARS.update({f.name: ID_MAX for f in FIELDS if f.pattern == ID_PATTERN})
+_STRINGS_MAX = sum(_MAX_CHARS[name] for name in ("org_id", "api_key_id", "service", "endpoint", "client_ip",
+                                                  "user_agent"))
+
+
 def _valid_string(name: str, value: str) -> bool:
-    """Verdicts on string fields, cached: orgs, keys, services, endpoints, user agents and
-    client addresses repeat from event to event, and every consumer validates every event."""
+    return len(value) <= _MAX_CHARS[name] and _valid_string_cached(name, value)
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def _valid_string_cached(name: str, value: str) -> bool:
     return _check(_SPECS[name], value) is None
 
 
-@functools.lru_cache(maxsize=65536)
 def _valid_strings(org: str, key: str, service: str, endpoint: str, ip: str, user_agent: str) -> bool:
-    """The six string fields of the fast path in one cached verdict: one lookup per event."""
+    """The six string fields of the fast path: one cache lookup per event."""
+    return (len(org) + len(key) + len(service) + len(endpoint) + len(ip) + len(user_agent) <= _STRINGS_MAX
+            and _valid_strings_cached(org, key, service, endpoint, ip, user_agent))
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def _valid_strings_cached(org: str, key: str, service: str, endpoint: str, ip: str, user_agent: str) -> bool:
     return (_valid_string("org_id", org) and _valid_string("api_key_id", key) and _valid_string("service", service)
             and _valid_string("endpoint", endpoint) and _valid_string("client_ip", ip)
             and _valid_string("user_agent", user_agent))
@@ -247,6 +283,7 @@ _BATCH_STRINGS = tuple((name, FIELD_NAMES.index(name))
                        for name in ("org_id", "api_key_id", "service", "endpoint", "client_ip", "user_agent"))
 _EVENT_ID = FIELD_NAMES.index("event_id")
 _ORG_ID = FIELD_NAMES.index("org_id")
+_TS_INDEX = FIELD_NAMES.index("ts_ms")
 
 
 def _wire_type(spec: FieldSpec) -> Any:
@@ -292,7 +329,7 @@ def _decode_batch(data: bytes) -> tuple[list[tuple], tuple[tuple, ...]] | None:
     most of the cost of reading a record."""
     try:
         events = _BATCH.decode(data)
-    except (msgspec.MsgspecError, UnicodeDecodeError):
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
     rows = list(map(_VALUES, events))
     cols = tuple(zip(*rows, strict=True))
@@ -341,20 +378,15 @@ def decode(data: bytes | None) -> RequestEvent:
     return validate(_load(data))
 
 
-def decode_record(data: bytes | None) -> list[RequestEvent | SchemaError]:
+def decode_record(data: bytes | None, received_ms: int = 0,
+                  bounds: TimeBounds | None = None) -> list[RequestEvent | SchemaError]:
     """The events a record of the events topic carries: one JSON object, or a JSON array
     of up to MAX_EVENTS_PER_RECORD objects of one org (the record's key). Each item is
-    the event, or the SchemaError that refuses it, with ``payload`` set to that item
-    alone so it can be dead-lettered by itself. A record that cannot be read at all is
-    a single SchemaError without payload."""
-    checked = _decode_batch(data) if data is not None else None
-    if checked is not None:
-        return list(map(_make_event, checked[0]))
-    try:
-        doc = _load(data)
-    except SchemaError as exc:
-        return [exc]
-    return _items(doc)
+    the event, or the SchemaError that refuses it, with ``index`` and ``payload`` set
+    (that item alone) so it can be dead-lettered by itself. A record refused as a whole
+    is a single SchemaError without index or payload. With ``bounds``, events whose time
+    is too far from ``received_ms`` (the record's timestamp) are refused."""
+    return _decoded(data, received_ms, bounds)[0]
 
 
 class RecordColumns(NamedTuple):
@@ -363,48 +395,131 @@ class RecordColumns(NamedTuple):
 
     columns: tuple[tuple, ...]  # the valid events, one tuple per field of FIELDS; () when none
     indexes: Sequence[int]  # per valid event, its index in the record
-    refused: list[tuple[int, SchemaError]]  # per refused item, its index and why (as decode_record says)
+    refused: list[tuple[int | None, SchemaError]]  # per refused item, its index (None: the whole record) and why
 
 
-def decode_columns(data: bytes | None) -> RecordColumns:
+def decode_columns(data: bytes | None, received_ms: int = 0, bounds: TimeBounds | None = None) -> RecordColumns:
     """decode_record's answer as columns: a record whose events are all valid (the usual
     case) is never turned into events one by one."""
+    items, checked = _decoded(data, received_ms, bounds)
+    if checked is not None:
+        return RecordColumns(checked, range(len(checked[0])), [])
+    valid = [(i, ev) for i, ev in enumerate(items) if not isinstance(ev, SchemaError)]
+    refused = [(ev.index, ev) for ev in items if isinstance(ev, SchemaError)]
+    return RecordColumns(tuple(zip(*(ev for _, ev in valid), strict=True)), [i for i, _ in valid], refused)
+
+
+def _decoded(data: bytes | None, received_ms: int, bounds: TimeBounds | None
+             ) -> tuple[list[RequestEvent | SchemaError], tuple[tuple, ...] | None]:
+    """(items, None) item by item, or (events, columns) when the fast path took the record."""
     checked = _decode_batch(data) if data is not None else None
     if checked is not None:
-        return RecordColumns(checked[1], range(len(checked[0])), [])
+        rows, cols = checked
+        if bounds is None or (bounds.error(min(cols[_TS_INDEX]), received_ms) is None
+                              and bounds.error(max(cols[_TS_INDEX]), received_ms) is None):
+            return list(map(_make_event, rows)), cols
     try:
         doc = _load(data)
     except SchemaError as exc:
-        return RecordColumns((), (), [(0, exc)])
-    items = _items(doc)
-    valid = [(i, ev) for i, ev in enumerate(items) if not isinstance(ev, SchemaError)]
-    return RecordColumns(tuple(zip(*(ev for _, ev in valid), strict=True)), [i for i, _ in valid],
-                         [(i, ev) for i, ev in enumerate(items) if isinstance(ev, SchemaError)])
+        return [exc.with_traceback(None)], None
+    return _items(doc, bounds, received_ms), None
 
 
-def _items(doc: Any) -> list[RequestEvent | SchemaError]:
+def _items(doc: Any, bounds: "TimeBounds | None", received_ms: int) -> list[RequestEvent | SchemaError]:
     """decode_record's answer for a parsed record, item by item."""
     if type(doc) is not list:
         try:
-            return [validate(doc)]
+            return [_in_time(validate(doc), bounds, received_ms)]
         except SchemaError as exc:
-            return [exc]
+            return [exc.with_traceback(None)]
     if not 1 <= len(doc) <= MAX_EVENTS_PER_RECORD:
         return [SchemaError([f"record: a batch holds 1 to {MAX_EVENTS_PER_RECORD} events, got {len(doc)}"])]
     out: list[RequestEvent | SchemaError] = []
     org = None
-    for item in doc:
+    for index, item in enumerate(doc):
         try:
-            ev = validate(item)
+            ev = _in_time(validate(item), bounds, received_ms)
             if org is None:
                 org = ev.org_id
             elif ev.org_id != org:
-                raise SchemaError([f"org_id: a batch carries one org's events; expected {org!r}, got {ev.org_id!r}"])
+                raise SchemaError([f"org_id: a batch carries one org's events; expected {show(org)}, "
+                                   f"got {show(ev.org_id)}"])
             out.append(ev)
         except SchemaError as exc:
-            exc.payload = orjson.dumps(item, default=repr)
-            out.append(exc)
+            # Kept without its traceback: its frames (the document among them) would
+            # otherwise stay alive in a cycle until the next full collection.
+            exc.index, exc.payload = index, _payload(item)
+            out.append(exc.with_traceback(None))
     return out
+
+
+def _payload(item: Any) -> bytes | None:
+    """A refused item of a batch, alone, for its dead letter. An item nested deeper than
+    any event can be is not re-encoded (encoders give up at some depth): its dead letter
+    carries the record as published instead, with the item's index."""
+    return None if _deeper_than(item, MAX_DEPTH) else orjson.dumps(item)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests more than ``limit`` levels (iterative: a deep
+    value must not exhaust the stack that measures it)."""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if type(v) is dict:
+            v = v.values()
+        elif type(v) is not list:
+            continue
+        if depth > limit:
+            return True
+        todo.extend((x, depth + 1) for x in v if type(x) in (dict, list))
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class TimeBounds:
+    """How far an event's time may lie from the time the broker received its record (the
+    events topic stamps records with LogAppendTime): ahead by at most a clock's skew,
+    behind by at most the raw retention. Judged against the record's time, never a
+    stage's own clock, every stage makes the same decision about the same record, on a
+    replay too; and no event can move a clock past the time its record arrived."""
+
+    ahead_ms: int
+    behind_ms: int
+
+    AHEAD = "ahead"  # stamped further ahead of its record than a clock's skew
+    EXPIRED = "expired"  # older than the raw retention: it would never be stored
+
+    def kind(self, ts_ms: int, received_ms: int) -> str | None:
+        if ts_ms > received_ms + self.ahead_ms:
+            return self.AHEAD
+        if ts_ms < received_ms - self.behind_ms:
+            return self.EXPIRED
+        return None
+
+    def error(self, ts_ms: int, received_ms: int) -> str | None:
+        if ts_ms > received_ms + self.ahead_ms:
+            return (f"ts_ms: {ts_ms} is {(ts_ms - received_ms) / 1000:.0f} s after the broker received the record "
+                    f"(at {received_ms}); at most {self.ahead_ms / 1000:g} s of clock skew is accepted")
+        if ts_ms < received_ms - self.behind_ms:
+            return (f"ts_ms: {ts_ms} is older than the raw retention ({self.behind_ms // DAY_MS} days) when the broker "
+                    f"received the record (at {received_ms}): it would never be stored")
+        return None
+
+
+DAY_MS = 86_400_000
+
+
+def time_bounds_from_settings(settings) -> TimeBounds:
+    """The bounds configured by QUOTAFLOW_MAX_CLOCK_SKEW_S and QUOTAFLOW_RETENTION_RAW_DAYS,
+    shared by every stage that decodes the events topic."""
+    return TimeBounds(ahead_ms=int(settings.max_clock_skew_s * 1000), behind_ms=settings.retention_raw_days * DAY_MS)
+
+
+def _in_time(ev: RequestEvent, bounds: TimeBounds | None, received_ms: int) -> RequestEvent:
+    if bounds is not None and (problem := bounds.error(ev.ts_ms, received_ms)):
+        raise SchemaError([problem], kind=bounds.kind(ev.ts_ms, received_ms))
+    return ev
 
 
 def encode_batch(events: list[RequestEvent]) -> bytes:

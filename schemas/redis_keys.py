@@ -19,7 +19,12 @@ call touches a single slot:
     qf:v1:{org}:stored:{minute}      HASH  the same for the ClickHouse sink: an event published twice
                                            is stored once (a key space of its own, so each stage
                                            decides whatever the other's timing)
-    qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch)
+    qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch);
+                                           the one key of no org, so never touched inside a Lua call
+                                           (gateways GET it in the same pipeline as their check)
+
+Org and key ids keep the rule of schemas/ids.py (no braces, no slash), so the hash tag is
+the org and nothing else, and no (org, key) pair names another pair's key.
 
 A window's counts are buckets "start:count,start:count" (start in epoch ms).
 """

@@ -1,6 +1,9 @@
 """Kafka topic and consumer group names: the contract between publishers and stages."""
 
 EVENTS_TOPIC = "quotaflow.requests.v1"
+# The broker stamps each event record with the time it arrived: stages judge event times
+# against it (schemas.events.TimeBounds), so a publisher cannot choose the reference.
+EVENTS_TIMESTAMP_TYPE = "LogAppendTime"
 DEAD_LETTER_TOPIC = "quotaflow.deadletter.v1"
 
 # The Faust app id is also its consumer group and the prefix of its internal

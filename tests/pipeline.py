@@ -10,6 +10,7 @@ import uuid
 from typing import Callable
 
 from deploy import stack
+from deploy.procs import alive
 from quotaflow import metrics
 from quotaflow.settings import Settings
 from schemas.events import RequestEvent
@@ -63,29 +64,45 @@ async def publish(settings: Settings, events: list[RequestEvent], raw: list[tupl
 
 
 class Pipeline:
-    """The processor and the sink, started as `quotaflow processor|sink` subprocesses."""
+    """The processor and the sink, started as `quotaflow processor|sink` subprocesses,
+    each under its supervisor (`quotaflow supervise`), as the stack and the demo run them."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._log_starts: dict[str, int] = {}
+        self._killed: dict[str, int] = {}  # stage -> its restarts when kill() killed it
 
     def start(self, name: str, **env: str) -> int:
-        """Start a stage; ``env`` adds variables (settings) for this start only."""
+        """Start a stage; ``env`` adds variables (settings) for this start only. After
+        kill(), wait for the supervisor to restart the stage instead (same variables as
+        before). Returns the stage's own pid, once it is ready."""
         log = stack.pipeline_log(self.settings, name)
         self._log_starts.setdefault(name, log.stat().st_size if log.exists() else 0)  # this test's part
+        killed_at = self._killed.pop(name, None)
+        if killed_at is not None and self.pid(name) is not None:
+            assert not env, f"the supervisor restarts the {name} with the variables it was started with"
+            return stack.wait_restarted(self.settings, name, after=killed_at)
         return stack.start_pipeline_process(self.settings, name, env={**os.environ, **env})
 
     def pid(self, name: str) -> int | None:
+        """The stage's supervisor (None when the stage is stopped)."""
         return stack.pipeline_proc(self.settings, name).pid()
 
+    def state(self, name: str):
+        """What the supervisor records: the stage's own pid, restarts, last exit."""
+        return stack.pipeline_state(self.settings, name)
+
     def stop(self, name: str) -> None:
-        stack.pipeline_proc(self.settings, name).stop()
+        stack.stop_pipeline_process(self.settings, name)
 
     def kill(self, name: str) -> None:
-        pid = self.pid(name)
-        assert pid is not None, f"{name} is not running"
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: self.pid(name) is None, 10, f"{name} to die")
+        """SIGKILL the stage itself (not its supervisor), as the OOM killer would; the
+        supervisor restarts it, and start(name) waits for that."""
+        state = self.state(name)
+        assert state is not None and state.pid is not None, f"{name} is not running"
+        os.kill(state.pid, signal.SIGKILL)
+        wait_for(lambda: not alive(state.pid), 10, f"{name} to die")
+        self._killed[name] = state.restarts
 
     def stop_all(self) -> None:
         for name in stack.PIPELINE:

@@ -51,7 +51,8 @@ def events(n: int, seed: int, org: str = "acme", now_s: float | None = None) -> 
 def records(evs: list[RequestEvent], partition: int = 0, first_offset: int = 0) -> list:
     """Kafka records as the consumer hands them to the sink (the fields it reads)."""
     return [SimpleNamespace(topic="quotaflow.requests.v1", partition=partition, offset=first_offset + i,
-                            key=e.org_id.encode(), value=e.encode()) for i, e in enumerate(evs)]
+                            key=e.org_id.encode(), value=e.encode(), timestamp=e.ts_ms, headers=())
+            for i, e in enumerate(evs)]
 
 
 def store(writer: Writer, evs: list[RequestEvent], tiers: dict[str, str], first_offset: int = 0) -> Range:

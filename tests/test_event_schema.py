@@ -96,7 +96,7 @@ def test_every_problem_is_reported_not_only_the_first():
         validate(doc)
     assert err.value.errors == [
         "org_id: required field is missing",
-        "method: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT, TRACE, got 'FETCH'",
+        "method: must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT, TRACE, OTHER, got 'FETCH'",
         "status: must be between 100 and 599, got 99",
     ]
 
@@ -296,7 +296,7 @@ def test_batch_items_that_are_not_events_are_refused_one_by_one():
     for unreadable in (b"nope", None, b"[]"):
         columns, indexes, refused = decode_columns(unreadable)
         assert columns == () and not indexes
-        assert [(i, str(exc)) for i, exc in refused] == [(0, str(decode_record(unreadable)[0]))]
+        assert [(i, str(exc)) for i, exc in refused] == [(None, str(decode_record(unreadable)[0]))]  # the whole record
 
 
 def test_the_asgi_middleware_turns_every_raw_id_the_schema_refuses_into_a_template():

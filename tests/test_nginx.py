@@ -14,8 +14,10 @@ import pytest
 
 from deploy.procs import Proc, wait_until
 from deploy.system_packages import ensure_command
+from schemas.ids import ID_RULE
 from schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import minute_start, unique
+from tests.test_gateway_hostile import stray_keys
 
 pytestmark = pytest.mark.stack
 
@@ -113,3 +115,79 @@ def test_check_endpoint_answers_as_envoy_ext_authz_expects(check_endpoint, redis
     assert answers[0].headers["X-Quotaflow-Event-Id"] and int(answers[0].headers["X-Quotaflow-Event-Ts"]) > 0
     assert answers[-1].json()["window"] == "key:60s"
     assert "Retry-After" in answers[-1].headers and "Retry-After" not in answers[0].headers
+
+
+# Ids the rule refuses, as headers can carry them; the first ones would alias Redis keys.
+BAD_IDS = ["web}:usage:org", "{acme}", "a/b", "a b", ".hidden", "x" * 65, "x" * 2000, "ключ".encode()]
+
+
+def test_check_endpoint_refuses_ids_that_break_the_rule_with_400_and_the_reason(check_endpoint, redis_client):
+    org = unique("org")
+    sent = []
+    with httpx.Client(base_url=check_endpoint, timeout=10) as client:
+        for bad in BAD_IDS:
+            for headers, name in (({"X-Api-Key-Id": bad, "X-Org-Id": org}, "X-Api-Key-Id"),
+                                  ({"X-Api-Key-Id": "web", "X-Org-Id": bad}, "X-Org-Id")):
+                r = client.get("/check", headers=headers)
+                sent.append(tuple(v.decode("latin-1") if isinstance(v, bytes) else v for v in headers.values()))
+                assert r.status_code == 400, (bad, name)
+                reason = r.json()["reason"]
+                assert r.json()["error"] == "invalid identity" and r.headers["X-Quotaflow-Error"] == reason
+                assert reason.startswith(f"{name}: must be {ID_RULE}")
+                shown = bad.decode() if isinstance(bad, bytes) else bad
+                assert shown not in reason  # the value is never echoed: it may be a secret
+        # as nginx asks: a status auth_request understands, the reason in the header
+        r = client.get("/check", params={"deny_status": "403", "invalid_status": "401"},
+                       headers={"X-Api-Key-Id": "web}:x", "X-Org-Id": org})
+        assert r.status_code == 401 and r.headers["X-Quotaflow-Error"].startswith("X-Api-Key-Id: must be")
+        assert client.get("/check", params={"invalid_status": "500"},
+                          headers={"X-Api-Key-Id": "web", "X-Org-Id": org}).status_code == 400
+        assert client.get("/check", headers={"X-Api-Key-Id": "", "X-Org-Id": org}).status_code == 401  # missing
+        assert client.get("/check", headers={"X-Api-Key-Id": "web", "X-Org-Id": org}).status_code == 200
+    assert stray_keys(redis_client, sent) == []
+
+
+@pytest.mark.parametrize("size", [100_000, 1_000_000])
+def test_check_endpoint_answers_an_oversized_request_head_with_431_not_a_reset(check_endpoint, redis_client, size):
+    """A 100 kB key id, a 1 MB header: a 431 the client reads (no TCP reset), no Redis key."""
+    org = unique("org")
+    with httpx.Client(base_url=check_endpoint, timeout=10) as client:
+        big_key = client.get("/check", headers={"X-Api-Key-Id": "k" * size, "X-Org-Id": org})
+        big_other = client.get("/check", headers={"X-Api-Key-Id": "web", "X-Org-Id": org, "X-Padding": "p" * size})
+        after = client.get("/check", headers={"X-Api-Key-Id": "web", "X-Org-Id": org})  # the server is fine
+    for r in (big_key, big_other):
+        assert r.status_code == 431 and "request head too large" in r.text
+    assert after.status_code == 200
+    # the same as a raw client that sends everything before reading anything
+    host, port = check_endpoint.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /check HTTP/1.1\r\nHost: x\r\nX-Org-Id: " + org.encode() + b"\r\nX-Api-Key-Id: "
+                  + b"k" * size + b"\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n") and b"connection: close" in answer
+    assert stray_keys(redis_client, [("k" * size, org)]) == []
+
+
+def test_nginx_answers_a_bad_identity_with_400_and_the_reason(nginx_in_front, redis_client, tmp_path):
+    """auth_request would turn a 400 of the check into a 500: the check answers nginx 401 with
+    the reason in a header, and nginx turns that into a 400 with the reason."""
+    org = unique("org")
+    upstream_log = tmp_path / "upstream.log"
+    served_before = upstream_log.read_text().count("GET /index.html")
+    with httpx.Client(timeout=10) as client:
+        bad_key = client.get(nginx_in_front, headers={"X-Api-Key-Id": "web}:usage:org", "X-Org-Id": org})
+        bad_org = client.get(nginx_in_front, headers={"X-Api-Key-Id": "web", "X-Org-Id": "o" * 200})
+        missing = client.get(nginx_in_front, headers={"X-Org-Id": org})
+        huge = client.get(nginx_in_front, headers={"X-Api-Key-Id": "k" * 100_000, "X-Org-Id": org})
+        good = client.get(nginx_in_front, headers={"X-Api-Key-Id": "web", "X-Org-Id": org})
+    assert bad_key.status_code == 400 and bad_key.json() == {
+        "error": "invalid identity",
+        "reason": f"X-Api-Key-Id: must be {ID_RULE} (got 14 characters; the value is not repeated here)"}
+    assert bad_org.status_code == 400 and bad_org.json()["reason"].startswith(f"X-Org-Id: must be {ID_RULE}")
+    assert missing.status_code == 401 and "required" in missing.json()["error"]
+    assert huge.status_code == 400  # nginx's own answer: the header is larger than its buffers
+    assert good.status_code == 200 and good.text == "hello from the api\n"
+    assert upstream_log.read_text().count("GET /index.html") == served_before + 1  # only the good one went through
+    assert stray_keys(redis_client, [("web}:usage:org", org), ("web", "o" * 200), ("k" * 100_000, org)]) == []

@@ -60,12 +60,13 @@ def test_an_event_published_twice_is_counted_once(live_stack, redis_client, pipe
 
 
 def test_late_events_count_only_in_the_windows_still_open(live_stack, redis_client, pipeline):
-    """The key's clock is at H+10m (H: an hour start). An event of H+9m30s is within the
-    60 s grace of its minute; one of H+5m is late for its minute (closed 4 min earlier)
-    but counts in the hour and the day."""
+    """The key's clock is at H+10m (H: the start of the last hour, so that every time is
+    past: an event cannot move a clock past its record's arrival). An event of H+9m30s
+    is within the 60 s grace of its minute; one of H+5m is late for its minute (closed
+    4 min earlier) but counts in the hour and the day."""
     org, key = unique("org"), unique("key")
     now = int(time.time() * 1000)
-    hour = now - now % 3_600_000
+    hour = now - now % 3_600_000 - 3_600_000
     clock, on_time, late = hour + 600_000, hour + 570_000, hour + 300_000
     pipeline.start("processor")
     asyncio.run(publish(live_stack, [event(org, key, clock)]))

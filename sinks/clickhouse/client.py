@@ -7,6 +7,8 @@ from pathlib import Path
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from quotaflow.redact import redact
+
 
 class ClickHouseUnavailable(RuntimeError):
     pass
@@ -18,7 +20,7 @@ def connect(url: str) -> Client:
     if url.startswith("chdb://"):
         Path(url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
     elif not url.startswith(("http://", "https://")):
-        raise ValueError(f"QUOTAFLOW_CLICKHOUSE_URL must start with chdb://, http:// or https://, got {url!r}")
+        raise ValueError(f"QUOTAFLOW_CLICKHOUSE_URL must start with chdb://, http:// or https://, got {redact(url)!r}")
     try:
         if url.startswith("chdb://"):
             return clickhouse_connect.get_client(dsn=url)
@@ -28,4 +30,5 @@ def connect(url: str) -> Client:
         hint = ""
         if url.startswith("chdb://") and "EmbeddedServer" in str(exc):
             hint = " (is another process using the embedded engine? Normally the sink does; stop it first)"
-        raise ClickHouseUnavailable(f"cannot open ClickHouse at {url}: {exc}{hint}") from exc
+        # The URL may carry a password, and the driver's message may repeat it: both redacted.
+        raise ClickHouseUnavailable(redact(f"cannot open ClickHouse at {url}: {exc}{hint}")) from exc

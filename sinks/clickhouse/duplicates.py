@@ -39,5 +39,5 @@ def without(rows: Rows, answers: Sequence[bool]) -> tuple[Rows, int]:
     if not n:
         return rows, 0
     kept = rows.take([i for i, dup in enumerate(answers) if not dup])
-    kept.invalid = rows.invalid
+    kept.skipped = rows.skipped
     return kept, n

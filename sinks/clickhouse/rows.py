@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.events import FIELD_NAMES, RequestEvent, decode_columns
+from collections import Counter
+
+from schemas.events import FIELD_NAMES, FORWARDED_HEADER, RequestEvent, TimeBounds, decode_columns
 from sinks.clickhouse.tables import RAW_COLUMNS
 
 _ORG = FIELD_NAMES.index("org_id")
@@ -21,7 +23,7 @@ class Rows:
     records: list[Any] = field(default_factory=list)  # per row: its ConsumerRecord
     indexes: list[int] = field(default_factory=list)  # per row: its index in the record
     tiers: list[str] = field(default_factory=list)  # per row: its org's tier, from set_tiers
-    invalid: int = 0  # events skipped as schema-invalid
+    skipped: Counter = field(default_factory=Counter)  # events not stored, by why (SchemaError.kind, FORWARDED)
 
     def __len__(self) -> int:
         return len(self.indexes)
@@ -59,12 +61,12 @@ class Rows:
         return f"{self.records[row].offset}.{self.indexes[row]}"
 
     def slice(self, lo: int, hi: int) -> "Rows":
-        return Rows([f[lo:hi] for f in self.fields], self.records[lo:hi], self.indexes[lo:hi], self.tiers[lo:hi], 0)
+        return Rows([f[lo:hi] for f in self.fields], self.records[lo:hi], self.indexes[lo:hi], self.tiers[lo:hi])
 
     def take(self, positions: list[int]) -> "Rows":
         """The rows at these positions, in that order."""
         return Rows([[f[i] for i in positions] for f in self.fields], [self.records[i] for i in positions],
-                    [self.indexes[i] for i in positions], [self.tiers[i] for i in positions] if self.tiers else [], 0)
+                    [self.indexes[i] for i in positions], [self.tiers[i] for i in positions] if self.tiers else [])
 
     @staticmethod
     def join(parts: list["Rows"]) -> "Rows":
@@ -73,20 +75,29 @@ class Rows:
             return parts[0]
         return Rows([[v for p in parts for v in p.fields[i]] for i in range(len(FIELD_NAMES))],
                     [r for p in parts for r in p.records], [i for p in parts for i in p.indexes],
-                    [t for p in parts for t in p.tiers], sum(p.invalid for p in parts))
+                    [t for p in parts for t in p.tiers], sum((p.skipped for p in parts), Counter()))
 
 
-def to_rows(records) -> Rows:
+FORWARDED = "forwarded"  # a copy the processor made to count events on their org's partition
+
+
+def to_rows(records, bounds: TimeBounds | None = None) -> Rows:
     """Rows for the schema-valid events of the records (a record may carry a batch);
-    invalid ones are counted and skipped (the processor dead-letters them). The tier
-    column is filled in by set_tiers.
+    invalid ones, and events too far in time from their record's arrival (``bounds``),
+    are counted and skipped (the processor dead-letters them, by the same rules), as are
+    the processor's forwarded copies (their originals are stored). The tier column is
+    filled in by set_tiers.
 
     A record whose events are all valid (the usual case) comes decoded as columns,
     which are appended whole: no per-event Python code."""
     rows = Rows()
     for rec in records:
-        decoded = decode_columns(rec.value)
-        rows.invalid += len(decoded.refused)
+        if rec.headers and any(name == FORWARDED_HEADER for name, _ in rec.headers):
+            rows.skipped[FORWARDED] += 1
+            continue
+        decoded = decode_columns(rec.value, rec.timestamp, bounds)
+        for _, exc in decoded.refused:
+            rows.skipped[exc.kind] += 1
         if not decoded.indexes:
             continue
         for values, column in zip(rows.fields, decoded.columns, strict=True):

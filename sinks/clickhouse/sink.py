@@ -15,8 +15,11 @@ sink checks each table for the batch and adds what the engine dropped by mistake
   and one bound of buffered records) however slow ClickHouse is.
 - Rows ClickHouse refuses as data (see writer.is_rejection) are isolated by halving
   the batch and go to the dead-letter topic with ClickHouse's reason, stage ``sink``.
-- Schema-invalid events are skipped and counted: the processor is the stage that
-  dead-letters them, so each lands in the dead-letter topic once.
+- Schema-invalid events, and events too far in time from their record's arrival, are
+  skipped and counted: the processor is the stage that dead-letters them (by the same
+  rules, judged against the record's broker timestamp), so each lands in the
+  dead-letter topic once. The processor's forwarded copies are skipped too: the
+  original is stored.
 - An event already stored from another record (published twice) is taken out of the
   batch before it is planned (sinks/clickhouse/duplicates.py); while Redis is
   unreachable the batch waits: nothing is stored unchecked.
@@ -44,6 +47,7 @@ from redis.exceptions import RedisError
 from quotaflow.settings import Settings
 from schemas import deadletter
 from schemas.dedup import DuplicateCheck, Prepared
+from schemas.events import time_bounds_from_settings
 from schemas.limits import policy_from_settings
 from schemas.redis_keys import stored_key
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
@@ -112,6 +116,7 @@ class ClickHouseSink:
         self._planned: set[TopicPartition] = set()  # assigned partitions whose plans are loaded
         self._retried = False  # an insert of the batch being stored failed and was sent again
         self._duplicates: DuplicateCheck | None = None  # set by run()
+        self.bounds = time_bounds_from_settings(settings)  # the processor's: both skip the same events
 
     def stop(self) -> None:
         self._stop.set()
@@ -290,7 +295,7 @@ class ClickHouseSink:
 
     def _decode(self, batch: Batch) -> tuple[Rows, Prepared]:
         """The batch's rows and their duplicate check, ready to send (in a thread)."""
-        rows = to_rows(batch.records)
+        rows = to_rows(batch.records, self.bounds)
         return rows, self._duplicates.prepare(duplicates.groups(rows, batch.range.partition))
 
     async def _checked(self, decoded: asyncio.Future, previous: asyncio.Future | None) -> tuple[Rows, int]:
@@ -335,7 +340,8 @@ class ClickHouseSink:
             REPLAYS.inc()
         elif not await self._commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
             return
-        EVENTS.labels("invalid_skipped").inc(rows.invalid)
+        for why, n in rows.skipped.items():
+            EVENTS.labels(f"{why}_skipped").inc(n)
         EVENTS.labels("duplicate").inc(dropped_duplicates)
         if rows:
             rows.set_tiers(await tiers.tiers(rows.org_ids))
