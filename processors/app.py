@@ -56,6 +56,7 @@ from schemas.events import (
     partition_of,
     time_bounds_from_settings,
 )
+from schemas.dedup import position
 from schemas.limits import policy_from_settings
 from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
@@ -74,11 +75,6 @@ REJECTED_STATUS = 429
 LOG_APPEND_TIME = 1  # a record's timestamp type: stamped by the broker on arrival
 SWEEP_EVERY_S = 60.0
 DUPLICATE = "duplicate"  # the same event_id already counted from another record
-
-
-def position(offset: int, index: int) -> int:
-    """Where an event stands in a partition: its record's offset, then its index in the record."""
-    return (offset << 16) | index  # MAX_EVENTS_PER_RECORD < 2**16
 
 
 KEY_SCOPE = "k/"

@@ -241,3 +241,25 @@ def test_expired_rows_are_dropped_by_the_ttl(engine):
     engine.command("OPTIMIZE TABLE requests FINAL")  # TTLs are applied when parts merge
     ids = {r[0] for r in engine.query("SELECT toString(event_id) FROM requests").result_rows}
     assert ids == {e.event_id for e in fresh}
+
+
+def test_a_block_over_the_partition_bound_is_refused_as_data_and_its_halves_go_in(engine):
+    """Inserts allow a bounded number of day partitions (writer.partitions_bound): events
+    lie within the raw retention of their record's arrival, so a batch spans no more. A
+    block over the bound anyway is refused as data, which the sink halves (sink._store)
+    until each part fits, never retried as it is for ever."""
+    from sinks.clickhouse.writer import is_rejection
+    from tests.pipeline import event
+
+    migrate(engine)
+    now = int(time.time() * 1000)
+    rows = to_rows(records([event("bound-org", "k", now - day * 86_400_000) for day in range(8)]))
+    rows.set_tiers({"bound-org": "FREE"})
+    writer = Writer(engine, max_partitions=4)
+    with pytest.raises(Exception) as refused:
+        writer.insert(rows, None)
+    assert is_rejection(refused.value) and "more than 4" in str(refused.value)
+    assert engine.query("SELECT count() FROM requests WHERE org_id = 'bound-org'").result_rows == [(0,)]
+    for half in (rows.slice(0, 4), rows.slice(4, 8)):
+        writer.insert(half, None)
+    assert engine.query("SELECT count() FROM requests WHERE org_id = 'bound-org'").result_rows == [(8,)]

@@ -114,7 +114,10 @@ def _add_raw(client: Client, rows: Rows) -> None:
     client.command(f"DROP TABLE IF EXISTS {REPAIR_STAGE} SYNC")  # left by a crash during a repair
     client.command(f"CREATE TABLE {REPAIR_STAGE} AS {RAW}")
     try:
-        Writer(client).insert(rows, None, table=REPAIR_STAGE)
+        # Rows the sink already stored (in parts, if it had to halve them): as many day
+        # partitions as they span, which the staging insert must allow in one block.
+        days = len({ts // 86_400_000 for ts in rows.column("ts_ms")})
+        Writer(client, max_partitions=days).insert(rows, None, table=REPAIR_STAGE)
         for (partition_id,) in client.query(f"SELECT DISTINCT _partition_id FROM {REPAIR_STAGE}").result_rows:
             if not _PARTITION_ID.match(partition_id):
                 raise ValueError(f"unexpected partition id {partition_id!r}")

@@ -57,7 +57,7 @@ from sinks.clickhouse.migrate import migrate
 from sinks.clickhouse.plans import Range, parse_plan
 from sinks.clickhouse.rows import Rows, to_rows
 from sinks.clickhouse.tiers import TierCache
-from sinks.clickhouse.writer import Writer, is_rejection
+from sinks.clickhouse.writer import Writer, is_rejection, partitions_bound
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class ClickHouseSink:
     async def run(self) -> None:
         if not self._opened:
             await self.open()
-        writer = Writer(self.client)
+        writer = Writer(self.client, partitions_bound(self.settings.retention_raw_days))
         tiers = TierCache(self.settings.redis_url, policy_from_settings(self.settings).tier_of)
         redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=10.0, socket_connect_timeout=2.0)
         self._duplicates = DuplicateCheck(redis, stored_key, self.settings.dedup_window_s)

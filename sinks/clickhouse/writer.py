@@ -16,6 +16,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 
+from schemas.topics import EVENTS_RETENTION_MS
 from sinks.clickhouse.rows import Rows
 from sinks.clickhouse.tables import INGEST, RAW_COLUMNS
 
@@ -43,11 +44,25 @@ REJECTED_CODES = frozenset({
 })
 
 
+TOO_MANY_PARTS = 252  # also "too many parts" under merge pressure: retried, unless it names the insert's partitions
+
+
 def is_rejection(exc: BaseException) -> bool:
-    """True if ClickHouse (or the driver, before sending) refused the data itself."""
+    """True if ClickHouse (or the driver, before sending) refused the data itself: the rows
+    are then halved until each part goes in or is a single refused row. A block over the
+    partition bound is refused too: its halves cover fewer days (a single row, one)."""
     if isinstance(exc, DataError) and exc.code is None:
         return True  # the driver could not encode a value
+    if isinstance(exc, DatabaseError) and exc.code == TOO_MANY_PARTS:
+        return "partitions for single INSERT block" in str(exc)
     return isinstance(exc, DatabaseError) and exc.code in REJECTED_CODES
+
+
+def partitions_bound(retention_raw_days: int) -> int:
+    """Day partitions one batch can touch: its events lie within the raw retention before
+    their records' arrival (schemas.events.TimeBounds), and a batch's records arrived
+    within the events topic's retention of each other; a day more at each end."""
+    return retention_raw_days + EVENTS_RETENTION_MS // 86_400_000 + 2
 
 
 # Settings of every insert, besides its token and block size.
@@ -56,9 +71,6 @@ INSERT_SETTINGS = {
     "deduplicate_blocks_in_dependent_materialized_views": 1,
     "min_insert_block_size_rows": 0,
     "min_insert_block_size_bytes": 0,
-    # A batch of events with far-apart timestamps (a client with a broken clock)
-    # touches many day partitions; that is unusual, not a reason to refuse it.
-    "max_partitions_per_insert_block": 0,
     # The rollup views' GROUP BY already gives one row per key in a block: no need for
     # the engine to sort-merge equal keys again on insert.
     "optimize_on_insert": 0,
@@ -74,8 +86,9 @@ class Writer:
 
     FORMAT = "JSONCompactColumns"
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, max_partitions: int = partitions_bound(30)):
         self.client = client
+        self.max_partitions = max_partitions  # per insert: partitions_bound
 
     def insert(self, rows: Rows, token: str | None, table: str = INGEST) -> None:
         """Insert into ``table`` (INGEST, or a table with its columns). With no token the
@@ -86,6 +99,7 @@ class Writer:
             raise DataError(f"cannot encode rows: {exc}") from exc
         settings = {
             **INSERT_SETTINGS,
+            "max_partitions_per_insert_block": self.max_partitions,
             # One block whatever the batch size: the token must cover the whole insert.
             "max_insert_block_size": max(len(rows), 1),
         }
