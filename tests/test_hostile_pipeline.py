@@ -248,8 +248,10 @@ def test_the_processors_seek_survives_a_storm_of_seeks_under_load(live_stack, tm
     """Finding 6: under load the processor sought back a partition, then aiokafka's fetcher
     raised KeyError in fetched_records, Faust's fetcher crashed and the worker exited.
     Faust's Consumer.seek calls the aiokafka consumer from outside the thread that owns
-    it; the processor's seek (processors.app.seek_stream) runs in that thread. The same
-    storm, with Faust's own seek, shows the harness reproduces the crash."""
+    it; the processor's seek (processors.app.seek_stream) runs in that thread. With Faust's
+    own seek (SEEK_MODE=faust) the same storm crashed the worker with that KeyError in 3
+    of 4 runs of 3,000 seeks here (once within the first second): the harness reproduces
+    it, though not every time, so only the processor's seek is asserted."""
     import sys
 
     topic = unique("seek-storm")
@@ -262,10 +264,8 @@ def test_the_processors_seek_survives_a_storm_of_seeks_under_load(live_stack, tm
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
         return done.returncode, done.stdout  # Faust logs what the worker prints
 
-    code, out = storm("processor", 1000)
-    assert code == 0 and "done seeks=1000" in out, out[-3000:]
-    code, out = storm("faust", 3000)
-    assert code != 0 and "KeyError: TopicPartition" in out, out[-3000:]
+    code, out = storm("processor", 3000)
+    assert code == 0 and "done seeks=3000" in out and "KeyError" not in out, out[-3000:]
 
 
 async def _fill_topic(settings, topic: str, n: int) -> None:
