@@ -39,15 +39,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope as AsgiScope, Send
+from starlette.types import Receive, Send
+from starlette.types import Scope as AsgiScope
 
-from analytics import queries
-from analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
-from analytics.window import BadWindow, Window, for_range, for_timeframe
-from quotaflow.redact import redact
-from quotaflow.settings import TOKEN_MAX, ConfigError
-from schemas.events import ENDPOINT_MAX, ENDPOINT_PATTERN
-from schemas.ids import ID_RULE, id_error, is_valid_id, show
+from quotaflow.analytics import queries
+from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
+from quotaflow.analytics.window import BadWindow, Window, for_range, for_timeframe
+from quotaflow.core.redact import redact
+from quotaflow.core.settings import TOKEN_MAX, ConfigError
+from quotaflow.schemas.events import ENDPOINT_MAX, ENDPOINT_PATTERN
+from quotaflow.schemas.ids import ID_RULE, id_error, is_valid_id, show
 
 log = logging.getLogger(__name__)
 

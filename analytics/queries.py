@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterator
 
 from clickhouse_connect.driver.client import Client
 
-from analytics.scope import Scope
-from analytics.window import Window
-from sinks.clickhouse.tables import (
+from quotaflow.analytics.scope import Scope
+from quotaflow.analytics.window import Window
+from quotaflow.schemas.clickhouse.tables import (
     DAY_MS,
     DENIAL_STATUS,
     ERROR_MIN_STATUS,

@@ -15,11 +15,11 @@ import socket
 
 import uvicorn
 
-from analytics.app import check_tokens, create_app
-from analytics.queries import Bounds
-from quotaflow.settings import Settings
-from sinks.clickhouse import retention
-from sinks.clickhouse.client import connect
+from quotaflow.analytics.app import check_tokens, create_app
+from quotaflow.analytics.queries import Bounds
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.clickhouse.client import connect
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # put a TLS-terminating proxy in front to serve it further

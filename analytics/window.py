@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sinks.clickhouse.tables import DAY_MS, HOUR_MS, MINUTE_MS, RAW_TABLE, ROLLUPS, Table
+from quotaflow.schemas.clickhouse.tables import DAY_MS, HOUR_MS, MINUTE_MS, RAW_TABLE, ROLLUPS, Table
 
 TIMEFRAMES = {"1h": HOUR_MS, "24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 * DAY_MS}
 STEP_NAMES = {MINUTE_MS: "minute", HOUR_MS: "hour", DAY_MS: "day"}

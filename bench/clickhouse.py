@@ -39,21 +39,21 @@ import harness  # sets the isolated environment; settings are read later, in har
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from analytics import queries
-from analytics.scope import Scope
-from analytics.window import for_timeframe
-from deploy import stack
-from deploy.observe import group_lag
-from quotaflow import metrics
-from schemas.events import FIELD_NAMES
-from schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from sinks.clickhouse import retention
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.migrate import migrate
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.rows import to_rows
-from sinks.clickhouse.tables import RAW_TABLE
-from sinks.clickhouse.writer import INSERT_SETTINGS, Writer
+from quotaflow.analytics import queries
+from quotaflow.analytics.scope import Scope
+from quotaflow.analytics.window import for_timeframe
+from quotaflow.core import metrics
+from quotaflow.deploy import stack
+from quotaflow.deploy.observe import group_lag
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import migrate
+from quotaflow.schemas.clickhouse.tables import RAW_TABLE
+from quotaflow.schemas.events import FIELD_NAMES
+from quotaflow.schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.rows import to_rows
+from quotaflow.sinks.clickhouse.writer import INSERT_SETTINGS, Writer
 
 SINK_EVENTS = int(os.environ.get("BENCH_SINK_EVENTS", 2_000_000))
 QUERY_EVENTS = int(os.environ.get("BENCH_QUERY_EVENTS", 10_000_000))
@@ -285,7 +285,7 @@ async def _skip_old_events(settings) -> None:
     """Commit the sink group at the end of the events topic."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from deploy.observe import end_offsets
+    from quotaflow.deploy.observe import end_offsets
 
     ends = await end_offsets(settings.kafka_bootstrap, EVENTS_TOPIC)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=SINK_CLICKHOUSE_GROUP,

@@ -32,14 +32,14 @@ from types import SimpleNamespace
 
 import harness
 
-from schemas.events import FIELD_NAMES
-from sinks.clickhouse import repair
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.migrate import migrate
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.rows import Rows
-from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
-from sinks.clickhouse.writer import Writer
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import migrate
+from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.schemas.events import FIELD_NAMES
+from quotaflow.sinks.clickhouse import repair
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.rows import Rows
+from quotaflow.sinks.clickhouse.writer import Writer
 
 KILLS = int(os.environ.get("BENCH_CRASH_KILLS", 400))
 BATCH = int(os.environ.get("BENCH_CRASH_BATCH", 10))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from deploy import stack
+from quotaflow.deploy import stack
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = int(os.environ.get("QUOTAFLOW_BENCH_PORT_BASE", "27000"))
@@ -19,7 +19,7 @@ BASE = int(os.environ.get("QUOTAFLOW_BENCH_PORT_BASE", "27000"))
 os.environ.update(stack.isolated_env(BASE, ROOT / f".quotaflow-bench-{BASE}",
                                      Path(os.environ.get("QUOTAFLOW_CACHE_DIR", ROOT / ".quotaflow" / "cache"))))
 
-from quotaflow.settings import Settings, get_settings  # noqa: E402  (after the environment is set)
+from quotaflow.core.settings import Settings, get_settings  # noqa: E402  (after the environment is set)
 
 
 def up() -> Settings:

@@ -31,12 +31,12 @@ POLICY_ENV = {"QUOTAFLOW_WINDOWS": WINDOWS, "QUOTAFLOW_TIER_LIMITS": json.dumps(
               "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"}
 os.environ.update(POLICY_ENV)
 
-from collector.emitter import Emitter  # noqa: E402
-from deploy import stack  # noqa: E402
-from deploy.observe import PROCESSOR_BACKLOG_METRIC  # noqa: E402
-from quotaflow import metrics  # noqa: E402
-from schemas.events import RequestEvent  # noqa: E402
-from schemas.topics import EVENTS_TOPIC  # noqa: E402
+from quotaflow.core import metrics  # noqa: E402
+from quotaflow.collector.emitter import Emitter  # noqa: E402
+from quotaflow.deploy import stack  # noqa: E402
+from quotaflow.deploy.observe import PROCESSOR_BACKLOG_METRIC  # noqa: E402
+from quotaflow.schemas.events import RequestEvent  # noqa: E402
+from quotaflow.schemas.topics import EVENTS_TOPIC  # noqa: E402
 
 GATEWAYS = 4
 KEYS = 20
@@ -74,7 +74,7 @@ async def baseline_check(client, key: str, limit: int, window_ms: int) -> bool:
 async def gateway_worker(mode: str, run: str, rate_per_key: float, seconds: float) -> None:
     import redis.asyncio as aioredis
 
-    from gateway.limiter import RateLimiter
+    from quotaflow.gateway.limiter import RateLimiter
 
     settings = harness.get_settings()
     keys = [(f"{run}-org{k}", f"{run}-key{k}") for k in range(KEYS)]
@@ -183,7 +183,7 @@ async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int
 async def measure_lag(run: str, rate: int, seconds: float) -> list[float]:
     import redis.asyncio as aioredis
 
-    from schemas.redis_keys import usage_key
+    from quotaflow.schemas.redis_keys import usage_key
 
     settings = harness.get_settings()
     client = aioredis.Redis.from_url(settings.redis_url)
@@ -229,7 +229,7 @@ async def baseline_consume(n: int) -> float:
     """Events/s of a bare consumer that only reads and decodes: what Python gets out of Kafka."""
     from aiokafka import AIOKafkaConsumer
 
-    from schemas.events import decode_record
+    from quotaflow.schemas.events import decode_record
 
     settings = harness.get_settings()
     consumer = AIOKafkaConsumer(EVENTS_TOPIC, bootstrap_servers=settings.kafka_bootstrap, group_id=None,

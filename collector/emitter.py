@@ -26,10 +26,17 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 
-from schemas import deadletter
-from schemas.ids import show
-from schemas.events import MAX_EVENTS_PER_RECORD, RequestEvent, SchemaError, encode_batch, partition_key, validate
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.events import (
+    MAX_EVENTS_PER_RECORD,
+    RequestEvent,
+    SchemaError,
+    encode_batch,
+    partition_key,
+    validate,
+)
+from quotaflow.schemas.ids import show
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deploy.procs import StackError
-from quotaflow.settings import Settings
-from sinks.clickhouse.client import ClickHouseUnavailable, connect
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.clickhouse.client import ClickHouseUnavailable, connect
 
 
 def prepare(settings: Settings) -> str:
@@ -20,12 +20,12 @@ def prepare(settings: Settings) -> str:
         try:
             import chdb  # noqa: F401  (the embedded engine ships as a wheel)
         except ImportError as exc:
-            raise StackError(f"the embedded ClickHouse engine (chdb) is not installed: {exc}") from None
+            raise OperatorError(f"the embedded ClickHouse engine (chdb) is not installed: {exc}") from None
         return f"embedded engine (chDB) at {path}"
     try:
         client = connect(url)
         version = client.server_version
         client.close()
     except ClickHouseUnavailable as exc:
-        raise StackError(str(exc)) from None
+        raise OperatorError(str(exc)) from None
     return f"server {url.split('@')[-1]} (ClickHouse {version})"

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 
 import redis
 
-from collector.emitter import Emitter
-from deploy import stack
-from deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
-from deploy.observe import PROCESSOR_BACKLOG_METRIC, denied_keys, end_offsets, sink_caught_up
-from deploy.procs import StackError
-from quotaflow import metrics
-from quotaflow.settings import Settings
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
-from schemas.topics import DEAD_LETTER_TOPIC
-from sinks.clickhouse.client import connect
+from quotaflow.collector.emitter import Emitter
+from quotaflow.core import metrics
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.settings import Settings
+from quotaflow.deploy import stack
+from quotaflow.deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
+from quotaflow.deploy.observe import PROCESSOR_BACKLOG_METRIC, denied_keys, end_offsets, sink_caught_up
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC
 
 # Valid events handled once each: counted, late for some window, or refused (429) and so not counted.
 PROCESSED = tuple(f'quotaflow_processor_events_total{{outcome="{o}"}}' for o in ("counted", "late", "rejected"))
@@ -113,7 +113,7 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
                 and await sink_caught_up(settings.kafka_bootstrap)):
             break
         if time.monotonic() > deadline:
-            raise StackError("the processor or the sink did not catch up within 120 s; see the logs in "
+            raise OperatorError("the processor or the sink did not catch up within 120 s; see the logs in "
                              f"{settings.state_dir / 'logs'}")
         previous = current
         await asyncio.sleep(1.0)

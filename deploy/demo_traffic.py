@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from collector.emitter import Emitter
-from schemas.events import RequestEvent
-from schemas.tiers import Tier
+from quotaflow.collector.emitter import Emitter
+from quotaflow.schemas.events import RequestEvent
+from quotaflow.schemas.tiers import Tier
 
 SERVICE = "demo-shop"
 

@@ -21,9 +21,10 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
-from deploy.procs import Proc, StackError, ensure_port_free, port_open, tail, wait_until
-from deploy.system_packages import ensure_command, which
-from quotaflow.settings import Settings
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.settings import Settings
+from quotaflow.deploy.procs import Proc, ensure_port_free, port_open, tail, wait_until
+from quotaflow.deploy.system_packages import ensure_command, which
 
 KAFKA_VERSION = "4.1.1"
 JAVA_MIN = 17
@@ -72,7 +73,7 @@ logger.state.level = WARN
 
 
 def lock_resource():
-    return resources.files("deploy").joinpath("kafka", f"jars-{KAFKA_VERSION}.sha256")
+    return resources.files("quotaflow.deploy").joinpath("kafka", f"jars-{KAFKA_VERSION}.sha256")
 
 
 def read_lock() -> dict[str, str]:
@@ -96,12 +97,12 @@ def sha256(path: Path) -> str:
 def verify(libs: Path, expected: dict[str, str]) -> None:
     present = {p.name for p in libs.glob("*.jar")}
     if present != set(expected):
-        raise StackError(f"Kafka {KAFKA_VERSION} jars in {libs} differ from the pinned list: "
+        raise OperatorError(f"Kafka {KAFKA_VERSION} jars in {libs} differ from the pinned list: "
                          f"missing {sorted(set(expected) - present)}, unexpected {sorted(present - set(expected))}")
     for name, digest in expected.items():
         actual = sha256(libs / name)
         if actual != digest:
-            raise StackError(f"checksum mismatch for {name}: expected sha256 {digest}, got {actual}; "
+            raise OperatorError(f"checksum mismatch for {name}: expected sha256 {digest}, got {actual}; "
                              f"the download is corrupt or not the official artifact")
 
 
@@ -110,14 +111,14 @@ def resolve_jars(settings: Settings, dest: Path) -> None:
     mvn = ensure_command("mvn", "maven")
     with tempfile.TemporaryDirectory() as tmp:
         pom = Path(tmp) / "pom.xml"
-        pom.write_bytes(resources.files("deploy").joinpath("kafka", "pom.xml").read_bytes())
+        pom.write_bytes(resources.files("quotaflow.deploy").joinpath("kafka", "pom.xml").read_bytes())
         cmd = [mvn, "-B", "-q", "--strict-checksums", "-f", str(pom), f"-Dkafka.version={KAFKA_VERSION}",
                f"-Dmaven.repo.local={settings.cache_dir / 'm2'}",
                "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={dest}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         last = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-        raise StackError(f"could not download Kafka {KAFKA_VERSION} from Maven Central (mvn exit {result.returncode}):\n{last}")
+        raise OperatorError(f"could not download Kafka {KAFKA_VERSION} from Maven Central (mvn exit {result.returncode}):\n{last}")
 
 
 def ensure_jars(settings: Settings) -> Path:
@@ -133,7 +134,7 @@ def ensure_jars(settings: Settings) -> Path:
             verify(libs, expected)
             stamp.write_text(lock_digest)
             return libs
-        except StackError:
+        except OperatorError:
             shutil.rmtree(libs)
     print(f"downloading Apache Kafka {KAFKA_VERSION} jars (once, cached in {libs.parent})...", flush=True)
     staging = libs.parent / "libs.partial"
@@ -142,7 +143,7 @@ def ensure_jars(settings: Settings) -> Path:
     resolve_jars(settings, staging)
     try:
         verify(staging, expected)
-    except StackError:
+    except OperatorError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     staging.rename(libs)
@@ -154,7 +155,7 @@ def java_command() -> str:
     """The java binary, checked to be recent enough for Kafka 4."""
     java = str(Path(os.environ["JAVA_HOME"]) / "bin" / "java") if os.environ.get("JAVA_HOME") else which("java")
     if not java or not Path(java).exists():
-        raise StackError(f"Java {JAVA_MIN} or newer is needed to run Kafka and was not found; install it "
+        raise OperatorError(f"Java {JAVA_MIN} or newer is needed to run Kafka and was not found; install it "
                          f"(Debian: apt-get install openjdk-17-jre-headless) or set JAVA_HOME")
     out = subprocess.run([java, "-version"], capture_output=True, text=True)
     m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
@@ -162,7 +163,7 @@ def java_command() -> str:
     if major == 1 and m and m.group(2):
         major = int(m.group(2))  # "1.8.0" style
     if major < JAVA_MIN:
-        raise StackError(f"Kafka {KAFKA_VERSION} needs Java {JAVA_MIN} or newer; {java} is Java {major or 'unknown'}")
+        raise OperatorError(f"Kafka {KAFKA_VERSION} needs Java {JAVA_MIN} or newer; {java} is Java {major or 'unknown'}")
     return java
 
 
@@ -194,7 +195,7 @@ def _configure(settings: Settings, java: str, libs: Path) -> Path:
              STORAGE_TOOL, "format", f"--cluster-id={cluster_id}", "-c", str(config)],  # ids may start with "-"
             capture_output=True, text=True)
         if result.returncode != 0:
-            raise StackError(f"formatting Kafka storage failed:\n{(result.stdout + result.stderr).strip()[-1500:]}")
+            raise OperatorError(f"formatting Kafka storage failed:\n{(result.stdout + result.stderr).strip()[-1500:]}")
     return config
 
 
@@ -214,13 +215,13 @@ def start(settings: Settings) -> bool:
     pid = p.start(argv, config.parent / "stdout.log", marker=str(config))
     if not wait_until(lambda: p.pid() is None or port_open(settings.kafka_port), 90):
         p.stop()
-        raise StackError(f"Kafka did not open port {settings.kafka_port} within 90 s; log:\n{tail(log_file(settings))}")
+        raise OperatorError(f"Kafka did not open port {settings.kafka_port} within 90 s; log:\n{tail(log_file(settings))}")
     if p.pid() is None:
-        raise StackError(f"Kafka (pid {pid}) exited at start; log:\n{tail(log_file(settings))}\n"
+        raise OperatorError(f"Kafka (pid {pid}) exited at start; log:\n{tail(log_file(settings))}\n"
                          f"{tail(config.parent / 'stdout.log', 5)}")
     if not asyncio.run(_wait_ready(settings.kafka_bootstrap, 60)):
         p.stop()
-        raise StackError(f"Kafka opened its port but serves no metadata; log:\n{tail(log_file(settings))}")
+        raise OperatorError(f"Kafka opened its port but serves no metadata; log:\n{tail(log_file(settings))}")
     return True
 
 
@@ -266,7 +267,7 @@ def write_lock(settings: Settings) -> Path:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write-lock"]:
-        from quotaflow.settings import get_settings
+        from quotaflow.core.settings import get_settings
 
         print(write_lock(get_settings()))
     else:

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from schemas.redis_keys import USAGE_KEY_PATTERN, Decision
-from schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
+from quotaflow.schemas.redis_keys import USAGE_KEY_PATTERN, Decision
+from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
 
 # The processor's own backlog (processors/app.py): records not applied yet, skipped ones
 # included; NaN until known. What "caught up" means for it, unlike its group's lag.

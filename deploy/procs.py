@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
-class StackError(RuntimeError):
-    """A problem the operator can fix; printed as one clear line, not a traceback."""
+from quotaflow.core.errors import OperatorError
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,7 @@ def ensure_port_free(port: int, what: str, env_var: str) -> None:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise StackError(f"port {port} for {what} is already in use by another process; "
+                raise OperatorError(f"port {port} for {what} is already in use by another process; "
                                  f"stop it or choose another port with {env_var}=PORT") from None
             raise
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import redis
 
-from deploy.procs import Proc, StackError, ensure_port_free, tail, wait_until
-from deploy.system_packages import ensure_command
-from quotaflow.settings import Settings
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.settings import Settings
+from quotaflow.deploy.procs import Proc, ensure_port_free, tail, wait_until
+from quotaflow.deploy.system_packages import ensure_command
 
 
 def proc(settings: Settings) -> Proc:
@@ -37,9 +38,9 @@ def start(settings: Settings) -> bool:
 
     if not wait_until(lambda: p.pid() is None or ready(), 30):
         p.stop()
-        raise StackError(f"redis-server did not answer PING within 30 s; log:\n{tail(log)}")
+        raise OperatorError(f"redis-server did not answer PING within 30 s; log:\n{tail(log)}")
     if p.pid() is None:
-        raise StackError(f"redis-server exited at start; log:\n{tail(log)}")
+        raise OperatorError(f"redis-server exited at start; log:\n{tail(log)}")
     return True
 
 

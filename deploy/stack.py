@@ -11,11 +11,12 @@ import time
 import urllib.error
 from pathlib import Path
 
-from deploy import clickhouse, kafka, redis, supervise
-from deploy.procs import Proc, StackError, port_open, running_as, started_at, stop_pid, tail, wait_until
-from deploy.topics import ensure_topics_sync
-from quotaflow.redact import redact
-from quotaflow.settings import Settings
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.redact import redact
+from quotaflow.core.settings import Settings
+from quotaflow.deploy import clickhouse, kafka, redis, supervise
+from quotaflow.deploy.procs import Proc, port_open, running_as, started_at, stop_pid, tail, wait_until
+from quotaflow.deploy.topics import ensure_topics_sync
 
 # Pipeline processes the demo (or an operator, `quotaflow stack start`) starts next to
 # the stack, each under a supervisor that restarts it (deploy/supervise.py).
@@ -52,7 +53,7 @@ def pipeline_log(settings: Settings, name: str):
 
 def stage_ready(settings: Settings, name: str) -> bool:
     """The stage reports itself ready (partitions assigned) on its /metrics."""
-    from quotaflow import metrics
+    from quotaflow.core import metrics
 
     try:
         return metrics.scrape(metrics_port(settings, name)).get(f"quotaflow_{name}_ready") == 1.0
@@ -77,7 +78,7 @@ def start_pipeline_process(settings: Settings, name: str, env: dict | None = Non
     start: it is stopped, not restarted, and the error shows its log."""
     proc = pipeline_proc(settings, name)
     if (pid := proc.pid()) is not None:
-        raise StackError(f"a {name} is already running (pid {pid}); stop it first with 'quotaflow stack down'")
+        raise OperatorError(f"a {name} is already running (pid {pid}); stop it first with 'quotaflow stack down'")
     proc.start([sys.executable, "-m", "quotaflow", "supervise", name], pipeline_log(settings, name),
                marker=f"quotaflow supervise {name}", env=env)
 
@@ -95,7 +96,7 @@ def start_pipeline_process(settings: Settings, name: str, env: dict | None = Non
             why = f"exited at start ({supervise.describe_exit(state.last_exit)})"
         else:
             why = "exited at start"
-        raise StackError(f"the {name} {why}; log:\n{tail(pipeline_log(settings, name))}")
+        raise OperatorError(f"the {name} {why}; log:\n{tail(pipeline_log(settings, name))}")
     state = pipeline_state(settings, name)
     return state.pid if state is not None and state.pid is not None else proc.pid()
 
@@ -110,7 +111,7 @@ def wait_restarted(settings: Settings, name: str, after: int, timeout_s: float =
                 and stage_ready(settings, name))
 
     if not wait_until(restarted, timeout_s):
-        raise StackError(f"the {name} was not restarted and ready within {timeout_s:g} s; "
+        raise OperatorError(f"the {name} was not restarted and ready within {timeout_s:g} s; "
                          f"log:\n{tail(pipeline_log(settings, name))}")
     return pipeline_state(settings, name).pid
 

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 
-from deploy.procs import StackError
+from quotaflow.core.errors import OperatorError
 
 SEARCH_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/usr/bin:/sbin"
 
@@ -23,17 +23,17 @@ def ensure_command(cmd: str, package: str) -> str:
     install([package])
     path = which(cmd)
     if not path:
-        raise StackError(f"installed {package} but {cmd} is still not on PATH")
+        raise OperatorError(f"installed {package} but {cmd} is still not on PATH")
     return path
 
 
 def install(packages: list[str]) -> None:
     if not which("apt-get"):
-        raise StackError(f"{' '.join(packages)} is missing and this system has no apt-get; install it by hand")
+        raise OperatorError(f"{' '.join(packages)} is missing and this system has no apt-get; install it by hand")
     prefix: list[str] = []
     if os.geteuid() != 0:
         if not which("sudo"):
-            raise StackError(f"{' '.join(packages)} is missing; run: sudo apt-get install -y {' '.join(packages)}")
+            raise OperatorError(f"{' '.join(packages)} is missing; run: sudo apt-get install -y {' '.join(packages)}")
         prefix = ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = prefix + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
@@ -45,4 +45,4 @@ def install(packages: list[str]) -> None:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         last = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-        raise StackError(f"could not install {' '.join(packages)} with apt-get:\n{last}")
+        raise OperatorError(f"could not install {' '.join(packages)} with apt-get:\n{last}")

@@ -8,9 +8,9 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from deploy.procs import StackError
-from quotaflow.settings import Settings
-from schemas.topics import (
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.topics import (
     DEAD_LETTER_RETENTION_MS,
     DEAD_LETTER_TOPIC,
     EVENTS_RETENTION_MS,
@@ -52,7 +52,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
                       (entry[:3] for entry in response.topic_errors) if code not in (0, TOPIC_EXISTS)}
             created += [t.name for t in missing if t.name not in errors]
             if errors and loop.time() > deadline:
-                raise StackError(f"could not create Kafka topics: {errors}")
+                raise OperatorError(f"could not create Kafka topics: {errors}")
             if errors:
                 await asyncio.sleep(0.5)
     finally:
@@ -74,7 +74,7 @@ async def _stamp_on_arrival(admin: AIOKafkaAdminClient) -> None:
     (altered,) = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, EVENTS_TOPIC, configs)])
     code, message = altered.resources[0][:2]
     if code:
-        raise StackError(f"could not set {TIMESTAMP_TYPE}={EVENTS_TIMESTAMP_TYPE} on {EVENTS_TOPIC}: {message}")
+        raise OperatorError(f"could not set {TIMESTAMP_TYPE}={EVENTS_TIMESTAMP_TYPE} on {EVENTS_TOPIC}: {message}")
 
 
 def ensure_topics_sync(settings: Settings) -> list[str]:

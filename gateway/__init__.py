@@ -1,6 +1,6 @@
 """What gateways use: ``RateLimiter.check`` (one Redis round trip), response headers,
 an ASGI middleware, and an HTTP check endpoint for nginx and Envoy."""
 
-from gateway.limiter import RateLimiter, SyncRateLimiter
+from quotaflow.gateway.limiter import RateLimiter, SyncRateLimiter
 
 __all__ = ["RateLimiter", "SyncRateLimiter"]

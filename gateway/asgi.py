@@ -13,17 +13,19 @@ before anything is admitted or reserved.
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import orjson
 
-from collector.emitter import Emitter
-from gateway import identity, request_event
-from gateway.headers import rate_limit_headers
-from gateway.identity import header_identity
-from gateway.limiter import RateLimiter
-from schemas.ids import check_id
-from schemas.redis_keys import Decision
+from quotaflow.gateway import identity, request_event
+from quotaflow.gateway.headers import rate_limit_headers
+from quotaflow.gateway.identity import header_identity
+from quotaflow.gateway.limiter import RateLimiter
+from quotaflow.schemas.ids import check_id
+from quotaflow.schemas.redis_keys import Decision
+
+if TYPE_CHECKING:  # the service hands its emitter in: a gateway does not import a collector
+    from quotaflow.collector.emitter import Emitter
 
 __all__ = ["RateLimitMiddleware", "endpoint_template", "header_identity"]
 

@@ -4,7 +4,7 @@ Retry-After on a refusal."""
 
 from __future__ import annotations
 
-from schemas.redis_keys import Decision
+from quotaflow.schemas.redis_keys import Decision
 
 
 def _policy_name(window_name: str) -> str:

@@ -10,7 +10,7 @@ and reasons travel into proxies' and clients' logs.
 
 from __future__ import annotations
 
-from schemas.ids import ID_RULE, is_valid_id
+from quotaflow.schemas.ids import ID_RULE, is_valid_id
 
 KEY_HEADER = "X-Api-Key-Id"
 ORG_HEADER = "X-Org-Id"

@@ -29,10 +29,10 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import NoScriptError, RedisError
 
-from quotaflow.settings import Settings
-from schemas.ids import InvalidId, check_id
-from schemas.limits import Policy, policy_from_settings
-from schemas.redis_keys import (
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.ids import InvalidId, check_id
+from quotaflow.schemas.limits import Policy, policy_from_settings
+from quotaflow.schemas.redis_keys import (
     ENFORCEMENT_KEY,
     ENFORCEMENT_OFF,
     Decision,
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CHECKS = Counter("quotaflow_gateway_checks_total", "Rate-limit checks by result", ["result"])
 UNAVAILABLE = "unavailable"  # denied_by when Redis could not answer and the limiter fails closed
 
-SCRIPT = resources.files("gateway").joinpath("check.lua").read_text()
+SCRIPT = resources.files("quotaflow.gateway").joinpath("check.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 _OFF = (ENFORCEMENT_OFF, ENFORCEMENT_OFF.encode())  # as a client with or without decode_responses reads it
 

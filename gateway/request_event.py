@@ -26,7 +26,7 @@ from urllib.parse import quote
 from prometheus_client import Counter
 from starlette.routing import Match
 
-from schemas.events import (
+from quotaflow.schemas.events import (
     BYTES_MAX,
     ENDPOINT_MAX,
     LATENCY_MAX_MS,
@@ -35,7 +35,7 @@ from schemas.events import (
     SCHEMA_VERSION,
     USER_AGENT_MAX,
 )
-from schemas.redis_keys import Decision
+from quotaflow.schemas.redis_keys import Decision
 
 log = logging.getLogger(__name__)
 

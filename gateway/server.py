@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway import identity
-from gateway.headers import rate_limit_headers
-from gateway.limiter import RateLimiter
-from gateway.protocol import MAX_HEAD_BYTES, BoundedH11Protocol
+from quotaflow.gateway import identity
+from quotaflow.gateway.headers import rate_limit_headers
+from quotaflow.gateway.limiter import RateLimiter
+from quotaflow.gateway.protocol import MAX_HEAD_BYTES, BoundedH11Protocol
 
 DENY_STATUSES = {"429": 429, "403": 403, "401": 401}
 INVALID_STATUSES = {"400": 400, "401": 401, "403": 403}

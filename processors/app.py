@@ -38,15 +38,16 @@ from faust.types import TP
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge, Histogram
 
-from processors import stopping
-from processors.backend import RedisBackend, ScopeWrite
-from processors.decisions import decide, decide_org, org_windows
-from processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
-from processors.output import Output, Sent
-from processors.window_counts import REDELIVERED, apply_events
-from quotaflow.settings import Settings
-from schemas import deadletter
-from schemas.events import (
+from quotaflow.core.settings import Settings
+from quotaflow.processors import stopping
+from quotaflow.processors.backend import RedisBackend, ScopeWrite
+from quotaflow.processors.decisions import decide, decide_org, org_windows
+from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
+from quotaflow.processors.output import Output, Sent
+from quotaflow.processors.window_counts import REDELIVERED, apply_events
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.dedup import position
+from quotaflow.schemas.events import (
     FIELD_NAMES,
     FORWARDED_HEADER,
     SchemaError,
@@ -56,9 +57,8 @@ from schemas.events import (
     partition_of,
     time_bounds_from_settings,
 )
-from schemas.dedup import position
-from schemas.limits import policy_from_settings
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
+from quotaflow.schemas.limits import policy_from_settings
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from processors import stopping
-from schemas.dedup import DuplicateCheck
-from schemas.limits import Policy, parse_overrides
-from schemas.redis_keys import (
+from quotaflow.processors import stopping
+from quotaflow.schemas.dedup import DuplicateCheck
+from quotaflow.schemas.limits import Policy, parse_overrides
+from quotaflow.schemas.redis_keys import (
     ORG_TIER_FIELD,
     Decision,
     encode_buckets,
@@ -61,7 +61,7 @@ class ScopeWrite:
     released: list[str] = field(default_factory=list)  # reservations whose events are now counted
 
 
-WRITE_SCRIPT = resources.files("processors").joinpath("write.lua").read_text()
+WRITE_SCRIPT = resources.files("quotaflow.processors").joinpath("write.lua").read_text()
 
 
 class RedisBackend:

@@ -5,9 +5,9 @@ Gateways decide from these counts plus their outstanding reservations
 
 from __future__ import annotations
 
-from processors.window_counts import ScopeState, window_count, window_reset
-from schemas.limits import SCOPE_KEY, SCOPE_ORG, Policy
-from schemas.redis_keys import Decision, WindowUsage
+from quotaflow.processors.window_counts import ScopeState, window_count, window_reset
+from quotaflow.schemas.limits import SCOPE_KEY, SCOPE_ORG, Policy
+from quotaflow.schemas.redis_keys import Decision, WindowUsage
 
 
 def scope_windows(scope: str, state: ScopeState | None, limits: tuple[int | None, ...], policy: Policy,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Awaitable, Callable, MutableMapping
 
-from processors.window_counts import REDELIVERED
+from quotaflow.processors.window_counts import REDELIVERED
 
 APPLY = "apply"
 REFETCH = "refetch"  # dropped now; it will be delivered again after the seek back

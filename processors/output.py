@@ -18,7 +18,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from processors import stopping
+from quotaflow.processors import stopping
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import bisect
 from collections import Counter
 from typing import Sequence, TypedDict
 
-from schemas.limits import Policy, Window
+from quotaflow.schemas.limits import Policy, Window
 
 COUNTED = "counted"
 LATE = "late"  # missed at least one window

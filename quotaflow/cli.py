@@ -1,5 +1,5 @@
 """The ``quotaflow`` command. Every setting comes from QUOTAFLOW_* environment variables
-(see quotaflow/settings.py); flags only choose what to do."""
+(see quotaflow/core/settings.py); flags only choose what to do."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import signal
 import sys
 from pathlib import Path
 
-from deploy.procs import StackError
-from quotaflow.logs import logging_dict, setup_logging
-from quotaflow.redact import redact
-from quotaflow.settings import ConfigError, Settings, describe_error, get_settings
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.logs import logging_dict, setup_logging
+from quotaflow.core.redact import redact
+from quotaflow.core.settings import ConfigError, Settings, describe_error, get_settings
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
-    from deploy import stack
+    from quotaflow.deploy import stack
 
     if args.stages and args.action != "start":
         print(f"quotaflow: stack {args.action} takes no stage names", file=sys.stderr)
@@ -46,8 +46,8 @@ def cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_supervise(args: argparse.Namespace, settings: Settings) -> int:
-    from deploy import stack, supervise
-    from deploy.procs import running_as
+    from quotaflow.deploy import stack, supervise
+    from quotaflow.deploy.procs import running_as
 
     state_file = stack.pipeline_proc(settings, args.stage).state_file
     other = supervise.State.read(state_file)
@@ -60,8 +60,8 @@ def cmd_supervise(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
-    from processors.app import Worker, create_app
-    from quotaflow import gc_tuning, metrics
+    from quotaflow.core import gc_tuning, metrics
+    from quotaflow.processors.app import Worker, create_app
 
     app = create_app(settings)
     metrics.serve(settings.processor_metrics_port)
@@ -73,8 +73,8 @@ def cmd_processor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
-    from quotaflow import gc_tuning, metrics
-    from sinks.clickhouse.sink import ClickHouseSink
+    from quotaflow.core import gc_tuning, metrics
+    from quotaflow.sinks.clickhouse.sink import ClickHouseSink
 
     metrics.serve(settings.sink_metrics_port)
     sink = ClickHouseSink(settings)
@@ -88,13 +88,13 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
         api = None
         if settings.api_port:
             # The embedded engine can be open in one process only: this one serves the API.
-            from analytics.server import ApiServer
+            from quotaflow.analytics.server import ApiServer
 
             api = ApiServer(settings)
             try:
                 await api.start()
             except OSError as exc:
-                raise StackError(f"cannot serve the query API on port {settings.api_port}: {exc} "
+                raise OperatorError(f"cannot serve the query API on port {settings.api_port}: {exc} "
                                  "(QUOTAFLOW_API_PORT=0 disables it)") from None
         try:
             await sink.run()
@@ -107,8 +107,8 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
-    from analytics.server import ApiServer
-    from sinks.clickhouse.client import ClickHouseUnavailable
+    from quotaflow.analytics.server import ApiServer
+    from quotaflow.schemas.clickhouse.client import ClickHouseUnavailable
 
     if not settings.api_port:
         print("quotaflow: QUOTAFLOW_API_PORT is 0 (disabled)", file=sys.stderr)
@@ -135,13 +135,13 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from deploy.demo import run_demo
+    from quotaflow.deploy.demo import run_demo
 
     return run_demo(settings, seconds=args.seconds)
 
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
-    from schemas.events import render_json_schema
+    from quotaflow.schemas.events import render_json_schema
 
     data = render_json_schema()
     if args.output == "-":
@@ -155,9 +155,9 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
-    from schemas.ids import id_error
-    from schemas.limits import policy_from_settings
-    from schemas.redis_keys import ORG_TIER_FIELD, org_key
+    from quotaflow.schemas.ids import id_error
+    from quotaflow.schemas.limits import policy_from_settings
+    from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 
     problem = id_error("org_id", args.org_id)  # before it names a Redis key
     if problem:
@@ -180,9 +180,9 @@ def cmd_org(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_key(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
-    from schemas.ids import id_error
-    from schemas.limits import parse_overrides, policy_from_settings
-    from schemas.redis_keys import Decision, overrides_key, usage_key
+    from quotaflow.schemas.ids import id_error
+    from quotaflow.schemas.limits import parse_overrides, policy_from_settings
+    from quotaflow.schemas.redis_keys import Decision, overrides_key, usage_key
 
     problem = id_error("org_id", args.org_id) or id_error("api_key_id", args.api_key_id)  # before they name a key
     if problem:
@@ -209,7 +209,7 @@ def cmd_key(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_enforcement(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
-    from schemas.redis_keys import ENFORCEMENT_KEY, ENFORCEMENT_OFF
+    from quotaflow.schemas.redis_keys import ENFORCEMENT_KEY, ENFORCEMENT_OFF
 
     client = redis.Redis.from_url(settings.redis_url)
     if args.action == "off":
@@ -222,8 +222,8 @@ def cmd_enforcement(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway.limiter import RateLimiter
-    from gateway.server import serve
+    from quotaflow.gateway.limiter import RateLimiter
+    from quotaflow.gateway.server import serve
 
     serve(RateLimiter.from_settings(settings), host=args.host, port=settings.gateway_port,
           log_config=logging_dict(settings.log_level, settings.log_format))
@@ -231,9 +231,9 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.clickhouse import retention
-    from sinks.clickhouse.client import ClickHouseUnavailable, connect
-    from sinks.clickhouse.migrate import migrate
+    from quotaflow.schemas.clickhouse import retention
+    from quotaflow.schemas.clickhouse.client import ClickHouseUnavailable, connect
+    from quotaflow.schemas.clickhouse.migrate import migrate
 
     try:
         client = connect(settings.clickhouse_url)
@@ -357,9 +357,9 @@ def _failure(exc: Exception, settings: Settings) -> str | None:
     with every secret redacted. None for an error nobody foresaw (a bug)."""
     import redis
 
-    from sinks.clickhouse.client import ClickHouseUnavailable
+    from quotaflow.schemas.clickhouse.client import ClickHouseUnavailable
 
-    if isinstance(exc, (StackError, ClickHouseUnavailable)):
+    if isinstance(exc, (OperatorError, ClickHouseUnavailable)):
         return redact(exc)
     if isinstance(exc, redis.exceptions.AuthenticationError):
         return f"Redis at {redact(settings.redis_url)} refused the credentials: {redact(exc)}"

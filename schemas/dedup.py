@@ -35,9 +35,9 @@ from typing import Callable, NamedTuple, Sequence
 import orjson
 import redis.asyncio as aioredis
 
-from schemas.redis_keys import SEEN_BUCKET_MS
+from quotaflow.schemas.redis_keys import SEEN_BUCKET_MS
 
-SCRIPT = resources.files("schemas").joinpath("dedup.lua").read_text()
+SCRIPT = resources.files("quotaflow.schemas").joinpath("dedup.lua").read_text()
 INDEX_BITS = 16  # a record carries fewer than 2**16 events (schemas.events.MAX_EVENTS_PER_RECORD)
 
 # (org_id, partition, event times, event ids, positions): events of one org from one

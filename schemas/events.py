@@ -27,7 +27,7 @@ import msgspec
 import orjson
 from aiokafka.partitioner import murmur2
 
-from schemas.ids import ID_MAX, ID_PATTERN, ID_RULE, show
+from quotaflow.schemas.ids import ID_MAX, ID_PATTERN, ID_RULE, show
 
 SCHEMA_VERSION = 1
 MAX_ERRORS = 8

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from schemas.tiers import Tier
+from quotaflow.schemas.tiers import Tier
 
 SLIDING_BUCKETS = 60  # a sliding window over-counts by at most one bucket: 1/60 of its length
 

@@ -1,5 +1,5 @@
 """Subscription tier names. The limits of each tier are configuration of the
-processors (processors/limits.py); the names cross process boundaries (CLI,
+policy (schemas/limits.py); the names cross process boundaries (CLI,
 Redis, gateways) and so live here."""
 
 from enum import Enum

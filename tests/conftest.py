@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import stack
+from quotaflow.deploy import stack
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000"))
@@ -26,7 +26,7 @@ os.environ["QUOTAFLOW_LOG_FORMAT"] = "json"
 for var in ("QUOTAFLOW_KAFKA_BOOTSTRAP", "QUOTAFLOW_REDIS_URL", "QUOTAFLOW_CLICKHOUSE_URL"):
     os.environ.pop(var, None)
 
-from quotaflow.settings import Settings, get_settings  # noqa: E402
+from quotaflow.core.settings import Settings, get_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

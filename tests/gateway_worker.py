@@ -8,10 +8,10 @@ would) and prints how many it admitted and whether every check was enforced.
 import asyncio
 import sys
 
-from collector.emitter import Emitter
-from gateway.limiter import RateLimiter
-from quotaflow.settings import get_settings
-from schemas.events import RequestEvent
+from quotaflow.collector.emitter import Emitter
+from quotaflow.core.settings import get_settings
+from quotaflow.gateway.limiter import RateLimiter
+from quotaflow.schemas.events import RequestEvent
 
 
 async def main(org_id: str, api_key_id: str, n: int) -> None:

@@ -9,12 +9,12 @@ import time
 import uuid
 from typing import Callable
 
-from deploy import stack
-from deploy.procs import alive
-from quotaflow import metrics
-from quotaflow.settings import Settings
-from schemas.events import RequestEvent
-from sinks.clickhouse.client import connect
+from quotaflow.core import metrics
+from quotaflow.core.settings import Settings
+from quotaflow.deploy import stack
+from quotaflow.deploy.procs import alive
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.events import RequestEvent
 
 
 def unique(prefix: str) -> str:
@@ -52,7 +52,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, logs: Callab
 async def publish(settings: Settings, events: list[RequestEvent], raw: list[tuple[bytes, bytes]] = (),
                   batch_events: int = 500) -> None:
     """Publish as the Python emitter does: up to ``batch_events`` events of one org per record."""
-    from collector.emitter import Emitter
+    from quotaflow.collector.emitter import Emitter
 
     async with Emitter(settings.kafka_bootstrap, batch_events=batch_events) as emitter:
         for ev in events:
@@ -134,7 +134,7 @@ class Pipeline:
 
     def wait_caught_up(self, timeout_s: float = 60) -> None:
         """Both consumer groups have committed everything on the events topic."""
-        from deploy.observe import pipeline_caught_up
+        from quotaflow.deploy.observe import pipeline_caught_up
 
         wait_for(lambda: asyncio.run(pipeline_caught_up(self.settings.kafka_bootstrap)), timeout_s,
                  "processor and sink to commit all events", self.logs)
@@ -142,7 +142,7 @@ class Pipeline:
     def wait_sink_caught_up(self, timeout_s: float = 120) -> None:
         """The sink group has committed everything on the events topic (for tests that
         run the sink alone, where wait_caught_up would wait on the processor too)."""
-        from deploy.observe import sink_caught_up
+        from quotaflow.deploy.observe import sink_caught_up
 
         wait_for(lambda: asyncio.run(sink_caught_up(self.settings.kafka_bootstrap)), timeout_s,
                  "the sink to commit every event", self.logs)
@@ -162,7 +162,7 @@ async def read_all(settings: Settings, topic: str) -> list:
     """Every record of ``topic`` from the beginning to its current end."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from deploy.observe import end_offsets
+    from quotaflow.deploy.observe import end_offsets
 
     ends = await end_offsets(settings.kafka_bootstrap, topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
@@ -186,9 +186,9 @@ async def read_all(settings: Settings, topic: str) -> list:
 def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label: str = "60s") -> int | None:
     """What the processors counted for a key (or, with api_key_id None, an org) in the
     window of the default policy labelled ``label`` that contains ``at_ms``; None before any count."""
-    from processors.window_counts import window_count
-    from schemas.limits import Window
-    from schemas.redis_keys import decode_buckets, usage_key, window_field
+    from quotaflow.processors.window_counts import window_count
+    from quotaflow.schemas.limits import Window
+    from quotaflow.schemas.redis_keys import decode_buckets, usage_key, window_field
 
     raw = redis_client.hget(usage_key(org_id, api_key_id), window_field(label))
     if raw is None:
@@ -197,7 +197,7 @@ def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label
 
 
 def decision(redis_client, org_id: str, api_key_id: str):
-    from schemas.redis_keys import Decision, usage_key
+    from quotaflow.schemas.redis_keys import Decision, usage_key
 
     raw = redis_client.hgetall(usage_key(org_id, api_key_id))
     return Decision.from_redis(raw) if b"allowed" in raw else None

@@ -14,7 +14,7 @@ import random
 import faust
 from faust.types import TP
 
-from processors.app import seek_stream
+from quotaflow.processors.app import seek_stream
 
 MODE, TOPIC, COUNT = os.environ["SEEK_MODE"], os.environ["SEEK_TOPIC"], int(os.environ["SEEK_COUNT"])
 app = faust.App(f"seek-storm-{MODE}-{os.getpid()}", broker=f"kafka://{os.environ['SEEK_BOOTSTRAP']}",

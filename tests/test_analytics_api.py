@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import Pipeline, event, publish, unique, wait_for
 from tests.test_clickhouse_storage import rank_bounds
 
@@ -60,7 +60,7 @@ class Data:
 def data(live_stack):
     import redis
 
-    from sinks.clickhouse.tiers import CACHE_SECONDS
+    from quotaflow.sinks.clickhouse.tiers import CACHE_SECONDS
 
     d = Data(live_stack)
     r = redis.Redis.from_url(live_stack.redis_url)

@@ -13,8 +13,8 @@ import httpx
 import orjson
 import pytest
 
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.migrate import migrate
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import migrate
 from tests.pipeline import Pipeline, unique, wait_for
 from tests.test_analytics_hostile import HOUR, insert_bulk
 

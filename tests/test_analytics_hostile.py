@@ -16,16 +16,17 @@ from urllib.parse import quote, unquote, urlencode
 import httpx
 import orjson
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from analytics import queries
-from analytics.app import MAX_VALUE_CHARS, PARAMS, create_app
-from analytics.queries import Bounds
-from quotaflow.settings import Settings
-from sinks.clickhouse import retention
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.migrate import migrate
+from quotaflow.analytics import queries
+from quotaflow.analytics.app import MAX_VALUE_CHARS, PARAMS, create_app
+from quotaflow.analytics.queries import Bounds
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import migrate
 
 HOUR = 3_600_000
 OPS, ACME = "tok-ops-0123456789", "tok-acme-0123456789"

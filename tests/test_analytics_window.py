@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from analytics import queries
-from analytics.scope import Forbidden, Scope, scope_for_token
-from analytics.window import BadWindow, for_range, for_timeframe
-from quotaflow.settings import Settings
-from sinks.clickhouse import retention
-from sinks.clickhouse.tables import DAY_MS, HOUR_MS, MINUTE_MS
+from quotaflow.analytics import queries
+from quotaflow.analytics.scope import Forbidden, Scope, scope_for_token
+from quotaflow.analytics.window import BadWindow, for_range, for_timeframe
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.clickhouse.tables import DAY_MS, HOUR_MS, MINUTE_MS
 
 RETENTION = retention.wanted_days(Settings())  # raw 30, minute 90, hour 365, day 1095 days
 NOW = 1_764_000_000_000 + 37 * MINUTE_MS + 12_345  # some time in the middle of an hour

@@ -10,12 +10,12 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from collector.emitter import Emitter
-from gateway.asgi import RateLimitMiddleware
-from gateway.limiter import RateLimiter
-from schemas.events import decode_record
-from schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
-from schemas.topics import EVENTS_TOPIC
+from quotaflow.collector.emitter import Emitter
+from quotaflow.gateway.asgi import RateLimitMiddleware
+from quotaflow.gateway.limiter import RateLimiter
+from quotaflow.schemas.events import decode_record
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
+from quotaflow.schemas.topics import EVENTS_TOPIC
 from tests.pipeline import counted, minute_start, read_all, unique, wait_for
 
 pytestmark = pytest.mark.stack

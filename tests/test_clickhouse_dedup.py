@@ -15,20 +15,20 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from deploy import redis as redis_service
-from deploy.observe import end_offsets
-from schemas.dedup import DuplicateCheck, position
-from schemas.redis_keys import stored_key
-from schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from sinks.clickhouse import duplicates
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.rows import to_rows
-from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
-from sinks.clickhouse.writer import Writer
+from quotaflow.deploy import redis as redis_service
+from quotaflow.deploy.observe import end_offsets
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.schemas.dedup import DuplicateCheck, position
+from quotaflow.schemas.redis_keys import stored_key
+from quotaflow.schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from quotaflow.sinks.clickhouse import duplicates
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.rows import to_rows
+from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import counted, event, minute_start, publish, unique, wait_for
-from tests.test_clickhouse_storage import records
 from tests.test_clickhouse_sink import REPAIRS, REPLAYED, pending_plans, until_a_plan
+from tests.test_clickhouse_storage import records
 
 pytestmark = pytest.mark.stack
 STORED = 'quotaflow_sink_events_total{outcome="stored"}'

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from sinks.clickhouse import repair
-from sinks.clickhouse.migrate import migrate
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.rows import Rows, to_rows
-from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
-from sinks.clickhouse.writer import Writer
+from quotaflow.schemas.clickhouse.migrate import migrate
+from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.sinks.clickhouse import repair
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.rows import Rows, to_rows
+from quotaflow.sinks.clickhouse.writer import Writer
 from tests.test_clickhouse_storage import (
     DAY_S,
     engine,  # noqa: F401 - the fixture

@@ -14,14 +14,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from deploy.observe import end_offsets
-from schemas import deadletter
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.plans import Range, parse_plan
-from sinks.clickhouse.rows import to_rows
-from sinks.clickhouse.writer import Writer
+from quotaflow.deploy.observe import end_offsets
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from quotaflow.sinks.clickhouse.plans import Range, parse_plan
+from quotaflow.sinks.clickhouse.rows import to_rows
+from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import event, publish, read_all, unique, wait_for
 
 pytestmark = pytest.mark.stack

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 from aiokafka import TopicPartition
 
-from quotaflow.settings import Settings
-from schemas.topics import EVENTS_TOPIC
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.sink import ClickHouseSink
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.topics import EVENTS_TOPIC
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.sink import ClickHouseSink
 
 
 def buffered(sink: ClickHouseSink, tp: TopicPartition, offsets: range) -> None:

@@ -16,15 +16,15 @@ from types import SimpleNamespace
 import orjson
 import pytest
 
-from quotaflow.settings import Settings
-from schemas.events import RequestEvent
-from sinks.clickhouse import retention
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.migrate import available, migrate, statements
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.rows import to_rows
-from sinks.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
-from sinks.clickhouse.writer import Writer
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import available, migrate, statements
+from quotaflow.schemas.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
+from quotaflow.schemas.events import RequestEvent
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.rows import to_rows
+from quotaflow.sinks.clickhouse.writer import Writer
 
 DAY_S = 86_400
 
@@ -248,7 +248,7 @@ def test_a_block_over_the_partition_bound_is_refused_as_data_and_its_halves_go_i
     lie within the raw retention of their record's arrival, so a batch spans no more. A
     block over the bound anyway is refused as data, which the sink halves (sink._store)
     until each part fits, never retried as it is for ever."""
-    from sinks.clickhouse.writer import is_rejection
+    from quotaflow.sinks.clickhouse.writer import is_rejection
     from tests.pipeline import event
 
     migrate(engine)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import hypothesis
 import pytest
 import redis.asyncio as aioredis
-import hypothesis
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas.dedup import DuplicateCheck
-from schemas.redis_keys import seen_key, stored_key
+from quotaflow.schemas.dedup import DuplicateCheck
+from quotaflow.schemas.redis_keys import seen_key, stored_key
 from tests.pipeline import minute_start, unique
 
 pytestmark = pytest.mark.stack

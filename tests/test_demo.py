@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from deploy.demo_traffic import INVALID_EVERY
+from quotaflow.deploy.demo_traffic import INVALID_EVERY
 
 pytestmark = pytest.mark.stack
 

@@ -13,8 +13,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import events
-from schemas.events import (
+from quotaflow.schemas import events
+from quotaflow.schemas.events import (
     FIELD_NAMES,
     MAX_DEPTH,
     RequestEvent,

@@ -8,7 +8,15 @@ import jsonschema
 import orjson
 import pytest
 
-from schemas.events import FIELD_NAMES, RequestEvent, SchemaError, decode, json_schema, render_json_schema, validate
+from quotaflow.schemas.events import (
+    FIELD_NAMES,
+    RequestEvent,
+    SchemaError,
+    decode,
+    json_schema,
+    render_json_schema,
+    validate,
+)
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "request_event.v1.schema.json"
 
@@ -176,7 +184,7 @@ def test_a_trailing_newline_is_not_part_of_a_valid_id(field):
 
 
 def test_a_batch_record_yields_each_event_and_refuses_items_alone():
-    from schemas.events import decode_record, encode_batch
+    from quotaflow.schemas.events import decode_record, encode_batch
 
     a, b = validate(good()), validate({**good(), "event_id": "123e4567-e89b-42d3-a456-426614174001"})
     assert decode_record(encode_batch([a, b])) == [a, b]
@@ -232,7 +240,7 @@ def _one_by_one(items: list) -> list:
 def test_a_batch_is_judged_as_its_events_are_one_by_one(change, where):
     # A whole batch is checked column by column; any doubt sends it item by item.
     # Both must give the same verdicts, and the same values, as validate.
-    from schemas.events import decode_columns, decode_record
+    from quotaflow.schemas.events import decode_columns, decode_record
 
     items = [{**good(), "event_id": f"123e4567-e89b-42d3-a456-42661417400{i}"} for i in range(3)]
     items[where] = {**items[where], **change}
@@ -257,7 +265,7 @@ def test_a_batch_is_judged_as_its_events_are_one_by_one(change, where):
 def test_a_batch_in_odd_json_is_judged_as_its_events_are_one_by_one():
     # JSON that parsers may read differently: the record's answer must be what validate
     # says of the document as orjson reads it.
-    from schemas.events import decode_columns, decode_record
+    from quotaflow.schemas.events import decode_columns, decode_record
 
     one = orjson.dumps(good())
     ev = validate(good())
@@ -282,7 +290,7 @@ def test_a_batch_in_odd_json_is_judged_as_its_events_are_one_by_one():
 
 
 def test_batch_items_that_are_not_events_are_refused_one_by_one():
-    from schemas.events import decode_columns, decode_record
+    from quotaflow.schemas.events import decode_columns, decode_record
 
     missing = {k: v for k, v in good().items() if k != "user_agent"}
     for odd in (missing, [1] * 14, "x" * 14, 14, None):
@@ -300,7 +308,7 @@ def test_batch_items_that_are_not_events_are_refused_one_by_one():
 
 
 def test_the_asgi_middleware_turns_every_raw_id_the_schema_refuses_into_a_template():
-    from gateway.asgi import endpoint_template
+    from quotaflow.gateway.asgi import endpoint_template
 
     raw = ("42", "123e4567-e89b-42d3-a456-426614174000", "DEADBEEFCAFEBABE0011", "0123-4567-89ab-cdef-0123")
     for segment in raw:

@@ -24,9 +24,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas import deadletter
-from schemas.events import FIELD_NAMES, TS_MIN_MS, partition_of
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.events import FIELD_NAMES, TS_MIN_MS, partition_of
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from tests.pipeline import counted, read_all, unique, wait_for
 
 pytestmark = pytest.mark.stack

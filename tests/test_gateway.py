@@ -14,13 +14,13 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.headers import rate_limit_headers
-from gateway.limiter import UNAVAILABLE, RateLimiter
-from processors.backend import RedisBackend, ScopeWrite
-from processors.window_counts import window_count
-from schemas.limits import DEFAULT_TIER_LIMITS, Policy, Window
-from schemas.redis_keys import ORG_TIER_FIELD, Decision, WindowUsage, org_key, overrides_key, reservations_key
-from schemas.tiers import Tier
+from quotaflow.gateway.headers import rate_limit_headers
+from quotaflow.gateway.limiter import UNAVAILABLE, RateLimiter
+from quotaflow.processors.backend import RedisBackend, ScopeWrite
+from quotaflow.processors.window_counts import window_count
+from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, Policy, Window
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, Decision, WindowUsage, org_key, overrides_key, reservations_key
+from quotaflow.schemas.tiers import Tier
 from tests.pipeline import unique
 
 pytestmark = pytest.mark.stack

@@ -22,20 +22,21 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
 from starlette.routing import Route
 
-from collector.emitter import Emitter
-from deploy.procs import wait_until
-from gateway import request_event
-from gateway.asgi import RateLimitMiddleware
-from gateway.limiter import SCRIPT, RateLimiter, SyncRateLimiter, _Check
-from schemas.events import BYTES_MAX, ENDPOINT_MAX, METHODS, USER_AGENT_MAX, decode_record, validate
-from schemas.ids import ID_PATTERN, ID_RULE, InvalidId, is_valid_id
-from schemas.limits import Policy, Window
-from schemas.redis_keys import (
+from quotaflow.collector.emitter import Emitter
+from quotaflow.deploy.procs import wait_until
+from quotaflow.gateway import request_event
+from quotaflow.gateway.asgi import RateLimitMiddleware
+from quotaflow.gateway.limiter import SCRIPT, RateLimiter, SyncRateLimiter, _Check
+from quotaflow.schemas.events import BYTES_MAX, ENDPOINT_MAX, METHODS, USER_AGENT_MAX, decode_record, validate
+from quotaflow.schemas.ids import ID_PATTERN, ID_RULE, InvalidId, is_valid_id
+from quotaflow.schemas.limits import Policy, Window
+from quotaflow.schemas.redis_keys import (
     ENFORCEMENT_KEY,
     ENFORCEMENT_OFF,
     ORG_TIER_FIELD,
@@ -46,7 +47,7 @@ from schemas.redis_keys import (
     seen_key,
     usage_key,
 )
-from schemas.topics import EVENTS_TOPIC
+from quotaflow.schemas.topics import EVENTS_TOPIC
 from tests.pipeline import counted, minute_start, read_all, unique, wait_for
 
 ids = st.one_of(st.from_regex(ID_PATTERN, fullmatch=True),
@@ -469,7 +470,7 @@ def test_every_admitted_request_is_counted_whatever_it_holds(live_stack, redis_c
     # which fields were normalised: counted per field, and named (names only) in the log
     expected_counts = {f: sum(f in said for _, _, said in CASES.values()) for f in fields}
     assert {f: _normalised(f) - before[f] for f in fields} == expected_counts
-    said = [r for r in caplog.records if r.name == "gateway.request_event"]
+    said = [r for r in caplog.records if r.name == "quotaflow.gateway.request_event"]
     assert {tuple(r.fields) for r in said} == {tuple(s) for _, _, s in CASES.values() if s}
     assert all(r.service == "shop" for r in said)
     # aiokafka's own debug lines print whole records (the events, as Kafka carries them): left out
@@ -505,7 +506,7 @@ def test_the_gateway_server_logs_no_identity_or_header_value(tmp_path, live_stac
     their values appears in its log."""
     import httpx
 
-    from deploy.procs import Proc
+    from quotaflow.deploy.procs import Proc
 
     log_path = tmp_path / "gateway.log"
     proc = Proc("gateway-secrets", tmp_path / "run")

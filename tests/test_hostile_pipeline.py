@@ -15,12 +15,12 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from deploy import redis as redis_service
-from deploy.system_packages import ensure_command
-from gateway.limiter import RateLimiter
-from schemas import deadletter
-from schemas.events import TS_MAX_MS, encode_batch, partition_of
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
+from quotaflow.deploy import redis as redis_service
+from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.gateway.limiter import RateLimiter
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.events import TS_MAX_MS, encode_batch, partition_of
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from tests.pipeline import counted, event, minute_start, publish, read_all, unique, wait_for
 
 pytestmark = pytest.mark.stack
@@ -210,8 +210,8 @@ def test_on_a_fresh_stack_an_invalid_first_record_is_dead_lettered_and_the_next_
     """Finding 9: on a fresh stack (12 of 14 attempts) the dead letter of an invalid first
     record never reached its topic, the agent crashed 40 s later with
     NotLeaderForPartitionError, and the valid event behind it was never counted."""
-    from deploy import stack
-    from quotaflow.settings import Settings
+    from quotaflow.core.settings import Settings
+    from quotaflow.deploy import stack
     from tests.conftest import BASE, CACHE_DIR
     from tests.pipeline import Pipeline
 
@@ -302,7 +302,7 @@ def test_the_emitter_refuses_any_python_value_without_raising(live_stack):
                {"org_id": "x" * 1_000_000}, {1: 2}, {}]
 
     async def emit_all() -> list[bool]:
-        from collector.emitter import Emitter
+        from quotaflow.collector.emitter import Emitter
 
         async with Emitter(live_stack.kafka_bootstrap) as emitter:
             answers = [await emitter.emit(doc) for doc in hostile]

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.procs import Proc, wait_until
-from deploy.system_packages import ensure_command
-from schemas.ids import ID_RULE
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.deploy.procs import Proc, wait_until
+from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.schemas.ids import ID_RULE
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import minute_start, unique
 from tests.test_gateway_hostile import stray_keys
 
@@ -60,7 +60,7 @@ def nginx_in_front(check_endpoint, live_stack, tmp_path):
     prefix = tmp_path / "nginx"
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / d).mkdir(parents=True)
-    conf = resources.files("deploy").joinpath("nginx", "quotaflow.conf").read_text()
+    conf = resources.files("quotaflow.deploy").joinpath("nginx", "quotaflow.conf").read_text()
     for placeholder, value in {"@USER@": "user root;" if os.geteuid() == 0 else "", "@PREFIX@": str(prefix),
                                "@UPSTREAM@": f"127.0.0.1:{upstream_port}", "@LISTEN@": f"127.0.0.1:{listen_port}",
                                "@GATEWAY@": check_endpoint.removeprefix("http://")}.items():

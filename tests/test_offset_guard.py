@@ -3,7 +3,7 @@
 
 import asyncio
 
-from processors.offset_guard import APPLY, REDELIVERED, REFETCH, RESEEK_AFTER_S, OffsetGuard, next_offset_key
+from quotaflow.processors.offset_guard import APPLY, REDELIVERED, REFETCH, RESEEK_AFTER_S, OffsetGuard, next_offset_key
 
 
 class Log:

@@ -10,10 +10,10 @@ import ipaddress
 import orjson
 import pytest
 
-from collector.emitter import Emitter
-from schemas import deadletter
-from schemas.redis_keys import ORG_TIER_FIELD, org_key, usage_key
-from schemas.topics import DEAD_LETTER_TOPIC
+from quotaflow.collector.emitter import Emitter
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, usage_key
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC
 from tests.pipeline import counted, decision, event, minute_start, publish, read_all, unique, wait_for
 
 pytestmark = pytest.mark.stack

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from processors.backend import RedisBackend
-from schemas.limits import policy_from_settings
-from schemas.redis_keys import seen_key
+from quotaflow.processors.backend import RedisBackend
+from quotaflow.schemas.limits import policy_from_settings
+from quotaflow.schemas.redis_keys import seen_key
 from tests.pipeline import minute_start, unique
 
 pytestmark = pytest.mark.stack

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
 from tests.pipeline import counted, decision, event, minute_start, publish, unique, wait_for
 
 pytestmark = pytest.mark.stack
@@ -82,9 +82,9 @@ def test_late_events_count_only_in_the_windows_still_open(live_stack, redis_clie
 def test_batch_records_count_every_event_and_dead_letter_only_the_bad_one(live_stack, redis_client, pipeline):
     import orjson
 
-    from collector.emitter import Emitter
-    from schemas import deadletter
-    from schemas.topics import DEAD_LETTER_TOPIC
+    from quotaflow.collector.emitter import Emitter
+    from quotaflow.schemas import deadletter
+    from quotaflow.schemas.topics import DEAD_LETTER_TOPIC
     from tests.pipeline import read_all
 
     org, keys = unique("org"), [unique("key") for _ in range(3)]

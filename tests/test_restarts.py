@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from collector.emitter import Emitter
-from deploy import kafka
-from deploy import redis as redis_service
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.collector.emitter import Emitter
+from quotaflow.deploy import kafka
+from quotaflow.deploy import redis as redis_service
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import counted, decision, event, minute_start, publish, unique, wait_for
 
 pytestmark = pytest.mark.stack

@@ -16,9 +16,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from quotaflow.redact import MASK, redact, url_secrets
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.redact import MASK, redact, url_secrets
 
 PASSWORD = "s3cret-pass"
 REDIS_PASSWORD = "r3dis-pass-42"
@@ -85,8 +87,8 @@ def test_logging_redacts_every_record_whatever_logger_wrote_it(tmp_path):
     %-arguments, in both formats: none carries a secret, every one is still written."""
     script = textwrap.dedent(f"""
         import logging, sys
-        from quotaflow.settings import get_settings
-        from quotaflow.logs import setup_logging
+        from quotaflow.core.settings import get_settings
+        from quotaflow.core.logs import setup_logging
         settings = get_settings()  # registers the configured tokens and URL passwords
         setup_logging("INFO", sys.argv[1])
         logging.getLogger("urllib3.connectionpool").warning("Retrying %s", "http://u:{PASSWORD}@h:1/db")
@@ -137,7 +139,7 @@ def test_an_unreachable_clickhouse_is_reported_in_one_line_without_its_password(
 
 def test_the_clickhouse_connection_error_itself_carries_no_password():
     """What every caller (CLI, sink, query API export) gets from the client."""
-    from sinks.clickhouse.client import ClickHouseUnavailable, connect
+    from quotaflow.schemas.clickhouse.client import ClickHouseUnavailable, connect
 
     password = "pw-only-in-this-test-7f3a"
     with pytest.raises(ClickHouseUnavailable) as failed:
@@ -148,13 +150,12 @@ def test_the_clickhouse_connection_error_itself_carries_no_password():
 
 def test_a_sink_started_by_the_stack_leaves_no_password_in_its_log(clickhouse_env):
     """As `quotaflow stack` and the demo start it: in the background, output to a log file."""
-    from deploy import stack
-    from deploy.procs import StackError
-    from quotaflow.settings import Settings
+    from quotaflow.core.settings import Settings
+    from quotaflow.deploy import stack
 
     settings = Settings(state_dir=clickhouse_env["QUOTAFLOW_STATE_DIR"], sink_metrics_port=0,
                         clickhouse_url=clickhouse_env["QUOTAFLOW_CLICKHOUSE_URL"])
-    with pytest.raises(StackError) as failed:
+    with pytest.raises(OperatorError) as failed:
         stack.start_pipeline_process(settings, "sink", env={**os.environ, **clickhouse_env}, timeout_s=60)
     assert_no_secret(str(failed.value), PASSWORD)
     logs = list(Path(clickhouse_env["QUOTAFLOW_STATE_DIR"], "logs").glob("*.log"))
@@ -222,7 +223,7 @@ def test_stack_up_with_an_unreachable_clickhouse_says_so_without_its_password(li
 def test_tokens_are_taken_as_clients_send_them_after_bearer():
     from pydantic import ValidationError
 
-    from quotaflow.settings import Settings
+    from quotaflow.core.settings import Settings
 
     assert Settings(api_tokens={"a!b#c$d%e&f'g(h)": "acme", "x" * 512: "*"}).api_tokens  # visible ASCII
     for bad in ("", "with space", "tab\there", "caf\u00e9-token", "x" * 513):

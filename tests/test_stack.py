@@ -15,12 +15,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from deploy import kafka, stack
-from deploy import redis as redis_service
-from deploy.procs import StackError
-from deploy.system_packages import ensure_command
-from quotaflow.settings import Settings
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
+from quotaflow.core.errors import OperatorError
+from quotaflow.core.settings import Settings
+from quotaflow.deploy import kafka, stack
+from quotaflow.deploy import redis as redis_service
+from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 
 pytestmark = pytest.mark.stack
 
@@ -108,16 +108,16 @@ def test_a_taken_port_is_a_clear_error(tmp_path, live_stack):
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         s = Settings(state_dir=tmp_path, cache_dir=live_stack.cache_dir, redis_port=port)
-        with pytest.raises(StackError, match=f"port {port} for Redis is already in use .* QUOTAFLOW_REDIS_PORT=PORT"):
+        with pytest.raises(OperatorError, match=f"port {port} for Redis is already in use .* QUOTAFLOW_REDIS_PORT=PORT"):
             redis_service.start(s)
         s = Settings(state_dir=tmp_path, cache_dir=live_stack.cache_dir, kafka_port=port)
-        with pytest.raises(StackError, match=f"port {port} for Kafka is already in use"):
+        with pytest.raises(OperatorError, match=f"port {port} for Kafka is already in use"):
             kafka.start(s)
 
 
 def test_missing_java_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
-    with pytest.raises(StackError, match="Java 17 or newer is needed to run Kafka and was not found"):
+    with pytest.raises(OperatorError, match="Java 17 or newer is needed to run Kafka and was not found"):
         kafka.java_command()
 
 
@@ -127,15 +127,15 @@ def test_a_tampered_jar_fails_the_checksum(tmp_path, live_stack):
     shutil.copytree(libs, copy)
     victim = sorted(copy.glob("kafka-clients-*.jar"))[0]
     victim.write_bytes(victim.read_bytes() + b"\0")
-    with pytest.raises(StackError, match=f"checksum mismatch for {victim.name}: expected sha256 [0-9a-f]{{64}}, got"):
+    with pytest.raises(OperatorError, match=f"checksum mismatch for {victim.name}: expected sha256 [0-9a-f]{{64}}, got"):
         kafka.verify(copy, kafka.read_lock())
     victim.unlink()
-    with pytest.raises(StackError, match=f"missing \\['{victim.name}'\\]"):
+    with pytest.raises(OperatorError, match=f"missing \\['{victim.name}'\\]"):
         kafka.verify(copy, kafka.read_lock())
 
 
 def test_a_failed_download_is_a_clear_error(monkeypatch, tmp_path, live_stack):
     monkeypatch.setattr(kafka, "KAFKA_VERSION", "0.0.0-does-not-exist")
     s = Settings(state_dir=tmp_path, cache_dir=live_stack.cache_dir)
-    with pytest.raises(StackError, match=r"could not download Kafka 0.0.0-does-not-exist from Maven Central \(mvn exit 1\)"):
+    with pytest.raises(OperatorError, match=r"could not download Kafka 0.0.0-does-not-exist from Maven Central \(mvn exit 1\)"):
         kafka.resolve_jars(s, tmp_path / "out")

@@ -23,11 +23,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deploy import kafka, stack
-from deploy import redis as redis_service
-from deploy.procs import StackError, alive
-from deploy.supervise import Backoff, State, describe_exit
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.core.errors import OperatorError
+from quotaflow.deploy import kafka, stack
+from quotaflow.deploy import redis as redis_service
+from quotaflow.deploy.procs import alive
+from quotaflow.deploy.supervise import Backoff, State, describe_exit
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import counted, event, minute_start, publish, unique, wait_for
 
 # --- the backoff policy --------------------------------------------------------------
@@ -86,8 +87,8 @@ CHILD = textwrap.dedent("""
 SUPERVISOR = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from deploy.supervise import Backoff, run
-    from quotaflow.logs import setup_logging
+    from quotaflow.deploy.supervise import Backoff, run
+    from quotaflow.core.logs import setup_logging
     child, out, mode, state, stop_timeout = sys.argv[1:]
     setup_logging("INFO", "json")
     sys.exit(run("toy", [sys.executable, child, out, mode], Path(state), Backoff(0.05, 0.2, 60.0),
@@ -292,7 +293,7 @@ def test_a_stage_that_fails_at_start_is_a_clear_error_and_is_not_restarted(live_
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        with pytest.raises(StackError, match=r"(?s)the processor exited at start \(code 1\); log:\n.*in use"):
+        with pytest.raises(OperatorError, match=r"(?s)the processor exited at start \(code 1\); log:\n.*in use"):
             pipeline.start("processor", QUOTAFLOW_PROCESSOR_METRICS_PORT=str(port))
     assert pipeline.pid("processor") is None  # the supervisor was stopped rather than left restarting it
     assert [r["exit_code"] for r in supervise_records(pipeline, "processor") if "restarting" in r["msg"]][:1] == [1]

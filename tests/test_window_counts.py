@@ -1,9 +1,9 @@
 """Counting per scope in every window, and the durable decision (pure logic, no servers)."""
 
-from processors.decisions import decide, org_windows
-from processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event, window_count, window_reset
-from schemas.limits import DEFAULT_TIER_LIMITS, SCOPE_KEY, SCOPE_ORG, Policy, Window, policy_from_settings
-from schemas.tiers import Tier
+from quotaflow.processors.decisions import decide, org_windows
+from quotaflow.processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event, window_count, window_reset
+from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, SCOPE_KEY, SCOPE_ORG, Policy, Window, policy_from_settings
+from quotaflow.schemas.tiers import Tier
 
 MIN, HOUR, DAY = Window(60), Window(3600), Window(86400)
 POLICY = Policy(windows=(MIN, HOUR, DAY), tiers=DEFAULT_TIER_LIMITS, late_grace_ms=30_000)
@@ -107,7 +107,7 @@ def test_a_run_of_events_counts_exactly_as_its_events_one_by_one():
     import copy
     import random
 
-    from processors.window_counts import apply_events
+    from quotaflow.processors.window_counts import apply_events
 
     rnd = random.Random(3)
     sliding = Policy(windows=(Window(60, sliding=True), Window(3600)), tiers={"FREE": (10, 100)}, late_grace_ms=5_000)

@@ -5,7 +5,7 @@
 -- while the view converts a whole String column in one loop. The insert's deduplication
 -- token reaches requests and the rollups through the views: a retried batch is dropped
 -- there as before.
--- The columns of RAW_COLUMNS (sinks/clickhouse/tables.py), same types as in requests:
+-- The columns of RAW_COLUMNS (schemas/clickhouse/tables.py), same types as in requests:
 -- a column added to requests for the sink to fill is added here and to the view too.
 CREATE TABLE IF NOT EXISTS requests_ingest
 (

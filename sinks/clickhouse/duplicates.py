@@ -16,8 +16,8 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from schemas.dedup import INDEX_BITS, Group
-from sinks.clickhouse.rows import Rows
+from quotaflow.schemas.dedup import INDEX_BITS, Group
+from quotaflow.sinks.clickhouse.rows import Rows
 
 
 def groups(rows: Rows, partition: int) -> list[Group]:

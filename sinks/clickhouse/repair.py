@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
 
-from sinks.clickhouse.plans import Range
-from sinks.clickhouse.rows import Rows
-from sinks.clickhouse.tables import ORG_ROLLUPS, RAW, REPAIR_STAGE, ROLLUPS, Table, view_of
-from sinks.clickhouse.writer import Writer
+from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, REPAIR_STAGE, ROLLUPS, Table, view_of
+from quotaflow.sinks.clickhouse.plans import Range
+from quotaflow.sinks.clickhouse.rows import Rows
+from quotaflow.sinks.clickhouse.writer import Writer
 
 _NONE = (0, 0, 0)
 _PARTITION_ID = re.compile(r"^\w+$")

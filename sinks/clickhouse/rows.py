@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from collections import Counter
-
-from schemas.events import FIELD_NAMES, FORWARDED_HEADER, RequestEvent, TimeBounds, decode_columns
-from sinks.clickhouse.tables import RAW_COLUMNS
+from quotaflow.schemas.clickhouse.tables import RAW_COLUMNS
+from quotaflow.schemas.events import FIELD_NAMES, FORWARDED_HEADER, RequestEvent, TimeBounds, decode_columns
 
 _ORG = FIELD_NAMES.index("org_id")
 _TS = FIELD_NAMES.index("ts_ms")

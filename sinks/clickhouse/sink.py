@@ -44,20 +44,21 @@ from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
-from quotaflow.settings import Settings
-from schemas import deadletter
-from schemas.dedup import DuplicateCheck, Prepared
-from schemas.events import time_bounds_from_settings
-from schemas.limits import policy_from_settings
-from schemas.redis_keys import stored_key
-from schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from sinks.clickhouse import duplicates, repair, retention
-from sinks.clickhouse.client import connect
-from sinks.clickhouse.migrate import migrate
-from sinks.clickhouse.plans import Range, parse_plan
-from sinks.clickhouse.rows import Rows, to_rows
-from sinks.clickhouse.tiers import TierCache
-from sinks.clickhouse.writer import Writer, is_rejection, partitions_bound
+from quotaflow.core.settings import Settings
+from quotaflow.schemas import deadletter
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import migrate
+from quotaflow.schemas.dedup import DuplicateCheck, Prepared
+from quotaflow.schemas.events import time_bounds_from_settings
+from quotaflow.schemas.limits import policy_from_settings
+from quotaflow.schemas.redis_keys import stored_key
+from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from quotaflow.sinks.clickhouse import duplicates, repair
+from quotaflow.sinks.clickhouse.plans import Range, parse_plan
+from quotaflow.sinks.clickhouse.rows import Rows, to_rows
+from quotaflow.sinks.clickhouse.tiers import TierCache
+from quotaflow.sinks.clickhouse.writer import Writer, is_rejection, partitions_bound
 
 log = logging.getLogger(__name__)
 

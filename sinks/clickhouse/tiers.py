@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 
 log = logging.getLogger(__name__)
 UNKNOWN = ""

@@ -16,9 +16,9 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 
-from schemas.topics import EVENTS_RETENTION_MS
-from sinks.clickhouse.rows import Rows
-from sinks.clickhouse.tables import INGEST, RAW_COLUMNS
+from quotaflow.schemas.clickhouse.tables import INGEST, RAW_COLUMNS
+from quotaflow.schemas.topics import EVENTS_RETENTION_MS
+from quotaflow.sinks.clickhouse.rows import Rows
 
 # ClickHouse error codes that mean the data itself was refused: retrying the same rows
 # cannot succeed. Anything else (connection, memory, too many parts, a missing table

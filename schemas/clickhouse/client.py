@@ -7,7 +7,7 @@ from pathlib import Path
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from quotaflow.redact import redact
+from quotaflow.core.redact import redact
 
 
 class ClickHouseUnavailable(RuntimeError):

@@ -12,8 +12,8 @@ import re
 
 from clickhouse_connect.driver.client import Client
 
-from quotaflow.settings import Settings
-from sinks.clickhouse.tables import TABLES, Table
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.clickhouse.tables import TABLES, Table
 
 log = logging.getLogger(__name__)
 _TTL_DAYS = re.compile(r"\bTTL\s+(.+?)\s*\+\s*toIntervalDay\((\d+)\)")

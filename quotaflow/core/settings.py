@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from quotaflow import redact
+from quotaflow.core import redact
 
 ENV_PREFIX = "QUOTAFLOW_"
 # What a client can send after "Bearer " as it is: visible ASCII, no spaces.

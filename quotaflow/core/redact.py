@@ -2,7 +2,7 @@
 parameters, and the values configured as secrets (API tokens, URL passwords).
 
 One helper, ``redact(text)``, used by every message that can carry a URL or a token
-(errors, status lines) and by the logging setup (quotaflow/logs.py) on every record,
+(errors, status lines) and by the logging setup (quotaflow/core/logs.py) on every record,
 whatever library logged it. It errs on the side of hiding too much: a message that
 loses a few characters is better than a password in a log shipped elsewhere.
 """

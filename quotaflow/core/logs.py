@@ -16,7 +16,7 @@ import time
 
 import orjson
 
-from quotaflow.redact import redact, redact_value
+from quotaflow.core.redact import redact, redact_value
 
 # Attributes every LogRecord has; anything else on a record came from extra=.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}

@@ -26,7 +26,7 @@ ENGINE = MergeTree ORDER BY version
 def available() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration shipped, in order."""
     out = []
-    for entry in resources.files("schemas").joinpath("clickhouse").iterdir():
+    for entry in resources.files("quotaflow.schemas.clickhouse").iterdir():
         m = _FILE.match(entry.name)
         if m:
             out.append((int(m.group(1)), m.group(2), entry.read_text()))

@@ -1,0 +1,1 @@
+"""The ground floor: settings, logging, metrics, errors. Imports no stage."""
