@@ -1,5 +1,9 @@
-"""Fixtures: the real local stack (Kafka, Redis, ClickHouse engine) started once per
-session on ports of its own, and pipeline processes started per test.
+"""Fixtures shared by the test modules: the real local stack (Kafka, Redis, ClickHouse
+engine) started once per session on ports of its own, pipeline processes started per
+test, an embedded engine of a test's own, and the demo run once per session.
+
+Helpers shared by several modules live in modules of their own (tests/pipeline.py,
+tests/storage.py, tests/event_docs.py); a test module never imports from another.
 
 Ports derive from QUOTAFLOW_TEST_PORT_BASE (default 29000) so two sessions on one
 machine can run side by side; downloads are shared with the demo's cache.
@@ -9,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,13 @@ for var in ("QUOTAFLOW_KAFKA_BOOTSTRAP", "QUOTAFLOW_REDIS_URL", "QUOTAFLOW_CLICK
     os.environ.pop(var, None)
 
 from quotaflow.core.settings import Settings, get_settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def port_base() -> int:
+    """This session's port base: the stack's ports are above it (stack.isolated_env); a
+    test needing a fixed port of its own takes one between them (e.g. port_base + 395)."""
+    return BASE
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +74,36 @@ def pipeline(live_stack):
     p = Pipeline(live_stack)
     yield p
     p.stop_all()
+
+
+@pytest.fixture()
+def engine(tmp_path):
+    """An embedded ClickHouse engine in a directory of this test's own (not the stack's),
+    opened in the test process and closed after it (one engine path per process at a time)."""
+    from quotaflow.schemas.clickhouse.client import connect
+
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def spare_stack_env(tmp_path):
+    """QUOTAFLOW_* variables for a second stack of a test's own (a fresh broker, say),
+    on ports apart from the session's, state under ``tmp_path / name``."""
+    def env(name: str) -> dict[str, str]:
+        return stack.isolated_env(BASE + 500, tmp_path / name, CACHE_DIR)
+
+    return env
+
+
+DEMO_SECONDS = 25  # even split across a minute boundary, the FREE key at 60/min exceeds 10/min in one window
+
+
+@pytest.fixture(scope="session")
+def demo_run(live_stack) -> subprocess.CompletedProcess:
+    """`quotaflow demo`, README's first command, run once on the session's stack: its
+    output is checked by tests/test_demo.py, and the state it leaves (decisions in Redis,
+    dead letters) is what README's "While it runs" examples look at (tests/test_readme.py)."""
+    return subprocess.run([sys.executable, "-m", "quotaflow", "demo", "--seconds", str(DEMO_SECONDS)],
+                          capture_output=True, text=True, timeout=300, env=os.environ.copy())

@@ -9,12 +9,18 @@ import time
 import uuid
 from typing import Callable
 
+from aiokafka.admin import AIOKafkaAdminClient
+
 from quotaflow.core import metrics
 from quotaflow.core.settings import Settings
 from quotaflow.deploy import stack
 from quotaflow.deploy.procs import alive
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.events import RequestEvent
+from quotaflow.schemas.ids import is_valid_id
+from quotaflow.schemas.redis_keys import org_key, overrides_key, reservations_key, usage_key
+from quotaflow.schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from quotaflow.sinks.clickhouse.plans import Range, parse_plan
 
 
 def unique(prefix: str) -> str:
@@ -188,7 +194,7 @@ def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label
     window of the default policy labelled ``label`` that contains ``at_ms``; None before any count."""
     from quotaflow.processors.window_counts import window_count
     from quotaflow.schemas.limits import Window
-    from quotaflow.schemas.redis_keys import decode_buckets, usage_key, window_field
+    from quotaflow.schemas.redis_keys import decode_buckets, window_field
 
     raw = redis_client.hget(usage_key(org_id, api_key_id), window_field(label))
     if raw is None:
@@ -197,7 +203,58 @@ def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label
 
 
 def decision(redis_client, org_id: str, api_key_id: str):
-    from quotaflow.schemas.redis_keys import Decision, usage_key
+    from quotaflow.schemas.redis_keys import Decision
 
     raw = redis_client.hgetall(usage_key(org_id, api_key_id))
     return Decision.from_redis(raw) if b"allowed" in raw else None
+
+
+def stray_keys(redis_client, pairs: list[tuple[str, str]]) -> list[str]:
+    """The Redis keys that refused (api_key_id, org_id) pairs would have named had a check
+    taken them (an admitted check reserves in the key's and the org's set), that exist."""
+    names = []
+    for key, org in pairs:
+        names += [reservations_key(org, key), usage_key(org, key), overrides_key(org, key)]
+        if not is_valid_id(org):
+            names += [reservations_key(org), usage_key(org), org_key(org)]
+    return [name for name in names if redis_client.exists(name)]
+
+
+# --- the sink's plans: what it commits before storing a batch (sinks/clickhouse/plans.py) ---
+
+SINK_REPLAYED = "quotaflow_sink_batches_replayed_total"
+SINK_REPAIRS = "quotaflow_sink_repairs_total"
+
+
+def plans_in(committed: dict) -> list[Range]:
+    """The plans among the sink group's committed offsets (as list_consumer_group_offsets gives them)."""
+    return [plan for tp, om in committed.items() if tp.topic == EVENTS_TOPIC
+            if (plan := parse_plan(tp.topic, tp.partition, om.offset, om.metadata)) is not None]
+
+
+async def committed(settings) -> dict:
+    """The sink group's committed offsets and metadata."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        return await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
+    finally:
+        await admin.close()
+
+
+def pending_plans(settings) -> list[Range]:
+    return plans_in(asyncio.run(committed(settings)))
+
+
+async def until_a_plan(settings, timeout_s: float) -> None:
+    """Return as soon as a plan is committed (a batch is being stored), or after timeout_s."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if plans_in(await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)):
+                return
+            await asyncio.sleep(0.005)
+    finally:
+        await admin.close()

@@ -22,7 +22,7 @@ import pytest
 
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import Pipeline, event, publish, unique, wait_for
-from tests.test_clickhouse_storage import rank_bounds
+from tests.storage import rank_bounds
 
 pytestmark = pytest.mark.stack
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000

@@ -1,9 +1,7 @@
-"""`quotaflow demo`, the README's first command, on the test stack."""
+"""`quotaflow demo`, the README's first command, on the test stack (run once per session
+by the demo_run fixture, tests/conftest.py)."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -12,10 +10,8 @@ from quotaflow.deploy.demo_traffic import INVALID_EVERY
 pytestmark = pytest.mark.stack
 
 
-def test_demo_runs_end_to_end_and_accounts_for_every_event(live_stack):
-    # 25 s: even split across a minute boundary, the FREE key at 60/min exceeds 10/min in one window.
-    result = subprocess.run([sys.executable, "-m", "quotaflow", "demo", "--seconds", "25"], capture_output=True,
-                            text=True, timeout=300, env=os.environ.copy())
+def test_demo_runs_end_to_end_and_accounts_for_every_event(demo_run):
+    result = demo_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout[-3000:]  # shown with any failure below
     live = [line for line in result.stdout.splitlines() if line.startswith("[")]

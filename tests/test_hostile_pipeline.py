@@ -206,17 +206,17 @@ def test_sigterm_stops_the_processor_within_seconds_even_while_redis_is_down(liv
              pipeline.logs)
 
 
-def test_on_a_fresh_stack_an_invalid_first_record_is_dead_lettered_and_the_next_event_counted(live_stack, tmp_path):
+def test_on_a_fresh_stack_an_invalid_first_record_is_dead_lettered_and_the_next_event_counted(live_stack,
+                                                                                               spare_stack_env):
     """Finding 9: on a fresh stack (12 of 14 attempts) the dead letter of an invalid first
     record never reached its topic, the agent crashed 40 s later with
     NotLeaderForPartitionError, and the valid event behind it was never counted."""
     from quotaflow.core.settings import Settings
     from quotaflow.deploy import stack
-    from tests.conftest import BASE, CACHE_DIR
     from tests.pipeline import Pipeline
 
     for attempt in range(2):
-        env = stack.isolated_env(BASE + 500, tmp_path / f"fresh-{attempt}", CACHE_DIR)
+        env = spare_stack_env(f"fresh-{attempt}")
         fresh = Settings(**{name.removeprefix("QUOTAFLOW_").lower(): value for name, value in env.items()})
         stack.up(fresh)
         pipeline = Pipeline(fresh)
