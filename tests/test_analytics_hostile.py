@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, unquote, urlencode
 
 import httpx
@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from quotaflow.analytics import queries
 from quotaflow.analytics.app import MAX_VALUE_CHARS, PARAMS, create_app
 from quotaflow.analytics.queries import Bounds
+from quotaflow.analytics.window import for_timeframe
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import retention
 from quotaflow.schemas.clickhouse.client import connect
@@ -277,6 +278,26 @@ async def asgi_get(app, path: str, query: bytes, headers: list[tuple[bytes, byte
 
 
 # --- query bounds: time, memory, concurrency -------------------------------------------
+
+def test_a_timeframe_ends_with_the_step_the_apps_clock_is_in(bulk_engine):
+    """The app asks its clock, not the wall's, what time it is: a timeframe's range is the
+    one for_timeframe gives for that instant, whenever the test runs."""
+    now_ms = 1_764_000_000_000 + 37 * 60_000 + 12_345  # some time in the middle of an hour
+    app = make_app(bulk_engine, clock=lambda: now_ms / 1000)
+    for timeframe in ("1h", "24h", "7d", "30d"):
+        want = for_timeframe(timeframe, now_ms, RETENTION)
+        for path in ("/v1/summary", "/v1/summary.csv"):
+            resp = get(app, path, {"timeframe": timeframe})
+            assert resp.status_code == 200, resp.text
+            got = resp.json() if path.endswith("summary") else {
+                k: resp.headers[f"x-quotaflow-{k}"] for k in ("from", "to", "source")}
+            assert (iso_ms(got["from"]), iso_ms(got["to"]), got["source"]) == (
+                want.start_ms, want.end_ms, want.table.name.replace("requests_", "requests_org_")), (timeframe, got)
+
+
+def iso_ms(text: str) -> int:
+    return round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
 
 def test_a_query_over_its_time_bound_is_stopped_and_answered_503_naming_it(bulk_engine):
     generous = make_app(bulk_engine)

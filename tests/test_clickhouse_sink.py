@@ -1,6 +1,7 @@
 """The ClickHouse sink on the real stack: every valid event stored exactly once across
 SIGKILLs mid-batch, a batch that had landed before a crash not stored twice, rows
-ClickHouse refuses dead-lettered with its reason, rollups equal to the raw rows."""
+ClickHouse refuses dead-lettered with its reason, rollups equal to the raw rows, each
+row's tier read from Redis and read again once the cached one is stale."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from quotaflow.deploy.observe import end_offsets
 from quotaflow.schemas import deadletter
 from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
+from quotaflow.sinks.clickhouse.tiers import TierCache
 from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import (
     SINK_REPAIRS,
@@ -227,3 +230,26 @@ def test_rows_clickhouse_refuses_are_dead_lettered_with_its_reason(live_stack, p
         assert h[deadletter.HEADER_SOURCE_TOPIC] == EVENTS_TOPIC
         assert int(h[deadletter.HEADER_SOURCE_OFFSET]) >= 0 and int(h[deadletter.HEADER_SOURCE_PARTITION]) >= 0
 
+
+def test_an_orgs_tier_is_kept_while_fresh_and_read_again_once_stale(live_stack, redis_client):
+    """sinks/clickhouse/tiers.py against the real Redis: a running sink stamps rows with the
+    tier it read, until the cached one is older than the cache lifetime (a cache that is
+    never fresh shows the reading again without waiting for the lifetime to pass)."""
+    org, other = unique("tiered"), unique("untiered")
+    redis_client.hset(org_key(org), ORG_TIER_FIELD, "STARTER")  # `other` has none: the default tier
+    tier_of = policy_from_settings(live_stack).tier_of
+
+    async def scenario() -> list[dict[str, str]]:
+        kept = TierCache(live_stack.redis_url, tier_of, cache_seconds=3600)
+        stale = TierCache(live_stack.redis_url, tier_of, cache_seconds=0)
+        try:
+            before = [await kept.tiers({org, other}), await stale.tiers({org, other})]
+            redis_client.hset(org_key(org), ORG_TIER_FIELD, "SCALE")
+            return before + [await kept.tiers({org, other}), await stale.tiers({org, other})]
+        finally:
+            await kept.close()
+            await stale.close()
+
+    before_kept, before_stale, after_kept, after_stale = asyncio.run(scenario())
+    assert before_kept == before_stale == after_kept == {org: "STARTER", other: "FREE"}
+    assert after_stale == {org: "SCALE", other: "FREE"}
