@@ -36,15 +36,25 @@ def event(org_id: str, api_key_id: str, ts_ms: int, **over) -> RequestEvent:
     return RequestEvent.new(**fields)
 
 
-def minute_start(need_s: float = 30) -> int:
-    """Start of the current minute, once at least ``need_s`` of it remain (waiting for
-    the next minute if not), so a test's events and the decisions written for them
-    fall in one window that is still current when the test reads them."""
-    now = time.time()
-    if 60 - now % 60 < need_s:
-        time.sleep(60 - now % 60 + 0.05)
+def this_minute() -> int:
+    """Start of the current minute (epoch ms): a window for a test's events. Counts are kept
+    by event time, so a test that reads counts (``counted``) at this time needs nothing
+    more: the minute may end while it runs."""
     now_ms = int(time.time() * 1000)
     return now_ms - now_ms % 60_000
+
+
+def minute_start(need_s: float = 30) -> int:
+    """Start of the current minute, once at least ``need_s`` of it remain (waiting for the
+    next minute if not), for tests whose assertions depend on a clock of a component:
+    the processor decides with its wall clock (remaining, reset, allowed: processors/app.py)
+    and a gateway checks with Redis's (gateway/check.lua). Their events and the decisions
+    must fall in one minute that is still current when the test reads them; a test that
+    reads counts only takes this_minute() instead."""
+    now = time.time()
+    if 60 - now % 60 < need_s:
+        time.sleep(60 - now % 60 + 0.05)  # the clocks read are the components' own: nothing to wait on but time
+    return this_minute()
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, logs: Callable[[], str] = lambda: "") -> None:
@@ -144,6 +154,26 @@ class Pipeline:
 
         wait_for(lambda: asyncio.run(pipeline_caught_up(self.settings.kafka_bootstrap)), timeout_s,
                  "processor and sink to commit all events", self.logs)
+
+    def wait_processor_applied(self, redis_client, timeout_s: float = 60) -> None:
+        """The processor has applied every record published so far, so nothing published
+        can still change a count: a marker event published now on each partition of the
+        events topic has been counted. A partition is applied in offset order (a record
+        is applied only after the one before it: processors/offset_guard.py), so every
+        record before a counted marker was applied, or recognised as redelivered. (Its
+        committed offsets may lag far behind; its backlog gauge is sampled once a second
+        and may predate the last publication.)"""
+        from quotaflow.schemas.events import partition_of
+
+        partitions = self.settings.events_partitions
+        markers: dict[int, str] = {}
+        while len(markers) < partitions:  # an org of its own on each partition
+            org = unique("marker")
+            markers.setdefault(partition_of(org, partitions), org)
+        at = int(time.time() * 1000)
+        asyncio.run(publish(self.settings, [event(org, "marker", at) for org in markers.values()]))
+        wait_for(lambda: all(counted(redis_client, org, "marker", at) == 1 for org in markers.values()), timeout_s,
+                 "the processor to count a marker on every partition (everything before it applied)", self.logs)
 
     def wait_sink_caught_up(self, timeout_s: float = 120) -> None:
         """The sink group has committed everything on the events topic (for tests that

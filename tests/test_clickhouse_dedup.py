@@ -31,9 +31,9 @@ from tests.pipeline import (
     SINK_REPLAYED,
     counted,
     event,
-    minute_start,
     pending_plans,
     publish,
+    this_minute,
     unique,
     until_a_plan,
     wait_for,
@@ -76,7 +76,7 @@ def test_events_published_twice_are_counted_once_and_stored_once(live_stack, red
     def delta(name: str, sample: str) -> float:
         return pipeline.metric(name, sample) - base[(name, sample)]
 
-    window = minute_start(40)
+    window = this_minute()
     evs = {org: [event(org, f"{org}-key", window + 100 * i) for i in range(10)] for org in (one, apart)}
 
     # Copies in one batch: each event, then its copy, each in a record of its own.
@@ -112,7 +112,7 @@ def test_the_sink_takes_out_the_copies_of_a_batch(live_stack):
     """sinks/clickhouse/duplicates.py on a decoded batch of several orgs: copies published
     in other records are taken out, in the batch and after it; the same records read
     again lose exactly the same rows."""
-    m = minute_start(0)
+    m = this_minute()
     a, b = unique("a"), unique("b")
     evs = [event(org, f"{org}-key", m + i) for i, org in enumerate([a, b, a, b, a])]
     batch = evs + [evs[0], evs[3]]  # two copies, each in a record of its own
