@@ -1,6 +1,6 @@
 """Fixtures shared by the test modules: the real local stack (Kafka, Redis, ClickHouse
 engine) started once per session on ports of its own, pipeline processes started per
-test, an embedded engine of a test's own, and the demo run once per session.
+test, and an embedded engine of a test's own.
 
 Helpers shared by several modules live in modules of their own (tests/pipeline.py,
 tests/storage.py, tests/event_docs.py); a test module never imports from another.
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -95,15 +93,3 @@ def spare_stack_env(tmp_path):
         return stack.isolated_env(BASE + 500, tmp_path / name, CACHE_DIR)
 
     return env
-
-
-DEMO_SECONDS = 25  # even split across a minute boundary, the FREE key at 60/min exceeds 10/min in one window
-
-
-@pytest.fixture(scope="session")
-def demo_run(live_stack) -> subprocess.CompletedProcess:
-    """`quotaflow demo`, README's first command, run once on the session's stack: its
-    output is checked by tests/test_demo.py, and the state it leaves (decisions in Redis,
-    dead letters) is what README's "While it runs" examples look at (tests/test_readme.py)."""
-    return subprocess.run([sys.executable, "-m", "quotaflow", "demo", "--seconds", str(DEMO_SECONDS)],
-                          capture_output=True, text=True, timeout=300, env=os.environ.copy())

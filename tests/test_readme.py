@@ -1,6 +1,7 @@
-"""README's shell examples that talk to a running stack, run against the session's stack,
-so the README cannot go stale: every command of a ```sh block that uses kcat, redis-cli,
-curl or quotaflow, with the documented default ports rewritten to the test stack's.
+"""README's commands, run on the session's stack so that README cannot go stale: its first
+command (`make demo`, as `quotaflow demo`), and every command of a ```sh block that talks
+to a running stack (uses kcat, redis-cli, curl or quotaflow), with the documented default
+ports rewritten to the test stack's.
 
 The stack is in the state README runs them in: the demo has run ("While it runs"), the
 processor and the sink run, and the API has the tokens README configures (TOKEN for
@@ -13,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from quotaflow.core.settings import Settings
+from quotaflow.deploy.demo_traffic import INVALID_EVERY
 from quotaflow.deploy.observe import end_offsets
 from quotaflow.deploy.system_packages import ensure_command
 from quotaflow.schemas.events import decode
@@ -88,6 +92,35 @@ def test_the_readme_has_examples_for_each_client_it_names():
     assert {e.tool for e in EXAMPLES} >= {"kcat", "redis-cli", "curl"}, EXAMPLES
     ports = set(default_ports())
     assert {19092, 16379, 19120} <= ports
+
+
+DEMO_SECONDS = 25  # even split across a minute boundary, the FREE key at 60/min exceeds 10/min in one window
+
+
+@pytest.fixture(scope="module")
+def demo_run(live_stack) -> subprocess.CompletedProcess:
+    """`quotaflow demo` on the session's stack, once: its output is checked below, and the
+    state it leaves (decisions in Redis, dead letters) is what README's "While it runs"
+    examples look at."""
+    return subprocess.run([sys.executable, "-m", "quotaflow", "demo", "--seconds", str(DEMO_SECONDS)],
+                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
+
+
+def test_demo_runs_end_to_end_and_accounts_for_every_event(demo_run):
+    result = demo_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout[-3000:]  # shown with any failure below
+    live = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert len(live) >= 10, output  # a live summary every 2 s
+    final = result.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"demo: produced=(\d+) processed=(\d+) stored=(\d+) denied_keys=(\d+) dead_letters=(\d+) lost=(\d+)",
+                     final)
+    assert m, output
+    produced, processed, stored, denied, dead, lost = map(int, m.groups())
+    assert produced > 300, output
+    assert processed == produced and stored == produced and lost == 0, output
+    assert dead == produced // INVALID_EVERY, output
+    assert denied >= 1, output
 
 
 @pytest.fixture(scope="module")
