@@ -12,7 +12,7 @@ import time
 import pytest
 
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
-from tests.pipeline import counted, decision, event, publish, this_minute, unique, wait_for
+from tests.pipeline import counted, decision, event, minute_start, publish, this_minute, unique, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -24,10 +24,7 @@ def test_concurrent_gateways_admit_exactly_the_limit_and_processors_take_over(li
     org, key = unique("org"), unique("key")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "STARTER")
     pipeline.start("processor")
-    now = time.time()
-    if 60 - now % 60 < 25:  # the burst must not straddle a minute boundary
-        time.sleep(60 - now % 60 + 0.1)
-    window_ms = int(time.time() * 1000) // 60_000 * 60_000
+    window_ms = minute_start(need_s=25)  # the burst must not straddle a minute boundary
     env = {**os.environ, "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "5000"}
     workers = [subprocess.Popen([sys.executable, "-m", "tests.gateway_worker", org, key, "30"], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(4)]
