@@ -6,7 +6,10 @@ Helpers shared by several modules live in modules of their own (tests/pipeline.p
 tests/storage.py, tests/event_docs.py); a test module never imports from another.
 
 Ports derive from QUOTAFLOW_TEST_PORT_BASE (default 29000) so two sessions on one
-machine can run side by side; downloads are shared with the demo's cache.
+machine can run side by side; downloads are shared with the demo's cache. Under
+pytest-xdist each worker has a stack of its own, 2 ports further per worker: the ports
+a stack uses (base + 92, 93, 110, 111, 120, 130, 379; a cluster node at + 395; a spare
+stack's at + 500 and up) of up to 4 workers never meet.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ import pytest
 from quotaflow.deploy import stack
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000"))
-STATE_DIR = Path(os.environ.get("QUOTAFLOW_TEST_STATE_DIR", ROOT / f".quotaflow-test-{BASE}"))
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))  # 0 without xdist
+BASE = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000")) + 2 * WORKER
+if "QUOTAFLOW_TEST_STATE_DIR" in os.environ:  # as given; a worker after the first beside it
+    STATE_DIR = Path(os.environ["QUOTAFLOW_TEST_STATE_DIR"] + (f"-{WORKER}" if WORKER else ""))
+else:
+    STATE_DIR = ROOT / f".quotaflow-test-{BASE}"
 CACHE_DIR = Path(os.environ.get("QUOTAFLOW_CACHE_DIR", ROOT / ".quotaflow" / "cache"))
 
 # Set before anything reads settings (get_settings is cached); subprocesses inherit them.
