@@ -32,12 +32,22 @@ else:
 CACHE_DIR = Path(os.environ.get("QUOTAFLOW_CACHE_DIR", ROOT / ".quotaflow" / "cache"))
 
 # Set before anything reads settings (get_settings is cached); subprocesses inherit them.
+_ENV_BEFORE = dict(os.environ)
 os.environ.update(stack.isolated_env(BASE, STATE_DIR, CACHE_DIR))
 os.environ["QUOTAFLOW_LOG_FORMAT"] = "json"
 for var in ("QUOTAFLOW_KAFKA_BOOTSTRAP", "QUOTAFLOW_REDIS_URL", "QUOTAFLOW_CLICKHOUSE_URL"):
     os.environ.pop(var, None)
 
 from quotaflow.core.settings import Settings, get_settings  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # pytest-xdist's controller runs no test. Its workers start with its environment
+        # and then set their own: without this, each would carry the first worker's stack
+        # variables in its /proc environ, and look like a process of that stack.
+        os.environ.clear()
+        os.environ.update(_ENV_BEFORE)
 
 
 @pytest.fixture(scope="session")
