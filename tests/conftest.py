@@ -7,9 +7,10 @@ tests/storage.py, tests/event_docs.py); a test module never imports from another
 
 Ports derive from QUOTAFLOW_TEST_PORT_BASE (default 29000) so two sessions on one
 machine can run side by side; downloads are shared with the demo's cache. Under
-pytest-xdist each worker has a stack of its own, 2 ports further per worker: the ports
-a stack uses (base + 92, 93, 110, 111, 120, 130, 379; a cluster node at + 395; a spare
-stack's at + 500 and up) of up to 4 workers never meet.
+pytest-xdist each worker has a stack of its own, 25 ports further per worker: the ports
+of a worker (base + 92, 93, 110, 111, 120, 130 and the few above it tests take, 379, a
+cluster node's at + 395, a spare stack's at + 592 to + 895) and those of up to 3 more
+never meet, and stay below base + 1000.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from quotaflow.deploy import stack
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))  # 0 without xdist
-BASE = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000")) + 2 * WORKER
+BASE = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000")) + 25 * WORKER
 if "QUOTAFLOW_TEST_STATE_DIR" in os.environ:  # as given; a worker after the first beside it
     STATE_DIR = Path(os.environ["QUOTAFLOW_TEST_STATE_DIR"] + (f"-{WORKER}" if WORKER else ""))
 else:
