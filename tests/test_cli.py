@@ -7,12 +7,18 @@ import pytest
 
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
             ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["enforcement"],
-            ["gateway"], ["api"]]
+            ["gateway"], ["api"], ["supervise"]]
 
 
 def quotaflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quotaflow", *args], capture_output=True, text=True, timeout=60,
                           env=env)
+
+
+def test_every_registered_command_is_in_the_help_test():
+    from quotaflow.cli.registry import commands
+
+    assert {c.name for c in commands()} == {command[0] for command in COMMANDS if command}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "quotaflow")
