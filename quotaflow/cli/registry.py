@@ -25,15 +25,16 @@ class Command:
 
 def commands() -> tuple[Command, ...]:
     """Every command, in the order `quotaflow --help` lists them: by group."""
-    from quotaflow.cli import db, demo, limits, schema, stack, stages
+    from quotaflow.cli import config, db, demo, limits, schema, stack, stages
 
-    return tuple(c for group in (stack, stages, demo, limits, schema, db) for c in group.COMMANDS)
+    return tuple(c for group in (stack, stages, demo, limits, schema, db, config) for c in group.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quotaflow",
-        description="API usage monitoring and rate limiting. Configuration: QUOTAFLOW_* environment variables.")
+        description="API usage monitoring and rate limiting. Configuration: QUOTAFLOW_* environment variables "
+                    "('quotaflow config check' shows them).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in commands():
         p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
