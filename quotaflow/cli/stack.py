@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import sys
 
@@ -20,6 +21,7 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := [name for name in args.stages if name not in stack.PIPELINE]:
         print(f"quotaflow: unknown stage {unknown[0]!r}; stages: {', '.join(stack.PIPELINE)}", file=sys.stderr)
         return 2
+    status = 0
     if args.action == "up":
         started = stack.up(settings)
         print(f"stack up ({', '.join(started) or 'already running'}; state in {settings.state_dir})")
@@ -28,6 +30,11 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
         for name in args.stages or stack.PIPELINE:
             if stack.pipeline_proc(settings, name).pid() is not None:
                 print(f"{name} already running")
+            elif started_by_hand(settings, name):
+                # A second one could not serve its metrics (the port is taken) and would exit at start.
+                print(f"quotaflow: a {name} started by hand is running (metrics on 127.0.0.1:"
+                      f"{stack.metrics_port(settings, name)}); stop it before 'stack start {name}'", file=sys.stderr)
+                status = 1
             else:
                 pid = stack.start_pipeline_process(settings, name)
                 print(f"{name} started (pid {pid}, supervised); log in {stack.pipeline_log(settings, name)}")
@@ -36,8 +43,28 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     if args.action in ("up", "start", "status"):
         for name, running, where in stack.status(settings):
+            if not running and name in stack.PIPELINE and started_by_hand(settings, name):
+                running, where = True, (f"started by hand (not supervised: not restarted, not stopped by "
+                                        f"'stack down'), metrics on 127.0.0.1:{stack.metrics_port(settings, name)}")
             print(f"  {name:<11} {'running' if running else 'stopped':<8} {where}")
-    return 0
+    return status
+
+
+def started_by_hand(settings: Settings, name: str) -> bool:
+    """A ``quotaflow processor`` or ``quotaflow sink`` run in a terminal rather than by the
+    stack: no supervisor knows of it, but it serves its metrics on the configured port
+    (found there by its own gauge, so another program on the port is not taken for it).
+    One run with its metrics port set to 0 cannot be seen."""
+    from quotaflow.core import metrics
+    from quotaflow.deploy import stack
+
+    port = stack.metrics_port(settings, name)
+    if not port or stack.pipeline_proc(settings, name).pid() is not None:
+        return False
+    try:
+        return f"quotaflow_{name}_ready" in metrics.scrape(port, timeout_s=1.0)
+    except (OSError, ValueError, http.client.HTTPException):  # URLError is an OSError
+        return False
 
 
 def run_supervise(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,7 +97,8 @@ COMMANDS = (
                         "'start' also runs the processor and the sink (or the stages named) in the background, "
                         "each under a supervisor that restarts it with backoff if it exits; logs in "
                         "QUOTAFLOW_STATE_DIR/logs. 'status' shows each stage's pid, uptime, restarts and "
-                        "last exit. 'down' stops everything.",
+                        "last exit, and a stage started by hand ('quotaflow processor') as such. "
+                        "'down' stops everything the stack started.",
             arguments=_stack_arguments),
     Command("supervise", "run a stage and restart it with backoff whenever it exits unasked", run_supervise,
             description="Runs 'quotaflow STAGE' as a child process and restarts it with exponential backoff "
