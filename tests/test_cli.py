@@ -91,3 +91,18 @@ def test_bad_limits_stop_every_command_in_one_line_before_it_starts(command, tmp
     assert result.returncode == 2
     assert result.stderr == ("quotaflow: invalid configuration: QUOTAFLOW_TIER_LIMITS (tier_limits): tier FREE has "
                              "2 limits for the 3 windows of QUOTAFLOW_WINDOWS\n")
+
+
+@pytest.mark.parametrize("stage", ["processor", "sink"])
+def test_a_taken_metrics_port_is_one_line_naming_its_setting(stage, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        variable = f"QUOTAFLOW_{stage.upper()}_METRICS_PORT"
+        result = quotaflow(stage, env={**os.environ, "QUOTAFLOW_STATE_DIR": str(tmp_path), variable: str(port)})
+    assert result.returncode == 1
+    assert result.stderr == (f"quotaflow: cannot serve metrics on 127.0.0.1:{port}: Address already in use "
+                             f"({variable} sets the port, 0 turns them off)\n")

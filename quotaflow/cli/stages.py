@@ -13,18 +13,30 @@ from quotaflow.cli.registry import Command
 from quotaflow.core.errors import OperatorError
 from quotaflow.core.logs import logging_dict
 from quotaflow.core.redact import redact
-from quotaflow.core.settings import Settings
+from quotaflow.core.settings import Settings, env_var
 
 FOREGROUND = ("Runs in the foreground, logging to stderr, until Ctrl-C or SIGTERM; not restarted "
               "('quotaflow stack start' runs it supervised, logging to QUOTAFLOW_STATE_DIR/logs/).")
 
 
+def serve_metrics(settings: Settings, field: str) -> None:
+    """The worker's metrics port, or one line saying why not (before anything else starts)."""
+    from quotaflow.core import metrics
+
+    port = getattr(settings, field)
+    try:
+        metrics.serve(port)
+    except OSError as exc:
+        raise OperatorError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc} "
+                            f"({env_var(field)} sets the port, 0 turns them off)") from None
+
+
 def run_processor(args: argparse.Namespace, settings: Settings) -> int:
-    from quotaflow.core import gc_tuning, metrics
+    from quotaflow.core import gc_tuning
     from quotaflow.processors.app import Worker, create_app
 
     app = create_app(settings)
-    metrics.serve(settings.processor_metrics_port)
+    serve_metrics(settings, "processor_metrics_port")
     gc_tuning.for_streaming()
     worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                     logging_config=logging_dict(settings.log_level, settings.log_format))
@@ -33,10 +45,10 @@ def run_processor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_sink(args: argparse.Namespace, settings: Settings) -> int:
-    from quotaflow.core import gc_tuning, metrics
+    from quotaflow.core import gc_tuning
     from quotaflow.sinks.clickhouse.sink import ClickHouseSink
 
-    metrics.serve(settings.sink_metrics_port)
+    serve_metrics(settings, "sink_metrics_port")
     sink = ClickHouseSink(settings)
     gc_tuning.for_streaming()
 
