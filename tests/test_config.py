@@ -175,3 +175,8 @@ def test_the_effective_configuration_hides_every_secret():
     assert shown["QUOTAFLOW_SLIDING_WINDOWS"] == ("false", False)
     assert json.loads(shown["QUOTAFLOW_TIER_LIMITS"][0]) == {k: list(v) for k, v in DEFAULT_TIER_LIMITS.items()}
     assert set(shown) == {f"QUOTAFLOW_{name.upper()}" for name in Settings.model_fields}
+
+
+@pytest.mark.parametrize("heap", ["768m", "2g", "2G", "805306368", "1048576k"])
+def test_the_broker_heap_is_taken_as_java_takes_it(heap):
+    assert Settings(kafka_heap=heap).kafka_heap == heap

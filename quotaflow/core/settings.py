@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     kafka_port: Port = 19092
     kafka_controller_port: Port = 19093
     kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack's broker")
-    kafka_heap: str = Field("768m", pattern=r"^[1-9][0-9]{0,5}[kKmMgG]?$", description="the broker's Java heap, "
+    kafka_heap: str = Field("768m", pattern=r"^[1-9][0-9]{0,11}[kKmMgGtT]?$", description="the broker's Java heap, "
                             "as -Xmx takes it")
     events_partitions: int = Field(4, ge=1, le=10_000)
 
