@@ -2,6 +2,7 @@
 returns the rows.
 
     GET /healthz                         no token needed
+    GET /metrics                         no token needed: Prometheus metrics of this process
     GET /v1/{question}                   JSON
     GET /v1/{question}.csv               CSV, streamed
 
@@ -45,6 +46,7 @@ from starlette.types import Scope as AsgiScope
 from quotaflow.analytics import queries
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
 from quotaflow.analytics.window import BadTimeRange, TimeRange, for_range, for_timeframe
+from quotaflow.core import metrics
 from quotaflow.core.redact import redact
 from quotaflow.core.settings import TOKEN_MAX, ConfigError
 from quotaflow.schemas.events import ENDPOINT_MAX, ENDPOINT_PATTERN
@@ -345,6 +347,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
 
     app = Starlette(routes=[
         Route("/healthz", healthz),
+        Route("/metrics", metrics.asgi_app),
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})
