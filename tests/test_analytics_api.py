@@ -159,7 +159,7 @@ def ms(iso: str) -> int:
     return round(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
 
 
-def in_window(events, answer, org=None, api_key=None, endpoint=None):
+def in_range(events, answer, org=None, api_key=None, endpoint=None):
     lo, hi = ms(answer["from"]), ms(answer["to"])
     return [e for e in events if lo <= e.ts_ms < hi and (org is None or e.org_id == org)
             and (api_key is None or e.api_key_id == api_key) and (endpoint is None or e.endpoint == endpoint)]
@@ -186,7 +186,7 @@ def test_answers_for_an_org_match_what_its_events_say(data, frozen, timeframe, s
         assert end == (data.now_ms // step + 1) * step and ms(a["from"]) == end - span
         want = source.replace("requests_", "requests_org_") if q in org_level else source
         assert (a["source"], a["org"]) == (want, org)
-    evs = in_window(data.events, answers["summary"], org)
+    evs = in_range(data.events, answers["summary"], org)
     assert len(evs) > 0
 
     s = answers["summary"]["rows"][0]
@@ -243,17 +243,17 @@ def test_answers_for_an_org_match_what_its_events_say(data, frozen, timeframe, s
 
 def test_operators_rank_orgs_and_see_usage_per_tier_at_request_time(data, served):
     a = ask(served, "orgs", timeframe="30d", limit=1000)
-    evs = in_window(data.events, a)
+    evs = in_range(data.events, a)
     ours = {data.a, data.b, data.c}
     counts = Counter(e.org_id for e in evs)
     ranked = [(r["org_id"], r["requests"]) for r in a["rows"] if r["org_id"] in ours]
     assert ranked == sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     # B changed tier between its two sets of events: each counts under the tier of its time.
     t = ask(served, "tiers", timeframe="30d", org=data.b)
-    b_tiers = Counter(data.tier_of[e.event_id] for e in in_window(data.events, t, data.b))
+    b_tiers = Counter(data.tier_of[e.event_id] for e in in_range(data.events, t, data.b))
     assert {r["tier"]: r["requests"] for r in t["rows"]} == dict(b_tiers) and set(b_tiers) == {"STARTER", "SCALE"}
     c = ask(served, "tiers", timeframe="30d", org=data.c)
-    assert [(r["tier"], r["requests"]) for r in c["rows"]] == [("FREE", len(in_window(data.events, c, data.c)))]
+    assert [(r["tier"], r["requests"]) for r in c["rows"]] == [("FREE", len(in_range(data.events, c, data.c)))]
 
 
 def test_an_explicit_range_off_the_minute_is_answered_exactly_from_the_raw_events(data, served):
@@ -273,7 +273,7 @@ def test_an_explicit_range_off_the_minute_is_answered_exactly_from_the_raw_event
 def test_csv_exports_hold_the_same_rows_as_the_json_answers(data, frozen):
     for question in ("volume", "status", "endpoints", "api_keys", "summary"):
         answer = ask(frozen, question, data.a, timeframe="24h")
-        resp = get(frozen, f"/v1/{question}.csv", data.a, timeframe="24h")  # the same instant: the same window
+        resp = get(frozen, f"/v1/{question}.csv", data.a, timeframe="24h")  # the same instant: the same time range
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
         header, *rows = list(csv.reader(io.StringIO(resp.text)))
         assert header == answer["columns"]

@@ -208,7 +208,7 @@ raw_query = st.text(alphabet=st.sampled_from("abcdefimorstz0123456789%&=;+-_.:/{
 
 
 def valid_but_one(data) -> list[tuple[str, str]]:
-    """A valid window and filters, with any one parameter's value drawn from anything."""
+    """A valid time range and filters, with any one parameter's value drawn from anything."""
     # The parsed ones (numbers, times) twice as often: they are where parsers differ.
     name = data.draw(st.sampled_from(sorted(PARAMS) + ["from", "to", "limit"]), label="name")
     value = data.draw(weighted((1, plausible[name]), (2, st.sampled_from(_NEAR)), (3, values)), label="value")
@@ -244,7 +244,7 @@ def test_no_query_string_or_header_gets_a_5xx_and_every_4xx_says_why(bulk_engine
     if status >= 400:
         message = orjson.loads(body)["error"]
         assert isinstance(message, str) and message, body
-        if status == 400:  # names what was wrong: a parameter, or the window as a whole
+        if status == 400:  # names what was wrong: a parameter, or the time range as a whole
             assert any(p in message for p in PARAMS | {"parameter"}), message
     else:
         assert status == 200, body[:500]
