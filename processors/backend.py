@@ -51,8 +51,8 @@ async def until_ok(op: Callable[[], Awaitable[T]], what: str, max_delay_s: float
 
 
 @dataclass
-class ScopeWrite:
-    """What one batch changes for one scope (a key, or an org when api_key_id is None)."""
+class SubjectWrite:
+    """What one batch changes for one subject (a key, or an org when api_key_id is None)."""
 
     org_id: str
     api_key_id: str | None
@@ -112,7 +112,7 @@ class RedisBackend:
         prepared = self._duplicates.prepare(groups)
         return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
-    async def write(self, writes: list[ScopeWrite]) -> None:
+    async def write(self, writes: list[SubjectWrite]) -> None:
         """All of a batch in one round trip: one script call (write.lua) per org, each
         atomic like MULTI/EXEC and touching that org's keys only (one hash slot, as on a
         Redis Cluster), pipelined."""

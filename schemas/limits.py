@@ -26,8 +26,9 @@ DEFAULT_TIER_LIMITS: dict[str, tuple[int, ...]] = {
     Tier.ENTERPRISE.value: (500, 10_000, 100_000),
 }
 
-SCOPE_KEY = "key"
-SCOPE_ORG = "org"
+# What a limit applies to, a subject: one API key, or an org (all its keys together).
+SUBJECT_KEY = "key"
+SUBJECT_ORG = "org"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +79,10 @@ class Policy:
             name = name.decode()
         return name if name in self.tiers else self.default_tier
 
-    def limits(self, scope: str, tier: str, overrides: dict[str, int] | None = None) -> tuple[int | None, ...]:
-        """Limits of one scope: an org gets its tier's; a key its tier's unless overridden per window."""
+    def limits(self, subject: str, tier: str, overrides: dict[str, int] | None = None) -> tuple[int | None, ...]:
+        """Limits of one subject: an org gets its tier's; a key its tier's unless overridden per window."""
         base = self.tiers[self.tier_of(tier)]
-        if scope == SCOPE_ORG or not overrides:
+        if subject == SUBJECT_ORG or not overrides:
             return base
         return tuple(overrides.get(label, limit) for label, limit in zip(self.labels, base, strict=True))
 
