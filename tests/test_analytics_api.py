@@ -60,7 +60,7 @@ class Data:
 def data(live_stack):
     import redis
 
-    from quotaflow.sinks.clickhouse.tiers import CACHE_SECONDS
+    from quotaflow.sinks.clickhouse.tier_cache import CACHE_SECONDS
 
     d = Data(live_stack)
     r = redis.Redis.from_url(live_stack.redis_url)

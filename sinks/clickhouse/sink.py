@@ -23,7 +23,7 @@ sink checks each table for the batch and adds what the engine dropped by mistake
 - An event already stored from another record (published twice) is taken out of the
   batch before it is planned (sinks/clickhouse/duplicates.py); while Redis is
   unreachable the batch waits: nothing is stored unchecked.
-- Each row is stamped with the org's tier from Redis (sinks/clickhouse/tiers.py).
+- Each row is stamped with the org's tier from Redis (sinks/clickhouse/tier_cache.py).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICK
 from quotaflow.sinks.clickhouse import duplicates, repair
 from quotaflow.sinks.clickhouse.plans import Range, parse_plan
 from quotaflow.sinks.clickhouse.rows import Rows, to_rows
-from quotaflow.sinks.clickhouse.tiers import TierCache
+from quotaflow.sinks.clickhouse.tier_cache import TierCache
 from quotaflow.sinks.clickhouse.writer import Writer, is_rejection, partitions_bound
 
 log = logging.getLogger(__name__)
