@@ -128,7 +128,8 @@ def record_batches(recs: list, max_records: int, max_bytes: int) -> list[list]:
 def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
     """Baselines on the same events: Python decode; the insert of decoded rows through the
     sink's writer (encoding + engine); the engine alone inserting the same rows."""
-    recs = [SimpleNamespace(topic=EVENTS_TOPIC, partition=0, offset=i, key=k, value=v, headers=())
+    arrived_ms = int(time.time() * 1000)  # the broker's time of each record, which to_rows judges events by
+    recs = [SimpleNamespace(topic=EVENTS_TOPIC, partition=0, offset=i, key=k, value=v, headers=(), timestamp=arrived_ms)
             for i, (k, v) in enumerate(records)]
     started = time.perf_counter()
     batches = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -22,9 +23,12 @@ from importlib import resources
 from pathlib import Path
 
 from quotaflow.core.errors import OperatorError
+from quotaflow.core.retry import retry
 from quotaflow.core.settings import Settings
 from quotaflow.deploy.procs import Proc, ensure_port_free, port_open, tail, wait_until
 from quotaflow.deploy.system_packages import ensure_command, which
+
+log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.1.1"
 JAVA_MIN = 17
@@ -225,29 +229,34 @@ def start(settings: Settings) -> bool:
     return True
 
 
+class _NotReady(Exception):
+    """The broker answers, but some partition has no leader yet."""
+
+
 async def _wait_ready(bootstrap: str, timeout_s: float) -> bool:
     """The broker answers and leads every partition of every topic. An open port
     is not enough: until the controller unfences the broker, topics have no
     leader and topic creation fails."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
+    async def ready() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
         try:
             await admin.start()
             await admin.describe_cluster()
             topics = await admin.list_topics()
-            if not topics or all(p["error_code"] == 0 and p["leader"] >= 0
-                                 for t in await admin.describe_topics(topics) for p in t["partitions"]):
-                return True
-        except Exception:
-            pass
+            if topics and not all(p["error_code"] == 0 and p["leader"] >= 0
+                                  for t in await admin.describe_topics(topics) for p in t["partitions"]):
+                raise _NotReady("partitions without a leader")
         finally:
             await admin.close()
-        await asyncio.sleep(0.3)
-    return False
+
+    try:  # a starting broker refuses connections, then serves partitions without leaders: not worth a warning
+        await retry(ready, "waiting for Kafka to serve metadata", on=Exception, max_s=0.5,
+                    give_up_after_s=timeout_s, level=logging.DEBUG, logger=log)
+        return True
+    except Exception:
+        return False
 
 
 def stop(settings: Settings) -> bool:

@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from quotaflow.core.errors import OperatorError
+from quotaflow.core.retry import retry
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.topics import (
     DEAD_LETTER_RETENTION_MS,
@@ -32,29 +33,37 @@ def wanted(settings: Settings) -> list[NewTopic]:
     ]
 
 
+class _NotCreated(Exception):
+    """Topics the broker refused to create (besides those that exist), by name: (code, message)."""
+
+
 async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
     """Create the missing topics; return the names created. A freshly started broker
     refuses creation until the controller has unfenced it: retry until then."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
     created: list[str] = []
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
+
+    async def create() -> None:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted(settings) if t.name not in existing]
+        if not missing:
+            return
+        response = await admin.create_topics(missing)
+        errors = {name: (code, msg) for name, code, msg in
+                  (entry[:3] for entry in response.topic_errors) if code not in (0, TOPIC_EXISTS)}
+        created.extend(t.name for t in missing if t.name not in errors)
+        if errors:
+            raise _NotCreated(errors)
+
     try:
-        while True:
-            existing = set(await admin.list_topics())
-            missing = [t for t in wanted(settings) if t.name not in existing]
-            if not missing:
-                await _stamp_on_arrival(admin)
-                return created
-            response = await admin.create_topics(missing)
-            errors = {name: (code, msg) for name, code, msg in
-                      (entry[:3] for entry in response.topic_errors) if code not in (0, TOPIC_EXISTS)}
-            created += [t.name for t in missing if t.name not in errors]
-            if errors and loop.time() > deadline:
-                raise OperatorError(f"could not create Kafka topics: {errors}")
-            if errors:
-                await asyncio.sleep(0.5)
+        try:
+            await retry(create, "creating Kafka topics", on=_NotCreated, max_s=1.0, give_up_after_s=timeout_s,
+                        level=logging.INFO, logger=log)
+        except _NotCreated as exc:
+            raise OperatorError(f"could not create Kafka topics: {exc}") from None
+        await _stamp_on_arrival(admin)
+        return created
     finally:
         await admin.close()
 

@@ -8,7 +8,6 @@ the stream: backpressure) but never loses them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
+from quotaflow.core.retry import retry
 from quotaflow.processors import stopping
 from quotaflow.schemas.dedup import DuplicateCheck
 from quotaflow.schemas.limits import Policy, parse_overrides
@@ -38,21 +38,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def until_ok(op: Callable[[], Awaitable[T]], what: str, max_delay_s: float = 5.0) -> T:
+async def until_ok(op: Callable[[], Awaitable[T]], what: str) -> T:
     """op's answer, retried until Redis gives one (or the processor stops: stopping.Stopped)."""
-    delay = 0.1
-    while True:
-        try:
-            return await op()
-        except (RedisError, OSError) as exc:
-            log.warning("redis unavailable, retrying", extra={"op": what, "error": str(exc), "retry_in_s": delay})
-            await stopping.pause(delay)
-            delay = min(delay * 2, max_delay_s)
+    return await retry(op, f"redis: {what}", on=(RedisError, OSError), pause=stopping.pause, logger=log)
 
 
 @dataclass
-class ScopeWrite:
-    """What one batch changes for one scope (a key, or an org when api_key_id is None)."""
+class SubjectWrite:
+    """What one batch changes for one subject (a key, or an org when api_key_id is None)."""
 
     org_id: str
     api_key_id: str | None
@@ -112,7 +105,7 @@ class RedisBackend:
         prepared = self._duplicates.prepare(groups)
         return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
-    async def write(self, writes: list[ScopeWrite]) -> None:
+    async def write(self, writes: list[SubjectWrite]) -> None:
         """All of a batch in one round trip: one script call (write.lua) per org, each
         atomic like MULTI/EXEC and touching that org's keys only (one hash slot, as on a
         Redis Cluster), pipelined."""

@@ -5,19 +5,20 @@ Gateways decide from these counts plus their outstanding reservations
 
 from __future__ import annotations
 
-from quotaflow.processors.window_counts import ScopeState, window_count, window_reset
-from quotaflow.schemas.limits import SCOPE_KEY, SCOPE_ORG, Policy
+from quotaflow.processors.window_counts import SubjectState, window_count, window_reset
+from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy
 from quotaflow.schemas.redis_keys import Decision, WindowUsage
 
 
-def scope_windows(scope: str, state: ScopeState | None, limits: tuple[int | None, ...], policy: Policy,
-                  now_ms: int) -> tuple[WindowUsage, ...]:
+def subject_windows(subject: str, state: SubjectState | None, limits: tuple[int | None, ...], policy: Policy,
+                    now_ms: int) -> tuple[WindowUsage, ...]:
+    """The limited windows of one subject (SUBJECT_KEY or SUBJECT_ORG) as its state counts them at now_ms."""
     out = []
     for i, (window, limit) in enumerate(zip(policy.windows, limits, strict=True)):
         if limit is None:
             continue
         buckets = state["b"][i] if state is not None else []
-        out.append(WindowUsage(scope, window.label, window.length_s, limit, window_count(buckets, window, now_ms),
+        out.append(WindowUsage(subject, window.label, window.length_s, limit, window_count(buckets, window, now_ms),
                                window_reset(buckets, window, now_ms)))
     return tuple(out)
 
@@ -27,15 +28,15 @@ def _decision(windows: tuple[WindowUsage, ...], policy: Policy, tier: str, now_m
     return Decision.from_windows(windows, allowed=allowed, tier=policy.tier_of(tier), now_ms=now_ms)
 
 
-def org_windows(org_state: ScopeState | None, policy: Policy, tier: str, now_ms: int) -> tuple[WindowUsage, ...]:
+def org_windows(org_state: SubjectState | None, policy: Policy, tier: str, now_ms: int) -> tuple[WindowUsage, ...]:
     """An org's limited windows: computed once per batch, shared by the decisions of its keys."""
-    return scope_windows(SCOPE_ORG, org_state, policy.limits(SCOPE_ORG, tier), policy, now_ms)
+    return subject_windows(SUBJECT_ORG, org_state, policy.limits(SUBJECT_ORG, tier), policy, now_ms)
 
 
-def decide(key_state: ScopeState | None, org: tuple[WindowUsage, ...], policy: Policy, tier: str,
+def decide(key_state: SubjectState | None, org: tuple[WindowUsage, ...], policy: Policy, tier: str,
            overrides: dict[str, int], now_ms: int) -> Decision:
     """A key's decision: its own windows and its org's (from org_windows)."""
-    windows = scope_windows(SCOPE_KEY, key_state, policy.limits(SCOPE_KEY, tier, overrides), policy, now_ms) + org
+    windows = subject_windows(SUBJECT_KEY, key_state, policy.limits(SUBJECT_KEY, tier, overrides), policy, now_ms) + org
     return _decision(windows, policy, tier, now_ms)
 
 

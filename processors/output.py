@@ -18,11 +18,10 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from quotaflow.core.retry import retry
 from quotaflow.processors import stopping
 
 log = logging.getLogger(__name__)
-
-RETRY_MAX_S = 5.0
 
 
 @dataclass(slots=True)
@@ -35,6 +34,15 @@ class Sent:
     partition: int | None
     headers: list | None
     future: asyncio.Future
+
+
+class NotDelivered(Exception):
+    """Records the broker did not take: the first one's error, and where they were going."""
+
+    def __init__(self, failed: list[Sent]):
+        first = failed[0].future
+        error = "cancelled" if first.cancelled() else repr(first.exception())
+        super().__init__(f"{len(failed)} records to {sorted({s.topic for s in failed})}: {error}")
 
 
 class Output:
@@ -69,19 +77,20 @@ class Output:
         moving, a topic just created, a broker restarting) are sent again in their order,
         with backoff, until they are (or the processor stops: stopping.Stopped): a batch
         is never acknowledged with its output lost."""
-        delay = 0.1
-        while sent:
+        failed: list[Sent] = []
+
+        async def attempt() -> None:
+            nonlocal sent, failed
+            if failed:  # the last attempt's failures, sent again in their order
+                sent = [await self._send(s.topic, s.key, s.value, s.partition, s.headers) for s in failed]
             await asyncio.wait([s.future for s in sent])
             failed = [s for s in sent if s.future.cancelled() or s.future.exception() is not None]
-            if not failed:
-                return
-            error = failed[0].future.exception() if not failed[0].future.cancelled() else "cancelled"
-            log.warning("records not delivered to the broker; sending them again",
-                        extra={"records": len(failed), "topics": sorted({s.topic for s in failed}),
-                               "error": repr(error), "retry_in_s": delay})
-            await stopping.pause(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-            sent = [await self._send(s.topic, s.key, s.value, s.partition, s.headers) for s in failed]
+            if failed:
+                raise NotDelivered(failed)
+
+        if sent:
+            await retry(attempt, "delivering records to the broker", on=NotDelivered, pause=stopping.pause,
+                        logger=log)
 
     async def _send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                     headers: list | None) -> Sent:

@@ -10,12 +10,13 @@ waited as long as the outage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+
+from quotaflow.core.retry import GaveUp, pause_until
 
 _requested = asyncio.Event()
 
 
-class Stopped(Exception):
+class Stopped(GaveUp):
     """The processor is stopping: the batch in progress is abandoned, unacknowledged."""
 
 
@@ -23,10 +24,5 @@ def request() -> None:
     _requested.set()
 
 
-async def pause(seconds: float) -> None:
-    """Sleep between retries; raise Stopped at once if a stop is (or gets) requested."""
-    if not _requested.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_requested.wait(), seconds)
-    if _requested.is_set():
-        raise Stopped
+# Sleeps between retries (core/retry.py); raises Stopped at once if a stop is (or gets) requested.
+pause = pause_until(_requested, Stopped)

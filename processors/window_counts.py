@@ -1,9 +1,10 @@
-"""Counts of one scope (an API key or an org) in every window of the policy: pure logic.
+"""Counts of one subject (an API key or an org: subjects.py) in every window of the policy:
+pure logic.
 
 The state is a small dict, stored in a Faust table (and so in its changelog):
 
     {"p": partition, "o": position, # the source event that last changed it (record offset, index)
-     "m": the scope's clock (ms),   # the latest event time seen, each capped by its record's arrival
+     "m": the subject's clock (ms), # the latest event time seen, each capped by its record's arrival
      "b": [[[bucket_start, count], ...], ...]}  # per window, ascending
 
 After a crash Kafka redelivers records whose effect may already be in the
@@ -12,7 +13,7 @@ event time, capped by the time the broker received the event's record (never the
 wall clock), so replaying the same records gives the same state, and an event
 stamped in the future cannot push the clock past the present: it would close the
 current windows for every later event. An event is late for a window when its
-bucket stopped mattering more than the grace period ago by the scope's clock: it
+bucket stopped mattering more than the grace period ago by the subject's clock: it
 is then not counted there (it may still count in longer windows).
 """
 
@@ -29,19 +30,19 @@ LATE = "late"  # missed at least one window
 REDELIVERED = "redelivered"
 
 
-class ScopeState(TypedDict):
+class SubjectState(TypedDict):
     p: int
     o: int
     m: int
     b: list[list[list[int]]]
 
 
-def apply_event(state: ScopeState | None, ts_ms: int, partition: int, position: int,
-                policy: Policy, clock_ms: int | None = None) -> tuple[str, ScopeState | None]:
-    """The outcome of one event and the scope's state after it (None when unchanged).
-    ``clock_ms``: how far the event moves the scope's clock (its time, capped by its
+def apply_event(state: SubjectState | None, ts_ms: int, partition: int, position: int,
+                policy: Policy, clock_ms: int | None = None) -> tuple[str, SubjectState | None]:
+    """The outcome of one event and the subject's state after it (None when unchanged).
+    ``clock_ms``: how far the event moves the subject's clock (its time, capped by its
     record's arrival; its time when None). The state given is updated in place: this
-    runs for every event of every scope."""
+    runs for every event of every subject."""
     if state is not None and state["p"] == partition and position <= state["o"]:
         return REDELIVERED, None
     moved = ts_ms if clock_ms is None else clock_ms
@@ -80,9 +81,9 @@ def _add(buckets: list[list[int]], start: int, n: int) -> None:
             buckets.insert(i, [start, n])
 
 
-def apply_events(state: ScopeState | None, ts_ms: Sequence[int], partition: int, positions: Sequence[int],
-                 policy: Policy, clocks: Sequence[int] | None = None) -> tuple[dict[str, int], ScopeState | None]:
-    """apply_event for a run of events of one scope from one partition, in position order:
+def apply_events(state: SubjectState | None, ts_ms: Sequence[int], partition: int, positions: Sequence[int],
+                 policy: Policy, clocks: Sequence[int] | None = None) -> tuple[dict[str, int], SubjectState | None]:
+    """apply_event for a run of events of one subject from one partition, in position order:
     the outcomes counted by kind, and the same state as applying them one by one.
     ``clocks``: per event, apply_event's clock_ms (None: their times).
 

@@ -17,8 +17,9 @@ from quotaflow.schemas.tiers import Tier
 
 SLIDING_BUCKETS = 60  # a sliding window over-counts by at most one bucket: 1/60 of its length
 
-SCOPE_KEY = "key"
-SCOPE_ORG = "org"
+# What a limit applies to, a subject: one API key, or an org (all its keys together).
+SUBJECT_KEY = "key"
+SUBJECT_ORG = "org"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +70,10 @@ class Policy:
             name = name.decode()
         return name if name in self.tiers else self.default_tier
 
-    def limits(self, scope: str, tier: str, overrides: dict[str, int] | None = None) -> tuple[int | None, ...]:
-        """Limits of one scope: an org gets its tier's; a key its tier's unless overridden per window."""
+    def limits(self, subject: str, tier: str, overrides: dict[str, int] | None = None) -> tuple[int | None, ...]:
+        """Limits of one subject: an org gets its tier's; a key its tier's unless overridden per window."""
         base = self.tiers[self.tier_of(tier)]
-        if scope == SCOPE_ORG or not overrides:
+        if subject == SUBJECT_ORG or not overrides:
             return base
         return tuple(overrides.get(label, limit) for label, limit in zip(self.labels, base, strict=True))
 

@@ -91,9 +91,10 @@ def decode_buckets(text: str | bytes | None) -> list[tuple[int, int]]:
 
 
 class WindowUsage(NamedTuple):
-    """One limited window of one scope ("key" or "org") as a decision saw it."""
+    """One limited window of one subject (limits.SUBJECT_KEY "key" or SUBJECT_ORG "org") as a
+    decision saw it."""
 
-    scope: str
+    subject: str
     label: str
     length_s: int
     limit: int
@@ -102,7 +103,7 @@ class WindowUsage(NamedTuple):
 
     @property
     def name(self) -> str:
-        return f"{self.scope}:{self.label}"
+        return f"{self.subject}:{self.label}"
 
     @property
     def remaining(self) -> int:

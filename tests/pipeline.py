@@ -47,7 +47,7 @@ def this_minute() -> int:
 def minute_start(need_s: float = 30) -> int:
     """Start of the current minute, once at least ``need_s`` of it remain (waiting for the
     next minute if not), for tests whose assertions depend on a clock of a component:
-    the processor decides with its wall clock (remaining, reset, allowed: processors/app.py)
+    the processor decides with its wall clock (remaining, reset, allowed: processors/counter.py)
     and a gateway checks with Redis's (gateway/check.lua). Their events and the decisions
     must fall in one minute that is still current when the test reads them; a test that
     reads counts only takes this_minute() instead."""

@@ -22,7 +22,7 @@ from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
-from quotaflow.sinks.clickhouse.tiers import TierCache
+from quotaflow.sinks.clickhouse.tier_cache import TierCache
 from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import (
     SINK_REPAIRS,
@@ -232,7 +232,7 @@ def test_rows_clickhouse_refuses_are_dead_lettered_with_its_reason(live_stack, p
 
 
 def test_an_orgs_tier_is_kept_while_fresh_and_read_again_once_stale(live_stack, redis_client):
-    """sinks/clickhouse/tiers.py against the real Redis: a running sink stamps rows with the
+    """sinks/clickhouse/tier_cache.py against the real Redis: a running sink stamps rows with the
     tier it read, until the cached one is older than the cache lifetime (a cache that is
     never fresh shows the reading again without waiting for the lifetime to pass)."""
     org, other = unique("tiered"), unique("untiered")

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from quotaflow.gateway.headers import rate_limit_headers
 from quotaflow.gateway.limiter import UNAVAILABLE, RateLimiter
-from quotaflow.processors.backend import RedisBackend, ScopeWrite
+from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.processors.window_counts import window_count
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, Policy, Window
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, Decision, WindowUsage, org_key, overrides_key, reservations_key
@@ -83,7 +83,7 @@ def test_every_tier_denies_at_exactly_its_limit_in_each_window(live_stack, windo
                 now = await redis_now_ms(client)
                 buckets = [[] for _ in WINDOWS]
                 buckets[window_index] = [[now - now % window.length_ms, prefilled]]
-                await RedisBackend(client, policy).write([ScopeWrite(org, key, buckets), ScopeWrite(org, None, buckets)])
+                await RedisBackend(client, policy).write([SubjectWrite(org, key, buckets), SubjectWrite(org, None, buckets)])
             decisions = await burst(limiter, key, org, limit - prefilled + 5)
             out[tier] = (prefilled + sum(d.allowed for d in decisions),
                          {d.denied_by for d in decisions if not d.allowed})
@@ -151,7 +151,7 @@ def test_counts_written_by_processors_are_read_the_same_way_by_gateways(live_sta
             [[now - 3_700_000 - (now % hour_bucket), 50], [now - now % hour_bucket - 10 * hour_bucket, 4],
              [now - now % hour_bucket, 2]],  # an hour and more ago: out of the sliding hour
         ]
-        await RedisBackend(client, policy).write([ScopeWrite(org, key, buckets), ScopeWrite(org, None, buckets)])
+        await RedisBackend(client, policy).write([SubjectWrite(org, key, buckets), SubjectWrite(org, None, buckets)])
         d = await RateLimiter(client, policy, timeout_ms=5000).check(key, org)
         await client.aclose()
         return d, buckets

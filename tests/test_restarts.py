@@ -4,6 +4,7 @@ At-least-once delivery with an idempotent effect: nothing lost, nothing counted 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -14,6 +15,8 @@ from quotaflow.deploy import kafka
 from quotaflow.deploy import redis as redis_service
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from tests.pipeline import counted, decision, event, minute_start, publish, this_minute, unique, wait_for
+
+REDIS_RETRYING = re.compile(r"redis: [\w ]+ failed, retrying")  # the processor's log line (core/retry.py)
 
 pytestmark = pytest.mark.stack
 COUNTED = 'quotaflow_processor_events_total{outcome="counted"}'
@@ -30,7 +33,7 @@ def test_redis_outage_delays_decisions_but_loses_none(live_stack, redis_client, 
 
     redis_service.stop(live_stack)
     asyncio.run(publish(live_stack, [event(org, key, window + 100 + i) for i in range(70)]))
-    wait_for(lambda: "redis unavailable, retrying" in pipeline.logs("processor"), 30, "the processor to notice")
+    wait_for(lambda: REDIS_RETRYING.search(pipeline.logs("processor")), 30, "the processor to notice")
     redis_service.start(live_stack)
 
     wait_for(lambda: counted(redis_client, org, key, window) == 120, 60, "counts after Redis came back", pipeline.logs)

@@ -1,8 +1,8 @@
-"""Counting per scope in every window, and the durable decision (pure logic, no servers)."""
+"""Counting per subject (a key or an org) in every window, and the durable decision (pure logic, no servers)."""
 
 from quotaflow.processors.decisions import decide, org_windows
 from quotaflow.processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event, window_count, window_reset
-from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, SCOPE_KEY, SCOPE_ORG, Policy, Window, policy_from_settings
+from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, SUBJECT_KEY, SUBJECT_ORG, Policy, Window, policy_from_settings
 from quotaflow.schemas.tiers import Tier
 
 MIN, HOUR, DAY = Window(60), Window(3600), Window(86400)
@@ -48,7 +48,7 @@ def test_redelivered_records_are_not_counted_twice():
 
 
 def test_late_events_count_within_the_grace_period_and_in_longer_windows_only_after():
-    # the scope's clock is at D+120s; the minute [D, D+60s) closed 60 s ago, beyond the 30 s grace
+    # the subject's clock is at D+120s; the minute [D, D+60s) closed 60 s ago, beyond the 30 s grace
     outcomes, state = run([(D + 120_000, 0, 1), (D + 95_000, 0, 2), (D + 1_000, 0, 3)])
     assert outcomes == [COUNTED, COUNTED, LATE]
     assert counts(state, D + 95_000) == [1, 3, 3]  # the late one counts in the hour and the day
@@ -82,9 +82,9 @@ def test_the_durable_decision_denies_at_exactly_the_limit_of_the_key_or_its_org(
 
 
 def test_overrides_replace_the_tier_limit_of_the_key_only():
-    assert POLICY.limits(SCOPE_KEY, "ENTERPRISE", {"60s": 5}) == (5, 10_000, 100_000)
-    assert POLICY.limits(SCOPE_ORG, "ENTERPRISE", {"60s": 5}) == (500, 10_000, 100_000)
-    assert POLICY.limits(SCOPE_KEY, "GOLD") == (10, 100, 1_000)  # unknown tier: the default
+    assert POLICY.limits(SUBJECT_KEY, "ENTERPRISE", {"60s": 5}) == (5, 10_000, 100_000)
+    assert POLICY.limits(SUBJECT_ORG, "ENTERPRISE", {"60s": 5}) == (500, 10_000, 100_000)
+    assert POLICY.limits(SUBJECT_KEY, "GOLD") == (10, 100, 1_000)  # unknown tier: the default
 
 
 def test_policy_from_settings_reads_windows_modes_and_tiers():
@@ -122,7 +122,7 @@ def test_a_run_of_events_counts_exactly_as_its_events_one_by_one():
                 position += rnd.randrange(1, 3)
                 positions.append(position)
                 ts.append(base + rnd.randrange(spread))
-            partition = rnd.choice((0, 0, 0, 1))  # a scope that moved to another partition
+            partition = rnd.choice((0, 0, 0, 1))  # a subject that moved to another partition
             if rnd.random() < 0.05:
                 state = {**(state or {"p": 0, "o": 0, "m": D}), "b": [[]]}  # counted under another policy
             expected, one_by_one = run(list(zip(ts, [partition] * len(ts), positions, strict=True)), policy, copy.deepcopy(state))

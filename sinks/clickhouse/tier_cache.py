@@ -1,13 +1,14 @@
-"""The tier of each org as the sink stores it on every row: read from Redis
-(qf:v1:org:{org_id} field tier, set by operators), cached for a few seconds.
+"""The tier of each org as the sink stores it on every row: read from Redis (the org's
+hash, redis_keys.org_key, field ``tier``, set by operators with ``quotaflow org set-tier``),
+cached for a few seconds. (The tier names themselves: schemas/tiers.py.)
 
 Events do not carry the tier, and a rollup must not change when an org changes tier
 later, so the sink stamps each row with the tier it reads when storing it: within
 the cache lifetime of the tier at request time (later only when the sink catches up
 on a backlog). A tier is read as the processors read it (``tier_of`` of the limit
 policy): an org without a tier, or with one the policy does not know, is on the
-default tier, so usage per tier matches what was enforced. When Redis is unreachable the last known tier is used, or '' (unknown) if there is
-none: storage does not wait for Redis.
+default tier, so usage per tier matches what was enforced. When Redis is unreachable the
+last known tier is used, or '' (unknown) if there is none: storage does not wait for Redis.
 """
 
 from __future__ import annotations
