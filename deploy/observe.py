@@ -14,7 +14,8 @@ from quotaflow.schemas.redis_keys import USAGE_KEY_PATTERN, Decision
 from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
 
 # The processor's own backlog (processors/metrics.py, set by processors/app.py): records not applied yet, skipped ones
-# included; NaN until known. What "caught up" means for it, unlike its group's lag.
+# included; NaN until the processor has its partitions. What "caught up" means for it, unlike its
+# group's lag.
 PROCESSOR_BACKLOG_METRIC = "quotaflow_processor_backlog_records"
 
 

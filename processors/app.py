@@ -73,7 +73,7 @@ def create_app(settings: Settings) -> faust.App:
                       # one per batch.
                       extra_topic_configs={"segment.ms": str(5 * 60_000), "min.cleanable.dirty.ratio": "0.1"})
 
-    running: dict[str, RequestCounter] = {}
+    running: dict[str, Any] = {}  # while the agent runs: its counter, probe and output
 
     @app.on_rebalance_complete.connect
     async def _ready(sender: Any, **kwargs: Any) -> None:
@@ -85,7 +85,7 @@ def create_app(settings: Settings) -> faust.App:
     async def _reseek() -> None:
         if "counter" in running:
             counter = running["counter"]
-            partitions = app.consumer.topic_partitions(EVENTS_TOPIC)
+            partitions = running["output"].known_events_partitions()
             if partitions and partitions != counter.partitions:  # partitions added: orgs move (counts restart)
                 log.warning("the events topic's partition count changed; orgs are counted on their new partitions",
                             extra={"before": counter.partitions, "after": partitions})
@@ -93,15 +93,17 @@ def create_app(settings: Settings) -> faust.App:
             guard = counter.guard
             await guard.reseek_stale()
             assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == EVENTS_TOPIC]
-            if assigned:
-                try:
-                    ends = await running["probe"].end_offsets(assigned)
-                except KafkaError as exc:  # a broker restart: look again next time
-                    log.debug("end offsets unavailable", extra={"error": str(exc)})
-                    return
-                await guard.unstick(ends)
-                backlog = guard.backlog(ends)
-                BACKLOG.set(float("nan") if backlog is None else backlog)
+            if not assigned:  # another processor of the group holds every partition
+                BACKLOG.set(0)
+                return
+            try:
+                ends = await running["probe"].end_offsets(assigned)
+                starts = await running["probe"].start_offsets(assigned)
+            except KafkaError as exc:  # a broker restart: look again next time
+                log.debug("end offsets unavailable", extra={"error": str(exc)})
+                return
+            await guard.unstick(ends)
+            BACKLOG.set(guard.backlog(ends, starts))
 
     @app.agent(events_topic)
     async def count_requests(stream: faust.StreamT) -> None:
@@ -116,12 +118,12 @@ def create_app(settings: Settings) -> faust.App:
             log.warning("records skipped by the stream; seeking back", extra={"partition": partition, "offset": offset})
             await seek_stream(app, TP(EVENTS_TOPIC, partition), offset)
 
-        running["probe"] = probe
+        running["probe"], running["output"] = probe, output
         backend = RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s)
         counter = running["counter"] = RequestCounter(table, output, backend,
                                                       OffsetGuard(table.data, probe.first_offset, seek),
                                                       time_bounds_from_settings(settings),
-                                                      await events_partitions(app))
+                                                      await output.events_partitions())
         try:
             async for batch in stream.take_events(settings.processor_batch_size,
                                                   within=settings.processor_batch_seconds):
@@ -129,8 +131,7 @@ def create_app(settings: Settings) -> faust.App:
         except stopping.Stopped:
             log.info("stopping: the batch in progress is left unacknowledged, to be read again")
         finally:
-            running.pop("counter", None)
-            running.pop("probe", None)
+            running.clear()
             await output.stop()
             await probe.stop()
             await redis.aclose()
@@ -154,14 +155,6 @@ class Worker(faust.Worker):
             warnings.simplefilter("ignore")
             self.app.conf.stream_wait_empty = False
         super()._schedule_shutdown(signal)
-
-
-async def events_partitions(app: faust.App) -> int:
-    """Partitions of the events topic, as the group's last rebalance saw them (the
-    agent's first batch comes after that rebalance)."""
-    while not (partitions := app.consumer.topic_partitions(EVENTS_TOPIC)):
-        await asyncio.sleep(0.1)
-    return partitions
 
 
 async def seek_stream(app: faust.App, tp: TP, offset: int) -> None:

@@ -10,5 +10,6 @@ BATCH_SECONDS = Histogram("quotaflow_processor_batch_seconds", "Time to process 
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 READY = Gauge("quotaflow_processor_ready", "1 once partitions are assigned and tables recovered")
 BACKLOG = Gauge("quotaflow_processor_backlog_records",
-                "Records of the assigned partitions not applied yet, skipped ones included (NaN until known)")
+                "Records of the assigned partitions not applied yet, skipped ones included (NaN until the "
+                "processor has its partitions)")
 BACKLOG.set(float("nan"))

@@ -88,19 +88,16 @@ class OffsetGuard:
                 await self._refetch(partition, expected)
                 self._still[partition] = (expected, now)
 
-    def backlog(self, ends: dict[int, int]) -> int | None:
+    def backlog(self, ends: dict[int, int], starts: dict[int, int]) -> int:
         """Records not applied yet, by this guard's own next offsets: unlike the group's
         committed offsets, it also counts records the stream skipped and will fetch again.
-        Given {partition: end offset}; None while a partition with records has had none
-        applied yet (its backlog is not known here)."""
+        Given {partition: end offset} and {partition: first offset still in the log}. A
+        partition none of whose records was ever applied (the table, recovered from its
+        changelog, holds no next offset for it) has all of them still to apply."""
         total = 0
         for partition, end in ends.items():
             expected = self.data.get(next_offset_key(partition))
-            if expected is None:
-                if end > 0:
-                    return None
-                continue
-            total += max(end - expected, 0)
+            total += max(end - (starts.get(partition, 0) if expected is None else expected), 0)
         return total
 
     def quick(self, partition: int, offset: int) -> str | None:

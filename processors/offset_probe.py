@@ -22,6 +22,11 @@ class OffsetProbe:
         got = await self._consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
         return {tp.partition: offset for tp, offset in got.items()}
 
+    async def start_offsets(self, partitions: list[int]) -> dict[int, int]:
+        """The first offset each partition still holds (after retention)."""
+        got = await self._consumer.beginning_offsets([TopicPartition(self.topic, p) for p in partitions])
+        return {tp.partition: offset for tp, offset in got.items()}
+
     async def first_offset(self, partition: int, offset: int) -> int | None:
         tp = TopicPartition(self.topic, partition)
         self._consumer.assign([tp])

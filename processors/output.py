@@ -56,6 +56,16 @@ class Output:
     async def start(self) -> None:
         await self._producer.start()
 
+    async def events_partitions(self) -> int:
+        """Partitions of the events topic, from the cluster's metadata (every processor
+        has it; Faust's own count is only known to the group's leader)."""
+        return len(await self._producer.partitions_for(self.events_topic))
+
+    def known_events_partitions(self) -> int | None:
+        """The same, from the metadata at hand (refreshed by the client), without waiting."""
+        partitions = self._producer.client.cluster.partitions_for_topic(self.events_topic)
+        return len(partitions) if partitions else None
+
     async def stop(self) -> None:
         await self._producer.stop()
 

@@ -121,14 +121,15 @@ def test_a_partition_that_moves_or_has_nothing_to_read_is_left_alone():
 def test_the_backlog_counts_skipped_records_that_the_group_offsets_passed():
     log = Log(range(300))
     guard = OffsetGuard({}, log.probe, log.seek)
-    assert guard.backlog({0: 300}) is None  # nothing applied yet: not known here
+    assert guard.backlog({0: 300}, {}) == 300  # nothing applied yet: every record is still to apply
+    assert guard.backlog({0: 300}, {0: 120}) == 180  # ... every record still in the log
     run(guard, [0, 1, 2])
-    assert guard.backlog({0: 300, 1: 0}) == 297  # an empty partition has nothing to apply
-    assert guard.backlog({0: 300, 1: 50}) is None
+    assert guard.backlog({0: 300, 1: 0}, {}) == 297  # an empty partition has nothing to apply
+    assert guard.backlog({0: 300, 1: 50}, {1: 10}) == 297 + 40
     run(guard, [100])  # the stream skipped 3..99: they are still to be applied
-    assert guard.backlog({0: 300}) == 297
+    assert guard.backlog({0: 300}, {}) == 297
     run(guard, range(3, 300))
-    assert guard.backlog({0: 300}) == 0
+    assert guard.backlog({0: 300}, {}) == 0
 
 
 def test_a_seek_undone_by_records_in_flight_is_repeated_after_the_batch():
