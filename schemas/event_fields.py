@@ -62,6 +62,12 @@ class Rule(Protocol):
     def value(self, value: Any) -> Any: ...
 
 
+class _Kind:
+    __slots__ = ()
+    complete_on_wire: ClassVar[bool] = True  # the default; kinds with patterns say otherwise
+    repeats: ClassVar[bool] = True
+
+
 # Numbers --------------------------------------------------------------------------------
 
 def _number_error(name: str, value: Any, integer: bool) -> str | None:
@@ -81,13 +87,11 @@ def _num(x: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Const:
+class Const(_Kind):
     """One integer and no other (a schema version)."""
 
     const: int
     json_type: ClassVar[str] = "integer"
-    complete_on_wire: ClassVar[bool] = True
-    repeats: ClassVar[bool] = True
 
     def error(self, name: str, value: Any) -> str | None:
         problem = _number_error(name, value, integer=True)
@@ -106,7 +110,7 @@ class Const:
 
 
 @dataclass(frozen=True, slots=True)
-class Number:
+class Number(_Kind):
     """A finite number within [minimum, maximum]; ``integer``: a whole one. ``unit`` is
     named in the error, for values whose unit is easy to get wrong."""
 
@@ -114,8 +118,6 @@ class Number:
     maximum: float
     integer: bool = False
     unit: str = ""
-    complete_on_wire: ClassVar[bool] = True
-    repeats: ClassVar[bool] = True
 
     @property
     def json_type(self) -> str:
@@ -155,12 +157,15 @@ def _string_error(name: str, value: Any, max_length: int | None) -> str | None:
     return None
 
 
-class _String:
+class _String(_Kind):
     __slots__ = ()
     json_type: ClassVar[str] = "string"
 
+    def wire_type(self) -> Any:  # for the kinds with a max_length
+        return Annotated[str, msgspec.Meta(max_length=self.max_length)]  # type: ignore[attr-defined]
+
     def value(self, value: Any) -> str:
-        return value
+        return value  # as given (a str subclass stays one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,14 +173,9 @@ class Text(_String):
     """Any text of at most ``max_length`` characters."""
 
     max_length: int
-    complete_on_wire: ClassVar[bool] = True
-    repeats: ClassVar[bool] = True
 
     def error(self, name: str, value: Any) -> str | None:
         return _string_error(name, value, self.max_length)
-
-    def wire_type(self) -> Any:
-        return Annotated[str, msgspec.Meta(max_length=self.max_length)]
 
     def json_schema(self) -> dict[str, Any]:
         return {"maxLength": self.max_length}
@@ -186,8 +186,6 @@ class OneOf(_String):
     """One of a few words."""
 
     choices: tuple[str, ...]
-    complete_on_wire: ClassVar[bool] = True
-    repeats: ClassVar[bool] = True
 
     def error(self, name: str, value: Any) -> str | None:
         problem = _string_error(name, value, None)
@@ -207,7 +205,6 @@ class Id(_String):
     """An id naming a tenant or a part of one: the rule of schemas/ids.py."""
 
     complete_on_wire: ClassVar[bool] = False
-    repeats: ClassVar[bool] = True
 
     def error(self, name: str, value: Any) -> str | None:
         problem = _string_error(name, value, None)
@@ -232,7 +229,6 @@ class RouteTemplate(_String):
 
     max_length: int
     complete_on_wire: ClassVar[bool] = False
-    repeats: ClassVar[bool] = True
 
     def error(self, name: str, value: Any) -> str | None:
         problem = _string_error(name, value, self.max_length)
@@ -248,9 +244,6 @@ class RouteTemplate(_String):
                         f"(for example /users/{{id}}), got {show(value)}")
         return f"{name}: may only contain URL path characters, got {show(value)}"
 
-    def wire_type(self) -> Any:
-        return Annotated[str, msgspec.Meta(max_length=self.max_length)]
-
     def json_schema(self) -> dict[str, Any]:
         return {"maxLength": self.max_length, "pattern": ENDPOINT_PATTERN}
 
@@ -265,7 +258,6 @@ class IpAddress(_String):
 
     max_length: int
     complete_on_wire: ClassVar[bool] = False
-    repeats: ClassVar[bool] = True
 
     def error(self, name: str, value: Any) -> str | None:
         problem = _string_error(name, value, self.max_length)
@@ -275,9 +267,6 @@ class IpAddress(_String):
             except ValueError:
                 return f"{name}: must be an IPv4 or IPv6 address, got {show(value)}"
         return problem
-
-    def wire_type(self) -> Any:
-        return Annotated[str, msgspec.Meta(max_length=self.max_length)]
 
     def json_schema(self) -> dict[str, Any]:
         return {"maxLength": self.max_length, "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]}

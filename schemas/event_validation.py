@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 import operator
-from itertools import repeat
 import time
 import uuid
 from decimal import Decimal
+from itertools import repeat
 from typing import Any, Mapping, NamedTuple
 
 import msgspec
