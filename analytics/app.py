@@ -2,6 +2,7 @@
 returns the rows.
 
     GET /healthz                         no token needed
+    GET /metrics                         no token needed: Prometheus metrics of this process
     GET /v1/{question}                   JSON
     GET /v1/{question}.csv               CSV, streamed
 
@@ -44,7 +45,8 @@ from starlette.types import Scope as AsgiScope
 
 from quotaflow.analytics import queries
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
-from quotaflow.analytics.window import BadWindow, Window, for_range, for_timeframe
+from quotaflow.analytics.window import BadTimeRange, TimeRange, for_range, for_timeframe
+from quotaflow.core import metrics
 from quotaflow.core.redact import redact
 from quotaflow.core.settings import TOKEN_MAX, ConfigError
 from quotaflow.schemas.events import ENDPOINT_MAX, ENDPOINT_PATTERN
@@ -104,8 +106,8 @@ def _params(request: Request) -> dict[str, str]:
     return out
 
 
-def _window(p: dict[str, str], retention_days: dict[str, int]) -> Window:
-    now_ms = int(time.time() * 1000)
+def _time_range(p: dict[str, str], retention_days: dict[str, int], now_ms: int) -> TimeRange:
+    """The time range asked for; a timeframe ends with the step ``now_ms`` is in."""
     if "timeframe" in p:
         if "from" in p or "to" in p:
             raise BadRequest("timeframe: give either timeframe or from/to, not both")
@@ -115,7 +117,7 @@ def _window(p: dict[str, str], retention_days: dict[str, int]) -> Window:
     start, end = _parse_time("from", p["from"]), _parse_time("to", p["to"])
     try:
         return for_range(start, end, now_ms, retention_days)
-    except BadWindow as exc:
+    except BadTimeRange as exc:
         raise BadRequest(f"from/to: {exc}") from None
 
 
@@ -185,12 +187,15 @@ class _ExportAborted(Exception):
 
 def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: Client,
                connect_for_export: Callable[[], Client], bounds: queries.Bounds = queries.Bounds(),
-               max_concurrent: int = 4, queue_wait_s: float = 1.0) -> Starlette:
+               max_concurrent: int = 4, queue_wait_s: float = 1.0,
+               clock: Callable[[], float] = time.time) -> Starlette:
     """``client`` answers the JSON requests (one at a time per client); each CSV export
     gets a client of its own from ``connect_for_export`` so that a slow reader of a long
     export does not hold up everybody else. At most ``max_concurrent`` queries run at
     once (exports until their last row is sent); a request waits up to ``queue_wait_s``
-    for a slot, then gets 503 with Retry-After."""
+    for a slot, then gets 503 with Retry-After. ``clock`` (epoch seconds) is what a
+    timeframe ends at, and which data retention still covers: the wall clock, or a
+    given one in tests."""
     check_tokens(tokens)
     slots = anyio.Semaphore(max_concurrent)
 
@@ -242,15 +247,16 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         try:
             p = _params(request)
             filters = _filters(p, scope)
-            return queries.build(question, scope, _window(p, retention_days), filters, _limit(p))
+            time_range = _time_range(p, retention_days, int(clock() * 1000))
+            return queries.build(question, scope, time_range, filters, _limit(p))
         except Forbidden as exc:
             return _error(403, str(exc))
-        except (BadRequest, BadWindow) as exc:
+        except (BadRequest, BadTimeRange) as exc:
             return _error(400, str(exc))
 
     def meta(query: queries.Query) -> dict[str, Any]:
-        w = query.window
-        return {"question": query.question, "from": _iso(w.start_ms), "to": _iso(w.end_ms), "step": w.step,
+        r = query.time_range
+        return {"question": query.question, "from": _iso(r.start_ms), "to": _iso(r.end_ms), "step": r.step,
                 "source": query.table.name, "org": query.org_id}
 
     def failed(query: queries.Query, exc: BaseException, what: str) -> Response:
@@ -341,6 +347,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
 
     app = Starlette(routes=[
         Route("/healthz", healthz),
+        Route("/metrics", metrics.asgi_app),
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from clickhouse_connect.driver.client import Client
 
 from quotaflow.analytics.scope import Scope
-from quotaflow.analytics.window import Window
+from quotaflow.analytics.window import TimeRange
 from quotaflow.schemas.clickhouse.tables import (
     DAY_MS,
     DENIAL_STATUS,
@@ -54,13 +54,13 @@ class Query:
     sql: str
     parameters: dict[str, Any]
     columns: tuple[str, ...]
-    window: Window
-    table: Table  # where the answer is read: the window's table, or the org-level rollup of its grain
+    time_range: TimeRange
+    table: Table  # where the answer is read: the time range's table, or the org-level rollup of its grain
     org_id: str | None  # the org the answer is restricted to (None: every org)
 
 
 # Questions about orgs as a whole: without an API key or endpoint filter, the org-level
-# rollup of the window's grain answers them.
+# rollup of the time range's grain answers them.
 ORG_LEVEL = frozenset({"summary", "volume", "latency", "orgs", "tiers"})
 
 
@@ -87,14 +87,14 @@ class _Source:
         self.bucket = f"{_BUCKET_FN[step_ms]}({self.time})"
 
 
-def _where(table: Table, window: Window, org_id: str | None, filters: Filters) -> tuple[str, dict[str, Any]]:
+def _where(table: Table, time_range: TimeRange, org_id: str | None, filters: Filters) -> tuple[str, dict[str, Any]]:
     if table.name == RAW:
         conds = ["event_time >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
                  "event_time < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"]
     else:
         conds = ["bucket >= toDateTime({start_s:Int64}, 'UTC')", "bucket < toDateTime({end_s:Int64}, 'UTC')"]
-    params: dict[str, Any] = {"start_ms": window.start_ms, "end_ms": window.end_ms,
-                              "start_s": window.start_ms // 1000, "end_s": window.end_ms // 1000}
+    params: dict[str, Any] = {"start_ms": time_range.start_ms, "end_ms": time_range.end_ms,
+                              "start_s": time_range.start_ms // 1000, "end_s": time_range.end_ms // 1000}
     if org_id is not None:
         conds.append("org_id = {org:String}")
         params["org"] = org_id
@@ -220,7 +220,7 @@ QUESTIONS: dict[str, Callable[[_Source, str, str], tuple[str, tuple[str, ...]]]]
 }
 
 
-def build(question: str, scope: Scope, window: Window, filters: Filters = Filters(),
+def build(question: str, scope: Scope, time_range: TimeRange, filters: Filters = Filters(),
           limit: int = DEFAULT_LIMIT) -> Query:
     """The query answering ``question`` for ``scope``; raises Forbidden if the scope may
     not read the org asked for, KeyError for an unknown question."""
@@ -228,14 +228,14 @@ def build(question: str, scope: Scope, window: Window, filters: Filters = Filter
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
     org_id = scope.org_filter(filters.org_id)
-    table = window.table
+    table = time_range.table
     if question in ORG_LEVEL and filters.api_key_id is None and filters.endpoint is None and table.name in ORG_ROLLUP_OF:
         table = ORG_ROLLUP_OF[table.name]
-    where, params = _where(table, window, org_id, filters)
-    sql, columns = make(_Source(table, window.step_ms), table.name, where)
-    params.update(limit=limit, step_s=window.step_ms // 1000,
-                  fill_from_s=(window.start_ms - window.start_ms % window.step_ms) // 1000)
-    return Query(question, sql.strip(), params, columns, window, table, org_id)
+    where, params = _where(table, time_range, org_id, filters)
+    sql, columns = make(_Source(table, time_range.step_ms), table.name, where)
+    params.update(limit=limit, step_s=time_range.step_ms // 1000,
+                  fill_from_s=(time_range.start_ms - time_range.start_ms % time_range.step_ms) // 1000)
+    return Query(question, sql.strip(), params, columns, time_range, table, org_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +297,7 @@ def open_stream(client: Client, query: Query, bounds: Bounds = Bounds()) -> Iter
     return rows()
 
 
-def ask(client: Client, question: str, scope: Scope, window: Window, filters: Filters = Filters(),
+def ask(client: Client, question: str, scope: Scope, time_range: TimeRange, filters: Filters = Filters(),
         limit: int = DEFAULT_LIMIT) -> list[dict[str, Any]]:
     """build + run: the Python entry point for one question."""
-    return run(client, build(question, scope, window, filters, limit))
+    return run(client, build(question, scope, time_range, filters, limit))

@@ -1,5 +1,6 @@
 """Which time range a question covers, at which step its series is bucketed, and which
-table answers it.
+table answers it: a TimeRange (not to be confused with a rate-limit window,
+schemas/limits.py Window).
 
 All times are UTC, ranges are half-open [start, end) in epoch milliseconds.
 
@@ -27,12 +28,12 @@ MAX_SPAN_MS = 3660 * DAY_MS  # ten years: anything longer is a mistake
 MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01, as events' ts_ms
 
 
-class BadWindow(ValueError):
+class BadTimeRange(ValueError):
     pass
 
 
 @dataclass(frozen=True, slots=True)
-class Window:
+class TimeRange:
     start_ms: int
     end_ms: int
     step_ms: int  # bucket size of series
@@ -63,31 +64,32 @@ def _retained(table: Table, start_ms: int, now_ms: int, retention_days: dict[str
     return start_ms >= now_ms - retention_days[table.name] * DAY_MS
 
 
-def for_range(start_ms: int, end_ms: int, now_ms: int, retention_days: dict[str, int]) -> Window:
-    """The window for an explicit range; retention_days is {table name: days}."""
+def for_range(start_ms: int, end_ms: int, now_ms: int, retention_days: dict[str, int]) -> TimeRange:
+    """The time range for an explicit range; retention_days is {table name: days}."""
     if end_ms <= start_ms:
-        raise BadWindow("the range must end after it starts")
+        raise BadTimeRange("the range must end after it starts")
     if start_ms < 0 or end_ms > MAX_TIME_MS:
-        raise BadWindow("the range must lie between 1970 and 2100")
+        raise BadTimeRange("the range must lie between 1970 and 2100")
     if end_ms - start_ms > MAX_SPAN_MS:
-        raise BadWindow("the range may span at most 3660 days")
+        raise BadTimeRange("the range may span at most 3660 days")
     step = series_step(end_ms - start_ms)
     for table in reversed(ROLLUPS):  # coarsest first: fewest rows to read
         if (table.grain_ms <= step and start_ms % table.grain_ms == 0 and end_ms % table.grain_ms == 0
                 and _retained(table, start_ms, now_ms, retention_days)):
-            return Window(start_ms, end_ms, step, table)
+            return TimeRange(start_ms, end_ms, step, table)
     if _retained(RAW_TABLE, start_ms, now_ms, retention_days):
-        return Window(start_ms, end_ms, step, RAW_TABLE)
+        return TimeRange(start_ms, end_ms, step, RAW_TABLE)
     for table in ROLLUPS:  # finest first: widen as little as possible
         start, end = _floor(start_ms, table.grain_ms), _ceil(end_ms, table.grain_ms)
         if _retained(table, start, now_ms, retention_days) or table is ROLLUPS[-1]:
-            return Window(start, end, max(step, table.grain_ms), table)
+            return TimeRange(start, end, max(step, table.grain_ms), table)
     raise AssertionError("unreachable: the day rollup always answers")
 
 
-def for_timeframe(name: str, now_ms: int, retention_days: dict[str, int]) -> Window:
+def for_timeframe(name: str, now_ms: int, retention_days: dict[str, int]) -> TimeRange:
+    """The time range of a named timeframe (1h, 24h, 7d, 30d) asked at now_ms."""
     if name not in TIMEFRAMES:
-        raise BadWindow(f"timeframe must be one of {', '.join(TIMEFRAMES)}")
+        raise BadTimeRange(f"timeframe must be one of {', '.join(TIMEFRAMES)}")
     span = TIMEFRAMES[name]
     end = _ceil(now_ms + 1, series_step(span))  # the current step is included, even at its first ms
     return for_range(end - span, end, now_ms, retention_days)

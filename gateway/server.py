@@ -8,6 +8,7 @@
          of schemas/ids.py, with the reason (header and rule) in the body and in
          X-Quotaflow-Error. Nothing is read from or written to Redis then.
       -> 431 when the request line and headers exceed protocol.MAX_HEAD_BYTES.
+    GET /metrics           Prometheus metrics of this process (quotaflow/core/metrics.py)
 
 Envoy's ext_authz (HTTP mode) forwards a refusal's status and headers as they
 are. nginx's auth_request only understands 2xx, 401 and 403, so nginx asks with
@@ -24,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from quotaflow.core import metrics
 from quotaflow.gateway import identity
 from quotaflow.gateway.headers import rate_limit_headers
 from quotaflow.gateway.limiter import RateLimiter
@@ -67,7 +69,8 @@ def create_app(limiter: RateLimiter) -> Starlette:
         yield
         await limiter.aclose()
 
-    return Starlette(routes=[Route("/check", check, methods=["GET", "POST", "HEAD"]), Route("/healthz", healthz)],
+    return Starlette(routes=[Route("/check", check, methods=["GET", "POST", "HEAD"]), Route("/healthz", healthz),
+                             Route("/metrics", metrics.asgi_app)],
                      lifespan=lifespan)
 
 

@@ -11,20 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import orjson
-
+# The defaults are configuration (quotaflow/core/settings.py), named here too for the policy's users.
+from quotaflow.core.settings import DEFAULT_TIER_LIMITS, DEFAULT_WINDOWS_S, LimitSettings, Settings  # noqa: F401
 from quotaflow.schemas.tiers import Tier
 
 SLIDING_BUCKETS = 60  # a sliding window over-counts by at most one bucket: 1/60 of its length
-
-DEFAULT_WINDOWS_S = (60, 3600, 86400)
-DEFAULT_TIER_LIMITS: dict[str, tuple[int, ...]] = {
-    Tier.FREE.value: (10, 100, 1_000),
-    Tier.STARTER.value: (30, 500, 5_000),
-    Tier.PROFESSIONAL.value: (100, 2_000, 20_000),
-    Tier.SCALE.value: (200, 5_000, 50_000),
-    Tier.ENTERPRISE.value: (500, 10_000, 100_000),
-}
 
 SCOPE_KEY = "key"
 SCOPE_ORG = "org"
@@ -94,13 +85,11 @@ def parse_overrides(raw: dict[bytes | str, bytes | str]) -> dict[str, int]:
     return out
 
 
-def policy_from_settings(settings) -> Policy:
-    """The policy configured by QUOTAFLOW_WINDOWS / QUOTAFLOW_SLIDING_WINDOWS / QUOTAFLOW_TIER_LIMITS."""
-    lengths = tuple(int(x) for x in str(settings.windows).split(",") if x.strip())
-    windows = tuple(Window(length, settings.sliding_windows) for length in lengths)
-    tiers = DEFAULT_TIER_LIMITS
-    if settings.tier_limits:
-        tiers = {name: tuple(None if v is None else int(v) for v in limits)
-                 for name, limits in orjson.loads(settings.tier_limits).items()}
-    return Policy(windows=windows, tiers=tiers, late_grace_ms=int(settings.late_grace_s * 1000),
-                  reservation_ttl_ms=int(settings.reservation_ttl_s * 1000))
+def policy_from_settings(settings: Settings | LimitSettings) -> Policy:
+    """The policy configured by QUOTAFLOW_WINDOWS / QUOTAFLOW_SLIDING_WINDOWS / QUOTAFLOW_TIER_LIMITS,
+    from the typed values the settings checked when they loaded (Settings.limits)."""
+    limits = settings.limits if isinstance(settings, Settings) else settings
+    return Policy(windows=tuple(Window(length, limits.sliding) for length in limits.windows_s),
+                  tiers=dict(limits.tier_limits), default_tier=limits.default_tier,
+                  late_grace_ms=int(limits.late_grace_s * 1000),
+                  reservation_ttl_ms=int(limits.reservation_ttl_s * 1000))

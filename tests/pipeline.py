@@ -9,12 +9,18 @@ import time
 import uuid
 from typing import Callable
 
+from aiokafka.admin import AIOKafkaAdminClient
+
 from quotaflow.core import metrics
 from quotaflow.core.settings import Settings
 from quotaflow.deploy import stack
 from quotaflow.deploy.procs import alive
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.events import RequestEvent
+from quotaflow.schemas.ids import is_valid_id
+from quotaflow.schemas.redis_keys import org_key, overrides_key, reservations_key, usage_key
+from quotaflow.schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
+from quotaflow.sinks.clickhouse.plans import Range, parse_plan
 
 
 def unique(prefix: str) -> str:
@@ -30,15 +36,25 @@ def event(org_id: str, api_key_id: str, ts_ms: int, **over) -> RequestEvent:
     return RequestEvent.new(**fields)
 
 
-def minute_start(need_s: float = 30) -> int:
-    """Start of the current minute, once at least ``need_s`` of it remain (waiting for
-    the next minute if not), so a test's events and the decisions written for them
-    fall in one window that is still current when the test reads them."""
-    now = time.time()
-    if 60 - now % 60 < need_s:
-        time.sleep(60 - now % 60 + 0.05)
+def this_minute() -> int:
+    """Start of the current minute (epoch ms): a window for a test's events. Counts are kept
+    by event time, so a test that reads counts (``counted``) at this time needs nothing
+    more: the minute may end while it runs."""
     now_ms = int(time.time() * 1000)
     return now_ms - now_ms % 60_000
+
+
+def minute_start(need_s: float = 30) -> int:
+    """Start of the current minute, once at least ``need_s`` of it remain (waiting for the
+    next minute if not), for tests whose assertions depend on a clock of a component:
+    the processor decides with its wall clock (remaining, reset, allowed: processors/app.py)
+    and a gateway checks with Redis's (gateway/check.lua). Their events and the decisions
+    must fall in one minute that is still current when the test reads them; a test that
+    reads counts only takes this_minute() instead."""
+    now = time.time()
+    if 60 - now % 60 < need_s:
+        time.sleep(60 - now % 60 + 0.05)  # the clocks read are the components' own: nothing to wait on but time
+    return this_minute()
 
 
 def wait_for(cond: Callable[[], bool], timeout_s: float, what: str, logs: Callable[[], str] = lambda: "") -> None:
@@ -139,6 +155,26 @@ class Pipeline:
         wait_for(lambda: asyncio.run(pipeline_caught_up(self.settings.kafka_bootstrap)), timeout_s,
                  "processor and sink to commit all events", self.logs)
 
+    def wait_processor_applied(self, redis_client, timeout_s: float = 60) -> None:
+        """The processor has applied every record published so far, so nothing published
+        can still change a count: a marker event published now on each partition of the
+        events topic has been counted. A partition is applied in offset order (a record
+        is applied only after the one before it: processors/offset_guard.py), so every
+        record before a counted marker was applied, or recognised as redelivered. (Its
+        committed offsets may lag far behind; its backlog gauge is sampled once a second
+        and may predate the last publication.)"""
+        from quotaflow.schemas.events import partition_of
+
+        partitions = self.settings.events_partitions
+        markers: dict[int, str] = {}
+        while len(markers) < partitions:  # an org of its own on each partition
+            org = unique("marker")
+            markers.setdefault(partition_of(org, partitions), org)
+        at = int(time.time() * 1000)
+        asyncio.run(publish(self.settings, [event(org, "marker", at) for org in markers.values()]))
+        wait_for(lambda: all(counted(redis_client, org, "marker", at) == 1 for org in markers.values()), timeout_s,
+                 "the processor to count a marker on every partition (everything before it applied)", self.logs)
+
     def wait_sink_caught_up(self, timeout_s: float = 120) -> None:
         """The sink group has committed everything on the events topic (for tests that
         run the sink alone, where wait_caught_up would wait on the processor too)."""
@@ -188,7 +224,7 @@ def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label
     window of the default policy labelled ``label`` that contains ``at_ms``; None before any count."""
     from quotaflow.processors.window_counts import window_count
     from quotaflow.schemas.limits import Window
-    from quotaflow.schemas.redis_keys import decode_buckets, usage_key, window_field
+    from quotaflow.schemas.redis_keys import decode_buckets, window_field
 
     raw = redis_client.hget(usage_key(org_id, api_key_id), window_field(label))
     if raw is None:
@@ -197,7 +233,58 @@ def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label
 
 
 def decision(redis_client, org_id: str, api_key_id: str):
-    from quotaflow.schemas.redis_keys import Decision, usage_key
+    from quotaflow.schemas.redis_keys import Decision
 
     raw = redis_client.hgetall(usage_key(org_id, api_key_id))
     return Decision.from_redis(raw) if b"allowed" in raw else None
+
+
+def stray_keys(redis_client, pairs: list[tuple[str, str]]) -> list[str]:
+    """The Redis keys that refused (api_key_id, org_id) pairs would have named had a check
+    taken them (an admitted check reserves in the key's and the org's set), that exist."""
+    names = []
+    for key, org in pairs:
+        names += [reservations_key(org, key), usage_key(org, key), overrides_key(org, key)]
+        if not is_valid_id(org):
+            names += [reservations_key(org), usage_key(org), org_key(org)]
+    return [name for name in names if redis_client.exists(name)]
+
+
+# --- the sink's plans: what it commits before storing a batch (sinks/clickhouse/plans.py) ---
+
+SINK_REPLAYED = "quotaflow_sink_batches_replayed_total"
+SINK_REPAIRS = "quotaflow_sink_repairs_total"
+
+
+def plans_in(committed: dict) -> list[Range]:
+    """The plans among the sink group's committed offsets (as list_consumer_group_offsets gives them)."""
+    return [plan for tp, om in committed.items() if tp.topic == EVENTS_TOPIC
+            if (plan := parse_plan(tp.topic, tp.partition, om.offset, om.metadata)) is not None]
+
+
+async def committed(settings) -> dict:
+    """The sink group's committed offsets and metadata."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        return await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
+    finally:
+        await admin.close()
+
+
+def pending_plans(settings) -> list[Range]:
+    return plans_in(asyncio.run(committed(settings)))
+
+
+async def until_a_plan(settings, timeout_s: float) -> None:
+    """Return as soon as a plan is committed (a batch is being stored), or after timeout_s."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if plans_in(await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)):
+                return
+            await asyncio.sleep(0.005)
+    finally:
+        await admin.close()

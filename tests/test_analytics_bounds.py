@@ -16,7 +16,7 @@ import pytest
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import migrate
 from tests.pipeline import Pipeline, unique, wait_for
-from tests.test_analytics_hostile import HOUR, insert_bulk
+from tests.storage import HOUR, insert_bulk
 
 pytestmark = pytest.mark.stack
 ROWS = 300_000

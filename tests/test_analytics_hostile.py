@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, unquote, urlencode
 
 import httpx
@@ -23,38 +23,21 @@ from prometheus_client import REGISTRY
 from quotaflow.analytics import queries
 from quotaflow.analytics.app import MAX_VALUE_CHARS, PARAMS, create_app
 from quotaflow.analytics.queries import Bounds
+from quotaflow.analytics.window import for_timeframe
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import retention
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import migrate
+from tests.storage import HOUR, insert_bulk
 
-HOUR = 3_600_000
 OPS, ACME = "tok-ops-0123456789", "tok-acme-0123456789"
 TOKENS = {OPS: "*", ACME: "acme"}
 RETENTION = retention.wanted_days(Settings())
 BULK_ROWS = 300_000  # org "bulk": enough for a raw-table question to take a few ms and MBs
-BULK_KEYS = 50_000
-
-
-def insert_bulk(client, org: str, rows: int, now_ms: int, every_1000th: str | None = None) -> None:
-    """Rows straight into the raw table (the rollup views fill the rest): ``org`` over the
-    20 hours before now_ms, with many keys and endpoints; every 1000th row of
-    ``every_1000th`` instead, if given. Partition 999999 is no Kafka partition, so the
-    sink's checks of its own batches never take these rows for its own."""
-    other = every_1000th or org
-    client.command(f"""
-        INSERT INTO requests (event_id, event_time, org_id, api_key_id, service, endpoint, method, status, latency_ms,
-                              request_bytes, response_bytes, client_ip, user_agent, schema_version, kafka_partition,
-                              kafka_offset, tier)
-        SELECT generateUUIDv4(), fromUnixTimestamp64Milli(toInt64({now_ms} - number * 37 % (20 * {HOUR})), 'UTC'),
-               if(number % 1000 = 0, {{other:String}}, {{org:String}}), concat('k', toString(number % {BULK_KEYS})),
-               's', concat('/v1/e', toString(number % 1000)), 'GET', if(number % 7 = 0, 429, 200), number % 1000, 1, 1,
-               toIPv6('::1'), 'ua', 1, 999999, number, 'FREE'
-        FROM numbers({rows})""", parameters={"org": org, "other": other})
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def bulk_engine(tmp_path_factory):
     url = f"chdb://{tmp_path_factory.mktemp('hostile') / 'clickhouse'}"
     client = connect(url)
     migrate(client)
@@ -63,8 +46,8 @@ def engine(tmp_path_factory):
     client.close()
 
 
-def make_app(engine, **kw):
-    url, client = engine
+def make_app(bulk_engine, **kw):
+    url, client = bulk_engine
     return create_app(TOKENS, RETENTION, client, lambda: connect(url), **kw)
 
 
@@ -128,16 +111,16 @@ def reason(resp: httpx.Response) -> str:
     ({"timeframe": "1h", "x" * 300: "1"}, "parameter"),
     ({"timeframe": "1h", "api_key": "k" * (MAX_VALUE_CHARS + 1)}, "api_key"),
 ])
-def test_bad_parameters_are_answered_400_naming_the_parameter(engine, params, names):
-    app = make_app(engine)
+def test_bad_parameters_are_answered_400_naming_the_parameter(bulk_engine, params, names):
+    app = make_app(bulk_engine)
     for path in ("/v1/summary", "/v1/endpoints.csv"):
         resp = get(app, path, params)
         assert resp.status_code == 400, (path, params, resp.text)
         assert names in reason(resp), (params, resp.text)
 
 
-def test_filters_that_could_match_answer_and_a_scoped_caller_naming_another_org_is_forbidden(engine):
-    app = make_app(engine)
+def test_filters_that_could_match_answer_and_a_scoped_caller_naming_another_org_is_forbidden(bulk_engine):
+    app = make_app(bulk_engine)
     # Valid ids and route templates are answered, with nothing when nothing matches.
     for params in ({"api_key": "no-such-key"}, {"endpoint": "/v1/orders/{id}"}, {"org": "globex"}):
         resp = get(app, "/v1/summary", {"timeframe": "24h", **params})
@@ -162,15 +145,15 @@ def test_filters_that_could_match_answer_and_a_scoped_caller_naming_another_org_
     {"authorization": b"Bearer \xff\xfe\x00"},
     {"authorization": ("Bearer \u00e9" + OPS).encode("latin-1")},
 ])
-def test_requests_without_a_usable_token_get_401_with_the_reason(engine, headers):
-    resp = get(make_app(engine), "/v1/summary", {"timeframe": "1h"}, token=None, headers=headers)
+def test_requests_without_a_usable_token_get_401_with_the_reason(bulk_engine, headers):
+    resp = get(make_app(bulk_engine), "/v1/summary", {"timeframe": "1h"}, token=None, headers=headers)
     assert resp.status_code == 401, resp.text
     assert reason(resp) and resp.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_a_token_given_twice_is_refused(engine):
+def test_a_token_given_twice_is_refused(bulk_engine):
     async def twice() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(engine)), base_url="http://api") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(bulk_engine)), base_url="http://api") as c:
             return await c.get("/v1/summary", params={"timeframe": "1h"},
                                headers=[("authorization", f"Bearer {OPS}"), ("authorization", f"Bearer {ACME}")])
     resp = asyncio.run(twice())
@@ -225,7 +208,7 @@ raw_query = st.text(alphabet=st.sampled_from("abcdefimorstz0123456789%&=;+-_.:/{
 
 
 def valid_but_one(data) -> list[tuple[str, str]]:
-    """A valid window and filters, with any one parameter's value drawn from anything."""
+    """A valid time range and filters, with any one parameter's value drawn from anything."""
     # The parsed ones (numbers, times) twice as often: they are where parsers differ.
     name = data.draw(st.sampled_from(sorted(PARAMS) + ["from", "to", "limit"]), label="name")
     value = data.draw(weighted((1, plausible[name]), (2, st.sampled_from(_NEAR)), (3, values)), label="value")
@@ -244,8 +227,8 @@ def valid_but_one(data) -> list[tuple[str, str]]:
                                                                    HealthCheck.too_slow])
 @given(path=paths, params=st.lists(param, max_size=4), authorization=auth,
        raw=weighted((3, st.none()), (1, raw_query), (1, st.binary(max_size=60))), data=st.data())
-def test_no_query_string_or_header_gets_a_5xx_and_every_4xx_says_why(engine, path, params, authorization, raw, data):
-    app = make_app(engine)
+def test_no_query_string_or_header_gets_a_5xx_and_every_4xx_says_why(bulk_engine, path, params, authorization, raw, data):
+    app = make_app(bulk_engine)
     if data.draw(st.booleans(), label="a valid request but for one value"):
         path = data.draw(questions.flatmap(lambda q: st.sampled_from([f"/v1/{q}", f"/v1/{q}.csv"])), label="path")
         authorization, params, raw = data.draw(valid_auth), valid_but_one(data), None
@@ -261,7 +244,7 @@ def test_no_query_string_or_header_gets_a_5xx_and_every_4xx_says_why(engine, pat
     if status >= 400:
         message = orjson.loads(body)["error"]
         assert isinstance(message, str) and message, body
-        if status == 400:  # names what was wrong: a parameter, or the window as a whole
+        if status == 400:  # names what was wrong: a parameter, or the time range as a whole
             assert any(p in message for p in PARAMS | {"parameter"}), message
     else:
         assert status == 200, body[:500]
@@ -296,9 +279,29 @@ async def asgi_get(app, path: str, query: bytes, headers: list[tuple[bytes, byte
 
 # --- query bounds: time, memory, concurrency -------------------------------------------
 
-def test_a_query_over_its_time_bound_is_stopped_and_answered_503_naming_it(engine):
-    generous = make_app(engine)
-    tight = make_app(engine, bounds=Bounds(max_execution_time_s=0.001))
+def test_a_timeframe_ends_with_the_step_the_apps_clock_is_in(bulk_engine):
+    """The app asks its clock, not the wall's, what time it is: a timeframe's range is the
+    one for_timeframe gives for that instant, whenever the test runs."""
+    now_ms = 1_764_000_000_000 + 37 * 60_000 + 12_345  # some time in the middle of an hour
+    app = make_app(bulk_engine, clock=lambda: now_ms / 1000)
+    for timeframe in ("1h", "24h", "7d", "30d"):
+        want = for_timeframe(timeframe, now_ms, RETENTION)
+        for path in ("/v1/summary", "/v1/summary.csv"):
+            resp = get(app, path, {"timeframe": timeframe})
+            assert resp.status_code == 200, resp.text
+            got = resp.json() if path.endswith("summary") else {
+                k: resp.headers[f"x-quotaflow-{k}"] for k in ("from", "to", "source")}
+            assert (iso_ms(got["from"]), iso_ms(got["to"]), got["source"]) == (
+                want.start_ms, want.end_ms, want.table.name.replace("requests_", "requests_org_")), (timeframe, got)
+
+
+def iso_ms(text: str) -> int:
+    return round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def test_a_query_over_its_time_bound_is_stopped_and_answered_503_naming_it(bulk_engine):
+    generous = make_app(bulk_engine)
+    tight = make_app(bulk_engine, bounds=Bounds(max_execution_time_s=0.001))
     params = {**raw_range(), "org": "bulk", "limit": "1000"}
     for path in ("/v1/endpoints", "/v1/api_keys", "/v1/endpoints.csv"):
         assert get(generous, path, params).status_code == 200  # the question itself is fine
@@ -307,8 +310,8 @@ def test_a_query_over_its_time_bound_is_stopped_and_answered_503_naming_it(engin
         assert "max_execution_time=0.001s" in reason(resp)
 
 
-def test_a_query_over_its_memory_bound_is_stopped_and_answered_503_naming_it(engine):
-    tight = make_app(engine, bounds=Bounds(max_memory_usage=1_000_000))
+def test_a_query_over_its_memory_bound_is_stopped_and_answered_503_naming_it(bulk_engine):
+    tight = make_app(bulk_engine, bounds=Bounds(max_memory_usage=1_000_000))
     params = {**raw_range(), "org": "bulk", "limit": "1000"}
     for path in ("/v1/api_keys", "/v1/api_keys.csv"):
         resp = get(tight, path, params)
@@ -325,10 +328,10 @@ def test_every_query_carries_its_bounds_and_reads_only():
                             "readonly": 2}
 
 
-def test_the_engine_enforces_each_bound_setting(engine):
+def test_the_engine_enforces_each_bound_setting(bulk_engine):
     """What the API relies on, asked of chDB directly: each setting stops a query, and
     bound_hit names the one that did."""
-    url, _ = engine
+    url, _ = bulk_engine
     client = connect(url)  # a client of its own: the app's shared one stays as the API leaves it
     try:
         for sql, settings_, error in [
@@ -363,7 +366,7 @@ def _asgi_get(path: str, query: str, token: str) -> dict:
             "client": ("127.0.0.1", 1), "server": ("api", 80)}
 
 
-def test_queries_beyond_the_concurrency_bound_wait_briefly_then_get_503_with_retry_after(engine):
+def test_queries_beyond_the_concurrency_bound_wait_briefly_then_get_503_with_retry_after(bulk_engine):
     """An export whose reader has stopped reading holds its slot (a real slow client, at
     the ASGI level); with one slot, others wait up to queue_wait_s, then get 503."""
 
@@ -399,7 +402,7 @@ def test_queries_beyond_the_concurrency_bound_wait_briefly_then_get_503_with_ret
         return statuses, resp, after
 
     # The slot stays taken: the request is refused once queue_wait_s has passed.
-    app = make_app(engine, max_concurrent=1, queue_wait_s=0.2)
+    app = make_app(bulk_engine, max_concurrent=1, queue_wait_s=0.2)
     started = time.monotonic()
     statuses, resp, after = asyncio.run(scenario(app, wait_then_free=False))
     assert statuses == [200], statuses
@@ -408,13 +411,13 @@ def test_queries_beyond_the_concurrency_bound_wait_briefly_then_get_503_with_ret
     assert time.monotonic() - started >= 0.2
     assert after.status_code == 200, after.text  # the export's end gave the slot back
     # The slot is freed while the request waits: it is answered.
-    app = make_app(engine, max_concurrent=1, queue_wait_s=30)
+    app = make_app(bulk_engine, max_concurrent=1, queue_wait_s=30)
     statuses, resp, after = asyncio.run(scenario(app, wait_then_free=True))
     assert (statuses, resp.status_code, after.status_code) == ([200], 200, 200), (resp.text, after.text)
 
 
-def test_a_failing_export_connection_is_answered_503_without_the_url_password(engine, caplog):
-    url, client = engine
+def test_a_failing_export_connection_is_answered_503_without_the_url_password(bulk_engine, caplog):
+    url, client = bulk_engine
     secret = "s3cret-pass-for-export"
     app = create_app(TOKENS, RETENTION, client, lambda: connect(f"http://user:{secret}@127.0.0.1:9/db"))
     resp = get(app, "/v1/summary.csv", {"timeframe": "1h"})

@@ -7,7 +7,7 @@ import pytest
 
 from quotaflow.analytics import queries
 from quotaflow.analytics.scope import Forbidden, Scope, scope_for_token
-from quotaflow.analytics.window import BadWindow, for_range, for_timeframe
+from quotaflow.analytics.window import BadTimeRange, for_range, for_timeframe
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import retention
 from quotaflow.schemas.clickhouse.tables import DAY_MS, HOUR_MS, MINUTE_MS
@@ -66,12 +66,12 @@ def test_data_older_than_what_a_table_keeps_is_read_from_one_that_still_has_it()
 @pytest.mark.parametrize("start, end", [(NOW, NOW), (NOW, NOW - 1), (0, 3661 * DAY_MS), (-HOUR_MS, 0),
                                         (10**30, 10**30 + HOUR_MS)])
 def test_impossible_ranges_are_refused(start, end):
-    with pytest.raises(BadWindow):
+    with pytest.raises(BadTimeRange):
         for_range(start, end, NOW, RETENTION)
 
 
 def test_unknown_timeframes_are_refused():
-    with pytest.raises(BadWindow):
+    with pytest.raises(BadTimeRange):
         for_timeframe("2h", NOW, RETENTION)
 
 
@@ -102,33 +102,33 @@ HOSTILE = ["acme' OR '1'='1", "x'; DROP TABLE requests; --", "%", "*", "{evil:St
 @pytest.mark.parametrize("question", list(queries.QUESTIONS))
 @pytest.mark.parametrize("timeframe", ["1h", "30d"])
 def test_every_query_binds_caller_input_and_always_filters_a_scoped_callers_org(question, timeframe):
-    window = for_timeframe(timeframe, NOW, RETENTION)
-    plain = queries.build(question, Scope.org("acme"), window, queries.Filters(api_key_id="k", endpoint="/e"))
+    time_range = for_timeframe(timeframe, NOW, RETENTION)
+    plain = queries.build(question, Scope.org("acme"), time_range, queries.Filters(api_key_id="k", endpoint="/e"))
     for value in HOSTILE:
-        q = queries.build(question, Scope.org("acme"), window, queries.Filters(api_key_id=value, endpoint=value))
+        q = queries.build(question, Scope.org("acme"), time_range, queries.Filters(api_key_id=value, endpoint=value))
         assert q.sql == plain.sql  # the SQL text does not depend on what the caller sent...
         assert q.parameters["api_key"] == value and q.parameters["endpoint"] == value  # ...only as parameters
         assert "org_id = {org:String}" in q.sql and q.parameters["org"] == "acme" and q.org_id == "acme"
     # An operator without an org filter reads every org; with one, just that org.
-    assert "org_id = {org:String}" not in queries.build(question, Scope.operator(), window).sql
-    q = queries.build(question, Scope.operator(), window, queries.Filters(org_id="globex"))
+    assert "org_id = {org:String}" not in queries.build(question, Scope.operator(), time_range).sql
+    q = queries.build(question, Scope.operator(), time_range, queries.Filters(org_id="globex"))
     assert "org_id = {org:String}" in q.sql and q.parameters["org"] == "globex"
 
 
 def test_questions_about_a_whole_org_read_the_org_level_rollup_unless_filtered_by_key_or_endpoint():
     for timeframe, grain in (("1h", "1m"), ("24h", "1h"), ("30d", "1d")):
-        window = for_timeframe(timeframe, NOW, RETENTION)
+        time_range = for_timeframe(timeframe, NOW, RETENTION)
         for question in queries.QUESTIONS:
-            whole = queries.build(question, Scope.org("acme"), window).table.name
+            whole = queries.build(question, Scope.org("acme"), time_range).table.name
             assert whole == (f"requests_org_{grain}" if question in queries.ORG_LEVEL else f"requests_{grain}")
             for filters in (queries.Filters(api_key_id="k"), queries.Filters(endpoint="/e")):
-                assert queries.build(question, Scope.org("acme"), window, filters).table.name == f"requests_{grain}"
+                assert queries.build(question, Scope.org("acme"), time_range, filters).table.name == f"requests_{grain}"
     raw = for_range(NOW - HOUR_MS - 1, NOW, NOW, RETENTION)
     assert {queries.build(q, Scope.operator(), raw).table.name for q in queries.QUESTIONS} == {"requests"}
 
 
 def test_limits_outside_the_allowed_range_are_refused():
-    window = for_timeframe("1h", NOW, RETENTION)
+    time_range = for_timeframe("1h", NOW, RETENTION)
     for limit in (0, -1, queries.MAX_LIMIT + 1):
         with pytest.raises(ValueError):
-            queries.build("orgs", Scope.operator(), window, limit=limit)
+            queries.build("orgs", Scope.operator(), time_range, limit=limit)

@@ -26,9 +26,19 @@ from quotaflow.sinks.clickhouse import duplicates
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
-from tests.pipeline import counted, event, minute_start, publish, unique, wait_for
-from tests.test_clickhouse_sink import REPAIRS, REPLAYED, pending_plans, until_a_plan
-from tests.test_clickhouse_storage import records
+from tests.pipeline import (
+    SINK_REPAIRS,
+    SINK_REPLAYED,
+    counted,
+    event,
+    pending_plans,
+    publish,
+    this_minute,
+    unique,
+    until_a_plan,
+    wait_for,
+)
+from tests.storage import records
 
 pytestmark = pytest.mark.stack
 STORED = 'quotaflow_sink_events_total{outcome="stored"}'
@@ -66,7 +76,7 @@ def test_events_published_twice_are_counted_once_and_stored_once(live_stack, red
     def delta(name: str, sample: str) -> float:
         return pipeline.metric(name, sample) - base[(name, sample)]
 
-    window = minute_start(40)
+    window = this_minute()
     evs = {org: [event(org, f"{org}-key", window + 100 * i) for i in range(10)] for org in (one, apart)}
 
     # Copies in one batch: each event, then its copy, each in a record of its own.
@@ -102,7 +112,7 @@ def test_the_sink_takes_out_the_copies_of_a_batch(live_stack):
     """sinks/clickhouse/duplicates.py on a decoded batch of several orgs: copies published
     in other records are taken out, in the batch and after it; the same records read
     again lose exactly the same rows."""
-    m = minute_start(0)
+    m = this_minute()
     a, b = unique("a"), unique("b")
     evs = [event(org, f"{org}-key", m + i) for i, org in enumerate([a, b, a, b, a])]
     batch = evs + [evs[0], evs[3]]  # two copies, each in a record of its own
@@ -195,8 +205,8 @@ def test_a_batch_claimed_before_its_insert_failed_is_stored_once_not_zero_times(
 
     pipeline.start("sink")
     pipeline.wait_sink_caught_up()
-    replayed, taken_out = pipeline.metric("sink", REPLAYED), pipeline.metric("sink", SINK_DUPLICATES)
-    repaired = pipeline.metric("sink", f'{REPAIRS}{{outcome="added",table="{RAW}"}}')
+    replayed, taken_out = pipeline.metric("sink", SINK_REPLAYED), pipeline.metric("sink", SINK_DUPLICATES)
+    repaired = pipeline.metric("sink", f'{SINK_REPAIRS}{{outcome="added",table="{RAW}"}}')
     pipeline.stop("sink")
     assert (replayed, taken_out, repaired) == (1, 100, 1 if landed == RAW else 0)
     assert stored_per_table(pipeline, org) == once_each(300)
@@ -244,7 +254,7 @@ def test_sink_killed_mid_stream_with_copies_in_it_stores_each_event_once(live_st
         kills.append(pending_plans(live_stack))
         pipeline.start("sink")
         if kills[-1]:
-            wait_for(lambda: pipeline.metric("sink", REPLAYED) >= 1, 120, "the planned batch to be replayed",
+            wait_for(lambda: pipeline.metric("sink", SINK_REPLAYED) >= 1, 120, "the planned batch to be replayed",
                      pipeline.logs)
     rest.join()
     assert not failed, f"publishing the second half failed: {failed!r}"

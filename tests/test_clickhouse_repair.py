@@ -16,9 +16,8 @@ from quotaflow.sinks.clickhouse import repair
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import Rows, to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
-from tests.test_clickhouse_storage import (
+from tests.storage import (
     DAY_S,
-    engine,  # noqa: F401 - the fixture
     events,
     expected_groups,
     expected_org_groups,
@@ -51,7 +50,7 @@ def assert_whole(client, evs) -> None:
             table.name
 
 
-def test_a_retry_that_landed_everywhere_is_left_as_it_is(engine):  # noqa: F811
+def test_a_retry_that_landed_everywhere_is_left_as_it_is(engine):
     migrate(engine)
     evs = events(2000, seed=11)
     rows, batch = stored_batch(engine, evs)
@@ -60,7 +59,7 @@ def test_a_retry_that_landed_everywhere_is_left_as_it_is(engine):  # noqa: F811
     assert_whole(engine, evs)
 
 
-def test_rows_the_raw_table_lost_are_added_to_it_alone(engine):  # noqa: F811
+def test_rows_the_raw_table_lost_are_added_to_it_alone(engine):
     migrate(engine)
     evs = events(2000, seed=12)  # over three days: several partitions of the raw table
     stored_batch(engine, evs)
@@ -75,7 +74,7 @@ def test_rows_the_raw_table_lost_are_added_to_it_alone(engine):  # noqa: F811
 
 
 @pytest.mark.parametrize("table", [t.name for t in (*ROLLUPS, *ORG_ROLLUPS)])
-def test_groups_a_rollup_lost_are_added_to_it_alone(engine, table):  # noqa: F811
+def test_groups_a_rollup_lost_are_added_to_it_alone(engine, table):
     migrate(engine)
     evs = events(2000, seed=13)
     stored_batch(engine, evs)
@@ -91,7 +90,7 @@ def test_groups_a_rollup_lost_are_added_to_it_alone(engine, table):  # noqa: F81
     assert_whole(engine, evs)
 
 
-def test_groups_off_by_anything_but_the_batch_are_reported_not_guessed(engine):  # noqa: F811
+def test_groups_off_by_anything_but_the_batch_are_reported_not_guessed(engine):
     """Another writer half way through an insert (its raw rows in, its rollup rows not
     yet) makes a group differ by its share, not the batch's: left as it is."""
     migrate(engine)

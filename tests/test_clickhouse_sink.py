@@ -1,6 +1,7 @@
 """The ClickHouse sink on the real stack: every valid event stored exactly once across
 SIGKILLs mid-batch, a batch that had landed before a crash not stored twice, rows
-ClickHouse refuses dead-lettered with its reason, rollups equal to the raw rows."""
+ClickHouse refuses dead-lettered with its reason, rollups equal to the raw rows, each
+row's tier read from Redis and read again once the cached one is stale."""
 
 from __future__ import annotations
 
@@ -12,61 +13,36 @@ from itertools import pairwise
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from quotaflow.deploy.observe import end_offsets
 from quotaflow.schemas import deadletter
 from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
-from quotaflow.sinks.clickhouse.plans import Range, parse_plan
+from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
+from quotaflow.sinks.clickhouse.tiers import TierCache
 from quotaflow.sinks.clickhouse.writer import Writer
-from tests.pipeline import event, publish, read_all, unique, wait_for
+from tests.pipeline import (
+    SINK_REPAIRS,
+    SINK_REPLAYED,
+    event,
+    pending_plans,
+    publish,
+    read_all,
+    unique,
+    until_a_plan,
+    wait_for,
+)
 
 pytestmark = pytest.mark.stack
 INSERTED = "quotaflow_sink_rows_inserted_total"
-REPLAYED = "quotaflow_sink_batches_replayed_total"
 BUFFERED = "quotaflow_sink_buffered_records"
-REPAIRS = "quotaflow_sink_repairs_total"
 BATCH = 1000
 # Enough for three sinks to each store 2 * BATCH and be killed before the stream runs
 # out: a sink stores a backlog of one-event records at tens of thousands a second.
 TOTAL = 30_000
-
-
-def plans_in(committed: dict) -> list[Range]:
-    """The plans among the sink group's committed offsets (as list_consumer_group_offsets gives them)."""
-    return [plan for tp, om in committed.items() if tp.topic == EVENTS_TOPIC
-            if (plan := parse_plan(tp.topic, tp.partition, om.offset, om.metadata)) is not None]
-
-
-async def committed(settings) -> dict:
-    """The sink group's committed offsets and metadata."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        return await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)
-    finally:
-        await admin.close()
-
-
-def pending_plans(settings) -> list[Range]:
-    return plans_in(asyncio.run(committed(settings)))
-
-
-async def until_a_plan(settings, timeout_s: float) -> None:
-    """Return as soon as a plan is committed (a batch is being stored), or after timeout_s."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if plans_in(await admin.list_consumer_group_offsets(SINK_CLICKHOUSE_GROUP)):
-                return
-            await asyncio.sleep(0.005)
-    finally:
-        await admin.close()
 
 
 def offset_gaps(pipeline, orgs: list[str]) -> dict[int, list[tuple[int, int]]]:
@@ -128,7 +104,7 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
         pipeline.start("sink")
         if kills[-1]:
             # The restarted sink first stores the planned batch again, with the same token.
-            wait_for(lambda: pipeline.metric("sink", REPLAYED) >= 1, 120, "the planned batch to be replayed",
+            wait_for(lambda: pipeline.metric("sink", SINK_REPLAYED) >= 1, 120, "the planned batch to be replayed",
                      pipeline.logs)
     rest.join()
     assert not failed, f"publishing the second half failed: {failed!r}"
@@ -204,12 +180,12 @@ def test_a_batch_stored_before_a_crash_is_not_stored_again(live_stack, pipeline,
     assert batch.start == start and pending_plans(live_stack) == [batch]
     pipeline.start("sink")
     pipeline.wait_sink_caught_up()
-    replayed = pipeline.metric("sink", REPLAYED)
-    repairs = {k: v for k, v in pipeline.metrics("sink").items() if k.startswith(REPAIRS + "{")}
+    replayed = pipeline.metric("sink", SINK_REPLAYED)
+    repairs = {k: v for k, v in pipeline.metrics("sink").items() if k.startswith(SINK_REPAIRS + "{")}
     pipeline.stop("sink")
 
     assert replayed == 1  # the sink did insert the planned range again...
-    assert repairs == ({f'{REPAIRS}{{outcome="added",table="{lost_from}"}}': 1.0} if lost_from else {})
+    assert repairs == ({f'{SINK_REPAIRS}{{outcome="added",table="{lost_from}"}}': 1.0} if lost_from else {})
     rows, distinct, ids, rollups = stored(pipeline, [org])
     assert (rows, distinct) == (len(events), len(events))  # ...and ClickHouse kept it once
     assert ids == {e.event_id for e in events}
@@ -253,3 +229,27 @@ def test_rows_clickhouse_refuses_are_dead_lettered_with_its_reason(live_stack, p
         assert "VIOLATED_CONSTRAINT" in h[deadletter.HEADER_REASON] and "test_poison" in h[deadletter.HEADER_REASON]
         assert h[deadletter.HEADER_SOURCE_TOPIC] == EVENTS_TOPIC
         assert int(h[deadletter.HEADER_SOURCE_OFFSET]) >= 0 and int(h[deadletter.HEADER_SOURCE_PARTITION]) >= 0
+
+
+def test_an_orgs_tier_is_kept_while_fresh_and_read_again_once_stale(live_stack, redis_client):
+    """sinks/clickhouse/tiers.py against the real Redis: a running sink stamps rows with the
+    tier it read, until the cached one is older than the cache lifetime (a cache that is
+    never fresh shows the reading again without waiting for the lifetime to pass)."""
+    org, other = unique("tiered"), unique("untiered")
+    redis_client.hset(org_key(org), ORG_TIER_FIELD, "STARTER")  # `other` has none: the default tier
+    tier_of = policy_from_settings(live_stack).tier_of
+
+    async def scenario() -> list[dict[str, str]]:
+        kept = TierCache(live_stack.redis_url, tier_of, cache_seconds=3600)
+        stale = TierCache(live_stack.redis_url, tier_of, cache_seconds=0)
+        try:
+            before = [await kept.tiers({org, other}), await stale.tiers({org, other})]
+            redis_client.hset(org_key(org), ORG_TIER_FIELD, "SCALE")
+            return before + [await kept.tiers({org, other}), await stale.tiers({org, other})]
+        finally:
+            await kept.close()
+            await stale.close()
+
+    before_kept, before_stale, after_kept, after_stale = asyncio.run(scenario())
+    assert before_kept == before_stale == after_kept == {org: "STARTER", other: "FREE"}
+    assert after_stale == {org: "SCALE", other: "FREE"}

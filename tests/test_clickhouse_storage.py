@@ -3,100 +3,36 @@ migrations (also on a database that predates the rollups), rollups equal to the 
 totals, TTLs from the retention settings, and deduplication of a retried batch.
 
 These open the engine in the test process, on a path of their own, and close it
-before returning (one engine path per process at a time)."""
+before returning (one engine path per process at a time: the `engine` fixture,
+tests/conftest.py)."""
 
 from __future__ import annotations
 
-import random
 import time
 import uuid
-from collections import Counter
-from types import SimpleNamespace
 
 import orjson
 import pytest
 
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import retention
-from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import available, migrate, statements
 from quotaflow.schemas.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
 from quotaflow.schemas.events import RequestEvent
-from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
-
-DAY_S = 86_400
-
-
-@pytest.fixture()
-def engine(tmp_path):
-    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
-    yield client
-    client.close()
-
-
-def events(n: int, seed: int, org: str = "acme", now_s: float | None = None) -> list[RequestEvent]:
-    """Events over the last three days, spread over keys, endpoints and statuses."""
-    rnd = random.Random(seed)
-    now_ms = int((now_s or time.time()) * 1000)
-    return [RequestEvent.new(
-        org_id=org, api_key_id=f"{org}-key-{rnd.randrange(3)}", service="shop",
-        endpoint=rnd.choice(["/v1/orders", "/v1/orders/{id}", "/v1/users/{id}"]), method=rnd.choice(["GET", "POST"]),
-        status=rnd.choice([200, 200, 200, 201, 404, 429, 500, 503]), latency_ms=round(rnd.uniform(0.5, 900), 3),
-        request_bytes=rnd.randrange(0, 5000), response_bytes=rnd.randrange(0, 50_000), client_ip="203.0.113.9",
-        user_agent="pytest", ts_ms=now_ms - rnd.randrange(0, 3 * DAY_S * 1000)) for _ in range(n)]
-
-
-def records(evs: list[RequestEvent], partition: int = 0, first_offset: int = 0) -> list:
-    """Kafka records as the consumer hands them to the sink (the fields it reads)."""
-    return [SimpleNamespace(topic="quotaflow.requests.v1", partition=partition, offset=first_offset + i,
-                            key=e.org_id.encode(), value=e.encode(), timestamp=e.ts_ms, headers=())
-            for i, e in enumerate(evs)]
-
-
-def store(writer: Writer, evs: list[RequestEvent], tiers: dict[str, str], first_offset: int = 0) -> Range:
-    recs = records(evs, first_offset=first_offset)
-    rows = to_rows(recs)
-    rows.set_tiers(tiers)
-    batch = Range(recs[0].topic, 0, recs[0].offset, recs[-1].offset)
-    writer.insert(rows, batch.token())
-    return batch
-
-
-def rank_bounds(ordered: list[float], level: float, rank_error: float = 0.01) -> tuple[float, float]:
-    """The values a quantile estimate may take: t-digest is approximate in rank, so the
-    estimate of ``level`` lies between the exact values ranked ``rank_error`` below and
-    above it (plus one for interpolation between neighbours)."""
-    n = len(ordered)
-    slack = int(rank_error * n) + 1
-    rank = level * (n - 1)
-    return ordered[max(int(rank) - slack, 0)], ordered[min(int(rank) + 1 + slack, n - 1)]
-
-
-def expected_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
-    """Requests per (bucket, org, key, endpoint, method, status), computed here from the events."""
-    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.api_key_id, e.endpoint, e.method, e.status)
-                   for e in evs)
-
-
-def expected_org_groups(evs: list[RequestEvent], grain_s: int, tier: dict[str, str]) -> Counter:
-    """Requests per (bucket, org, tier), computed here from the events and the tier of each org."""
-    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, tier[e.org_id]) for e in evs)
-
-
-def stored_org_groups(client, table: str) -> Counter:
-    sql = f"SELECT toUnixTimestamp(bucket), org_id, tier, sum(requests) FROM {table} GROUP BY ALL"
-    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
-
-
-def stored_groups(client, table: str) -> Counter:
-    if table == RAW:
-        sql = ("SELECT toUnixTimestamp(toStartOfMinute(toDateTime(event_time))), org_id, api_key_id, endpoint, method, "
-               "status, count() FROM requests GROUP BY ALL")
-    else:
-        sql = f"SELECT toUnixTimestamp(bucket), org_id, api_key_id, endpoint, method, status, sum(requests) FROM {table} GROUP BY ALL"
-    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
+from tests.pipeline import event
+from tests.storage import (
+    DAY_S,
+    events,
+    expected_groups,
+    expected_org_groups,
+    rank_bounds,
+    records,
+    store,
+    stored_groups,
+    stored_org_groups,
+)
 
 
 def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engine):
@@ -249,7 +185,6 @@ def test_a_block_over_the_partition_bound_is_refused_as_data_and_its_halves_go_i
     block over the bound anyway is refused as data, which the sink halves (sink._store)
     until each part fits, never retried as it is for ever."""
     from quotaflow.sinks.clickhouse.writer import is_rejection
-    from tests.pipeline import event
 
     migrate(engine)
     now = int(time.time() * 1000)

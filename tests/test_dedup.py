@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from quotaflow.schemas.dedup import DuplicateCheck
 from quotaflow.schemas.redis_keys import seen_key, stored_key
-from tests.pipeline import minute_start, unique
+from tests.pipeline import this_minute, unique
 
 pytestmark = pytest.mark.stack
 
@@ -47,7 +47,7 @@ STEPS = st.lists(st.tuples(st.integers(0, 7), st.integers(0, 1), st.integers(0, 
        minutes=st.lists(st.integers(0, 2), min_size=8, max_size=8), orgs=st.lists(st.integers(0, 1), min_size=8,
                                                                                  max_size=8))
 def test_the_first_place_wins_however_the_events_are_cut(live_stack, steps, cuts, part_events, minutes, orgs):
-    prefix, m = uuid.uuid4().hex[:8], minute_start(0)
+    prefix, m = uuid.uuid4().hex[:8], this_minute()
     org_of = [f"o{orgs[i]}-{prefix}" for i in range(8)]
     ts_of = [m + minutes[i] * 60_000 + i for i in range(8)]
     id_of = [f"{prefix}-{i}" for i in range(8)]
@@ -78,7 +78,7 @@ def test_the_first_place_wins_however_the_events_are_cut(live_stack, steps, cuts
 def test_the_two_stages_decide_apart(live_stack, redis_client):
     """The processor's seen ids and the sink's stored ids are separate key spaces: one
     stage's check does not make the other's first copy a duplicate."""
-    org, m = unique("org"), minute_start()
+    org, m = unique("org"), this_minute()
     ids = [unique("ev") for _ in range(3)]
     first, copy = (org, 0, [m + 1] * 3, ids, [10, 11, 12]), (org, 0, [m + 1] * 3, ids, [20, 21, 22])
     assert run(live_stack.redis_url, seen_key, [first], [copy]) == [[False] * 3, [True] * 3]
@@ -93,7 +93,7 @@ def test_each_script_call_touches_one_org(live_stack):
     """One hash slot per call (the org is the keys' hash tag), in parts of PART_EVENTS."""
     check = DuplicateCheck(aioredis.Redis.from_url(live_stack.redis_url), stored_key, 60)
     check.PART_EVENTS = 3
-    m = minute_start(0)
+    m = this_minute()
     groups = [("a", 0, [m, m + 60_000], ["x", "y"], [1, 2]), ("b", 0, [m] * 4, list("pqrs"), [3, 4, 5, 6]),
               ("a", 1, [m], ["z"], [7])]
     calls, n = check.prepare(groups)

@@ -24,7 +24,7 @@ from quotaflow.schemas.events import (
     decode_record,
     validate,
 )
-from tests.test_event_schema import good
+from tests.event_docs import good
 
 RECEIVED = 1_795_000_000_000
 BOUNDS = TimeBounds(ahead_ms=300_000, behind_ms=30 * 86_400_000)

@@ -17,27 +17,9 @@ from quotaflow.schemas.events import (
     render_json_schema,
     validate,
 )
+from tests.event_docs import good
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "request_event.v1.schema.json"
-
-
-def good() -> dict:
-    return {
-        "schema_version": 1,
-        "event_id": "123e4567-e89b-42d3-a456-426614174000",
-        "ts_ms": 1_795_000_000_123,
-        "org_id": "acme",
-        "api_key_id": "acme-web",
-        "service": "checkout",
-        "endpoint": "/v1/orders/{order_id}/items",
-        "method": "POST",
-        "status": 201,
-        "latency_ms": 12.75,
-        "request_bytes": 300,
-        "response_bytes": 1200,
-        "client_ip": "2001:db8::1",
-        "user_agent": "okhttp/4.12.0",
-    }
 
 
 def test_valid_event_round_trips_through_the_wire_format():

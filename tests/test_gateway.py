@@ -31,11 +31,26 @@ def only(window_index: int, limit: int) -> tuple[int | None, ...]:
     return tuple(limit if i == window_index else None for i in range(len(WINDOWS)))
 
 
-async def wait_for_room(window: Window, seconds: float = 15) -> None:
-    """Start a burst only when its fixed window has time left, so it never straddles a reset."""
-    now = time.time() * 1000
+async def redis_now_ms(client: aioredis.Redis) -> int:
+    """Redis's clock: the one a check reads (gateway/check.lua), so the one to wait on."""
+    seconds, micros = await client.time()
+    return seconds * 1000 + micros // 1000
+
+
+async def until_redis_time(client: aioredis.Redis, at_ms: int, timeout_s: float = 70) -> None:
+    """Return once Redis's clock has reached at_ms."""
+    deadline = time.monotonic() + timeout_s
+    while (now := await redis_now_ms(client)) < at_ms:
+        assert time.monotonic() < deadline, f"Redis's clock did not reach {at_ms} (at {now})"
+        await asyncio.sleep(min((at_ms - now) / 1000, 0.05))
+
+
+async def wait_for_room(client: aioredis.Redis, window: Window, seconds: float = 15) -> None:
+    """Start a burst only when its fixed window has time left by the checks' clock, so it
+    never straddles a reset."""
+    now = await redis_now_ms(client)
     if window.length_ms - now % window.length_ms < seconds * 1000:
-        await asyncio.sleep((window.length_ms - now % window.length_ms) / 1000 + 0.05)
+        await until_redis_time(client, now - now % window.length_ms + window.length_ms)
 
 
 async def burst(limiter: RateLimiter, key: str, org: str, n: int, concurrency: int = 100) -> list[Decision]:
@@ -62,10 +77,10 @@ def test_every_tier_denies_at_exactly_its_limit_in_each_window(live_stack, windo
             org, key = unique("org"), unique("key")
             limit = limits[window_index]
             await client.hset(org_key(org), ORG_TIER_FIELD, tier)
-            await wait_for_room(window)
+            await wait_for_room(client, window)
             prefilled = 0 if window_index == 0 else limit - 20
             if prefilled:
-                now = int(time.time() * 1000)
+                now = await redis_now_ms(client)
                 buckets = [[] for _ in WINDOWS]
                 buckets[window_index] = [[now - now % window.length_ms, prefilled]]
                 await RedisBackend(client, policy).write([ScopeWrite(org, key, buckets), ScopeWrite(org, None, buckets)])
@@ -84,9 +99,9 @@ def test_decisions_count_down_and_name_the_denying_window(live_stack, redis_clie
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "FREE")
 
     async def scenario() -> list[Decision]:
-        limiter = RateLimiter(aioredis.Redis.from_url(live_stack.redis_url), Policy(WINDOWS, DEFAULT_TIER_LIMITS),
-                              timeout_ms=5000)
-        await wait_for_room(WINDOWS[0])
+        client = aioredis.Redis.from_url(live_stack.redis_url)
+        limiter = RateLimiter(client, Policy(WINDOWS, DEFAULT_TIER_LIMITS), timeout_ms=5000)
+        await wait_for_room(client, WINDOWS[0])
         out = [await limiter.check(key, org) for _ in range(12)]
         await limiter.aclose()
         return out
@@ -109,9 +124,9 @@ def test_a_key_override_takes_precedence_over_its_tier(live_stack, redis_client)
     redis_client.hset(overrides_key(org, limited), "60s", 5)
 
     async def scenario() -> tuple[int, int]:
-        limiter = RateLimiter(aioredis.Redis.from_url(live_stack.redis_url), Policy(WINDOWS, DEFAULT_TIER_LIMITS),
-                              timeout_ms=5000)
-        await wait_for_room(WINDOWS[0])
+        client = aioredis.Redis.from_url(live_stack.redis_url)
+        limiter = RateLimiter(client, Policy(WINDOWS, DEFAULT_TIER_LIMITS), timeout_ms=5000)
+        await wait_for_room(client, WINDOWS[0])
         a = sum(d.allowed for d in await burst(limiter, limited, org, 20))
         b = sum(d.allowed for d in await burst(limiter, other, org, 20))
         await limiter.aclose()
@@ -154,10 +169,11 @@ def test_sliding_window_frees_units_as_they_age(live_stack):
     org, key = unique("org"), unique("key")
 
     async def scenario() -> tuple[list[bool], list[bool], Decision]:
-        limiter = RateLimiter(aioredis.Redis.from_url(live_stack.redis_url), policy, timeout_ms=5000)
+        client = aioredis.Redis.from_url(live_stack.redis_url)
+        limiter = RateLimiter(client, policy, timeout_ms=5000)
         first = [(await limiter.check(key, org)).allowed for _ in range(4)]
         denied = await limiter.check(key, org)
-        await asyncio.sleep(max(0.0, (denied.reset_ms - denied.now_ms) / 1000) + 0.05)
+        await until_redis_time(client, denied.reset_ms)  # the time it says a unit is free again
         second = [(await limiter.check(key, org)).allowed for _ in range(4)]
         await limiter.aclose()
         return first, second, denied
@@ -174,10 +190,13 @@ def test_reservations_of_a_crashed_gateway_expire(live_stack, redis_client):
     org, key = unique("org"), unique("key")
 
     async def scenario() -> tuple[list[bool], bool]:
-        limiter = RateLimiter(aioredis.Redis.from_url(live_stack.redis_url), policy, timeout_ms=5000)
-        await wait_for_room(WINDOWS[0])
-        first = [(await limiter.check(key, org)).allowed for _ in range(4)]
-        await asyncio.sleep(1.6)
+        client = aioredis.Redis.from_url(live_stack.redis_url)
+        limiter = RateLimiter(client, policy, timeout_ms=5000)
+        await wait_for_room(client, WINDOWS[0])
+        checks = [await limiter.check(key, org) for _ in range(4)]
+        first = [d.allowed for d in checks]
+        # Past the TTL of the last reservation made, by the clock the check reads.
+        await until_redis_time(client, max(d.now_ms for d in checks if d.allowed) + policy.reservation_ttl_ms + 1)
         again = (await limiter.check(key, org)).allowed
         await limiter.aclose()
         return first, again
@@ -204,8 +223,15 @@ def test_the_emergency_switch_reaches_every_gateway_at_the_next_check(live_stack
         await limiter.aclose()
         return out
 
+    async def room() -> None:
+        client = aioredis.Redis.from_url(live_stack.redis_url)
+        try:
+            await wait_for_room(client, WINDOWS[0])
+        finally:
+            await client.aclose()
+
     try:
-        asyncio.run(wait_for_room(WINDOWS[0]))
+        asyncio.run(room())
         assert [d.allowed for d in asyncio.run(checks(3))] == [True, True, False]
         assert switch("off").startswith("enforcement: OFF")
         off = asyncio.run(checks(3))

@@ -48,7 +48,7 @@ from quotaflow.schemas.redis_keys import (
     usage_key,
 )
 from quotaflow.schemas.topics import EVENTS_TOPIC
-from tests.pipeline import counted, minute_start, read_all, unique, wait_for
+from tests.pipeline import counted, minute_start, read_all, stray_keys, unique, wait_for
 
 ids = st.one_of(st.from_regex(ID_PATTERN, fullmatch=True),
                 st.text(alphabet="ab0:._-", min_size=1, max_size=6)).filter(is_valid_id)  # short: collision-prone
@@ -142,11 +142,11 @@ def test_the_limiters_refuse_an_id_that_breaks_the_rule_before_any_redis_call(ba
 
 
 @pytest.fixture()
-def cluster_node(tmp_path):
+def cluster_node(tmp_path, port_base):
     """A real Redis Cluster of one node holding every slot: it enforces what a cluster
     enforces (a Lua call's keys in one slot), so CROSSSLOT shows up here as in production."""
     # of this session's range (an ephemeral port may be too high: the cluster bus listens 10000 above)
-    port = int(os.environ.get("QUOTAFLOW_TEST_PORT_BASE", "29000")) + 395
+    port = port_base + 395
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                              "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path),
                              "--save", "", "--appendonly", "no"], stdout=(tmp_path / "redis.log").open("wb"),
@@ -243,17 +243,6 @@ def test_the_cli_refuses_ids_that_break_the_rule(live_stack, redis_client, argv)
     assert out.returncode == 2
     assert out.stderr.startswith("quotaflow: ") and ID_RULE in out.stderr
     assert set(redis_client.scan_iter("qf:v1:*")) - before == set()
-
-
-def stray_keys(redis_client, pairs: list[tuple[str, str]]) -> list[str]:
-    """The Redis keys that refused (api_key_id, org_id) pairs would have named had a check
-    taken them (an admitted check reserves in the key's and the org's set), that exist."""
-    names = []
-    for key, org in pairs:
-        names += [reservations_key(org, key), usage_key(org, key), overrides_key(org, key)]
-        if not is_valid_id(org):
-            names += [reservations_key(org), usage_key(org), org_key(org)]
-    return [name for name in names if redis_client.exists(name)]
 
 
 # --- the events the middleware builds -----------------------------------------------------------

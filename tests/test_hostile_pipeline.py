@@ -21,7 +21,7 @@ from quotaflow.gateway.limiter import RateLimiter
 from quotaflow.schemas import deadletter
 from quotaflow.schemas.events import TS_MAX_MS, encode_batch, partition_of
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
-from tests.pipeline import counted, event, minute_start, publish, read_all, unique, wait_for
+from tests.pipeline import counted, event, minute_start, publish, read_all, this_minute, unique, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -63,7 +63,7 @@ def test_a_record_nested_300_levels_deep_is_dead_lettered_and_the_pipeline_goes_
     reached'; nothing caught it, so both stages failed on that record after every restart."""
     org, key = unique("deep"), unique("key")
     pids = pipeline.start("processor"), pipeline.start("sink")
-    window = minute_start()
+    window = this_minute()
     depth = 300
     kcat_publish(live_stack, org, ('[{"x":' + "[" * depth + "]" * depth + "}]\n").encode())
     asyncio.run(publish(live_stack, [event(org, key, window + 1)]))
@@ -125,7 +125,7 @@ def test_orgs_sharing_a_key_id_are_counted_apart_wherever_their_records_land(liv
     key = "web"
     pipeline.start("processor")
     pipeline.start("sink")
-    window = minute_start()
+    window = this_minute()
     asyncio.run(publish(live_stack, [event(first, key, window + i) for i in range(30)]))
     home = partition_of(second, live_stack.events_partitions)
     elsewhere = (home + 1) % live_stack.events_partitions
@@ -154,7 +154,7 @@ def test_processor_killed_while_orgs_share_a_key_id_on_two_partitions_counts_eac
         orgs[1] = unique("pb")
         homes = {partition_of(o, live_stack.events_partitions) for o in orgs}
     key, total, chunk = "web", 4000, 200
-    window = minute_start()
+    window = this_minute()
     events = {org: [event(org, key, window + i % 20_000) for i in range(total)] for org in orgs}
     pipeline.start("processor", QUOTAFLOW_PROCESSOR_COMMIT_INTERVAL_S="600")  # nothing committed before the kill
     failed: list[BaseException] = []
@@ -190,7 +190,7 @@ def test_sigterm_stops_the_processor_within_seconds_even_while_redis_is_down(liv
     read again by the next processor."""
     org, key = unique("term"), unique("key")
     pipeline.start("processor")
-    window = minute_start()
+    window = this_minute()
     redis_service.stop(live_stack)
     try:
         asyncio.run(publish(live_stack, [event(org, key, window + i) for i in range(50)]))
@@ -206,17 +206,17 @@ def test_sigterm_stops_the_processor_within_seconds_even_while_redis_is_down(liv
              pipeline.logs)
 
 
-def test_on_a_fresh_stack_an_invalid_first_record_is_dead_lettered_and_the_next_event_counted(live_stack, tmp_path):
+def test_on_a_fresh_stack_an_invalid_first_record_is_dead_lettered_and_the_next_event_counted(live_stack,
+                                                                                               spare_stack_env):
     """Finding 9: on a fresh stack (12 of 14 attempts) the dead letter of an invalid first
     record never reached its topic, the agent crashed 40 s later with
     NotLeaderForPartitionError, and the valid event behind it was never counted."""
     from quotaflow.core.settings import Settings
     from quotaflow.deploy import stack
-    from tests.conftest import BASE, CACHE_DIR
     from tests.pipeline import Pipeline
 
     for attempt in range(2):
-        env = stack.isolated_env(BASE + 500, tmp_path / f"fresh-{attempt}", CACHE_DIR)
+        env = spare_stack_env(f"fresh-{attempt}")
         fresh = Settings(**{name.removeprefix("QUOTAFLOW_").lower(): value for name, value in env.items()})
         stack.up(fresh)
         pipeline = Pipeline(fresh)

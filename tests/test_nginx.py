@@ -16,8 +16,7 @@ from quotaflow.deploy.procs import Proc, wait_until
 from quotaflow.deploy.system_packages import ensure_command
 from quotaflow.schemas.ids import ID_RULE
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
-from tests.pipeline import minute_start, unique
-from tests.test_gateway_hostile import stray_keys
+from tests.pipeline import minute_start, stray_keys, unique
 
 pytestmark = pytest.mark.stack
 

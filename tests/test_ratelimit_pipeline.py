@@ -12,7 +12,7 @@ import time
 import pytest
 
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
-from tests.pipeline import counted, decision, event, minute_start, publish, unique, wait_for
+from tests.pipeline import counted, decision, event, minute_start, publish, this_minute, unique, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -24,10 +24,7 @@ def test_concurrent_gateways_admit_exactly_the_limit_and_processors_take_over(li
     org, key = unique("org"), unique("key")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "STARTER")
     pipeline.start("processor")
-    now = time.time()
-    if 60 - now % 60 < 25:  # the burst must not straddle a minute boundary
-        time.sleep(60 - now % 60 + 0.1)
-    window_ms = int(time.time() * 1000) // 60_000 * 60_000
+    window_ms = minute_start(need_s=25)  # the burst must not straddle a minute boundary
     env = {**os.environ, "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "5000"}
     workers = [subprocess.Popen([sys.executable, "-m", "tests.gateway_worker", org, key, "30"], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(4)]
@@ -48,7 +45,7 @@ def test_concurrent_gateways_admit_exactly_the_limit_and_processors_take_over(li
 
 def test_an_event_published_twice_is_counted_once(live_stack, redis_client, pipeline):
     org, key = unique("org"), unique("key")
-    window = minute_start()
+    window = this_minute()
     events = [event(org, key, window + i) for i in range(20)]
     pipeline.start("processor")
     asyncio.run(publish(live_stack, events))
@@ -89,7 +86,7 @@ def test_batch_records_count_every_event_and_dead_letter_only_the_bad_one(live_s
 
     org, keys = unique("org"), [unique("key") for _ in range(3)]
     pipeline.start("processor")
-    window = minute_start()
+    window = this_minute()
     events = [event(org, keys[i % 3], window + i) for i in range(300)]
     bad = {**events[7].to_dict(), "event_id": "0e4a1d3c-0000-4000-8000-0000000000aa", "endpoint": "/v1/things/12345"}
 

@@ -13,7 +13,7 @@ from quotaflow.collector.emitter import Emitter
 from quotaflow.deploy import kafka
 from quotaflow.deploy import redis as redis_service
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
-from tests.pipeline import counted, decision, event, minute_start, publish, unique, wait_for
+from tests.pipeline import counted, decision, event, minute_start, publish, this_minute, unique, wait_for
 
 pytestmark = pytest.mark.stack
 COUNTED = 'quotaflow_processor_events_total{outcome="counted"}'
@@ -41,7 +41,7 @@ def test_redis_outage_delays_decisions_but_loses_none(live_stack, redis_client, 
 def test_broker_restart_mid_stream_loses_nothing(live_stack, redis_client, pipeline):
     org, key = unique("org"), unique("key")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "ENTERPRISE")
-    window = minute_start()
+    window = this_minute()
     events = [event(org, key, window + i) for i in range(400)]
     pipeline.start("processor")
     pipeline.start("sink")
@@ -69,7 +69,7 @@ def test_broker_restart_mid_stream_loses_nothing(live_stack, redis_client, pipel
 
 def test_processor_killed_mid_stream_counts_each_event_once(live_stack, redis_client, pipeline):
     org, key = unique("org"), unique("key")
-    window = minute_start()
+    window = this_minute()
     total, chunk = 6000, 200
     events = [event(org, key, window + (i % 50_000)) for i in range(total)]
     # No commit before the kill: whatever this processor counted is read again after it.
@@ -94,6 +94,6 @@ def test_processor_killed_mid_stream_counts_each_event_once(live_stack, redis_cl
     # The restarted processor did see records again (their offsets were not committed
     # when it died) and skipped them rather than count them twice.
     assert pipeline.metric("processor", REDELIVERED) > 0
-    time.sleep(2)  # nothing arrives late to push the count past the total
+    pipeline.wait_processor_applied(redis_client)  # nothing published is left to push the count past the total
     assert counted(redis_client, org, key, window) == total
     assert counted(redis_client, org, None, window) == total

@@ -29,7 +29,7 @@ from quotaflow.deploy import redis as redis_service
 from quotaflow.deploy.procs import alive
 from quotaflow.deploy.supervise import Backoff, State, describe_exit
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
-from tests.pipeline import counted, event, minute_start, publish, unique, wait_for
+from tests.pipeline import counted, event, publish, this_minute, unique, wait_for
 
 # --- the backoff policy --------------------------------------------------------------
 
@@ -242,7 +242,7 @@ def test_a_killed_processor_is_restarted_counts_again_and_status_says_so(live_st
     # The new processor does the work.
     org, key = unique("org"), unique("key")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "SCALE")
-    window = minute_start()
+    window = this_minute()
     asyncio.run(publish(live_stack, [event(org, key, window + i) for i in range(40)]))
     wait_for(lambda: counted(redis_client, org, key, window) == 40, 60, "40 counted after the restart",
              pipeline.logs)

@@ -88,14 +88,12 @@ def test_overrides_replace_the_tier_limit_of_the_key_only():
 
 
 def test_policy_from_settings_reads_windows_modes_and_tiers():
-    class S:
-        windows = "1,60"
-        sliding_windows = True
-        tier_limits = '{"FREE": [2, null], "PAID": [100, 1000]}'
-        late_grace_s = 5
-        reservation_ttl_s = 30
+    from quotaflow.core.settings import Settings
 
-    p = policy_from_settings(S)
+    # As the environment gives them (QUOTAFLOW_WINDOWS, QUOTAFLOW_TIER_LIMITS), checked when they load.
+    s = Settings(windows="1,60", sliding_windows=True, tier_limits='{"FREE": [2, null], "PAID": [100, 1000]}',
+                 late_grace_s=5, reservation_ttl_s=30)
+    p = policy_from_settings(s)
     assert p.windows == (Window(1, True), Window(60, True)) and p.labels == ("1s", "60s")
     assert p.tiers == {"FREE": (2, None), "PAID": (100, 1000)}
     assert (p.late_grace_ms, p.reservation_ttl_ms) == (5_000, 30_000)

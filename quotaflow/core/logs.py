@@ -5,14 +5,18 @@ becomes ``{"ts": ..., "level": "info", "logger": ..., "msg": "batch stored", "ro
 
 Every record passes through RedactSecrets on its way to the handler, whatever logger it
 came from (aiokafka, urllib3, clickhouse-connect, uvicorn and ours alike): URL
-passwords, bearer tokens and the configured secrets never reach a log line.
+passwords, bearer tokens and the configured secrets never reach a log line. Before
+that, ExpectedTransients lowers what a library logs as an error for a condition it
+expects and retries (aiokafka's "group coordinator not available" on every start).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import logging.config
 import time
+from typing import Callable
 
 import orjson
 
@@ -46,6 +50,41 @@ class RedactSecrets(logging.Filter):
             record.stack_info = redact(record.stack_info)
         record._redacted = True
         return True
+
+
+class ExpectedTransients(logging.Filter):
+    """aiokafka logs ``Group Coordinator Request failed: [Error 15]
+    GroupCoordinatorNotAvailableError`` at error level on every start of a consumer group
+    member: the broker has not loaded the group's coordinator yet (on a fresh broker it
+    creates __consumer_offsets first), and the client asks again a moment later. Such a
+    record is lowered to info, and so shown only where aiokafka logs info (debugging).
+    A coordinator that stays unavailable is a real error: past ``burst`` of them within
+    ``window_s`` (aiokafka asks about ten times a second), they keep their level."""
+
+    LOGGER = "aiokafka"
+    MARK = "GroupCoordinatorNotAvailableError"
+
+    def __init__(self, burst: int = 30, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.burst, self.window_s, self._clock = burst, window_s, clock
+        self._seen: collections.deque[float] = collections.deque()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not (record.name == self.LOGGER or record.name.startswith("aiokafka.")):
+            return True
+        try:
+            if self.MARK not in record.getMessage():
+                return True
+        except Exception:  # bad %-arguments: RedactSecrets shows what there is
+            return True
+        now = self._clock()
+        self._seen.append(now)
+        while self._seen and now - self._seen[0] > self.window_s:
+            self._seen.popleft()
+        if len(self._seen) > self.burst:
+            return True  # not transient any more: an error as logged
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
 
 
 class JsonFormatter(logging.Formatter):
@@ -91,9 +130,9 @@ def logging_dict(level: str = "INFO", fmt: str = "json") -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"quotaflow": {"()": FORMATTERS[fmt]}},
-        "filters": {"redact": {"()": RedactSecrets}},
+        "filters": {"transients": {"()": ExpectedTransients}, "redact": {"()": RedactSecrets}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "quotaflow", "stream": "ext://sys.stderr",
-                                "filters": ["redact"]}},
+                                "filters": ["transients", "redact"]}},
         "root": {"level": level.upper(), "handlers": ["stderr"]},
         "loggers": {name: {"level": quiet} for name in ("aiokafka", "faust", "mode", "kafka")},
     }

@@ -8,13 +8,15 @@ Redis on the standard ports is never touched.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import orjson
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from quotaflow.core import redact
@@ -23,6 +25,49 @@ ENV_PREFIX = "QUOTAFLOW_"
 # What a client can send after "Bearer " as it is: visible ASCII, no spaces.
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
 TOKEN_MAX = 512
+
+# The limit policy's defaults (schemas/limits.py builds the policy from them): windows of a
+# minute, an hour and a day, each tier's limit in each. The tier names are those of
+# schemas/tiers.py (tests/test_config.py checks they agree); orgs without a tier are on
+# DEFAULT_TIER.
+DEFAULT_WINDOWS_S: tuple[int, ...] = (60, 3600, 86400)
+DEFAULT_TIER = "FREE"
+DEFAULT_TIER_LIMITS: dict[str, tuple[int, ...]] = {
+    "FREE": (10, 100, 1_000),
+    "STARTER": (30, 500, 5_000),
+    "PROFESSIONAL": (100, 2_000, 20_000),
+    "SCALE": (200, 5_000, 50_000),
+    "ENTERPRISE": (500, 10_000, 100_000),
+}
+# A window longer than a year is not a rate; counts and limits stay far below 2**53, where
+# the gateways' Lua numbers (doubles) would start to round.
+WINDOW_MAX_S = 366 * 86400
+LIMIT_MAX = 2**53 - 1
+# What `quotaflow org set-tier` can set (it upper-cases its argument): a tier named
+# otherwise could never be given to an org.
+_TIER_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+_WINDOW = re.compile(r"^[0-9]{1,9}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9._\[\]:-]+:([0-9]{1,5})$")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PortOrOff = Annotated[int, Field(ge=0, le=65535, description="0: off")]
+Limit = Annotated[int | None, Field(strict=True, ge=0, le=LIMIT_MAX)]
+# Fields whose dict keys are secrets: an error never names a place inside them.
+SECRET_KEYED = frozenset({"api_tokens"})
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """The part of the settings the limit policy is built from (schemas/limits.py
+    policy_from_settings), checked together when the settings load: gateways and
+    processors read this, and must agree on it."""
+
+    windows_s: tuple[int, ...]
+    sliding: bool
+    tier_limits: Mapping[str, tuple[int | None, ...]]  # tier -> limit per window, None: unlimited
+    default_tier: str
+    late_grace_s: float
+    reservation_ttl_s: float
 
 
 class ConfigError(ValueError):
@@ -39,13 +84,14 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".quotaflow")
     cache_dir: Path | None = None
 
-    kafka_port: int = 19092
-    kafka_controller_port: int = 19093
+    kafka_port: Port = 19092
+    kafka_controller_port: Port = 19093
     kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack's broker")
-    kafka_heap: str = "768m"
-    events_partitions: int = Field(4, ge=1)
+    kafka_heap: str = Field("768m", pattern=r"^[1-9][0-9]{0,11}[kKmMgGtT]?$", description="the broker's Java heap, "
+                            "as -Xmx takes it")
+    events_partitions: int = Field(4, ge=1, le=10_000)
 
-    redis_port: int = 16379
+    redis_port: Port = 16379
     redis_url: str | None = Field(None, description="default: the local stack's redis-server")
 
     clickhouse_url: str | None = Field(
@@ -53,8 +99,8 @@ class Settings(BaseSettings):
     )
 
     # Prometheus /metrics of each long-running process; 0 disables it.
-    processor_metrics_port: int = 19110
-    sink_metrics_port: int = 19111
+    processor_metrics_port: PortOrOff = 19110
+    sink_metrics_port: PortOrOff = 19111
 
     # Batching knobs of the stream stages.
     processor_batch_size: int = Field(200, ge=1, description="records per batch; a record may carry many events")
@@ -69,7 +115,7 @@ class Settings(BaseSettings):
     # --- ClickHouse storage and the query API (analytics/) ---
     # HTTP JSON query API; 0 disables it. With the embedded engine it is served by
     # the sink process, the one process that may open the engine.
-    api_port: int = 19120
+    api_port: PortOrOff = 19120
     # Who may ask the query API what: a JSON object of bearer token -> org id, or "*" for
     # every org (operators). Without tokens every request is refused.
     api_tokens: dict[str, str] = Field(default_factory=dict)
@@ -86,9 +132,15 @@ class Settings(BaseSettings):
     retention_day_days: int = Field(1095, ge=1)
 
     # --- Rate limits (schemas/limits.py), shared by processors and gateways ---
-    windows: str = Field("60,3600,86400", description="window lengths in seconds, comma separated")
+    # As the environment gives them: QUOTAFLOW_WINDOWS=60,3600,86400 and
+    # QUOTAFLOW_TIER_LIMITS='{"FREE": [10, 100, 1000], ...}' (NoDecode: parsed by the
+    # validators below, which name what is wrong). Read them through `limits`.
+    windows: Annotated[tuple[Annotated[int, Field(ge=1, le=WINDOW_MAX_S)], ...], NoDecode] = Field(
+        DEFAULT_WINDOWS_S, min_length=1, description="window lengths in seconds, comma separated")
     sliding_windows: bool = Field(False, description="sliding windows instead of fixed (epoch-aligned) ones")
-    tier_limits: str | None = Field(None, description='JSON {"FREE": [10, 100, 1000], ...}, one limit per window; null: unlimited')
+    tier_limits: Annotated[dict[str, tuple[Limit, ...]], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_TIER_LIMITS),
+        description='JSON {"FREE": [10, 100, 1000], ...}, one limit per window; null: unlimited')
     late_grace_s: float = Field(60.0, ge=0, description="how late an event may arrive and still count")
     max_clock_skew_s: float = Field(300.0, gt=0, description="how far past the time the broker received its record "
                                                              "an event may be stamped; later ones are dead-lettered")
@@ -98,7 +150,7 @@ class Settings(BaseSettings):
                                                           "of Redis each, per stage)")
 
     # --- Gateways (gateway/) ---
-    gateway_port: int = 19130
+    gateway_port: Port = 19130
     gateway_timeout_ms: int = Field(50, gt=0, description="Redis budget of one check")
     gateway_fail_open: bool = Field(True, description="admit (true) or refuse (false) when Redis is slow or down")
 
@@ -109,8 +161,69 @@ class Settings(BaseSettings):
     supervise_healthy_s: float = Field(60.0, ge=0, description="a stage up this long before it exits "
                                        "starts the backoff over")
 
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, level: Any) -> Any:
+        return level.upper() if isinstance(level, str) else level
+
+    @field_validator("windows", mode="before")
+    @classmethod
+    def _windows(cls, value: Any) -> Any:
+        """'60,3600,86400' (as the environment gives it) into lengths; digits only, so
+        that what the policy counts is what the operator wrote."""
+        if not isinstance(value, str):
+            return value
+        items = [item.strip() for item in value.split(",")]
+        if items == [""]:
+            raise ValueError("no window given; expected lengths in seconds, comma separated, e.g. 60,3600,86400")
+        for n, item in enumerate(items, 1):
+            if not _WINDOW.fullmatch(item):
+                raise ValueError(f"window #{n} is not a whole number of seconds; expected lengths in seconds, "
+                                 "comma separated, e.g. 60,3600,86400")
+        return tuple(int(item) for item in items)
+
+    @field_validator("windows")
+    @classmethod
+    def _distinct_windows(cls, windows: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(windows)) != len(windows):
+            raise ValueError("window lengths must differ (each window is named by its length)")
+        return windows
+
+    @field_validator("tier_limits", mode="before")
+    @classmethod
+    def _tier_limits_json(cls, value: Any) -> Any:
+        if not isinstance(value, (str, bytes)):
+            return value
+        if not value.strip():
+            return dict(DEFAULT_TIER_LIMITS)  # set but empty: the defaults, as before
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({str(exc).splitlines()[0][:200]}); expected "
+                             '{"FREE": [10, 100, 1000], ...}, one limit per window') from None
+
+    @field_validator("tier_limits")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int | None, ...]]:
+        for n, name in enumerate(tiers, 1):
+            if not _TIER_NAME.fullmatch(name):
+                raise ValueError(f"tier #{n}: a tier name is 1-32 upper-case letters, digits or '_', starting "
+                                 "with a letter (as 'quotaflow org set-tier' writes it)")
+        return tiers
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, bootstrap: str | None) -> str | None:
+        if bootstrap is None:
+            return bootstrap
+        for n, address in enumerate(bootstrap.split(","), 1):
+            m = _HOST_PORT.fullmatch(address.strip())
+            if m is None or not 1 <= int(m.group(1)) <= 65535:
+                raise ValueError(f"address #{n} is not host:port (port 1-65535); expected host:port[,host:port]")
+        return bootstrap
 
     @field_validator("api_tokens")
     @classmethod
@@ -132,8 +245,12 @@ class Settings(BaseSettings):
     def _clickhouse_url(cls, url: str | None) -> str | None:
         return _check_url(url, ("chdb://", "http://", "https://"))
 
+    # The settings given (by the environment or by name), before the defaults derived below.
+    _given: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
+        self._given = frozenset(self.model_fields_set)
         self.state_dir = self.state_dir.expanduser().resolve()
         if self.cache_dir is None:
             self.cache_dir = self.state_dir / "cache"
@@ -146,10 +263,40 @@ class Settings(BaseSettings):
             self.clickhouse_url = f"chdb://{self.state_dir / 'clickhouse'}"
         ports = [self.kafka_port, self.kafka_controller_port, self.redis_port]
         if len(set(ports)) != len(ports):
-            raise ValueError(f"kafka_port, kafka_controller_port and redis_port must differ, got {ports}")
+            raise ValueError(f"{env_var('kafka_port')}, {env_var('kafka_controller_port')} and "
+                             f"{env_var('redis_port')} must differ, got {ports}")
+        self._check_limits()
         # Whatever prints or logs these from now on shows *** in their place.
         redact.register(*self.api_tokens, *redact.url_secrets(self.redis_url), *redact.url_secrets(self.clickhouse_url))
         return self
+
+    def _check_limits(self) -> None:
+        """Windows and tier limits together, as the policy needs them: one limit per window
+        in every tier, and limits for the tier of orgs that have none."""
+        count = len(self.windows)
+        if "tier_limits" not in self._given and count != len(DEFAULT_WINDOWS_S):
+            raise ValueError(f"{env_var('windows')} (windows) has {count} window{'s' * (count != 1)}, but the default "
+                             f"tier limits have {len(DEFAULT_WINDOWS_S)} per tier (one per default window): set "
+                             f"{env_var('tier_limits')} too, with {count} per tier")
+        for name, limits in self.tier_limits.items():
+            if len(limits) != count:
+                raise ValueError(f"{env_var('tier_limits')} (tier_limits): tier {name} has {len(limits)} limit"
+                                 f"{'s' * (len(limits) != 1)} for the {count} window{'s' * (count != 1)} of "
+                                 f"{env_var('windows')}")
+        if DEFAULT_TIER not in self.tier_limits:
+            raise ValueError(f"{env_var('tier_limits')} (tier_limits): no limits for {DEFAULT_TIER}, the tier of "
+                             "every org that has none")
+
+    def is_set(self, field: str) -> bool:
+        """Whether the setting was given (QUOTAFLOW_<FIELD> or by name), not a default."""
+        return field in self._given
+
+    @property
+    def limits(self) -> LimitSettings:
+        """What the limit policy is built from, typed and checked (schemas/limits.py)."""
+        return LimitSettings(windows_s=self.windows, sliding=self.sliding_windows, tier_limits=dict(self.tier_limits),
+                             default_tier=DEFAULT_TIER, late_grace_s=self.late_grace_s,
+                             reservation_ttl_s=self.reservation_ttl_s)
 
     @property
     def clickhouse_embedded(self) -> bool:
@@ -185,15 +332,20 @@ def env_var(field: str) -> str:
 
 def describe_error(exc: Exception) -> str:
     """One line for a settings error that names each variable and the problem, never the
-    value: neither pydantic's input nor the location inside a dict (whose keys are the
-    API tokens)."""
+    value: neither pydantic's input nor a location inside a dict whose keys are secrets
+    (the API tokens)."""
     if isinstance(exc, ValidationError):
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
             field = str(err["loc"][0]) if err["loc"] else None
-            where = f"{env_var(field)} ({field}): " if field else ""
-            problems.append(where + err["msg"])
-        return redact.redact("; ".join(problems))
+            where = ""
+            if field:
+                inside = [f"#{p + 1}" if isinstance(p, int) else " ".join(str(p).split())[:40]
+                          for p in err["loc"][1:]]
+                at = f" at {'/'.join(inside)}" if inside and field not in SECRET_KEYED else ""
+                where = f"{env_var(field)} ({field}){at}: "
+            problems.append(where + err["msg"].removeprefix("Value error, "))
+        return redact.redact(" ".join("; ".join(problems).split()))
     if isinstance(exc, SettingsError):
         # pydantic-settings: 'error parsing value for field "api_tokens" from source ...' (not JSON)
         m = re.search(r'field "([A-Za-z0-9_]+)"', str(exc))
@@ -202,6 +354,28 @@ def describe_error(exc: Exception) -> str:
         where = f"{env_var(field)} ({field})" if field else "a QUOTAFLOW_* variable"
         return redact.redact(f"{where}: cannot parse the value as JSON{reason}")
     return redact.redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def effective(settings: Settings) -> list[tuple[str, str, bool]]:
+    """(variable, value as the environment would give it, set or a default) for every
+    setting, secrets hidden: passwords in URLs and every API token, whatever its length
+    (redact hides only the longer ones anywhere else)."""
+    out = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name in SECRET_KEYED:
+            text = "{" + ",".join(f'"{redact.MASK}":{orjson.dumps(redact.redact_value(v)).decode()}'
+                                  for v in value.values()) + "}"
+        elif name == "windows":
+            text = ",".join(str(length) for length in value)
+        elif isinstance(value, dict):
+            text = orjson.dumps(value).decode()
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        else:
+            text = "" if value is None else str(value)
+        out.append((env_var(name), redact.redact(text), settings.is_set(name)))
+    return out
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,109 @@
+"""``quotaflow stack`` (the local Kafka, Redis and ClickHouse, and the stages it runs) and
+``quotaflow supervise`` (how it runs them)."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import sys
+
+from quotaflow.cli.registry import Command
+from quotaflow.core.settings import Settings
+
+
+def run_stack(args: argparse.Namespace, settings: Settings) -> int:
+    from quotaflow.deploy import stack
+
+    if args.stages and args.action != "start":
+        print(f"quotaflow: stack {args.action} takes no stage names", file=sys.stderr)
+        return 2
+    if unknown := [name for name in args.stages if name not in stack.PIPELINE]:
+        print(f"quotaflow: unknown stage {unknown[0]!r}; stages: {', '.join(stack.PIPELINE)}", file=sys.stderr)
+        return 2
+    status = 0
+    if args.action == "up":
+        started = stack.up(settings)
+        print(f"stack up ({', '.join(started) or 'already running'}; state in {settings.state_dir})")
+    elif args.action == "start":
+        stack.up(settings)  # what the stages need, if it is not running yet
+        for name in args.stages or stack.PIPELINE:
+            if stack.pipeline_proc(settings, name).pid() is not None:
+                print(f"{name} already running")
+            elif started_by_hand(settings, name):
+                # A second one could not serve its metrics (the port is taken) and would exit at start.
+                print(f"quotaflow: a {name} started by hand is running (metrics on 127.0.0.1:"
+                      f"{stack.metrics_port(settings, name)}); stop it before 'stack start {name}'", file=sys.stderr)
+                status = 1
+            else:
+                pid = stack.start_pipeline_process(settings, name)
+                print(f"{name} started (pid {pid}, supervised); log in {stack.pipeline_log(settings, name)}")
+    elif args.action == "down":
+        stopped = stack.down(settings)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    if args.action in ("up", "start", "status"):
+        for name, running, where in stack.status(settings):
+            if not running and name in stack.PIPELINE and started_by_hand(settings, name):
+                running, where = True, (f"started by hand (not supervised: not restarted, not stopped by "
+                                        f"'stack down'), metrics on 127.0.0.1:{stack.metrics_port(settings, name)}")
+            print(f"  {name:<11} {'running' if running else 'stopped':<8} {where}")
+    return status
+
+
+def started_by_hand(settings: Settings, name: str) -> bool:
+    """A ``quotaflow processor`` or ``quotaflow sink`` run in a terminal rather than by the
+    stack: no supervisor knows of it, but it serves its metrics on the configured port
+    (found there by its own gauge, so another program on the port is not taken for it).
+    One run with its metrics port set to 0 cannot be seen."""
+    from quotaflow.core import metrics
+    from quotaflow.deploy import stack
+
+    port = stack.metrics_port(settings, name)
+    if not port or stack.pipeline_proc(settings, name).pid() is not None:
+        return False
+    try:
+        return f"quotaflow_{name}_ready" in metrics.scrape(port, timeout_s=1.0)
+    except (OSError, ValueError, http.client.HTTPException):  # URLError is an OSError
+        return False
+
+
+def run_supervise(args: argparse.Namespace, settings: Settings) -> int:
+    from quotaflow.deploy import stack, supervise
+    from quotaflow.deploy.procs import running_as
+
+    state_file = stack.pipeline_proc(settings, args.stage).state_file
+    other = supervise.State.read(state_file)
+    if other and other.supervisor_pid != os.getpid() and running_as(other.supervisor_pid, f"supervise {args.stage}"):
+        print(f"quotaflow: a supervisor of the {args.stage} already runs (pid {other.supervisor_pid})", file=sys.stderr)
+        return 1
+    backoff = supervise.Backoff(settings.supervise_backoff_initial_s, settings.supervise_backoff_max_s,
+                                settings.supervise_healthy_s)
+    return supervise.run(args.stage, [sys.executable, "-m", "quotaflow", args.stage], state_file, backoff)
+
+
+def _stack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "start", "down", "status"])
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="with 'start': processor, sink (default: both)")
+
+
+def _supervise_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=["processor", "sink"])
+
+
+COMMANDS = (
+    Command("stack", "start, stop or inspect the local Kafka, Redis and ClickHouse", run_stack,
+            description="The local stack on 127.0.0.1, state under QUOTAFLOW_STATE_DIR (default .quotaflow). "
+                        "'up' installs what is missing (Kafka jars, redis-server) and starts what is not running. "
+                        "'start' also runs the processor and the sink (or the stages named) in the background, "
+                        "each under a supervisor that restarts it with backoff if it exits; logs in "
+                        "QUOTAFLOW_STATE_DIR/logs. 'status' shows each stage's pid, uptime, restarts and "
+                        "last exit, and a stage started by hand ('quotaflow processor') as such. "
+                        "'down' stops everything the stack started.",
+            arguments=_stack_arguments),
+    Command("supervise", "run a stage and restart it with backoff whenever it exits unasked", run_supervise,
+            description="Runs 'quotaflow STAGE' as a child process and restarts it with exponential backoff "
+                        "and jitter (QUOTAFLOW_SUPERVISE_*) when it exits, logging each exit; SIGTERM "
+                        "stops the stage (SIGKILL after 20 s) and the supervisor. 'stack start' and the "
+                        "demo run stages this way.",
+            arguments=_supervise_arguments),
+)
