@@ -30,7 +30,7 @@ from quotaflow.schemas.event_fields import (
 )
 from quotaflow.schemas.event_validation import SchemaError, validate, validate_fast
 from quotaflow.schemas.ids import ID_MAX
-from tests.test_event_schema import good
+from tests.event_docs import good
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "request_event.v1.schema.json"
 PUBLISHED = jsonschema.Draft202012Validator(orjson.loads(SCHEMA_FILE.read_bytes()), format_checker=jsonschema.FormatChecker())
