@@ -2,8 +2,10 @@
 
 Keeping the value as published (rather than wrapping it) lets an operator fix
 the cause and replay the record as is. From a batch record only the refused
-event is dead-lettered (re-encoded alone), with its index in the record. A record may be dead-lettered twice after
-a crash (at-least-once); the source topic/partition/offset headers identify it.
+item is dead-lettered (re-encoded alone), with its index in the record; an item
+nested too deep to re-encode is dead-lettered as the whole record, with its index
+(SchemaError.payload). A record may be dead-lettered twice after a crash
+(at-least-once); the source topic/partition/offset headers identify it.
 """
 
 from __future__ import annotations

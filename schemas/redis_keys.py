@@ -6,8 +6,10 @@ call touches a single slot:
     qf:v1:{org}:org                  HASH  tier                     operators (quotaflow org set-tier)
     qf:v1:{org}:overrides:{key}      HASH  <window label> -> limit  operators (quotaflow key set-limit)
     qf:v1:{org}:usage:key:{key}      HASH  w:<label> counts + the key's Decision summary
-    qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary
-                                           (processors write them; expire after the longest window)
+                                           (Decision.to_redis) + org_id, api_key_id
+    qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary + org_id
+                                           (processors write them, gateways check the counts;
+                                           expire after the longest window)
     qf:v1:{org}:resv:key:{key}       ZSET  event_id -> reservation time (ms)
     qf:v1:{org}:resv:org             ZSET  event_id -> reservation time (ms)
                                            (gateways add one per admitted request; processors remove

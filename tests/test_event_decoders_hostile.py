@@ -13,7 +13,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quotaflow.schemas import events
+from quotaflow.schemas import event_validation, events
 from quotaflow.schemas.events import (
     FIELD_NAMES,
     MAX_DEPTH,
@@ -168,8 +168,8 @@ def test_what_the_validation_caches_keep_is_bounded_whatever_is_published():
     invalid strings. Strings over their field's bound never reach a cache now."""
     import tracemalloc
 
-    events._valid_string_cached.cache_clear()
-    events._valid_strings_cached.cache_clear()
+    event_validation._valid_string.cache_clear()
+    event_validation._valid_strings.cache_clear()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for i in range(300):
@@ -180,4 +180,4 @@ def test_what_the_validation_caches_keep_is_bounded_whatever_is_published():
     retained = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     assert retained < 2_000_000, f"{retained} bytes retained after 2,400 records of 100 KB strings"
-    assert events._valid_string_cached.cache_info().maxsize <= 16_384
+    assert event_validation._valid_string.cache_info().maxsize <= 16_384
