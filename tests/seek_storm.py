@@ -1,5 +1,5 @@
 """A Faust worker under load whose stream is sought back again and again, for the
-processor's seek race (issue 11, finding 6): `python -m tests.seek_storm worker`.
+processor's seek race (issue 11, finding 6): `python -m tests.seek_storm worker --without-web`.
 
 Environment: SEEK_MODE ("processor": processors.app.seek_stream; "faust": Faust's own
 Consumer.seek, which calls the aiokafka consumer from outside its thread), SEEK_TOPIC,

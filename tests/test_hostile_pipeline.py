@@ -265,8 +265,8 @@ def test_the_processors_seek_survives_a_storm_of_seeks_under_load(live_stack, tm
     def storm(mode: str, seeks: int) -> subprocess.CompletedProcess:
         env = {**os.environ, "SEEK_MODE": mode, "SEEK_TOPIC": topic, "SEEK_BOOTSTRAP": live_stack.kafka_bootstrap,
                "SEEK_COUNT": str(seeks), "SEEK_DATADIR": str(tmp_path / mode)}
-        done = subprocess.run([sys.executable, "-m", "tests.seek_storm", "worker", "-l", "warn"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        worker = [sys.executable, "-m", "tests.seek_storm", "worker", "-l", "warn", "--without-web"]  # no port 6066
+        done = subprocess.run(worker, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
         return done.returncode, done.stdout  # Faust logs what the worker prints
 
     code, out = storm("processor", 3000)
