@@ -254,6 +254,7 @@ def stray_keys(redis_client, pairs: list[tuple[str, str]]) -> list[str]:
 
 SINK_REPLAYED = "quotaflow_sink_batches_replayed_total"
 SINK_REPAIRS = "quotaflow_sink_repairs_total"
+SINK_INSERTED = "quotaflow_sink_rows_inserted_total"
 
 
 def plans_in(committed: dict) -> list[Range]:
@@ -288,3 +289,25 @@ async def until_a_plan(settings, timeout_s: float) -> None:
             await asyncio.sleep(0.005)
     finally:
         await admin.close()
+
+
+def kill_sink_mid_batches(pipeline: "Pipeline", settings, rows_first: int, times: int = 3,
+                          before_each: Callable[[], None] = lambda: None) -> list[list[Range]]:
+    """SIGKILL the running sink ``times`` times, each once it has inserted ``rows_first``
+    rows and aimed at the window that matters, between a plan and its commit (a batch is
+    stored in tens of ms; the sink may spend longer waiting for records). After each kill
+    the sink is started again and, if a plan was left, waited for until it has replayed
+    it. Returns the plans pending right after each kill."""
+    kills = []
+    for _ in range(times):
+        wait_for(lambda: pipeline.metric("sink", SINK_INSERTED) >= rows_first, 120, "the sink to be mid-stream",
+                 pipeline.logs)
+        before_each()
+        asyncio.run(until_a_plan(settings, timeout_s=5))
+        pipeline.kill("sink")
+        kills.append(pending_plans(settings))
+        pipeline.start("sink")
+        if kills[-1]:  # the restarted sink first stores the planned batch again, with the same token
+            wait_for(lambda: pipeline.metric("sink", SINK_REPLAYED) >= 1, 120, "the planned batch to be replayed",
+                     pipeline.logs)
+    return kills

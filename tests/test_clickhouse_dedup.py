@@ -28,14 +28,15 @@ from quotaflow.sinks.clickhouse.rows import to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import (
     SINK_REPAIRS,
+    SINK_INSERTED,
     SINK_REPLAYED,
     counted,
     event,
+    kill_sink_mid_batches,
     pending_plans,
     publish,
     this_minute,
     unique,
-    until_a_plan,
     wait_for,
 )
 from tests.storage import records
@@ -45,7 +46,6 @@ STORED = 'quotaflow_sink_events_total{outcome="stored"}'
 SINK_DUPLICATES = 'quotaflow_sink_events_total{outcome="duplicate"}'
 PROCESSOR_DUPLICATES = 'quotaflow_processor_events_total{outcome="duplicate"}'
 INSERTS = "quotaflow_sink_insert_seconds_count"
-INSERTED = "quotaflow_sink_rows_inserted_total"
 
 
 def stored_per_table(pipeline, org: str) -> dict[str, tuple[int, ...]]:
@@ -246,16 +246,7 @@ def test_sink_killed_mid_stream_with_copies_in_it_stores_each_event_once(live_st
     kills = []
     pipeline.start("sink")
     rest.start()
-    for _ in range(3):
-        wait_for(lambda: pipeline.metric("sink", INSERTED) >= 2 * BATCH, 120, "the sink to be mid-stream",
-                 pipeline.logs)
-        asyncio.run(until_a_plan(live_stack, timeout_s=5))  # a batch checked (claimed) and planned
-        pipeline.kill("sink")
-        kills.append(pending_plans(live_stack))
-        pipeline.start("sink")
-        if kills[-1]:
-            wait_for(lambda: pipeline.metric("sink", SINK_REPLAYED) >= 1, 120, "the planned batch to be replayed",
-                     pipeline.logs)
+    kills += kill_sink_mid_batches(pipeline, live_stack, 2 * BATCH)  # each aimed at a batch checked and planned
     rest.join()
     assert not failed, f"publishing the second half failed: {failed!r}"
     pipeline.wait_sink_caught_up()
@@ -277,7 +268,7 @@ def test_redis_down_the_sink_waits_and_stores_nothing_unchecked(live_stack, pipe
     pipeline.wait_sink_caught_up()
     asyncio.run(publish(live_stack, evs, batch_events=10))
     pipeline.wait_sink_caught_up()
-    inserted = pipeline.metric("sink", INSERTED)
+    inserted = pipeline.metric("sink", SINK_INSERTED)
 
     redis_service.stop(live_stack)
     try:
@@ -285,11 +276,11 @@ def test_redis_down_the_sink_waits_and_stores_nothing_unchecked(live_stack, pipe
         wait_for(lambda: "check duplicates" in pipeline.logs("sink"), 60, "the sink to find Redis down")
         wait_for(lambda: pipeline.metric("sink", "quotaflow_sink_duplicate_check_failures_total") >= 3, 60,
                  "the sink to retry")
-        assert pipeline.metric("sink", INSERTED) == inserted  # nothing stored without the check
+        assert pipeline.metric("sink", SINK_INSERTED) == inserted  # nothing stored without the check
     finally:
         redis_service.start(live_stack)
     pipeline.wait_sink_caught_up()
-    assert pipeline.metric("sink", INSERTED) == inserted + 1
+    assert pipeline.metric("sink", SINK_INSERTED) == inserted + 1
     assert pipeline.metric("sink", SINK_DUPLICATES) == 20
     pipeline.stop("sink")
     assert stored_per_table(pipeline, org) == once_each(51)

@@ -28,16 +28,14 @@ from tests.pipeline import (
     SINK_REPAIRS,
     SINK_REPLAYED,
     event,
+    kill_sink_mid_batches,
     pending_plans,
     publish,
     read_all,
     unique,
-    until_a_plan,
-    wait_for,
 )
 
 pytestmark = pytest.mark.stack
-INSERTED = "quotaflow_sink_rows_inserted_total"
 BUFFERED = "quotaflow_sink_buffered_records"
 BATCH = 1000
 # Enough for three sinks to each store 2 * BATCH and be killed before the stream runs
@@ -92,20 +90,8 @@ def test_sink_killed_mid_batch_stores_every_valid_event_exactly_once(live_stack,
     buffered = []
     pipeline.start("sink")
     rest.start()
-    for _ in range(3):
-        wait_for(lambda: pipeline.metric("sink", INSERTED) >= 2 * BATCH, 120, "the sink to be mid-stream",
-                 pipeline.logs)
-        buffered.append(pipeline.metric("sink", BUFFERED))
-        # Aim the kill at the window that matters, between a plan and its commit: the sink
-        # stores a batch in tens of ms and may spend longer waiting for records.
-        asyncio.run(until_a_plan(live_stack, timeout_s=5))
-        pipeline.kill("sink")
-        kills.append(pending_plans(live_stack))
-        pipeline.start("sink")
-        if kills[-1]:
-            # The restarted sink first stores the planned batch again, with the same token.
-            wait_for(lambda: pipeline.metric("sink", SINK_REPLAYED) >= 1, 120, "the planned batch to be replayed",
-                     pipeline.logs)
+    kills += kill_sink_mid_batches(pipeline, live_stack, 2 * BATCH,
+                                   before_each=lambda: buffered.append(pipeline.metric("sink", BUFFERED)))
     rest.join()
     assert not failed, f"publishing the second half failed: {failed!r}"
     pipeline.wait_sink_caught_up()
