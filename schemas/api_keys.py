@@ -34,6 +34,7 @@ import zlib
 from itertools import product
 from typing import NamedTuple
 
+import msgspec
 from redis.crc import key_slot
 
 PREFIX = "qf"
@@ -122,3 +123,69 @@ def display_prefix(key: str) -> str:
 def key_hash(key: str, secret: bytes) -> str:
     """The stored form of a key: HMAC-SHA-256 under the server secret, hex."""
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+
+
+# --- what the registry keeps of a key (the keys topic, Redis, the audit table) ---------
+
+ACTIVE, REVOKED = "active", "revoked"  # stored states; "expired" is read off expires_ms
+EXPIRED = "expired"
+CREATE, UPDATE, REVOKE, ROTATE = "create", "update", "revoke", "rotate"  # changes, one record each
+SCOPE_PATTERN = r"^[a-z][a-z0-9_.:-]{0,63}$"  # e.g. orders:read
+KEY_ID_PREFIX = "key_"
+NAME_MAX = 128
+SCOPES_MAX = 32
+
+
+def new_key_id() -> str:
+    """A key's public id (what events, counts and analytics use): never the secret."""
+    return KEY_ID_PREFIX + "".join(secrets.choice(BASE62) for _ in range(16))
+
+
+class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One API key as the registry keeps it: a record of the keys topic (keyed by key_id),
+    materialized into Redis for gateways, and an audit row per change. Never the key
+    itself: its HMAC (key_hash, under the secret named secret_id) and a display prefix."""
+
+    key_id: str
+    org_id: str
+    name: str
+    env: str
+    display_prefix: str
+    slot_hint: str
+    key_hash: str
+    secret_id: str
+    scopes: tuple[str, ...] = ()
+    limits: dict[str, int] = {}  # window label -> limit, at most the org's tier (as overrides)
+    expires_ms: int | None = None  # also the end of a rotated key's overlap
+    state: str = ACTIVE
+    created_ms: int = 0
+    updated_ms: int = 0
+    version: int = 1  # +1 per change: the materializer keeps the highest
+    change: str = CREATE
+    actor: str = ""  # who made the change (CLI user, API token's name): never a secret
+    rotated_from: str | None = None  # key_id this one replaced
+    rotated_to: str | None = None
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "KeyRecord":
+        return msgspec.json.decode(data, type=cls)
+
+    def state_at(self, now_ms: int) -> str:
+        if self.state == REVOKED:
+            return REVOKED
+        return EXPIRED if self.expires_ms is not None and now_ms >= self.expires_ms else ACTIVE
+
+    def to_redis(self) -> dict[str, str]:
+        """The record's fields as the gateway's check script reads them."""
+        return {
+            "key_id": self.key_id,
+            "org_id": self.org_id,
+            "state": self.state,
+            "expires_ms": "" if self.expires_ms is None else str(self.expires_ms),
+            "scopes": " ".join(self.scopes),
+            "limits": ",".join(f"{label}={limit}" for label, limit in sorted(self.limits.items())),
+            "version": str(self.version),
+        }

@@ -21,6 +21,12 @@ call touches a single slot:
     qf:v1:{org}:stored:{minute}      HASH  the same for the ClickHouse sink: an event published twice
                                            is stored once (a key space of its own, so each stage
                                            decides whatever the other's timing)
+    qf:v1:{hint}:apikey:{hash}       HASH  an API key's record as gateways verify it (KeyRecord.to_redis):
+                                           key_id, org_id, state, expires_ms, scopes, limits, version.
+                                           {hint} is the key's slot hint, whose hash slot is its org's
+                                           (schemas/api_keys.py), so one script verifies a key and
+                                           checks its org's limits; written by the key registry's
+                                           materializer from the keys topic
     qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch);
                                            the one key of no org, so never touched inside a Lua call
                                            (gateways GET it in the same pipeline as their check)
@@ -46,6 +52,11 @@ USAGE_KEY_PATTERN = PREFIX + "{*}:usage:key:*"
 
 def _org(org_id: str) -> str:
     return f"{PREFIX}{{{org_id}}}:"
+
+
+def api_key_record(slot_hint: str, key_hash: str) -> str:
+    """Where gateways find an API key's record: in its org's hash slot (see schemas/api_keys.py)."""
+    return f"{PREFIX}{{{slot_hint}}}:apikey:{key_hash}"
 
 
 def org_key(org_id: str) -> str:

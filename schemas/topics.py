@@ -5,6 +5,9 @@ EVENTS_TOPIC = "quotaflow.requests.v1"
 # against it (schemas.events.TimeBounds), so a publisher cannot choose the reference.
 EVENTS_TIMESTAMP_TYPE = "LogAppendTime"
 DEAD_LETTER_TOPIC = "quotaflow.deadletter.v1"
+# The API key registry (schemas/api_keys.py KeyRecord): compacted, keyed by key id, every
+# create, update, revoke and rotate a record. The source of truth: Redis is rebuilt from it.
+KEYS_TOPIC = "quotaflow.keys.v1"
 
 # The Faust app id is also its consumer group and the prefix of its internal
 # (changelog, repartition) topics.

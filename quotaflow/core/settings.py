@@ -49,11 +49,12 @@ _TIER_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
 _WINDOW = re.compile(r"^[0-9]{1,9}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\[\]:-]+:([0-9]{1,5})$")
 
+KEY_HASH_SECRET_MIN = 32
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortOrOff = Annotated[int, Field(ge=0, le=65535, description="0: off")]
 Limit = Annotated[int | None, Field(strict=True, ge=0, le=LIMIT_MAX)]
 # Fields whose dict keys are secrets: an error never names a place inside them.
-SECRET_KEYED = frozenset({"api_tokens"})
+SECRET_KEYED = frozenset({"api_tokens", "key_hash_secrets"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class Settings(BaseSettings):
     # Who may ask the query API what: a JSON object of bearer token -> org id, or "*" for
     # every org (operators). Without tokens every request is refused.
     api_tokens: dict[str, str] = Field(default_factory=dict)
+    # Server secrets API keys are hashed with (HMAC-SHA-256; schemas/api_keys.py): a JSON object
+    # of secret id -> secret, the first used for new keys, every one tried when a key is
+    # verified, so a secret can be rotated with an overlap. At least 32 characters each.
+    key_hash_secrets: dict[str, str] = Field(default_factory=dict)
     # Bounds of each query the API runs (ClickHouse settings max_execution_time and
     # max_memory_usage), and how many run at once; a request that finds no free slot
     # within api_queue_wait_s is answered 503 with Retry-After.
@@ -235,6 +240,16 @@ class Settings(BaseSettings):
                                  "as sent after 'Bearer '")
         return tokens
 
+    @field_validator("key_hash_secrets")
+    @classmethod
+    def _key_hash_secrets(cls, secrets: dict[str, str]) -> dict[str, str]:
+        for n, (secret_id, secret) in enumerate(secrets.items(), 1):
+            if not (1 <= len(secret_id) <= 16 and secret_id.isascii() and secret_id.isalnum()):
+                raise ValueError(f"secret #{n}: its id must be 1-16 ASCII letters or digits")
+            if len(secret) < KEY_HASH_SECRET_MIN:
+                raise ValueError(f"secret #{n}: at least {KEY_HASH_SECRET_MIN} characters")
+        return secrets
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
@@ -267,7 +282,8 @@ class Settings(BaseSettings):
                              f"{env_var('redis_port')} must differ, got {ports}")
         self._check_limits()
         # Whatever prints or logs these from now on shows *** in their place.
-        redact.register(*self.api_tokens, *redact.url_secrets(self.redis_url), *redact.url_secrets(self.clickhouse_url))
+        redact.register(*self.api_tokens, *self.key_hash_secrets.values(), *redact.url_secrets(self.redis_url),
+                        *redact.url_secrets(self.clickhouse_url))
         return self
 
     def _check_limits(self) -> None:
