@@ -50,8 +50,15 @@ def test_an_event_published_twice_is_counted_once(live_stack, redis_client, pipe
     pipeline.start("processor")
     asyncio.run(publish(live_stack, events))
     asyncio.run(publish(live_stack, events[:5]))  # a publisher retrying: five records again
-    wait_for(lambda: pipeline.metric("processor", 'quotaflow_processor_events_total{outcome="duplicate"}') >= 5, 60,
-             "the duplicates to be seen", pipeline.logs)
+    # The processor's counters are read from its /metrics; the counts are waited on too
+    # (not only read once the duplicates show), so that a failure prints its log.
+    outcomes = 'quotaflow_processor_events_total{outcome="%s"}'
+    wait_for(lambda: pipeline.metric("processor", outcomes % "duplicate") >= 5
+             and pipeline.metric("processor", outcomes % "counted") >= 20
+             and counted(redis_client, org, key, window) is not None, 60, "the events and duplicates to be seen",
+             pipeline.logs)
+    assert pipeline.metric("processor", outcomes % "duplicate") == 5
+    assert pipeline.metric("processor", outcomes % "counted") == 20
     assert counted(redis_client, org, key, window) == 20
     assert counted(redis_client, org, None, window) == 20
 
