@@ -54,3 +54,12 @@ def wait_audit_caught_up(settings, pipeline, timeout_s: float = 60) -> None:
             return -1
 
     wait_for(lambda: asyncio.run(lag()) == 0, timeout_s, "the sink's audit to commit the keys topic", pipeline.logs)
+
+
+REGISTRY_PATTERN = "qf:v1:*apikey*"  # every key record, every org's index (schemas/redis_keys.py)
+
+
+def registry_snapshot(redis_client) -> dict[bytes, dict[bytes, bytes]]:
+    """Everything the materializer wrote of the keys, as it is in Redis now."""
+    return {name: redis_client.hgetall(name) for name in redis_client.scan_iter(match=REGISTRY_PATTERN, count=1000)
+            if redis_client.type(name) == b"hash" and not name.endswith(b"apikeys:state")}
