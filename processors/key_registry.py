@@ -5,8 +5,9 @@ state, schemas/api_keys.py KeyRecord) written to Redis, where gateways verify ke
   gateway's check reads, KeyRecord.to_redis) and to its org's index (api_key_index: the
   whole record, for lists and the registry), in one script call in the org's slot. The
   highest version of a key is kept: a record replayed, or read again by a rebuild, changes
-  nothing. A record for a hash another key already holds is refused: a key's record is
-  replaced only by a record of the same key_id (whatever secret hashed it).
+  nothing. A record for a hash another key already holds is refused, and so is one giving
+  a key of the org another hash: a key's record is replaced only by a record of the same
+  key_id and hash.
 - Progress is kept in API_KEYS_STATE: the next offset applied, and a status that is "ok"
   once Redis holds every record below it. Redis emptied or lost (FLUSHALL, a restart
   without its files) takes the status with it: the watch notices within half a second and
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 RECORDS = Counter("quotaflow_processor_key_records_total",
                   "Records of the keys topic taken by the key registry's materializer, by outcome "
-                  "(applied, stale: an older or equal version, conflict: another key's hash, invalid)", ["outcome"])
+                  "(applied, stale: an older or equal version, conflict: another key's hash or a key's hash changed, "
+                  "invalid)", ["outcome"])
 LAG = Histogram("quotaflow_processor_key_record_lag_seconds",
                 "From a key record's publication (its timestamp) to its write in Redis",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -71,12 +73,19 @@ STALE_REBUILD_S = 60.0  # another rebuild's status unchanged this long: it died;
 READ_TIMEOUT_S = 60.0  # a rebuild that cannot read the topic this long gives up (and is tried again)
 
 # KEYS[1] the key's record, KEYS[2] its org's index (one hash slot: the key's slot hint is
-# its org's). ARGV: key_id, version, the whole record (JSON), then the record's fields and
-# values (KeyRecord.to_redis). 1: written; 0: that version or a later one is there; -1:
-# another key holds this hash.
+# its org's). ARGV: key_id, version, the whole record (JSON), its key_hash, then the record's
+# fields and values (KeyRecord.to_redis). 1: written; 0: that version or a later one is
+# there; -1: another key holds this hash; -2: the org's index holds this key_id with another
+# hash (a key's hash never changes: such a record would leave the old hash's record behind,
+# still valid).
 APPLY = """
 local held = redis.call('HGET', KEYS[1], 'key_id')
 if held and held ~= ARGV[1] then return -1 end
+local indexed = redis.call('HGET', KEYS[2], ARGV[1])
+if indexed then
+  local ok, prev = pcall(cjson.decode, indexed)
+  if not ok or type(prev) ~= 'table' or prev['key_hash'] ~= ARGV[4] then return -2 end
+end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local wanted = tonumber(ARGV[2])
 if version >= wanted then
@@ -84,7 +93,7 @@ if version >= wanted then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
@@ -109,6 +118,8 @@ if status == 'ok' then return 3 end
 return 2
 """
 FINISHED, EMPTIED, TAKEN_OVER, ALREADY_OK = 1, 0, 2, 3
+CONFLICTS = {-1: "another key's record holds this key's hash (a key_id differs)",
+             -2: "the org already holds this key_id with another hash (a key's hash never changes)"}
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ class KeyMaterializer:
         """Write a checked record (APPLY's answer)."""
         fields = [item for pair in rec.to_redis().items() for item in pair]
         return await self._apply(keys=[api_key_record(rec.slot_hint, rec.key_hash), api_key_index(rec.org_id)],
-                                 args=[rec.key_id, rec.version, rec.encode(), *fields])
+                                 args=[rec.key_id, rec.version, rec.encode(), rec.key_hash, *fields])
 
     async def apply(self, key: bytes | None, value: bytes | None, offset: int) -> tuple[str, str]:
         """Apply one record of the topic: (its outcome, see RECORDS; why it was refused, or
@@ -158,8 +169,8 @@ class KeyMaterializer:
             outcome, reason = "invalid", str(exc)
         else:
             written = await self.write(rec)
-            outcome = {1: "applied", 0: "stale", -1: "conflict"}[written]
-            reason = "another key's record holds this key's hash (a key_id differs)" if written == -1 else ""
+            outcome = {1: "applied", 0: "stale", -1: "conflict", -2: "conflict"}[written]
+            reason = CONFLICTS.get(written, "")
         await self._advance(keys=[API_KEYS_STATE], args=[offset + 1])
         RECORDS.labels(outcome).inc()
         if reason:

@@ -12,7 +12,7 @@ import pytest
 
 from quotaflow.schemas import api_keys, deadletter
 from quotaflow.schemas.api_keys import KeyRecord
-from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, api_key_index, org_key
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, api_key_index, api_key_record, org_key
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, KEYS_TOPIC
 from tests.keys_helpers import SECRET, indexed, keys_cli, keys_json, record_fields, wait_audit_caught_up
 from tests.pipeline import read_all, unique, wait_for
@@ -143,6 +143,8 @@ def test_hostile_records_are_dead_lettered_and_change_no_other_key(live_stack, r
         # a record of another key_id claiming the victim's hash: refused by the materializer
         ("hash taken", b"key_thief00000000000", bad(key_id="key_thief00000000000", org_id=org, version=5),
          "another key's record holds this key's hash"),
+        # the victim's key_id with a hash of the writer's choosing: the old hash would stay valid beside it
+        ("hash changed", key_id.encode(), bad(key_hash="a" * 64, version=99), "with another hash"),
     ]
 
     async def publish_raw() -> int:
@@ -183,5 +185,6 @@ def test_hostile_records_are_dead_lettered_and_change_no_other_key(live_stack, r
     assert redis_client.hgetall(api_key_index(org)) == before
     assert record_fields(redis_client, org, key["key"]) == victim_fields
     assert indexed(redis_client, org, "key_thief00000000000") is None
+    assert not redis_client.exists(api_key_record(victim.slot_hint, "a" * 64))
     assert list(redis_client.hgetall(api_key_index(other))) == [other_key["key_id"].encode()]
     assert keys_json("show", org, key_id)["version"] == victim.version
