@@ -143,6 +143,15 @@ class KeyStore:
         return (status.decode() if status is not None else None), int(offset) if offset is not None else 0
 
 
+def hash_secret(settings: Settings) -> tuple[str, bytes]:
+    """(id, secret) new keys are hashed with: the first of QUOTAFLOW_KEY_HASH_SECRETS."""
+    if not settings.key_hash_secrets:
+        raise ConfigError(f"{env_var('key_hash_secrets')} is not set: new keys are stored as an HMAC under a "
+                          'server secret; set it to {"<id>": "<at least 32 characters>"}')
+    secret_id, secret = next(iter(settings.key_hash_secrets.items()))
+    return secret_id, secret.encode()
+
+
 class Registry:
     """Registry changes; ``async with Registry(settings) as registry: ...``."""
 
@@ -243,11 +252,7 @@ class Registry:
     # --- how --------------------------------------------------------------------------
 
     def _secret(self) -> tuple[str, bytes]:
-        if not self.settings.key_hash_secrets:
-            raise ConfigError(f"{env_var('key_hash_secrets')} is not set: new keys are stored as an HMAC under a "
-                              'server secret; set it to {"<id>": "<at least 32 characters>"}')
-        secret_id, secret = next(iter(self.settings.key_hash_secrets.items()))
-        return secret_id, secret.encode()
+        return hash_secret(self.settings)
 
     async def _new_key_id(self, org_id: str) -> str:
         while True:  # 95 random bits: a clash is all but impossible, and cheap to rule out

@@ -256,3 +256,35 @@ def test_a_good_record_with_any_field_replaced_is_refused_or_still_checked(field
         assert len(str(exc)) < 400
     else:
         assert key_records.problem_of(rec) is None and rec.key_id == GOOD.key_id
+
+
+# --- the command's refusals that need no server ----------------------------------------
+
+
+@pytest.mark.parametrize(("args", "env", "reason"), [
+    (["create", "acme", "--name", "x"], {}, "QUOTAFLOW_KEY_HASH_SECRETS is not set"),
+    (["rotate", "acme", "key_1", "--overlap", "1h"], {}, "QUOTAFLOW_KEY_HASH_SECRETS is not set"),
+    (["create", "acme", "--name", "x"], {"QUOTAFLOW_KEY_HASH_SECRETS": '{"k1": "short"}'},
+     "QUOTAFLOW_KEY_HASH_SECRETS (key_hash_secrets): secret #1: at least 32 characters"),
+    (["create", "acme", "--name", "x", "--expires", "2027-01-31T00:00:00"], {}, "needs its zone"),
+    (["update", "acme", "key_1", "--expires", "soon"], {}, "not a time"),
+    (["rotate", "acme", "key_1", "--overlap", "1w"], {}, "not a duration"),
+    (["create", "acme", "--name", "x", "--limit", "60s"], {}, "expected WINDOW=LIMIT"),
+    (["create", "acme", "--name", "x", "--limit", "60s=-3"], {}, "expected a whole number"),
+    (["revoke", "acme", "key_1", "--wait", "1e9"], {}, "seconds from 0 to 600"),
+])
+def test_the_command_refuses_bad_arguments_before_connecting(tmp_path, args, env, reason):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "QUOTAFLOW_KEY_HASH_SECRETS"}
+    if "QUOTAFLOW_KEY_HASH_SECRETS" not in reason:  # a good secret: the refusal is for the reason given
+        env = {"QUOTAFLOW_KEY_HASH_SECRETS": '{"k1": "' + "x" * 32 + '"}', **env}
+    # ports where nothing listens: a refusal must come before any connection
+    done = subprocess.run([sys.executable, "-m", "quotaflow", "keys", *args], capture_output=True, text=True,
+                          timeout=60, env={**base, **env, "QUOTAFLOW_STATE_DIR": str(tmp_path),
+                                           "QUOTAFLOW_KAFKA_PORT": "1", "QUOTAFLOW_REDIS_PORT": "2"})
+    assert done.returncode == 2 and reason in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "cannot reach" not in done.stderr
+    assert "x" * 32 not in done.stderr and "short" not in done.stderr  # never a secret's value

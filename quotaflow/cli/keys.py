@@ -139,7 +139,8 @@ def _issued(issued, args: argparse.Namespace, extra: dict | None = None) -> None
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from quotaflow.keys.registry import KeyStore, Registry, now_ms, public
+    from quotaflow.keys.changes import KEEP
+    from quotaflow.keys.registry import KeyStore, Registry, hash_secret, now_ms, public
 
     action = args.action
     if action in ("list", "show"):
@@ -171,11 +172,15 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if action == "rebuild":
         return await _rebuild(settings)
 
+    if action in ("create", "rotate"):
+        hash_secret(settings)  # new keys need it: say so before touching anything
     now = now_ms()
+    # checked before connecting: a typo is answered at once, whatever the stack's state
+    expires = KEEP if getattr(args, "expires", None) is None else when_ms(args.expires, now)
     async with Registry(settings, wait_s=args.wait) as registry:
         if action == "create":
             issued = await registry.create(args.org_id, args.name, env=args.env, scopes=args.scope,
-                                           limits=dict(args.limit), expires_ms=args.expires and when_ms(args.expires, now),
+                                           limits=dict(args.limit), expires_ms=None if expires is KEEP else expires,
                                            actor=actor())
             _issued(issued, args)
             return _visible_note(issued.published)
@@ -199,8 +204,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             limits.update(dict(args.limit))
             if limits:
                 attrs["limits"] = limits
-            if args.expires is not None:
-                attrs["expires_ms"] = when_ms(args.expires, now)
+            if expires is not KEEP:
+                attrs["expires_ms"] = expires
             if not attrs:
                 print("quotaflow: nothing to update: give --name, --scope, --no-scopes, --limit, --clear-limits "
                       "or --expires", file=sys.stderr)
