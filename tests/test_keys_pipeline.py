@@ -188,3 +188,40 @@ def test_hostile_records_are_dead_lettered_and_change_no_other_key(live_stack, r
     assert not redis_client.exists(api_key_record(victim.slot_hint, "a" * 64))
     assert list(redis_client.hgetall(api_key_index(other))) == [other_key["key_id"].encode()]
     assert keys_json("show", org, key_id)["version"] == victim.version
+
+
+def test_stack_up_makes_a_keys_topic_made_by_hand_compacted_again(live_stack):
+    """The registry's topic must be compacted (each key's last record kept for ever, so
+    Redis can be rebuilt from it): a topic altered by hand is put right, its other
+    settings kept, and the events topic keeps its arrival stamps."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from quotaflow.deploy.topics import ensure_topics
+    from quotaflow.schemas.topics import EVENTS_TOPIC, KEYS_MIN_COMPACTION_LAG_MS
+
+    async def configs(topic: str) -> dict[str, str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=live_stack.kafka_bootstrap)
+        await admin.start()
+        try:
+            (response,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+            return {e[0]: e[1] for e in response.resources[0][4]}
+        finally:
+            await admin.close()
+
+    async def set_by_hand() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=live_stack.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, KEYS_TOPIC,
+                                                      {"cleanup.policy": "delete", "retention.ms": "86400000"})])
+        finally:
+            await admin.close()
+
+    asyncio.run(set_by_hand())
+    assert asyncio.run(configs(KEYS_TOPIC))["cleanup.policy"] == "delete"
+    assert asyncio.run(ensure_topics(live_stack)) == []  # nothing created: the topic is there
+    after = asyncio.run(configs(KEYS_TOPIC))
+    assert after["cleanup.policy"] == "compact" and after["min.compaction.lag.ms"] == str(KEYS_MIN_COMPACTION_LAG_MS)
+    assert after["retention.ms"] == "86400000"  # what was set by hand and is not ours to decide stays
+    assert asyncio.run(configs(EVENTS_TOPIC))["message.timestamp.type"] == "LogAppendTime"
