@@ -188,6 +188,10 @@ def test_hostile_records_are_dead_lettered_and_change_no_other_key(live_stack, r
     assert not redis_client.exists(api_key_record(victim.slot_hint, "a" * 64))
     assert list(redis_client.hgetall(api_key_index(other))) == [other_key["key_id"].encode()]
     assert keys_json("show", org, key_id)["version"] == victim.version
+    # counted where an operator looks (at least: records read again after a restart count again)
+    records = "quotaflow_processor_key_records_total"
+    assert pipeline.metric("processor", f'{records}{{outcome="invalid"}}') >= len(hostile) - 2
+    assert pipeline.metric("processor", f'{records}{{outcome="conflict"}}') >= 2
 
 
 def test_stack_up_makes_a_keys_topic_made_by_hand_compacted_again(live_stack):
