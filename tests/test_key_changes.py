@@ -272,6 +272,8 @@ def test_a_good_record_with_any_field_replaced_is_refused_or_still_checked(field
     (["create", "acme", "--name", "x", "--limit", "60s"], {}, "expected WINDOW=LIMIT"),
     (["create", "acme", "--name", "x", "--limit", "60s=-3"], {}, "expected a whole number"),
     (["revoke", "acme", "key_1", "--wait", "1e9"], {}, "seconds from 0 to 600"),
+    (["update", "acme", "key_1"], {}, "nothing to update"),
+    (["update", "acme", "key_1", "--scope", "a", "--no-scopes"], {}, "contradict each other"),
 ])
 def test_the_command_refuses_bad_arguments_before_connecting(tmp_path, args, env, reason):
     import os
@@ -288,3 +290,24 @@ def test_the_command_refuses_bad_arguments_before_connecting(tmp_path, args, env
     assert done.returncode == 2 and reason in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "cannot reach" not in done.stderr
     assert "x" * 32 not in done.stderr and "short" not in done.stderr  # never a secret's value
+
+
+def test_update_arguments_become_the_changes_they_name():
+    import argparse
+
+    from quotaflow.cli.keys import _update_attrs, limit_item
+
+    def attrs(**over):
+        args = dict(name=None, scope=[], no_scopes=False, clear_limits=False, limit=[])
+        args.update(over)
+        return _update_attrs(argparse.Namespace(**args), Settings(), over.pop("expires", KEEP))
+
+    assert attrs(clear_limits=True, limit=[limit_item("60s=3")]) == \
+        {"limits": {"60s": 3, "3600s": None, "86400s": None}}  # the key's own limits dropped, one set again
+    assert attrs(limit=[limit_item("3600s=none")]) == {"limits": {"3600s": None}}
+    assert attrs(no_scopes=True, name="n") == {"name": "n", "scopes": ()}
+    assert attrs(expires=None) == {"expires_ms": None}  # never expires
+    _, rec = create(limits={"60s": 5, "3600s": 50})
+    up = changes.updated(rec, **attrs(limit=[limit_item("3600s=none")]), actor="x", now_ms=NOW, policy=POLICY,
+                         tier="STARTER")
+    assert up.limits == {"60s": 5}

@@ -177,6 +177,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     now = now_ms()
     # checked before connecting: a typo is answered at once, whatever the stack's state
     expires = KEEP if getattr(args, "expires", None) is None else when_ms(args.expires, now)
+    attrs = _update_attrs(args, settings, expires) if action == "update" else {}
     async with Registry(settings, wait_s=args.wait) as registry:
         if action == "create":
             issued = await registry.create(args.org_id, args.name, env=args.env, scopes=args.scope,
@@ -193,23 +194,6 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         if action == "revoke":
             changed = await registry.revoke(args.org_id, args.key_id, actor=actor())
         else:
-            attrs: dict = {}
-            if args.name is not None:
-                attrs["name"] = args.name
-            if args.no_scopes:
-                attrs["scopes"] = ()
-            elif args.scope:
-                attrs["scopes"] = args.scope
-            limits = dict.fromkeys(registry.policy.labels) if args.clear_limits else {}
-            limits.update(dict(args.limit))
-            if limits:
-                attrs["limits"] = limits
-            if expires is not KEEP:
-                attrs["expires_ms"] = expires
-            if not attrs:
-                print("quotaflow: nothing to update: give --name, --scope, --no-scopes, --limit, --clear-limits "
-                      "or --expires", file=sys.stderr)
-                return REFUSED
             changed = await registry.update(args.org_id, args.key_id, actor=actor(), **attrs)
         view = public(changed.record, now_ms())
         if args.json:
@@ -219,6 +203,32 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"{args.key_id}: nothing changed (it already was so)")
             print("\n".join(_describe(view)))
         return _visible_note(changed.published)
+
+
+def _update_attrs(args: argparse.Namespace, settings: Settings, expires: object) -> dict:
+    """What `keys update` changes (Registry.update's keywords); refused when nothing or a contradiction."""
+    from quotaflow.keys.changes import KEEP
+    from quotaflow.schemas.limits import policy_from_settings
+
+    if args.no_scopes and args.scope:
+        raise argparse.ArgumentTypeError("--scope and --no-scopes contradict each other: give one")
+    attrs: dict = {}
+    if args.name is not None:
+        attrs["name"] = args.name
+    if args.no_scopes:
+        attrs["scopes"] = ()
+    elif args.scope:
+        attrs["scopes"] = args.scope
+    limits = dict.fromkeys(policy_from_settings(settings).labels) if args.clear_limits else {}
+    limits.update(dict(args.limit))
+    if limits:
+        attrs["limits"] = limits
+    if expires is not KEEP:
+        attrs["expires_ms"] = expires
+    if not attrs:
+        raise argparse.ArgumentTypeError("nothing to update: give --name, --scope, --no-scopes, --limit, "
+                                         "--clear-limits or --expires")
+    return attrs
 
 
 async def _rebuild(settings: Settings) -> int:
