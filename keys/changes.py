@@ -29,11 +29,12 @@ from quotaflow.schemas.api_keys import (
     KeyRecord,
 )
 from quotaflow.schemas.ids import id_error, show
+from quotaflow.schemas.key_records import MAX_TIME_MS
 from quotaflow.schemas.limits import Policy
 
 _SCOPE = re.compile(SCOPE_PATTERN)
 ACTOR_MAX = 128
-LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: an expiry past that is a typo
+LATEST_MS = MAX_TIME_MS  # 2299-12-31T23:59:59.999Z: what a record may carry (the audit's DateTime64)
 OVERLAP_MAX_MS = 366 * 86_400_000  # a rotation keeps the old key for a year at most
 
 
@@ -107,7 +108,7 @@ def check_expiry(expires_ms: object, now_ms: int) -> int | None:
     if expires_ms is None:
         return None
     if type(expires_ms) is not int or expires_ms > LATEST_MS:
-        raise InvalidChange(f"expires: must be a time in epoch milliseconds, got {show(expires_ms)}")
+        raise InvalidChange(f"expires: must be a time in epoch milliseconds up to 2299-12-31, got {show(expires_ms)}")
     if expires_ms <= now_ms:
         raise InvalidChange("expires: must be in the future")
     return expires_ms

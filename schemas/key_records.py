@@ -22,6 +22,9 @@ STATES = (api_keys.ACTIVE, api_keys.REVOKED)
 CHANGES = (api_keys.CREATE, api_keys.UPDATE, api_keys.REVOKE, api_keys.ROTATE)
 MAX_RECORD_BYTES = 64 * 1024
 MAX_MS = 2**53 - 1  # what the gateways' Lua numbers hold exactly
+# The latest time a record may carry: 2299-12-31T23:59:59.999Z, where ClickHouse's DateTime64
+# (the audit table) ends. A later one could not be stored and would stop the audit.
+MAX_TIME_MS = 10_413_791_999_999
 
 
 class InvalidRecord(ValueError):
@@ -83,6 +86,6 @@ def problem_of(rec: KeyRecord) -> str | None:
         return "version: must be a whole number from 1"
     for field in ("created_ms", "updated_ms", "expires_ms"):
         value = getattr(rec, field)
-        if value is not None and not 0 <= value <= MAX_MS:
-            return f"{field}: must be epoch milliseconds"
+        if value is not None and not 0 <= value <= MAX_TIME_MS:
+            return f"{field}: must be epoch milliseconds from 1970 to 2299"
     return None

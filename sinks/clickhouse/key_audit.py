@@ -92,6 +92,10 @@ class KeyAudit:
                 rows.append(row(key_records.decode(rec.key, rec.value), rec.partition, rec.offset))
             except key_records.InvalidRecord:
                 CHANGES.labels("invalid_skipped").inc()
+            except (ValueError, OverflowError) as exc:  # checked records convert; never stop the audit for one
+                log.warning("key audit skipped a record it cannot store",
+                            extra={"partition": rec.partition, "offset": rec.offset, "error": str(exc)[:200]})
+                CHANGES.labels("invalid_skipped").inc()
         if rows:
             token = f"{tp.topic}/{tp.partition}/{records[0].offset}-{records[-1].offset}"
             await retry(lambda: asyncio.to_thread(self._insert, rows, token), "clickhouse insert of key changes",
