@@ -17,12 +17,18 @@ from quotaflow.schemas.topics import (
     EVENTS_RETENTION_MS,
     EVENTS_TIMESTAMP_TYPE,
     EVENTS_TOPIC,
+    KEYS_MIN_COMPACTION_LAG_MS,
+    KEYS_PARTITIONS,
+    KEYS_TOPIC,
 )
 
 log = logging.getLogger(__name__)
 TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 TIMESTAMP_TYPE = "message.timestamp.type"
+CLEANUP_POLICY = "cleanup.policy"
+MIN_COMPACTION_LAG = "min.compaction.lag.ms"
 DEFAULT_CONFIG = 5  # DescribeConfigs config source DEFAULT_CONFIG
+KEYS_CONFIGS = {CLEANUP_POLICY: "compact", MIN_COMPACTION_LAG: str(KEYS_MIN_COMPACTION_LAG_MS)}
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
@@ -30,6 +36,9 @@ def wanted(settings: Settings) -> list[NewTopic]:
         NewTopic(EVENTS_TOPIC, settings.events_partitions, 1,
                  topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}),
         NewTopic(DEAD_LETTER_TOPIC, 1, 1, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS)}),
+        # The API key registry: compacted (each key's last record kept for ever, so Redis can
+        # be rebuilt from it), and every change kept a week first, for the audit.
+        NewTopic(KEYS_TOPIC, KEYS_PARTITIONS, 1, topic_configs=KEYS_CONFIGS),
     ]
 
 
@@ -62,28 +71,32 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
                         level=logging.INFO, logger=log)
         except _NotCreated as exc:
             raise OperatorError(f"could not create Kafka topics: {exc}") from None
-        await _stamp_on_arrival(admin)
+        await _ensure_configs(admin, EVENTS_TOPIC, {TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE},
+                              "stamping the events topic's records with their arrival time")
+        await _ensure_configs(admin, KEYS_TOPIC, KEYS_CONFIGS, "compacting the keys topic")
         return created
     finally:
         await admin.close()
 
 
-async def _stamp_on_arrival(admin: AIOKafkaAdminClient) -> None:
-    """Make the broker stamp event records with their arrival time (LogAppendTime), as
-    the stages judge event times against it; a topic made before that (or by hand) is
+async def _ensure_configs(admin: AIOKafkaAdminClient, topic: str, wanted_configs: dict[str, str], why: str) -> None:
+    """Give an existing topic the settings the stages rely on: the events topic stamps its
+    records with their arrival time (LogAppendTime), as the stages judge event times
+    against it; the keys topic is compacted. A topic made before that (or by hand) is
     altered, its other settings kept (AlterConfigs replaces the whole set)."""
-    resource = ConfigResource(ConfigResourceType.TOPIC, EVENTS_TOPIC)
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic)
     (response,) = await admin.describe_configs([resource])
     entries = response.resources[0][4]  # (name, value, read_only, config_source, is_sensitive, ...)
     current = {e[0]: e[1] for e in entries if e[3] != DEFAULT_CONFIG and not e[2]}
-    if current.get(TIMESTAMP_TYPE) == EVENTS_TIMESTAMP_TYPE:
+    if all(current.get(name) == value for name, value in wanted_configs.items()):
         return
-    log.warning("stamping the events topic's records with their arrival time", extra={"topic": EVENTS_TOPIC})
-    configs = {**current, TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}
-    (altered,) = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, EVENTS_TOPIC, configs)])
+    log.warning(why, extra={"topic": topic})
+    configs = {**current, **wanted_configs}
+    (altered,) = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs)])
     code, message = altered.resources[0][:2]
     if code:
-        raise OperatorError(f"could not set {TIMESTAMP_TYPE}={EVENTS_TIMESTAMP_TYPE} on {EVENTS_TOPIC}: {message}")
+        settings = ", ".join(f"{k}={v}" for k, v in wanted_configs.items())
+        raise OperatorError(f"could not set {settings} on {topic}: {message}")
 
 
 def ensure_topics_sync(settings: Settings) -> list[str]:

@@ -7,7 +7,9 @@ The processor's modules, one job each: counter.py (a batch), records.py (a recor
 events as columns), duplicate_checks.py (a batch's duplicate check), subjects.py
 (what is counted, and its table keys), window_counts.py and decisions.py (pure
 logic), offset_guard.py and offset_probe.py (gap-free input), backend.py (Redis),
-output.py (the processor's producer), stopping.py (giving up on a stop), metrics.py.
+output.py (the processor's producer), stopping.py (giving up on a stop), metrics.py;
+key_registry.py (the API key registry's materializer: the keys topic into Redis, its agent
+and watch wired here too).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from quotaflow.core.settings import Settings
-from quotaflow.processors import stopping
+from quotaflow.processors import key_registry, stopping
 from quotaflow.processors.backend import RedisBackend
 from quotaflow.processors.counter import RequestCounter
 from quotaflow.processors.metrics import BACKLOG, READY
@@ -136,6 +138,7 @@ def create_app(settings: Settings) -> faust.App:
             await probe.stop()
             await redis.aclose()
 
+    key_registry.wire(app, settings)
     return app
 
 

@@ -27,6 +27,14 @@ call touches a single slot:
                                            (schemas/api_keys.py), so one script verifies a key and
                                            checks its org's limits; written by the key registry's
                                            materializer from the keys topic
+    qf:v1:{org}:apikeys              HASH  key_id -> the key's whole KeyRecord (JSON): what `quotaflow keys
+                                           list|show` and the registry read (its hash included, never the key);
+                                           written with the record above, in the same script and slot
+    qf:v1:apikeys:state              HASH  the materializer's progress: status ("ok" once every record of the
+                                           keys topic below offset is applied; "rebuilding:<nonce>" while the
+                                           registry is rebuilt from the topic; missing after a FLUSHALL, which
+                                           makes it rebuild) and offset (next offset of the keys topic to apply)
+    qf:v1:apikeys:lock               STRING held by the one registry change under way (redis-py's Lock)
     qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch);
                                            the one key of no org, so never touched inside a Lua call
                                            (gateways GET it in the same pipeline as their check)
@@ -57,6 +65,21 @@ def _org(org_id: str) -> str:
 def api_key_record(slot_hint: str, key_hash: str) -> str:
     """Where gateways find an API key's record: in its org's hash slot (see schemas/api_keys.py)."""
     return f"{PREFIX}{{{slot_hint}}}:apikey:{key_hash}"
+
+
+def api_key_index(org_id: str) -> str:
+    """An org's keys by key id, each as its whole KeyRecord (JSON): what lists and shows read."""
+    return _org(org_id) + "apikeys"
+
+
+# The key registry's materializer (processors/key_registry.py): how far it has applied the
+# keys topic, and whether Redis holds all of it (see the layout above).
+API_KEYS_STATE = PREFIX + "apikeys:state"
+API_KEYS_STATUS_FIELD = "status"
+API_KEYS_OFFSET_FIELD = "offset"
+API_KEYS_STATUS_OK = "ok"
+API_KEYS_REBUILDING = "rebuilding:"
+API_KEYS_LOCK = PREFIX + "apikeys:lock"
 
 
 def org_key(org_id: str) -> str:

@@ -8,11 +8,19 @@ DEAD_LETTER_TOPIC = "quotaflow.deadletter.v1"
 # The API key registry (schemas/api_keys.py KeyRecord): compacted, keyed by key id, every
 # create, update, revoke and rotate a record. The source of truth: Redis is rebuilt from it.
 KEYS_TOPIC = "quotaflow.keys.v1"
+# One partition: a total order of every change (a rotation's two records go in one batch,
+# appended together), read by one materializer. Changes are rare (people and admin calls).
+KEYS_PARTITIONS = 1
+# A record stays uncompacted this long at least, so the audit (the sink) sees every
+# change even after being down for days; compaction keeps each key's last record after.
+KEYS_MIN_COMPACTION_LAG_MS = 7 * 24 * 3600 * 1000
 
 # The Faust app id is also its consumer group and the prefix of its internal
 # (changelog, repartition) topics.
 PROCESSOR_APP_ID = "quotaflow-processor"
 SINK_CLICKHOUSE_GROUP = "quotaflow-sink-clickhouse"
+# The sink's audit of key changes (KEYS_TOPIC into ClickHouse): a group of its own.
+SINK_KEYS_GROUP = "quotaflow-sink-clickhouse-keys"
 
 # Retention of the shared topics. Events are kept long enough to replay a day of
 # outage into ClickHouse; dead letters long enough for someone to look at them.

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
-            ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["enforcement"],
+            ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["keys"], ["keys", "create"], ["keys", "list"],
+            ["keys", "show"], ["keys", "update"], ["keys", "revoke"], ["keys", "rotate"], ["keys", "rebuild"],
+            ["enforcement"],
             ["gateway"], ["api"], ["supervise"], ["config"]]
 
 

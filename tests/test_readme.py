@@ -29,6 +29,7 @@ from quotaflow.core.settings import Settings
 from quotaflow.deploy.demo_traffic import INVALID_EVERY
 from quotaflow.deploy.observe import end_offsets
 from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.schemas.api_keys import SCAN_PATTERN
 from quotaflow.schemas.events import decode
 from quotaflow.schemas.topics import EVENTS_TOPIC
 from tests.pipeline import Pipeline
@@ -38,6 +39,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 TOOLS = ("kcat", "redis-cli", "curl", "quotaflow")
 _USES = re.compile(r"(?:^|[|;&(]\s*)(" + "|".join(map(re.escape, TOOLS)) + r")\b")
 API_TOKENS = {"TOKEN": "acme", "OPSTOKEN": "*"}  # as README configures them
+# README's `export QUOTAFLOW_KEY_HASH_SECRETS=...` (a random secret), in every example's environment
+KEY_HASH_SECRETS = orjson.dumps({"k1": "readme-example-secret-0123456789abcdef"}).decode()
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,9 @@ def documented_stack(live_stack, demo_run):
 def run(example: Example, settings: Settings, cwd: Path) -> subprocess.CompletedProcess:
     command = on_test_stack(example.command, settings)
     return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, "QUOTAFLOW_KEY_HASH_SECRETS": KEY_HASH_SECRETS,
+                                            # `quotaflow` as installed beside this interpreter (.venv/bin)
+                                            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
 
 
 def written_file(command: str, cwd: Path) -> str | None:
@@ -190,6 +195,8 @@ def test_each_shell_example_runs_against_the_stack_and_shows_what_it_says(exampl
         assert record.key == event.org_id.encode(), shown
         return
     assert out.strip(), f"printed nothing\n{shown}"
+    if example.tool == "quotaflow" and " keys create " in example.command:  # the key, printed once
+        assert re.search(SCAN_PATTERN, out) and "only time the key is shown" in done.stderr, shown
     if example.tool == "redis-cli":
         assert not out.startswith(("(error)", "ERR", "WRONGTYPE")), shown
         if " HGETALL " in f" {example.command} ":

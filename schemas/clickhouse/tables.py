@@ -21,6 +21,16 @@ RAW_COLUMNS = (
     "kafka_partition", "kafka_offset", "tier",
 )
 
+# The API key registry's audit trail (schemas/clickhouse/0005_api_key_changes.sql): a row per
+# change of a key, written by the sink from the keys topic; the view adds what each changed.
+KEY_CHANGES = "api_key_changes"
+KEY_AUDIT = "api_key_audit"
+KEY_CHANGES_COLUMNS = (
+    "org_id", "key_id", "version", "change", "actor", "changed_at", "name", "env", "display_prefix", "secret_id",
+    "scopes", "limits", "expires_at", "state", "created_at", "rotated_from", "rotated_to", "kafka_partition",
+    "kafka_offset",
+)
+
 # Rollups keep, per time bucket and their dimensions: requests, errors (status >= 500),
 # request/response bytes and a t-digest state of latency (quantiles below).
 LATENCY_QUANTILES = (0.5, 0.95, 0.99)

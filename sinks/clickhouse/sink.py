@@ -24,11 +24,14 @@ sink checks each table for the batch and adds what the engine dropped by mistake
   batch before it is planned (sinks/clickhouse/duplicates.py); while Redis is
   unreachable the batch waits: nothing is stored unchecked.
 - Each row is stamped with the org's tier from Redis (sinks/clickhouse/tier_cache.py).
+- Beside the events, the keys topic: each change of an API key an audit row
+  (sinks/clickhouse/key_audit.py), exactly once by key and version.
 
 The sink's modules, one job each: this one starts and stops it; batches.py (batch
 selection), pipeline.py (the loop: decode, check, store), kafka_side.py (the consumer,
 plans, commits, dead letters), inserts.py (inserts retried, refused rows halved),
-writer.py, rows.py, duplicates.py, repair.py, tier_cache.py, metrics.py.
+writer.py, rows.py, duplicates.py, repair.py, tier_cache.py, metrics.py; key_audit.py (the
+audit trail of API key changes).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import stored_key
 from quotaflow.sinks.clickhouse.inserts import Inserter
 from quotaflow.sinks.clickhouse.kafka_side import KafkaSide
+from quotaflow.sinks.clickhouse.key_audit import KeyAudit
 from quotaflow.sinks.clickhouse.metrics import READY
 from quotaflow.sinks.clickhouse.pipeline import Pipeline
 from quotaflow.sinks.clickhouse.tier_cache import TierCache
@@ -89,14 +93,20 @@ class ClickHouseSink:
         pipeline = Pipeline(settings, self.client, kafka, inserter, tiers,
                             DuplicateCheck(redis, stored_key, settings.dedup_window_s), self._stop, pause)
         await kafka.start(pipeline.listener())
+        audit = asyncio.create_task(KeyAudit(settings, pause).run(self._stop))
+        audit.add_done_callback(lambda task: task.cancelled() or task.exception() is None or self._stop.set())
         log.info("clickhouse sink started", extra={"clickhouse": settings.clickhouse_url.split("@")[-1]})
         try:
             await pipeline.run()
         except GaveUp:
             pass
         finally:
+            self._stop.set()
+            await asyncio.wait({audit})
             await kafka.stop()
             await tiers.close()
             await redis.aclose()
             READY.set(0)
             log.info("clickhouse sink stopped")
+        if not audit.cancelled() and audit.exception() is not None:
+            raise audit.exception()  # the audit failed: the sink stops with it (its supervisor restarts both)
