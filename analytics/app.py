@@ -48,7 +48,8 @@ from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_toke
 from quotaflow.analytics.window import BadTimeRange, TimeRange, for_range, for_timeframe
 from quotaflow.core import metrics
 from quotaflow.core.redact import redact
-from quotaflow.core.settings import TOKEN_MAX, ConfigError
+from quotaflow.core.settings import ConfigError
+from quotaflow.core.tokens import bearer
 from quotaflow.schemas.events import ENDPOINT_MAX, ENDPOINT_PATTERN
 from quotaflow.schemas.ids import ID_RULE, id_error, is_valid_id, show
 
@@ -224,17 +225,10 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
 
     def authorize(request: Request) -> Scope | str:
         """The caller's scope, or why it has none (for a 401)."""
-        headers = request.headers.getlist("authorization")
-        if not headers:
-            return "missing Authorization header; send 'Authorization: Bearer <token>'"
-        if len(headers) > 1:
-            return "Authorization header given more than once"
-        scheme, _, token = headers[0].strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return "Authorization must be 'Bearer <token>'"
-        if len(token) > TOKEN_MAX:
-            return f"bearer token longer than {TOKEN_MAX} characters"
+        try:
+            token = bearer(request.headers.getlist("authorization"))
+        except ValueError as exc:
+            return str(exc)
         return scope_for_token(token, tokens) or "unknown bearer token"
 
     def prepare(request: Request) -> queries.Query | Response:

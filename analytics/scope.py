@@ -6,10 +6,9 @@ is built from a Scope, and a scoped caller's org is always a bound condition of 
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
-ALL_ORGS = "*"
+from quotaflow.core.tokens import ALL_ORGS, owner
 
 
 class Forbidden(PermissionError):
@@ -41,12 +40,9 @@ class Scope:
 
 
 def scope_for_token(token: str | None, tokens: dict[str, str]) -> Scope | None:
-    """The scope of a bearer token, or None if it is not one of ours. Every configured
-    token is compared, in constant time, so timing does not tell how much matched."""
-    found = None
-    for known, org in tokens.items():
-        if hmac.compare_digest((token or "").encode(), known.encode()) and token:
-            found = org
+    """The scope of a bearer token, or None if it is not one of ours (compared in
+    constant time: quotaflow/core/tokens.py)."""
+    found = owner(token or "", tokens)
     if found is None:
         return None
-    return Scope.operator() if found == ALL_ORGS else Scope.org(found)
+    return Scope.operator() if found[1] == ALL_ORGS else Scope.org(found[1])

@@ -36,6 +36,7 @@ def isolated_env(port_base: int, state_dir: Path, cache_dir: Path) -> dict[str, 
         "QUOTAFLOW_SINK_METRICS_PORT": str(port_base + 111),
         "QUOTAFLOW_API_PORT": str(port_base + 120),
         "QUOTAFLOW_GATEWAY_PORT": str(port_base + 130),
+        "QUOTAFLOW_ADMIN_PORT": str(port_base + 140),
     }
 
 

@@ -11,7 +11,7 @@ import pytest
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
             ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["keys"], ["keys", "create"], ["keys", "list"],
             ["keys", "show"], ["keys", "update"], ["keys", "revoke"], ["keys", "rotate"], ["keys", "rebuild"],
-            ["enforcement"],
+            ["enforcement"], ["admin"],
             ["gateway"], ["api"], ["supervise"], ["config"]]
 
 

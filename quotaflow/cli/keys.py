@@ -336,10 +336,41 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                                "truth. The processor does it by itself when Redis is emptied; this does it now.")
 
 
+def run_admin(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from quotaflow.core.logs import logging_dict
+    from quotaflow.core.tokens import ALL_ORGS
+    from quotaflow.keys.admin_api import create_app
+
+    if not settings.admin_port:
+        print("quotaflow: QUOTAFLOW_ADMIN_PORT is 0 (disabled)", file=sys.stderr)
+        return REFUSED
+    if ALL_ORGS not in settings.api_tokens.values():
+        print("quotaflow: no operator token in QUOTAFLOW_API_TOKENS (a token mapped to \"*\"): every request "
+              "would be refused", file=sys.stderr)
+        return REFUSED
+    # No access log: paths name orgs and keys, and the answers to creates carry keys.
+    uvicorn.run(create_app(settings), host=args.host, port=settings.admin_port, access_log=False,
+                log_config=logging_dict(settings.log_level, settings.log_format),
+                h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _admin_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: put a "
+                                                       "TLS-terminating proxy in front to serve it further)")
+
+
 COMMANDS = (
     Command("keys", "API keys: create, list, show, update, revoke, rotate; rebuild the registry in Redis", run_keys,
             description="API key management. Changes go to the keys topic (quotaflow.keys.v1), from which the "
                         "processor writes Redis for gateways and the sink the audit table api_key_changes. Exit "
                         "status 2: refused (bad input, unknown key); 3: recorded, not yet visible to gateways.",
             arguments=_arguments),
+    Command("admin", "serve the admin HTTP API (API keys) in the foreground", run_admin,
+            description="JSON over HTTP for what 'quotaflow keys' does, on 127.0.0.1:QUOTAFLOW_ADMIN_PORT, for "
+                        "operator tokens of QUOTAFLOW_API_TOKENS; its OpenAPI schema at /openapi.json. Stop it "
+                        "with Ctrl-C or SIGTERM.",
+            arguments=_admin_arguments),
 )

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # Who may ask the query API what: a JSON object of bearer token -> org id, or "*" for
     # every org (operators). Without tokens every request is refused.
     api_tokens: dict[str, str] = Field(default_factory=dict)
+    # The admin HTTP API (`quotaflow admin`: API keys), for operator tokens of api_tokens;
+    # 0 disables it.
+    admin_port: PortOrOff = 19140
     # Server secrets API keys are hashed with (HMAC-SHA-256; schemas/api_keys.py): a JSON object
     # of secret id -> secret, the first used for new keys, every one tried when a key is
     # verified, so a secret can be rotated with an overlap. At least 32 characters each.
