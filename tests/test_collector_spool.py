@@ -5,6 +5,7 @@ under load with every event arriving in Redis and ClickHouse exactly once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import orjson
@@ -13,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from quotaflow.collector import producer
 from quotaflow.collector.emitter import Emitter
+from quotaflow.collector.spool import CORRUPT
 from quotaflow.deploy import kafka
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from quotaflow.schemas.topics import EVENTS_TOPIC
@@ -76,6 +78,35 @@ def test_unreachable_kafka_spools_and_the_next_emitter_replays_it(live_stack, tm
     assert list(spool.glob("*.qfspool")) == []  # every segment deleted once acknowledged
     ids = asyncio.run(event_ids_on_kafka(live_stack, org))
     assert sorted(ids) == sorted(ev.event_id for ev in events)
+
+
+def test_a_torn_spool_is_replayed_but_for_the_torn_record(live_stack, tmp_path, port_base):
+    org = unique("org")
+    events = [event(org, "k1", this_minute() + i) for i in range(300)]
+    spool = tmp_path / "spool"
+
+    async def spool_all() -> None:
+        emitter = Emitter(f"127.0.0.1:{port_base + 398}", spool_dir=spool, batch_events=50, stop_timeout_s=0)
+        await emitter.start()
+        for ev in events:
+            await emitter.emit(ev)
+        await emitter.stop()
+        assert emitter.spooled == 300
+
+    asyncio.run(spool_all())
+    [segment] = spool.glob("*.qfspool")
+    os.truncate(segment, segment.stat().st_size - 100)  # killed while writing its last record (50 events)
+    torn_before = CORRUPT.labels("torn_tail")._value.get()
+
+    async def restarted() -> tuple[int, int]:
+        async with Emitter(live_stack.kafka_bootstrap, spool_dir=spool) as emitter:
+            await emitter.flush()
+            return emitter.delivered, emitter.failed
+
+    assert asyncio.run(restarted()) == (250, 0)
+    assert CORRUPT.labels("torn_tail")._value.get() == torn_before + 1
+    ids = asyncio.run(event_ids_on_kafka(live_stack, org))
+    assert sorted(ids) == sorted(ev.event_id for ev in events[:250])
 
 
 def test_outcome_per_record(live_stack, tmp_path):
