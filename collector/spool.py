@@ -20,7 +20,10 @@ reading goes on at the next frame that checks out; no content makes it raise. A 
 naming a topic the spool was not opened for is skipped too (kind ``foreign``): what is
 replayed goes only where its writer could send.
 
-A segment is deleted once every frame in it was acknowledged (``ack``). When the spool
+A segment is deleted once every frame in it was acknowledged (``ack``). How far a
+segment was acknowledged is kept in memory only: a segment partly replayed when its
+process stopped is replayed from its start by the next one (at-least-once; the stages
+downstream drop the copies by event_id). When the spool
 holds more than ``max_bytes`` after an append, its oldest segment is dropped, after its
 unacknowledged events are counted (``quotaflow_collector_spool_events_total{outcome=
 "dropped"}``, ``quotaflow_collector_spool_segments_dropped_total``) and logged. If that
