@@ -244,8 +244,11 @@ class Spool:
             if stem.isdigit():
                 found.append(_Segment(int(stem), path, path.stat().st_size, len(SEGMENT_MAGIC)))
         found.sort(key=lambda s: s.seq)
-        self._segments = found
         self._next_seq = found[-1].seq + 1 if found else 1
+        for seg in [s for s in found if s.pending <= 0]:  # no frame: created, then killed before a write
+            seg.path.unlink(missing_ok=True)
+            found.remove(seg)
+        self._segments = found
         if found:
             log.info("spool: segments left by a previous run will be replayed",
                      extra={"segments": len(found), "bytes": self.total_bytes, "directory": str(self.directory)})

@@ -217,3 +217,14 @@ def test_no_damage_makes_the_reader_raise(tmp_path_factory, cut, flips, junk):
     assert all(any(r == w for w in it) for r in got)
     assert again.empty() and list(path.glob("*.qfspool")) == []
     again.close()
+
+
+@pytest.mark.parametrize("content", [b"", SEGMENT_MAGIC[:3], SEGMENT_MAGIC])
+def test_a_segment_without_a_frame_is_removed_at_open(tmp_path, content):
+    (tmp_path / "0000000000000007.qfspool").write_bytes(content)  # killed between creating it and a write
+    spool = open_spool(tmp_path)
+    assert spool.empty() and list(tmp_path.glob("*.qfspool")) == []
+    spool.append([record(1)])
+    assert [p.name for p in spool.segment_paths()] == ["0000000000000008.qfspool"]
+    assert drain(spool) == [record(1)]
+    spool.close()
