@@ -121,7 +121,7 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
     await watcher.baseline()
 
     stats = TrafficStats()
-    emitter = Emitter(settings.kafka_bootstrap)
+    emitter = Emitter.from_settings(settings)  # spools to QUOTAFLOW_SPOOL_DIR while Kafka is away
     await emitter.start()
     started = time.monotonic()
     print(f"sending demo traffic for {seconds:g} s from {len(DEMO_ORGS)} orgs "

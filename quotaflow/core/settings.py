@@ -162,6 +162,18 @@ class Settings(BaseSettings):
     gateway_timeout_ms: int = Field(50, gt=0, description="Redis budget of one check")
     gateway_fail_open: bool = Field(True, description="admit (true) or refuse (false) when Redis is slow or down")
 
+    # --- Collectors (collector/): the producer core's memory bound and disk spool ---
+    spool_dir: Path | None = Field(None, description="where collectors spool records Kafka does not take in time; "
+                                   "one directory per process; default: state_dir/spool")
+    spool_max_bytes: int = Field(256 * 1024 ** 2, ge=8192, description="the spool's byte bound: past it the oldest "
+                                 "segment is dropped (counted and logged)")
+    spool_segment_bytes: int = Field(16 * 1024 ** 2, ge=4096, description="size of one spool segment file; "
+                                     "at most half the byte bound")
+    collector_memory_bytes: int = Field(32 * 1024 ** 2, ge=1024, description="records a collector holds in memory "
+                                        "(queued, and sent but not acknowledged) before it spools")
+    collector_delivery_timeout_s: float = Field(10.0, gt=0, description="how long a collector waits for Kafka to "
+                                                "acknowledge a record before it spools it")
+
     # --- Restarts of the stages the local stack starts (deploy/supervise.py) ---
     supervise_backoff_initial_s: float = Field(1.0, gt=0, description="delay before restarting a stage that "
                                                "exited; doubled with each exit in a row")
@@ -273,6 +285,12 @@ class Settings(BaseSettings):
         if self.cache_dir is None:
             self.cache_dir = self.state_dir / "cache"
         self.cache_dir = self.cache_dir.expanduser().resolve()
+        if self.spool_dir is None:
+            self.spool_dir = self.state_dir / "spool"
+        self.spool_dir = self.spool_dir.expanduser().resolve()
+        if self.spool_segment_bytes * 2 > self.spool_max_bytes:
+            raise ValueError(f"{env_var('spool_segment_bytes')} (spool_segment_bytes) must be at most half of "
+                             f"{env_var('spool_max_bytes')} (spool_max_bytes): the spool drops whole segments")
         if self.kafka_bootstrap is None:
             self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
         if self.redis_url is None:
