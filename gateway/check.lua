@@ -14,7 +14,7 @@
 -- processors wrote plus the reservations of requests not yet counted stay under the limit,
 -- and reserves one unit (the request's event_id) in both scopes.
 --
--- KEYS 'key': the candidate records qf:v1:{hint}:apikey:{hmac}, all in one slot
+-- KEYS 'key': the candidate records (redis_keys.api_key_record, one per secret), all in one slot
 --      'ids': 1 key usage, 2 org usage, 3 key reservations, 4 org reservations, 5 org (tier),
 --             6 key overrides: all of one org, in its hash slot.
 --      The emergency switch (one key for all orgs) is read beside this call, in the same
