@@ -13,7 +13,8 @@ emit one RequestEvent after the response, carrying the reservation's event_id an
 so the processors can count it and release the reservation exactly; the event is built
 to fit the schema whatever the request held (gateway/request_event.py), so an admitted
 request is always counted. A refused key emits nothing: its requests count against no
-one's limits.
+one's limits. A WebSocket handshake is verified the same way, and closed before it is
+accepted when refused.
 
 The trusted mode, for a service behind an auth layer that verified the caller and sets
 X-Api-Key-Id and X-Org-Id itself: pass ``identify=header_identity`` (or build the
@@ -98,6 +99,9 @@ class RateLimitMiddleware:
                    required_scope=required_scope, anonymous=anonymous)
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        if scope["type"] == "websocket" and self.identify is None:
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -133,6 +137,23 @@ class RateLimitMiddleware:
         await _answer(send_with_headers, verdict.status, refusal_body(verdict))
         if counted:
             await self._emit(scope, verdict, seen, started)
+
+    async def _websocket(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        """A WebSocket handshake presents its key as a request does and is verified and
+        limited as one (no event is published for it: its reservation holds until it
+        expires). Refused, it is closed before it is accepted (the server answers the
+        handshake 403), the outcome and reason as the close reason."""
+        verdict = await self._verified(scope)
+        if verdict is None:
+            await self.app(scope, receive, send)
+            return
+        if not verdict.allowed:
+            reason = f"{verdict.outcome}: {verdict.reason}"[:120]  # a close frame's reason: 123 bytes at most
+            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+            return
+        if verdict.org_id:
+            scope.setdefault("state", {})["quotaflow"] = Identity(verdict.org_id, verdict.api_key_id)
+        await self.app(scope, receive, send)
 
     async def _verified(self, scope: dict) -> Verdict | None:
         headers = identity.scope_headers(scope)

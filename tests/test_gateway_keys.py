@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from quotaflow.core.settings import ConfigError
 from quotaflow.gateway.asgi import RateLimitMiddleware
@@ -479,6 +481,39 @@ def test_trusted_mode_reads_identity_headers_only_when_configured(live_stack, re
     assert [r.status_code for r in answers] == [200] * 10 + [429, 400, 401]
     assert answers[0].headers[ORG_ID_HEADER] == org and answers[0].headers[API_KEY_ID_HEADER] == "web"
     assert answers[11].json()["error"] == "invalid_identity" and answers[12].json()["error"] == "missing_identity"
+
+
+def test_a_websocket_handshake_is_verified_like_a_request(live_stack, redis_client):
+    """The middleware guards WebSocket routes too: a handshake without a good key is closed
+    before it is accepted (403 to the client), with the outcome as the close reason."""
+    org = unique("org")
+    key, rec = new_key(redis_client, org)
+    revoked, _ = new_key(redis_client, org, state=REVOKED)
+
+    async def ws(websocket):
+        await websocket.accept()
+        ident = websocket.state.quotaflow
+        await websocket.send_json({"org": ident.org_id, "key": ident.api_key_id})
+        await websocket.close()
+
+    app = RateLimitMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws)]), limiter_for(live_stack), None,
+                              service="shop")
+    refused = {}
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws", headers={"Authorization": f"Bearer {key}", "X-Org-Id": "victim",
+                                                      "X-Api-Key-Id": "web"}) as session:
+            admitted = session.receive_json()
+        for name, headers in {MISSING_KEY: {"X-Org-Id": org, "X-Api-Key-Id": rec.key_id},
+                              MALFORMED_KEY: {"Authorization": f"Bearer {key[:-1]}{'x' if key[-1] != 'x' else 'y'}"},
+                              REVOKED_KEY: {"X-Api-Key": revoked}}.items():
+            with pytest.raises(WebSocketDisconnect) as refusal:
+                with client.websocket_connect("/ws", headers=headers):
+                    pass
+            refused[name] = refusal.value
+    assert admitted == {"org": org, "key": rec.key_id}
+    assert {name: (e.code, e.reason.split(":")[0]) for name, e in refused.items()} == {
+        name: (1008, name) for name in refused}
+    assert all(key not in e.reason and revoked not in e.reason for e in refused.values())
 
 
 # --- malformed keys never reach Redis -------------------------------------------------------------
