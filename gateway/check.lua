@@ -22,8 +22,9 @@
 -- ARGV: 1 event_id, 2 reservation ttl ms, 3 default tier, 4 window count n,
 --       then n x (label, length ms, bucket ms, sliding 0|1),
 --       then tier count, then per tier: name and n limits (-1: unlimited),
---       then the mode: 'ids'; or 'key', the required scope ('' for none), and the six key
---       names above as (head, middle, 1 if the key id ends it else 0) each: head .. org .. middle [.. key id]
+--       then the mode: 'ids'; or 'key', the required scope ('' for none), the hash slot of
+--       the records (of the key's slot hint, computed by the gateway), and the six key names
+--       above as (head, middle, 1 if the key id ends it else 0) each: head .. org .. middle [.. key id]
 -- Returns: {outcome, now_ms, tier, key id, org id, then per limited window:
 --           scope, label, length s, limit, used (including this request if admitted), reset ms}
 --   outcome 'allowed' or 'rate_limited'; or, with nothing after the ids, 'unknown_key',
@@ -58,17 +59,17 @@ local function valid_id(s)
 end
 
 -- The Redis Cluster hash slot of a hash tag (CRC16/XMODEM mod 16384, as the server computes
--- it): a record's org must be in its own slot, the key's hint's (schemas/api_keys.slot_hint).
--- A record naming an org of another slot is never used: its org's keys would be outside this
--- call's slot (refused by a cluster, and on a single server a key of one org counted as another's).
+-- it, a byte at a time): a record's org must be in the records' slot, the key's hint's
+-- (schemas/api_keys.slot_hint). A record naming an org of another slot is never used: its
+-- org's keys would be outside this call's slot (refused by a cluster, and on a single
+-- server a key of one org counted as another's).
+local band, bxor, lshift, rshift, byte = bit.band, bit.bxor, bit.lshift, bit.rshift, string.byte
 local function slot(s)
   local crc = 0
   for c = 1, #s do
-    crc = bit.bxor(crc, bit.lshift(string.byte(s, c), 8))
-    for _ = 1, 8 do
-      crc = bit.band(crc, 0x8000) ~= 0 and bit.bxor(bit.lshift(crc, 1), 0x1021) or bit.lshift(crc, 1)
-      crc = bit.band(crc, 0xFFFF)
-    end
+    local x = band(bxor(rshift(crc, 8), byte(s, c)), 0xFF)
+    x = bxor(x, rshift(x, 4))
+    crc = band(bxor(lshift(crc, 8), lshift(x, 12), lshift(x, 5), x), 0xFFFF)
   end
   return crc % 16384
 end
@@ -84,7 +85,7 @@ if ARGV[i] == 'key' then
     if r[1] then rec = r; break end
   end
   if not rec then return {'unknown_key', now, '', '', ''} end
-  if not valid_id(rec[1]) or not valid_id(rec[2]) or slot(rec[2]) ~= slot(string.match(KEYS[1], '{([^}]*)}')) then
+  if not valid_id(rec[1]) or not valid_id(rec[2]) or slot(rec[2]) ~= tonumber(ARGV[i + 2]) then
     return {'bad_record', now, '', '', ''}
   end
   key_id, org_id = rec[1], rec[2]
@@ -106,7 +107,7 @@ if ARGV[i] == 'key' then
   end
   for label, limit in string.gmatch(rec[6] or '', '([^,=]+)=(%d+)') do record_limits[label] = tonumber(limit) end
   K = {}
-  local j = i + 2
+  local j = i + 3
   for n = 1, 6 do
     K[n] = ARGV[j] .. org_id .. ARGV[j + 1] .. (ARGV[j + 2] == '1' and key_id or '')
     j = j + 3

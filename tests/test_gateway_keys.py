@@ -50,6 +50,7 @@ from quotaflow.gateway.limiter import (
 from quotaflow.gateway.server import CheckConfig, create_app
 from quotaflow.schemas import api_keys
 from quotaflow.schemas.api_keys import REVOKED, generate
+from quotaflow.schemas.ids import ID_PATTERN
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, Policy, Window
 from quotaflow.schemas.redis_keys import (
     ENFORCEMENT_KEY,
@@ -267,6 +268,19 @@ def test_a_record_naming_an_org_of_another_slot_is_refused_not_used(live_stack, 
     assert set(redis_client.scan_iter(b"qf:v1:*")) == before
     (ok,) = verify_all(live_stack, [(same_slot, None)])
     assert (ok.outcome, ok.org_id, ok.api_key_id) == (ALLOWED, org, same_rec.key_id)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(org=st.from_regex(ID_PATTERN, fullmatch=True))
+def test_the_scripts_slot_of_any_org_is_redis_clusters(live_stack, redis_client, org):
+    """check.lua computes an org's hash slot itself (to refuse a record outside its slot):
+    for any org id, a key of that org verifies, so the script's slot is the one Redis
+    Cluster computes (redis.crc.key_slot, which slot_hint matched)."""
+    key, rec = new_key(redis_client, org)
+    sync = SyncRateLimiter(redis.Redis.from_url(live_stack.redis_url), POLICY, key_secrets=SECRETS)
+    v = sync.verify(key)
+    assert (v.outcome, v.org_id, v.api_key_id) == (ALLOWED, org, rec.key_id)
+    redis_client.delete(key_records.record_name(rec))
 
 
 def _commandstats(client: redis.Redis) -> dict[str, int]:
