@@ -109,7 +109,13 @@ def create_app(limiter: RateLimiter, config: CheckConfig = CheckConfig()) -> Sta
                                                 request.headers.get(config.key_header), config.key_header)
         if two:
             return malformed_key(two)
-        scope = request.headers.get(config.scope_header) or request.query_params.get(config.scope_param)
+        # The scope comes from the gateway's configuration. Named twice, differently, one of the
+        # two is not the configuration's (a client's header a proxy passed on): refused, not guessed.
+        from_header, from_param = request.headers.get(config.scope_header), request.query_params.get(config.scope_param)
+        if from_header and from_param and from_header != from_param:
+            return _refused(400, INVALID_SCOPE, f"two different required scopes ({config.scope_header} and "
+                                                f"?{config.scope_param}=): the gateway must set one")
+        scope = from_header or from_param
         try:
             return await limiter.verify(presented, scope)
         except InvalidScope as exc:

@@ -459,12 +459,18 @@ def test_check_maps_statuses_for_auth_request_and_refuses_a_bad_scope(live_stack
                    await c.get("/check", params=nginx, headers=bearer),
                    await c.get("/check", params=nginx, headers={**bearer, "X-Quotaflow-Scope": "Not a scope"}),
                    await c.get("/check", headers={**bearer, "X-Quotaflow-Scope": "x" * 100}),
-                   await c.get("/check", params={"deny_status": "500"}, headers=bearer)]
+                   await c.get("/check", params={"deny_status": "500"}, headers=bearer),
+                   # the configuration names the scope as a parameter, a client's header another
+                   await c.get("/check", params={"scope": "admin"}, headers={**bearer, "X-Quotaflow-Scope": "a"}),
+                   await c.get("/check", params={"scope": "a"}, headers={**bearer, "X-Quotaflow-Scope": "a"})]
         await limiter.aclose()
         return out
 
     minute_start(need_s=15)
-    ok, limited, bad_scope, bad_scope_plain, bad_param = asyncio.run(scenario())
+    ok, limited, bad_scope, bad_scope_plain, bad_param, two_scopes, same_scope = asyncio.run(scenario())
+    assert (two_scopes.status_code, two_scopes.json()["error"]) == (400, "invalid_scope")
+    assert "two different required scopes" in two_scopes.json()["reason"]
+    assert same_scope.status_code == 403 and same_scope.json()["error"] == INSUFFICIENT_SCOPE
     assert ok.status_code == 200
     assert (limited.status_code, limited.headers["X-Quotaflow-Status"], limited.json()["error"]) == (
         403, "429", RATE_LIMITED)
