@@ -416,7 +416,8 @@ def test_each_refusal_reaches_the_client_with_its_status_code_and_reason(live_st
             out = [
                 await client.get("/check", headers={"X-Api-Key": key, **scoped}),
                 await client.get("/check", headers={"Authorization": f"bearer {key}"}),  # the scheme is case-blind
-                await client.get("/check", params={"scope": "orders:write"}, headers={"Authorization": f"Bearer {key}"}),
+                await client.get("/check", params={"scope": "orders:write"},
+                                 headers={"Authorization": f"Bearer {key}"}),
                 await client.get("/check", headers={"Authorization": f"Bearer {revoked}"}),
                 await client.get("/check", headers={"Authorization": f"Bearer {generate(org)}"}),
                 await client.get("/check", headers={"Authorization": f"Bearer {key[:-1]}"}),

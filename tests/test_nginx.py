@@ -224,7 +224,8 @@ def test_nginx_passes_the_key_and_forwards_only_the_identity_it_verified(nginx_i
     assert {(r.status_code, r.json()["error"]) for r in spoofed} == {(401, "missing_key")}
     expected = {"missing": (401, "missing_key"), "mistyped": (401, "malformed_key"), "unknown": (401, "unknown_key"),
                 "revoked": (401, "revoked_key"), "scope": (403, "insufficient_scope")}
-    assert {name: (r.status_code, r.json().get("error")) for name, r in refusals.items()} == expected, {n: r.text for n, r in refusals.items()}
+    got = {name: (r.status_code, r.json().get("error")) for name, r in refusals.items()}
+    assert got == expected, {name: r.text for name, r in refusals.items()}
     assert refusals["mistyped"].json()["reason"] == (
         "not an API key: its checksum does not match (mistyped or invented)")
     assert refusals["scope"].json()["reason"] == "this API key lacks the scope admin"
