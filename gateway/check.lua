@@ -1,17 +1,36 @@
--- One gateway check, atomic in Redis: may this API key make a request now?
--- Admits when, in every limited window of the key and of its org, the counts the
--- processors wrote plus the reservations of requests not yet counted stay under
--- the limit; then reserves one unit (the request's event_id) in both scopes.
+-- One gateway check, atomic in Redis: may this request go on now?
 --
--- KEYS: 1 key usage, 2 org usage, 3 key reservations, 4 org reservations,
---       5 org (tier), 6 key overrides: all of one org, in its hash slot. The
---       emergency switch (one key for all orgs) is read beside this call, in the
---       same pipeline, and applied by the gateway (gateway/limiter.py).
+-- Two modes, named by the ARGV after the tiers:
+--   'key': the caller presented an API key. Its record is looked up by the key's HMAC (one
+--          candidate per configured hash secret, KEYS), then its state, its expiry (by this
+--          Redis's clock) and the required scope are checked; a key that passes is rate-limited
+--          as the key id and org its record names. The org's keys are named here from the
+--          record's org_id with the layout the gateway passes (schemas/redis_keys.py): they
+--          share the record's hash slot by construction (schemas/api_keys.py slot_hint), so
+--          the whole call stays in one slot, as Redis Cluster requires.
+--   'ids': the caller names the key id and the org (trusted mode: an auth layer in front
+--          verified the caller); KEYS are that org's six keys.
+-- Then: admits when, in every limited window of the key and of its org, the counts the
+-- processors wrote plus the reservations of requests not yet counted stay under the limit,
+-- and reserves one unit (the request's event_id) in both scopes.
+--
+-- KEYS 'key': the candidate records (redis_keys.api_key_record, one per secret), all in one slot
+--      'ids': 1 key usage, 2 org usage, 3 key reservations, 4 org reservations, 5 org (tier),
+--             6 key overrides: all of one org, in its hash slot.
+--      The emergency switch (one key for all orgs) is read beside this call, in the same
+--      pipeline, and applied by the gateway (gateway/limiter.py).
 -- ARGV: 1 event_id, 2 reservation ttl ms, 3 default tier, 4 window count n,
 --       then n x (label, length ms, bucket ms, sliding 0|1),
---       then tier count, then per tier: name and n limits (-1: unlimited)
--- Returns: {allowed, now_ms, tier, then per limited window:
+--       then tier count, then per tier: name and n limits (-1: unlimited),
+--       then the mode: 'ids'; or 'key', the required scope ('' for none), the hash slot of
+--       the records (of the key's slot hint, computed by the gateway), and the six key names
+--       above as (head, middle, 1 if the key id ends it else 0) each: head .. org .. middle [.. key id]
+-- Returns: {outcome, now_ms, tier, key id, org id, then per limited window:
 --           scope, label, length s, limit, used (including this request if admitted), reset ms}
+--   outcome 'allowed' or 'rate_limited'; or, with nothing after the ids, 'unknown_key',
+--   'revoked_key', 'expired_key', 'insufficient_scope', 'bad_record' (a record naming an id
+--   that breaks the id rule, or an org outside the record's hash slot: refused, never used
+--   to build a key name)
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -32,15 +51,83 @@ for _ = 1, tonumber(ARGV[i]) do
   tiers[ARGV[i + 1]] = limits
   i = i + 1 + nw
 end
+i = i + 1
 
-local tier = redis.call('HGET', KEYS[5], 'tier')
+-- The id rule of schemas/ids.py: what may go between the braces of a hash tag.
+local function valid_id(s)
+  return s and #s >= 1 and #s <= 64 and string.find(s, '^[A-Za-z0-9][A-Za-z0-9_.:%-]*$') ~= nil
+end
+
+-- The Redis Cluster hash slot of a hash tag (CRC16/XMODEM mod 16384, as the server computes
+-- it, a byte at a time): a record's org must be in the records' slot, the key's hint's
+-- (schemas/api_keys.slot_hint). A record naming an org of another slot is never used: its
+-- org's keys would be outside this call's slot (refused by a cluster, and on a single
+-- server a key of one org counted as another's).
+local band, bxor, lshift, rshift, byte = bit.band, bit.bxor, bit.lshift, bit.rshift, string.byte
+local function slot(s)
+  local crc = 0
+  for c = 1, #s do
+    local x = band(bxor(rshift(crc, 8), byte(s, c)), 0xFF)
+    x = bxor(x, rshift(x, 4))
+    crc = band(bxor(lshift(crc, 8), lshift(x, 12), lshift(x, 5), x), 0xFFFF)
+  end
+  return crc % 16384
+end
+
+local K = KEYS
+local key_id, org_id = '', ''
+local record_limits = {}
+if ARGV[i] == 'key' then
+  local scope = ARGV[i + 1]
+  local rec
+  for k = 1, #KEYS do
+    local r = redis.call('HMGET', KEYS[k], 'key_id', 'org_id', 'state', 'expires_ms', 'scopes', 'limits')
+    if r[1] then rec = r; break end
+  end
+  if not rec then return {'unknown_key', now, '', '', ''} end
+  if not valid_id(rec[1]) or not valid_id(rec[2]) or slot(rec[2]) ~= tonumber(ARGV[i + 2]) then
+    return {'bad_record', now, '', '', ''}
+  end
+  key_id, org_id = rec[1], rec[2]
+  -- any state but active refuses: 'expired' as expired, anything else as revoked
+  if rec[3] ~= 'active' then
+    return {rec[3] == 'expired' and 'expired_key' or 'revoked_key', now, '', key_id, org_id}
+  end
+  if rec[4] and rec[4] ~= '' then
+    local expires = tonumber(rec[4])
+    -- expired from expires_ms on (KeyRecord.state_at), by this server's clock: every gateway alike
+    if not expires or now >= expires then return {'expired_key', now, '', key_id, org_id} end
+  end
+  if scope ~= '' then
+    local has = false
+    for s in string.gmatch(rec[5] or '', '%S+') do
+      if s == scope then has = true; break end
+    end
+    if not has then return {'insufficient_scope', now, '', key_id, org_id} end
+  end
+  for label, limit in string.gmatch(rec[6] or '', '([^,=]+)=(%d+)') do record_limits[label] = tonumber(limit) end
+  K = {}
+  local j = i + 3
+  for n = 1, 6 do
+    K[n] = ARGV[j] .. org_id .. ARGV[j + 1] .. (ARGV[j + 2] == '1' and key_id or '')
+    j = j + 3
+  end
+end
+
+local tier = redis.call('HGET', K[5], 'tier')
 if not tier or not tiers[tier] then tier = default_tier end
 local org_limits = tiers[tier]
 local key_limits = {}
 local overrides = {}
-local raw = redis.call('HGETALL', KEYS[6])
+local raw = redis.call('HGETALL', K[6])
 for j = 1, #raw, 2 do overrides[raw[j]] = tonumber(raw[j + 1]) end
-for w = 1, nw do key_limits[w] = overrides[windows[w].label] or org_limits[w] end
+for w = 1, nw do
+  local limit = overrides[windows[w].label] or org_limits[w]
+  -- a key's own limit (its record) only ever lowers what it would have
+  local own = record_limits[windows[w].label]
+  if own and (limit < 0 or own < limit) then limit = own end
+  key_limits[w] = limit
+end
 
 -- Counts of a window from the processor's buckets: a fixed window its current
 -- bucket; a sliding one every bucket overlapping (now - length, now].
@@ -92,16 +179,16 @@ local function check_scope(scope, usage, resv, limits)
     end
   end
 end
-check_scope('key', KEYS[1], KEYS[3], key_limits)
-check_scope('org', KEYS[2], KEYS[4], org_limits)
+check_scope('key', K[1], K[3], key_limits)
+check_scope('org', K[2], K[4], org_limits)
 
 if allowed == 1 then
-  redis.call('ZADD', KEYS[3], now, event_id)
-  redis.call('ZADD', KEYS[4], now, event_id)
-  redis.call('PEXPIRE', KEYS[3], ttl)
-  redis.call('PEXPIRE', KEYS[4], ttl)
+  redis.call('ZADD', K[3], now, event_id)
+  redis.call('ZADD', K[4], now, event_id)
+  redis.call('PEXPIRE', K[3], ttl)
+  redis.call('PEXPIRE', K[4], ttl)
 end
-local out = {allowed, now, tier}
+local out = {allowed == 1 and 'allowed' or 'rate_limited', now, tier, key_id, org_id}
 for _, r in ipairs(result) do
   table.insert(out, r[1]); table.insert(out, r[2]); table.insert(out, r[3]); table.insert(out, r[4])
   table.insert(out, r[5] + allowed); table.insert(out, r[6])

@@ -1,5 +1,11 @@
 """Who a request is from, as gateways read it, and why an identity is refused.
 
+By default a gateway verifies the API key the caller presents (``presented_key``:
+``Authorization: Bearer <key>`` or a configured header) and takes the identity from the
+key's record. In the trusted mode (an auth layer in front verified the caller and sets
+X-Api-Key-Id and X-Org-Id itself) the identity is read from those headers instead
+(``header_identity``), judged by the id rule.
+
 Ids are judged by the one rule of schemas/ids.py. One that breaks it is refused
 before any Redis key is built from it (a ``}`` or ``{`` in an id could alias another
 tenant's keys) and before the request is admitted (its event would be refused, so
@@ -11,6 +17,10 @@ and reasons travel into proxies' and clients' logs.
 from __future__ import annotations
 
 from quotaflow.schemas.ids import ID_RULE, is_valid_id
+
+DEFAULT_PRESENTED_KEY_HEADER = "X-Api-Key"  # QUOTAFLOW_GATEWAY_KEY_HEADER's default
+_OWS = " \t"  # HTTP's optional white space around a header value
+TWO_KEYS = "two different API keys presented (Authorization and {header}): send one"
 
 KEY_HEADER = "X-Api-Key-Id"
 ORG_HEADER = "X-Org-Id"
@@ -35,3 +45,29 @@ def problem(api_key_id: object, org_id: object, names: tuple[str, str] = HEADERS
             got = f"{len(value)} characters" if isinstance(value, str) else f"a {type(value).__name__}"
             return f"{name}: must be {ID_RULE} (got {got}; the value is not repeated here)"
     return None
+
+
+def presented_key(authorization: str | None, other: str | None, header: str = DEFAULT_PRESENTED_KEY_HEADER
+                  ) -> tuple[str | None, str | None]:
+    """(key, None) for the key a request presents, from the Authorization header's Bearer
+    credentials or the configured header's value (``other``); (None, None) when it presents
+    none; (None, reason) when it presents two different ones (which to believe?). Another
+    Authorization scheme (Basic, ...) is not a key and is left alone."""
+    bearer = None
+    if authorization:
+        scheme, _, credentials = authorization.strip(_OWS).partition(" ")
+        if scheme.lower() == "bearer":
+            bearer = credentials.strip(_OWS) or None
+    other = other.strip(_OWS) if other else None
+    if bearer and other and bearer != other:
+        return None, TWO_KEYS.format(header=header)
+    return bearer or other or None, None
+
+
+def scope_headers(scope: dict) -> dict[str, str]:
+    """An ASGI request's headers by lower-case name (the first of repeated ones), read as
+    latin-1, which takes any byte."""
+    out: dict[str, str] = {}
+    for name, value in scope.get("headers") or ():
+        out.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return out

@@ -1,18 +1,28 @@
-"""``check(api_key_id, org_id) -> Decision``: one Redis round trip (check.lua).
+"""One Redis round trip per request (check.lua): verify the caller's API key and check the
+rate limits of that key and its org.
 
-The round trip is a pipeline of two commands: GET of the emergency switch and
-the check script. The switch is one key for every org, so it lives in no org's
-hash slot; read inside the script it would make every call cross-slot (refused
-by Redis Cluster, and then the check falls open). Read beside it, it is still
-exact and read per check, and the script touches only keys of one org.
+- ``verify(presented_key, required_scope) -> Verdict``: what gateways use. A key whose
+  shape or checksum is wrong is refused offline (schemas/api_keys.parse), with no Redis
+  call. Otherwise one script call looks its record up by HMAC (one candidate name per
+  configured hash secret, QUOTAFLOW_KEY_HASH_SECRETS), checks its state, its expiry (by
+  Redis's clock) and the scope, then does the rate-limit check of the key id and org the
+  record names. The key itself is never sent, logged or put in a name: only its HMAC is.
+- ``check(api_key_id, org_id) -> Decision``: the rate-limit check alone, for callers whose
+  auth layer already verified who is calling (the trusted mode).
 
-Ids are checked with the one rule (schemas/ids.py) before anything is sent:
-an id holding ``}`` (which ends the hash tag) could otherwise alias another
-tenant's keys.
+The round trip is a pipeline of two commands: GET of the emergency switch and the
+script. The switch is one key for every org, so it lives in no org's hash slot; read
+inside the script it would make every call cross-slot (refused by Redis Cluster, and
+then the check falls open). Read beside it, it is still exact and read per check, and the
+script touches only keys of one slot. The switch turns rate limiting off, not
+authentication: an unknown, revoked or expired key is refused whatever it says.
+
+Ids are checked with the one rule (schemas/ids.py) before anything is sent: an id
+holding ``}`` (which ends the hash tag) could otherwise alias another tenant's keys.
 
 When Redis is slower than the budget or down, the limiter fails open (admits,
-``enforced=False``) or closed (refuses) as configured; it never blocks a
-request longer than the budget.
+``enforced=False``; a presented key is then not verified, and no identity is known) or
+closed (refuses) as configured; it never blocks a request longer than the budget.
 """
 
 from __future__ import annotations
@@ -20,16 +30,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from importlib import resources
+from typing import Mapping, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
 from prometheus_client import Counter
-from redis.exceptions import NoScriptError, RedisError
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from quotaflow.core.settings import Settings
+from quotaflow.core.settings import ConfigError, Settings, env_var
+from quotaflow.schemas.api_keys import SCOPE_PATTERN, InvalidKey, key_hash, parse
 from quotaflow.schemas.ids import InvalidId, check_id
 from quotaflow.schemas.limits import Policy, policy_from_settings
 from quotaflow.schemas.redis_keys import (
@@ -37,6 +51,7 @@ from quotaflow.schemas.redis_keys import (
     ENFORCEMENT_OFF,
     Decision,
     WindowUsage,
+    api_key_record,
     org_key,
     overrides_key,
     reservations_key,
@@ -45,27 +60,127 @@ from quotaflow.schemas.redis_keys import (
 
 log = logging.getLogger(__name__)
 
-CHECKS = Counter("quotaflow_gateway_checks_total", "Rate-limit checks by result", ["result"])
-UNAVAILABLE = "unavailable"  # denied_by when Redis could not answer and the limiter fails closed
+CHECKS = Counter("quotaflow_gateway_checks_total", "Checks by result", ["result"])
+
+# What a check can answer (Verdict.outcome), each a status a gateway answers with. The
+# outcomes that refuse a key are also results of quotaflow_gateway_checks_total.
+ALLOWED = "allowed"
+RATE_LIMITED = "rate_limited"
+MISSING_KEY = "missing_key"  # no key presented
+MALFORMED_KEY = "malformed_key"  # not a key's shape or checksum: refused offline
+UNKNOWN_KEY = "unknown_key"
+REVOKED_KEY = "revoked_key"
+EXPIRED_KEY = "expired_key"
+INSUFFICIENT_SCOPE = "insufficient_scope"
+UNAVAILABLE = "unavailable"  # Redis could not answer and the limiter fails closed (also a Decision's denied_by)
+STATUS = {ALLOWED: 200, RATE_LIMITED: 429, MISSING_KEY: 401, MALFORMED_KEY: 401, UNKNOWN_KEY: 401,
+          REVOKED_KEY: 401, EXPIRED_KEY: 401, INSUFFICIENT_SCOPE: 403, UNAVAILABLE: 429}
+REASONS = {  # for the client: never the key
+    MISSING_KEY: "no API key: send it as Authorization: Bearer <key>",
+    UNKNOWN_KEY: "unknown API key",
+    REVOKED_KEY: "this API key has been revoked",
+    EXPIRED_KEY: "this API key has expired",
+    UNAVAILABLE: "the rate limiter is unavailable; try again shortly",
+}
+_BAD_RECORD = "bad_record"  # the script's answer for a record naming an id that breaks the rule
+_SCOPE = re.compile(SCOPE_PATTERN)
+# Redis Cluster's errors for a script reaching a key outside its call's slot (or node)
+_SLOT_ERROR = re.compile(r"do not hash to the same slot|non local key", re.IGNORECASE)
 
 SCRIPT = resources.files("quotaflow.gateway").joinpath("check.lua").read_text()
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 _OFF = (ENFORCEMENT_OFF, ENFORCEMENT_OFF.encode())  # as a client with or without decode_responses reads it
 
 
-class _Check:
-    """Arguments and answer of check.lua, shared by the async and the sync limiter."""
+class InvalidScope(ValueError):
+    """A required scope that is not one (a gateway's configuration error): the message
+    names the rule, not the value."""
 
-    def __init__(self, policy: Policy, fail_open: bool):
+
+class Verdict(NamedTuple):
+    """What ``verify`` answers: the outcome (one of the constants above), the identity the
+    key's record names when it was found, and the rate-limit decision when the key got
+    that far (or Redis failed). ``reason`` is for the client and logs: never the key."""
+
+    outcome: str
+    now_ms: int
+    org_id: str = ""
+    api_key_id: str = ""
+    reason: str = ""
+    decision: Decision | None = None
+    scope: str = ""  # the scope required, when the key lacked it
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome == ALLOWED
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.outcome]
+
+    @property
+    def enforced(self) -> bool:
+        """False when admitted without enforcement (switch off, or Redis down and failing open)."""
+        return self.decision.enforced if self.decision is not None else True
+
+    @property
+    def event_id(self) -> str:
+        return self.decision.event_id if self.decision is not None else ""
+
+    @classmethod
+    def of_decision(cls, d: Decision, org_id: str, api_key_id: str) -> "Verdict":
+        """The verdict of an id-based (trusted) check, so gateways answer both alike."""
+        outcome = ALLOWED if d.allowed else UNAVAILABLE if d.denied_by == UNAVAILABLE else RATE_LIMITED
+        return cls(outcome, d.now_ms, org_id, api_key_id, _limit_reason(d), d)
+
+
+def _limit_reason(d: Decision) -> str:
+    if d.allowed:
+        return ""
+    return REASONS[UNAVAILABLE] if d.denied_by == UNAVAILABLE else f"rate limit exceeded ({d.denied_by})"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _layout() -> list[str | int]:
+    """The names of an org's six keys as check.lua builds them from a record's org and key
+    ids: (head, middle, 1 if the key id ends it) each, taken from schemas/redis_keys.py
+    so that the layout is defined there only."""
+    org, key = "\x00org\x00", "\x00key\x00"
+    out: list[str | int] = []
+    for name, keyed in ((usage_key(org, key), 1), (usage_key(org), 0), (reservations_key(org, key), 1),
+                        (reservations_key(org), 0), (org_key(org), 0), (overrides_key(org, key), 1)):
+        head, rest = name.split(org)
+        middle = rest.removesuffix(key) if keyed else rest
+        assert key not in middle and (not keyed or rest.endswith(key)), name
+        out += [head, middle, keyed]
+    return out
+
+
+def _encoded(args: list[str | int]) -> list[bytes]:
+    return [str(a).encode() for a in args]
+
+
+class _Check:
+    """Arguments and answers of check.lua, shared by the async and the sync limiter."""
+
+    def __init__(self, policy: Policy, fail_open: bool, key_secrets: Mapping[str, str] | None = None):
         self.policy = policy
         self.fail_open = fail_open
+        self.secrets = tuple(secret.encode() for secret in (key_secrets or {}).values())
         tail: list[str | int] = [policy.reservation_ttl_ms, policy.default_tier, len(policy.windows)]
         for w in policy.windows:
             tail += [w.label, w.length_ms, w.bucket_ms, int(w.sliding)]
         tail.append(len(policy.tiers))
         for name, limits in policy.tiers.items():
             tail += [name, *(-1 if limit is None else limit for limit in limits)]
-        self.args_tail = tail
+        # The same on every call: encoded once (each argument encoded per call costs a gateway
+        # about a microsecond; these are some forty)
+        self.ids_tail = _encoded([*tail, "ids"])
+        self.key_tail = _encoded([*tail, "key"])
+        self.layout = _encoded(_layout())
 
     @staticmethod
     def keys(api_key_id: str, org_id: str) -> list[str]:
@@ -81,7 +196,27 @@ class _Check:
                 reservations_key(org_id), org_key(org_id), overrides_key(org_id, api_key_id)]
 
     def args(self, event_id: str) -> list:
-        return [event_id, *self.args_tail]
+        return [event_id, *self.ids_tail]
+
+    @staticmethod
+    def scope(required: str | None) -> str:
+        if required is None or required == "":
+            return ""
+        if not (isinstance(required, str) and _SCOPE.fullmatch(required)):
+            raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
+        return required
+
+    def candidates(self, presented: str) -> tuple[list[str], int]:
+        """The names the key's record may have, one per configured secret, all in the slot
+        of the key's hint (so of its org), and that slot. InvalidKey, offline, for what is
+        not a key."""
+        if not self.secrets:
+            raise ConfigError(f"{env_var('key_hash_secrets')} is empty: API keys cannot be verified")
+        hint = parse(presented).slot_hint  # shape and checksum first: a fake costs no HMAC and no Redis call
+        return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets], key_slot(hint.encode())
+
+    def key_args(self, event_id: str, scope: str, slot: int) -> list:
+        return [event_id, *self.key_tail, scope, slot, *self.layout]
 
     @staticmethod
     def replies(switch: object, reply: object) -> tuple[object, list]:
@@ -93,23 +228,54 @@ class _Check:
 
     @staticmethod
     def parse(switch: object, reply: list, event_id: str) -> Decision:
-        """The decision from the switch's value and the script's answer. With the switch
-        off every request is admitted: one the script admitted keeps its reservation
-        (its event releases it, so counting goes on exactly), one it refused has none."""
-        allowed, now_ms, tier = int(reply[0]), int(reply[1]), reply[2]
-        tier = tier.decode() if isinstance(tier, bytes) else tier
+        """The decision from the switch's value and the script's answer (outcome, now, tier,
+        key, org, windows). With the switch off every request is admitted: one the script
+        admitted keeps its reservation (its event releases it, so counting goes on exactly),
+        one it refused has none."""
+        allowed, now_ms, tier = _text(reply[0]) == ALLOWED, int(reply[1]), _text(reply[2])
         if switch in _OFF:  # anything else, a read error included, leaves enforcement on
             CHECKS.labels("not_enforced").inc()
             return Decision(allowed=True, tier=tier, limit=0, remaining=0, reset_ms=now_ms, window="", denied_by="",
                             now_ms=now_ms, event_id=event_id if allowed else "", enforced=False)
         windows = []
-        for i in range(3, len(reply), 6):
-            scope, label = (x.decode() if isinstance(x, bytes) else x for x in reply[i:i + 2])
+        for i in range(5, len(reply), 6):
+            scope, label = _text(reply[i]), _text(reply[i + 1])
             windows.append(WindowUsage(scope, label, int(reply[i + 2]), int(reply[i + 3]), int(reply[i + 4]),
                                        int(reply[i + 5])))
         CHECKS.labels("allowed" if allowed else "denied").inc()
-        return Decision.from_windows(tuple(windows), allowed=bool(allowed), tier=tier, now_ms=now_ms,
-                                     event_id=event_id)
+        return Decision.from_windows(tuple(windows), allowed=allowed, tier=tier, now_ms=now_ms, event_id=event_id)
+
+    def verdict(self, switch: object, reply: list, event_id: str, scope: str) -> Verdict:
+        outcome, now_ms = _text(reply[0]), int(reply[1])
+        key_id, org_id = _text(reply[3]), _text(reply[4])
+        if outcome == _BAD_RECORD:
+            return self.bad_record(now_ms)
+        if outcome not in (ALLOWED, RATE_LIMITED):
+            CHECKS.labels(outcome).inc()
+            if outcome == INSUFFICIENT_SCOPE:
+                return Verdict(outcome, now_ms, org_id, key_id, f"this API key lacks the scope {scope}", scope=scope)
+            return Verdict(outcome, now_ms, org_id, key_id, REASONS[outcome])
+        d = self.parse(switch, reply, event_id)
+        return Verdict(ALLOWED if d.allowed else RATE_LIMITED, now_ms, org_id, key_id, _limit_reason(d), d)
+
+    @staticmethod
+    def bad_record(now_ms: int | None = None) -> Verdict:
+        """The registry wrote a record no gateway may use: say so (without the record, which
+        names the key's hash), and refuse the key as unknown."""
+        CHECKS.labels(_BAD_RECORD).inc()
+        log.error("an API key record names an org or key id that breaks the id rule, or an org outside the "
+                  "record's hash slot; the key is refused as unknown")
+        return Verdict(UNKNOWN_KEY, int(time.time() * 1000) if now_ms is None else now_ms, reason=REASONS[UNKNOWN_KEY])
+
+    @staticmethod
+    def malformed(reason: InvalidKey | str) -> Verdict:
+        CHECKS.labels(MALFORMED_KEY).inc()
+        return Verdict(MALFORMED_KEY, int(time.time() * 1000), reason=str(reason))
+
+    @staticmethod
+    def missing() -> Verdict:
+        CHECKS.labels(MISSING_KEY).inc()
+        return Verdict(MISSING_KEY, int(time.time() * 1000), reason=REASONS[MISSING_KEY])
 
     def unavailable(self, exc: BaseException) -> Decision:
         CHECKS.labels("redis_unavailable").inc()
@@ -121,13 +287,34 @@ class _Check:
         return Decision(allowed=False, tier="", limit=0, remaining=0, reset_ms=now + 1000, window="",
                         denied_by=UNAVAILABLE, now_ms=now, enforced=False)
 
+    def unavailable_verdict(self, exc: BaseException) -> Verdict:
+        """Failing open admits the key unverified (no identity); failing closed refuses it.
+        But a Redis Cluster refusing the org's keys means the record names an org outside
+        its slot: a record no gateway may use, refused like one that breaks the id rule,
+        never admitted by failing open (the script wrote nothing before that access)."""
+        if isinstance(exc, ResponseError) and _SLOT_ERROR.search(str(exc)):
+            return self.bad_record()
+        d = self.unavailable(exc)
+        return Verdict(ALLOWED if d.allowed else UNAVAILABLE, d.now_ms, reason=_limit_reason(d), decision=d)
+
+
+def valid_scope(required: str | None) -> str:
+    """A required scope as checks take it ("" for none); InvalidScope when it is not one."""
+    return _Check.scope(required)
+
+
+def malformed_key(reason: str) -> Verdict:
+    """The verdict for a request whose key is refused before any check (two keys presented)."""
+    return _Check.malformed(reason)
+
 
 class RateLimiter:
     """For asyncio services and gateways."""
 
-    def __init__(self, client: aioredis.Redis, policy: Policy, *, timeout_ms: int = 50, fail_open: bool = True):
+    def __init__(self, client: aioredis.Redis, policy: Policy, *, timeout_ms: int = 50, fail_open: bool = True,
+                 key_secrets: Mapping[str, str] | None = None):
         self._client = client
-        self._check = _Check(policy, fail_open)
+        self._check = _Check(policy, fail_open, key_secrets)
         self.timeout_s = timeout_ms / 1000
         self.policy = policy
 
@@ -137,11 +324,36 @@ class RateLimiter:
         client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
                                          socket_connect_timeout=timeout_s)
         return cls(client, policy_from_settings(settings), timeout_ms=settings.gateway_timeout_ms,
-                   fail_open=settings.gateway_fail_open)
+                   fail_open=settings.gateway_fail_open, key_secrets=settings.key_hash_secrets)
+
+    @property
+    def verifies_keys(self) -> bool:
+        """Whether ``verify`` can work: at least one hash secret is configured."""
+        return bool(self._check.secrets)
+
+    async def verify(self, presented_key: str | None, required_scope: str | None = None) -> Verdict:
+        """The verdict for one request presenting ``presented_key``: refused offline when it
+        is missing or not a key, else verified and rate-limited in one round trip.
+        InvalidScope for a required scope that is not one, before anything else."""
+        scope = _Check.scope(required_scope)
+        if not presented_key:
+            return self._check.missing()
+        try:
+            keys, slot = self._check.candidates(presented_key)
+        except InvalidKey as exc:
+            return self._check.malformed(exc)
+        event_id = str(uuid.uuid4())
+        try:
+            switch, reply = await asyncio.wait_for(self._round_trip(keys, self._check.key_args(event_id, scope, slot)),
+                                                   self.timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            return self._check.unavailable_verdict(exc)
+        return self._check.verdict(switch, reply, event_id, scope)
 
     async def check(self, api_key_id: str, org_id: str) -> Decision:
-        """The decision for one request; InvalidId (naming the field) for an id that
-        breaks the rule, before anything is sent to Redis."""
+        """The rate-limit decision for one request of a caller already verified (trusted
+        mode); InvalidId (naming the field) for an id that breaks the rule, before anything
+        is sent to Redis."""
         keys = _Check.keys(api_key_id, org_id)
         event_id = str(uuid.uuid4())
         try:
@@ -173,18 +385,39 @@ class RateLimiter:
 
 
 class SyncRateLimiter:
-    """For threaded (WSGI) services: the same check, blocking for at most the budget."""
+    """For threaded (WSGI) services: the same checks, blocking for at most the budget."""
 
-    def __init__(self, client: redis.Redis, policy: Policy, *, fail_open: bool = True):
+    def __init__(self, client: redis.Redis, policy: Policy, *, fail_open: bool = True,
+                 key_secrets: Mapping[str, str] | None = None):
         self._client = client
-        self._check = _Check(policy, fail_open)
+        self._check = _Check(policy, fail_open, key_secrets)
         self.policy = policy
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SyncRateLimiter":
         timeout_s = settings.gateway_timeout_ms / 1000
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, policy_from_settings(settings), fail_open=settings.gateway_fail_open)
+        return cls(client, policy_from_settings(settings), fail_open=settings.gateway_fail_open,
+                   key_secrets=settings.key_hash_secrets)
+
+    @property
+    def verifies_keys(self) -> bool:
+        return bool(self._check.secrets)
+
+    def verify(self, presented_key: str | None, required_scope: str | None = None) -> Verdict:
+        scope = _Check.scope(required_scope)
+        if not presented_key:
+            return self._check.missing()
+        try:
+            keys, slot = self._check.candidates(presented_key)
+        except InvalidKey as exc:
+            return self._check.malformed(exc)
+        event_id = str(uuid.uuid4())
+        try:
+            switch, reply = self._round_trip(keys, self._check.key_args(event_id, scope, slot))
+        except (RedisError, OSError) as exc:
+            return self._check.unavailable_verdict(exc)
+        return self._check.verdict(switch, reply, event_id, scope)
 
     def check(self, api_key_id: str, org_id: str) -> Decision:
         keys = _Check.keys(api_key_id, org_id)

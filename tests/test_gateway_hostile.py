@@ -31,7 +31,7 @@ from starlette.routing import Route
 from quotaflow.collector.emitter import Emitter
 from quotaflow.deploy.procs import wait_until
 from quotaflow.gateway import request_event
-from quotaflow.gateway.asgi import RateLimitMiddleware
+from quotaflow.gateway.asgi import RateLimitMiddleware, header_identity
 from quotaflow.gateway.limiter import SCRIPT, RateLimiter, SyncRateLimiter, _Check
 from quotaflow.schemas.events import BYTES_MAX, ENDPOINT_MAX, METHODS, USER_AGENT_MAX, decode_record, validate
 from quotaflow.schemas.ids import ID_PATTERN, ID_RULE, InvalidId, is_valid_id
@@ -89,8 +89,10 @@ def test_every_key_one_check_touches_is_in_the_org_hash_slot(org, key):
 
 
 def test_the_check_script_touches_only_the_keys_it_is_given():
-    """No key name inside check.lua (the emergency switch used to be KEYS[7], in no org's slot)."""
-    assert sorted({int(i) for i in re.findall(r"KEYS\[(\d+)\]", SCRIPT)}) == [1, 2, 3, 4, 5, 6]
+    """No key name inside check.lua (the emergency switch used to be KEYS[7], in no org's slot):
+    the six keys of an org by id (trusted mode), or, verifying a key, the candidate records
+    and the org's keys named from the layout the gateway passes (schemas/redis_keys.py)."""
+    assert {int(i) for i in re.findall(r"KEYS\[(\d+)\]", SCRIPT)} <= {1, 2, 3, 4, 5, 6}
     assert "qf:" not in SCRIPT and "enforcement" not in SCRIPT.split("\n\n", 1)[1]
 
 
@@ -201,6 +203,46 @@ def test_checks_and_the_emergency_switch_work_on_a_redis_cluster(cluster_node):
     assert reserved == 2
     sync = SyncRateLimiter(SyncRedisCluster(host="127.0.0.1", port=cluster_node), policy)
     assert [sync.check(unique("key"), unique("org")).allowed for _ in range(2)] == [True, True]
+
+
+def test_keys_are_verified_on_a_redis_cluster_and_a_record_outside_its_slot_is_refused(cluster_node):
+    """Verifying a key is one single-slot call on a real cluster: the record (in the slot of
+    the key's hint) and the org's keys (named in the script from the record) share a slot.
+    A record naming an org of another slot is refused as unknown, never admitted (not
+    even failing open), and writes nothing."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.cluster import RedisCluster as SyncRedisCluster
+
+    from quotaflow.gateway.limiter import ALLOWED, RATE_LIMITED, UNKNOWN_KEY
+    from tests.key_records import SECRETS, new_key, record_name
+
+    policy = Policy((Window(60),), {"FREE": (2,)})
+    org, other = unique("org"), unique("other")
+    while key_slot(other.encode()) == key_slot(org.encode()):
+        other = unique("other")
+    sync_client = SyncRedisCluster(host="127.0.0.1", port=cluster_node)
+    key, rec = new_key(sync_client, org)
+    misplaced, bad = new_key(sync_client, org)
+    sync_client.hset(record_name(bad), "org_id", other)
+
+    async def scenario():
+        client = RedisCluster(host="127.0.0.1", port=cluster_node)
+        limiter = RateLimiter(client, policy, timeout_ms=5000, fail_open=True, key_secrets=SECRETS)
+        out = [await limiter.verify(key) for _ in range(3)] + [await limiter.verify(misplaced)]
+        reserved = await client.zcard(reservations_key(org, rec.key_id))
+        await client.aclose()
+        return out, reserved
+
+    minute_start(need_s=15)
+    verdicts, reserved = asyncio.run(scenario())
+    assert [(v.outcome, v.api_key_id) for v in verdicts[:3]] == [(ALLOWED, rec.key_id)] * 2 + [
+        (RATE_LIMITED, rec.key_id)]
+    assert (verdicts[3].outcome, verdicts[3].org_id, verdicts[3].enforced) == (UNKNOWN_KEY, "", True)
+    assert reserved == 2
+    assert sync_client.exists(reservations_key(other, bad.key_id), reservations_key(other)) == 0
+    sync = SyncRateLimiter(sync_client, policy, key_secrets=SECRETS)
+    assert [sync.verify(key).outcome, sync.verify(misplaced).outcome] == [RATE_LIMITED, UNKNOWN_KEY]
+    sync_client.close()
 
 
 def test_with_the_switch_off_a_reservation_made_is_kept_for_its_event(live_stack, redis_client):
@@ -414,7 +456,9 @@ def test_every_admitted_request_is_counted_whatever_it_holds(live_stack, redis_c
     """Each case is one key of one org: the request is admitted, its event is published
     valid (nothing dead-lettered), says which fields were normalised, and the processor
     counts it and releases its reservation. Requests with ids that break the rule get a
-    400 naming the header and the rule and leave nothing behind. No value reaches a log."""
+    400 naming the header and the rule and leave nothing behind. No value reaches a log.
+    (The trusted mode, identity from X-Api-Key-Id / X-Org-Id: what is tested here is the
+    event, whoever the identity was verified by.)"""
     org = unique("org")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "ENTERPRISE")
     fields = ("endpoint", "method", "status", "request_bytes", "user_agent", "client_ip", "latency_ms",
@@ -426,7 +470,7 @@ def test_every_admitted_request_is_counted_whatever_it_holds(live_stack, redis_c
         limiter = RateLimiter.from_settings(live_stack)
         limiter.timeout_s = 2.0
         async with Emitter(live_stack.kafka_bootstrap) as emitter:
-            app = RateLimitMiddleware(_service, limiter, emitter, service="shop")
+            app = RateLimitMiddleware(_service, limiter, emitter, service="shop", identify=header_identity)
             answers = {key: await _asgi(app, _scope(org, key, case)) for key, (case, _, _) in CASES.items()}
             refusals = [await _asgi(app, _scope(o, k, {})) for k, o in bad]
             await emitter.flush()
@@ -491,8 +535,8 @@ def test_a_custom_identity_that_breaks_the_rule_is_refused_naming_the_field():
 
 
 def test_the_gateway_server_logs_no_identity_or_header_value(tmp_path, live_stack):
-    """`quotaflow gateway` at debug level, fed hostile identities and headers: none of
-    their values appears in its log."""
+    """`quotaflow gateway` at debug level in the trusted mode, fed hostile identities and
+    headers: none of their values appears in its log."""
     import httpx
 
     from quotaflow.deploy.procs import Proc
@@ -501,7 +545,7 @@ def test_the_gateway_server_logs_no_identity_or_header_value(tmp_path, live_stac
     proc = Proc("gateway-secrets", tmp_path / "run")
     port = live_stack.gateway_port + 1
     env = {**os.environ, "QUOTAFLOW_GATEWAY_PORT": str(port), "QUOTAFLOW_LOG_LEVEL": "DEBUG",
-           "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"}
+           "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000", "QUOTAFLOW_GATEWAY_TRUST_IDENTITY_HEADERS": "true"}
     proc.start([sys.executable, "-m", "quotaflow", "gateway"], log_path, marker="quotaflow gateway", env=env)
     base = f"http://127.0.0.1:{port}"
     org = unique("org")
@@ -534,3 +578,47 @@ def _serving(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_gateway_server_logs_no_api_key(tmp_path, live_stack, redis_client):
+    """`quotaflow gateway` at debug level verifying keys, fed good, revoked, mistyped,
+    unknown and doubled keys in both headers, and a Redis that fails: no key (nor any part
+    of one beyond the display prefix) appears in its log, and no answer repeats one."""
+    import httpx
+
+    from quotaflow.deploy.procs import Proc
+    from quotaflow.schemas.api_keys import REVOKED, display_prefix, generate
+    from tests.key_records import SECRETS_ENV, new_key
+
+    org = unique("org")
+    good, _ = new_key(redis_client, org, scopes=("a",))
+    revoked, _ = new_key(redis_client, org, state=REVOKED)
+    unknown = generate(org)
+    mistyped = good[:-1] + ("x" if good[-1] != "x" else "y")
+    keys = [good, revoked, unknown, mistyped]
+    log_path = tmp_path / "gateway.log"
+    proc = Proc("gateway-keys", tmp_path / "run")
+    port = live_stack.gateway_port + 2
+    env = {**os.environ, **SECRETS_ENV, "QUOTAFLOW_GATEWAY_PORT": str(port), "QUOTAFLOW_LOG_LEVEL": "DEBUG",
+           "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"}
+    proc.start([sys.executable, "-m", "quotaflow", "gateway"], log_path, marker="quotaflow gateway", env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _serving(base + "/healthz"), 30), log_path.read_text()
+        with httpx.Client(base_url=base, timeout=10) as client:
+            answers = [client.get("/check", headers={"Authorization": f"Bearer {k}"}) for k in keys]
+            answers += [client.get("/check", headers={"X-Api-Key": k}, params={"scope": "b"}) for k in keys]
+            answers.append(client.get(f"/check?key={good}", headers={"Authorization": f"Bearer {good}",
+                                                                     "X-Api-Key": revoked}))
+            answers.append(client.get("/check", headers={"Authorization": f"Bearer {good}" + "x" * 200}))
+            with socket.create_connection(("127.0.0.1", port)) as s:  # a key where the request line goes
+                s.sendall(f"{good} {good}\r\n\r\n".encode())
+                assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+    finally:
+        proc.stop()
+    assert [a.status_code for a in answers] == [200, 401, 401, 401, 403, 401, 401, 401, 401, 401]
+    text = log_path.read_text()
+    assert "Invalid HTTP request" in text  # the log did record the refusal, without the key
+    for k in keys:
+        assert k not in text and k[len(display_prefix(k)):] not in text
+        assert all(k not in a.text and k not in str(a.headers) for a in answers)

@@ -14,6 +14,7 @@ import pytest
 
 from quotaflow.core import metrics
 from quotaflow.deploy.procs import Proc
+from tests.key_records import SECRETS_ENV, new_key
 from tests.pipeline import unique, wait_for
 
 pytestmark = pytest.mark.stack
@@ -34,7 +35,8 @@ def gateway(live_stack, tmp_path):
     log_path = tmp_path / "gateway.log"
     proc = Proc("gateway-metrics", tmp_path / "run")
     proc.start([sys.executable, "-m", "quotaflow", "gateway"], log_path, marker="quotaflow gateway",
-               env={**os.environ, "QUOTAFLOW_GATEWAY_PORT": str(port), "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"})
+               env={**os.environ, **SECRETS_ENV, "QUOTAFLOW_GATEWAY_PORT": str(port),
+                    "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _up(base + "/healthz"), 30, "the gateway to serve", log_path.read_text)
@@ -43,21 +45,27 @@ def gateway(live_stack, tmp_path):
         proc.stop()
 
 
-def test_the_gateways_checks_counter_is_scraped_after_checks(gateway):
+def test_the_gateways_checks_counter_is_scraped_after_checks(gateway, redis_client):
     """quotaflow_gateway_checks_total was counted and never served; now /metrics of the
-    check server serves it, one count per check by its result."""
-    org, key = unique("org"), unique("key")
+    check server serves it, one count per check by its result (a key refused before the
+    limits by its outcome), and never a key."""
+    org = unique("org")
+    key, _ = new_key(redis_client, org)
+    mistyped = key[:-1] + ("x" if key[-1] != "x" else "y")
     before = metrics.parse(httpx.get(gateway + "/metrics", timeout=10).text)
     with httpx.Client(base_url=gateway, timeout=10) as client:
         # FREE allows 10 a minute: 14 checks of one key are some admitted, some refused
         # (how many of each depends on the minute they fall in; the counter must agree).
-        statuses = [client.get("/check", headers={"X-Api-Key-Id": key, "X-Org-Id": org}).status_code
-                    for _ in range(14)]
-    assert set(statuses) <= {200, 429} and 429 in statuses
-    after = metrics.parse(httpx.get(gateway + "/metrics", timeout=10).text)
-    for result, status in (("allowed", 200), ("denied", 429)):
+        statuses = [client.get("/check", headers={"Authorization": f"Bearer {key}"}).status_code for _ in range(14)]
+        malformed = [client.get("/check", headers={"Authorization": f"Bearer {mistyped}"}).status_code
+                     for _ in range(3)]
+    assert set(statuses) <= {200, 429} and 429 in statuses and malformed == [401] * 3
+    text = httpx.get(gateway + "/metrics", timeout=10).text
+    after = metrics.parse(text)
+    for result, count in (("allowed", statuses.count(200)), ("denied", statuses.count(429)), ("malformed_key", 3)):
         sample = f'{CHECKS}{{result="{result}"}}'
-        assert after.get(sample, 0) - before.get(sample, 0) == statuses.count(status), (result, after)
+        assert after.get(sample, 0) - before.get(sample, 0) == count, (result, after)
+    assert key not in text and mistyped not in text
 
 
 def test_metrics_endpoints_refuse_nothing_a_client_can_send_with_a_500(gateway):

@@ -4,6 +4,7 @@ Envoy's ext_authz would call it."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from importlib import resources
@@ -15,7 +16,9 @@ import pytest
 from quotaflow.deploy.procs import Proc, wait_until
 from quotaflow.deploy.system_packages import ensure_command
 from quotaflow.schemas.ids import ID_RULE
-from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
+from quotaflow.schemas.api_keys import REVOKED, SCAN_PATTERN, generate
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
+from tests.key_records import SECRETS_ENV, new_key
 from tests.pipeline import minute_start, stray_keys, unique
 
 pytestmark = pytest.mark.stack
@@ -34,14 +37,28 @@ def serving(url: str) -> bool:
         return False
 
 
-@pytest.fixture()
-def check_endpoint(live_stack, tmp_path):
+def _gateway(live_stack, tmp_path, env: dict):
     """`quotaflow gateway`, the check endpoint, as its own process."""
     proc = Proc("gateway", tmp_path / "run")
     proc.start([sys.executable, "-m", "quotaflow", "gateway"], tmp_path / "gateway.log", marker="quotaflow gateway",
-               env={**os.environ, "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"})
+               env={**os.environ, "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000", **env})
     base = f"http://127.0.0.1:{live_stack.gateway_port}"
     assert wait_until(lambda: serving(base + "/healthz"), 30), (tmp_path / "gateway.log").read_text()
+    return proc, base
+
+
+@pytest.fixture()
+def check_endpoint(live_stack, tmp_path):
+    """Verifying API keys (the default), with the tests' hash secrets."""
+    proc, base = _gateway(live_stack, tmp_path, SECRETS_ENV)
+    yield base
+    proc.stop()
+
+
+@pytest.fixture()
+def trusted_check_endpoint(live_stack, tmp_path):
+    """In the trusted mode: identity from X-Api-Key-Id / X-Org-Id, for an auth layer in front."""
+    proc, base = _gateway(live_stack, tmp_path, {"QUOTAFLOW_GATEWAY_TRUST_IDENTITY_HEADERS": "true"})
     yield base
     proc.stop()
 
@@ -50,12 +67,9 @@ def check_endpoint(live_stack, tmp_path):
 def nginx_in_front(check_endpoint, live_stack, tmp_path):
     nginx = ensure_command("nginx", "nginx")
     upstream_port, listen_port = free_port(), free_port()
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "index.html").write_text("hello from the api\n")
     upstream = Proc("upstream", tmp_path / "run")
-    upstream.start([sys.executable, "-m", "http.server", str(upstream_port), "--bind", "127.0.0.1",
-                    "--directory", str(site)], tmp_path / "upstream.log", marker="http.server")
+    upstream.start([sys.executable, "-m", "tests.echo_upstream", str(upstream_port)], tmp_path / "upstream.log",
+                   marker="tests.echo_upstream")
     prefix = tmp_path / "nginx"
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / d).mkdir(parents=True)
@@ -75,6 +89,9 @@ def nginx_in_front(check_endpoint, live_stack, tmp_path):
     yield url
     server.stop()
     upstream.stop()
+    for log in ("access.log", "error.log"):  # whatever a test sent, no key reached nginx's logs
+        text = (prefix / log).read_text() if (prefix / log).exists() else ""
+        assert not re.search(SCAN_PATTERN, text), log
 
 
 def _listening(port: int) -> bool:
@@ -83,16 +100,17 @@ def _listening(port: int) -> bool:
 
 
 def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_front, redis_client):
-    org, key = unique("org"), unique("key")
+    org = unique("org")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "FREE")
+    key, rec = new_key(redis_client, org)
     minute_start(need_s=20)
-    with httpx.Client(headers={"X-Api-Key-Id": key, "X-Org-Id": org}, timeout=10) as client:
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=10) as client:
         responses = [client.get(nginx_in_front) for _ in range(12)]
     assert [r.status_code for r in responses] == [200] * 10 + [429] * 2
     assert responses[0].text == "hello from the api\n"
     assert [r.headers["X-RateLimit-Remaining"] for r in responses[:10]] == [str(9 - i) for i in range(10)]
     refused = responses[-1]
-    assert refused.json() == {"error": "rate limit exceeded"}
+    assert refused.json() == {"error": "rate_limited", "reason": "rate limit exceeded (key:60s)"}
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["RateLimit-Policy"] == ('"key-60s";q=10;w=60, "key-3600s";q=100;w=3600, '
                                                    '"key-86400s";q=1000;w=86400, "org-60s";q=10;w=60, '
@@ -102,16 +120,20 @@ def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_fro
 
 
 def test_check_endpoint_answers_as_envoy_ext_authz_expects(check_endpoint, redis_client):
-    org, key = unique("org"), unique("key")
+    org = unique("org")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "FREE")
+    key, rec = new_key(redis_client, org)
+    bearer = {"Authorization": f"Bearer {key}"}
     minute_start(need_s=20)
     with httpx.Client(base_url=check_endpoint, timeout=10) as client:
-        assert client.get("/check").status_code == 401  # no identity
-        assert client.get("/check", params={"deny_status": "500"},
-                          headers={"X-Api-Key-Id": key, "X-Org-Id": org}).status_code == 400
-        answers = [client.post("/check", headers={"X-Api-Key-Id": key, "X-Org-Id": org}) for _ in range(11)]
+        assert client.get("/check").status_code == 401  # no key
+        assert client.get("/check", headers={"X-Api-Key-Id": "web", "X-Org-Id": org}).status_code == 401  # ids: no
+        assert client.get("/check", params={"deny_status": "500"}, headers=bearer).status_code == 400
+        answers = [client.post("/check", headers=bearer) for _ in range(11)]
     assert [a.status_code for a in answers] == [200] * 10 + [429]
     assert answers[0].headers["X-Quotaflow-Event-Id"] and int(answers[0].headers["X-Quotaflow-Event-Ts"]) > 0
+    assert (answers[0].headers["X-Quotaflow-Org-Id"], answers[0].headers["X-Quotaflow-Api-Key-Id"]) == (
+        org, rec.key_id)
     assert answers[-1].json()["window"] == "key:60s"
     assert "Retry-After" in answers[-1].headers and "Retry-After" not in answers[0].headers
 
@@ -120,10 +142,12 @@ def test_check_endpoint_answers_as_envoy_ext_authz_expects(check_endpoint, redis
 BAD_IDS = ["web}:usage:org", "{acme}", "a/b", "a b", ".hidden", "x" * 65, "x" * 2000, "ключ".encode()]
 
 
-def test_check_endpoint_refuses_ids_that_break_the_rule_with_400_and_the_reason(check_endpoint, redis_client):
+def test_check_endpoint_refuses_ids_that_break_the_rule_with_400_and_the_reason(trusted_check_endpoint,
+                                                                                   redis_client):
+    """In the trusted mode, the identity headers are judged by the id rule."""
     org = unique("org")
     sent = []
-    with httpx.Client(base_url=check_endpoint, timeout=10) as client:
+    with httpx.Client(base_url=trusted_check_endpoint, timeout=10) as client:
         for bad in BAD_IDS:
             for headers, name in (({"X-Api-Key-Id": bad, "X-Org-Id": org}, "X-Api-Key-Id"),
                                   ({"X-Api-Key-Id": "web", "X-Org-Id": bad}, "X-Org-Id")):
@@ -131,7 +155,7 @@ def test_check_endpoint_refuses_ids_that_break_the_rule_with_400_and_the_reason(
                 sent.append(tuple(v.decode("latin-1") if isinstance(v, bytes) else v for v in headers.values()))
                 assert r.status_code == 400, (bad, name)
                 reason = r.json()["reason"]
-                assert r.json()["error"] == "invalid identity" and r.headers["X-Quotaflow-Error"] == reason
+                assert r.json()["error"] == "invalid_identity" and r.headers["X-Quotaflow-Error"] == reason
                 assert reason.startswith(f"{name}: must be {ID_RULE}")
                 shown = bad.decode() if isinstance(bad, bytes) else bad
                 assert shown not in reason  # the value is never echoed: it may be a secret
@@ -148,12 +172,13 @@ def test_check_endpoint_refuses_ids_that_break_the_rule_with_400_and_the_reason(
 
 @pytest.mark.parametrize("size", [100_000, 1_000_000])
 def test_check_endpoint_answers_an_oversized_request_head_with_431_not_a_reset(check_endpoint, redis_client, size):
-    """A 100 kB key id, a 1 MB header: a 431 the client reads (no TCP reset), no Redis key."""
+    """A 100 kB key, a 1 MB header: a 431 the client reads (no TCP reset), no Redis key."""
     org = unique("org")
+    key, _ = new_key(redis_client, org)
     with httpx.Client(base_url=check_endpoint, timeout=10) as client:
-        big_key = client.get("/check", headers={"X-Api-Key-Id": "k" * size, "X-Org-Id": org})
-        big_other = client.get("/check", headers={"X-Api-Key-Id": "web", "X-Org-Id": org, "X-Padding": "p" * size})
-        after = client.get("/check", headers={"X-Api-Key-Id": "web", "X-Org-Id": org})  # the server is fine
+        big_key = client.get("/check", headers={"Authorization": "Bearer " + "k" * size, "X-Org-Id": org})
+        big_other = client.get("/check", headers={"Authorization": f"Bearer {key}", "X-Padding": "p" * size})
+        after = client.get("/check", headers={"Authorization": f"Bearer {key}"})  # the server is fine
     for r in (big_key, big_other):
         assert r.status_code == 431 and "request head too large" in r.text
     assert after.status_code == 200
@@ -169,24 +194,51 @@ def test_check_endpoint_answers_an_oversized_request_head_with_431_not_a_reset(c
     assert stray_keys(redis_client, [("k" * size, org)]) == []
 
 
-def test_nginx_answers_a_bad_identity_with_400_and_the_reason(nginx_in_front, redis_client, tmp_path):
-    """auth_request would turn a 400 of the check into a 500: the check answers nginx 401 with
-    the reason in a header, and nginx turns that into a 400 with the reason."""
-    org = unique("org")
+def test_nginx_passes_the_key_and_forwards_only_the_identity_it_verified(nginx_in_front, redis_client, tmp_path):
+    """The issue's attack through nginx: identity headers a client sends reach neither the
+    check nor the API, so ten requests claiming a victim org lock nobody out; each refusal
+    reaches the client with its status and reason, and the API sees the verified identity."""
+    victim = unique("acme")
+    redis_client.hset(org_key(victim), ORG_TIER_FIELD, "FREE")
+    key, rec = new_key(redis_client, victim, scopes=("orders:read",))
+    revoked, _ = new_key(redis_client, victim, state=REVOKED, scopes=("admin",))
+    admin, admin_rec = new_key(redis_client, victim, scopes=("admin",))
+    base = nginx_in_front.removesuffix("/index.html")
     upstream_log = tmp_path / "upstream.log"
-    served_before = upstream_log.read_text().count("GET /index.html")
+    served_before = upstream_log.read_text().count("GET /")
+    spoof = {"X-Org-Id": victim, "X-Quotaflow-Org-Id": victim, "X-Quotaflow-Api-Key-Id": "web",
+             "X-Quotaflow-Scope": "admin"}
+    minute_start(need_s=20)
     with httpx.Client(timeout=10) as client:
-        bad_key = client.get(nginx_in_front, headers={"X-Api-Key-Id": "web}:usage:org", "X-Org-Id": org})
-        bad_org = client.get(nginx_in_front, headers={"X-Api-Key-Id": "web", "X-Org-Id": "o" * 200})
-        missing = client.get(nginx_in_front, headers={"X-Org-Id": org})
-        huge = client.get(nginx_in_front, headers={"X-Api-Key-Id": "k" * 100_000, "X-Org-Id": org})
-        good = client.get(nginx_in_front, headers={"X-Api-Key-Id": "web", "X-Org-Id": org})
-    assert bad_key.status_code == 400 and bad_key.json() == {
-        "error": "invalid identity",
-        "reason": f"X-Api-Key-Id: must be {ID_RULE} (got 14 characters; the value is not repeated here)"}
-    assert bad_org.status_code == 400 and bad_org.json()["reason"].startswith(f"X-Org-Id: must be {ID_RULE}")
-    assert missing.status_code == 401 and "required" in missing.json()["error"]
-    assert huge.status_code == 400  # nginx's own answer: the header is larger than its buffers
-    assert good.status_code == 200 and good.text == "hello from the api\n"
-    assert upstream_log.read_text().count("GET /index.html") == served_before + 1  # only the good one went through
-    assert stray_keys(redis_client, [("web}:usage:org", org), ("web", "o" * 200), ("k" * 100_000, org)]) == []
+        spoofed = [client.get(f"{base}/orders", headers={**spoof, "X-Api-Key-Id": f"made-up-{i}"}) for i in range(10)]
+        refusals = {
+            "missing": client.get(f"{base}/orders", headers=spoof),
+            "mistyped": client.get(f"{base}/orders", headers={"Authorization": f"Bearer {key[:-1]}Z"}),
+            "unknown": client.get(f"{base}/orders", headers={"X-Api-Key": generate(victim)}),
+            "revoked": client.get(f"{base}/admin/users", headers={"Authorization": f"Bearer {revoked}"}),
+            "scope": client.get(f"{base}/admin/users", headers={"Authorization": f"Bearer {key}", **spoof}),
+        }
+        own = client.get(f"{base}/orders", headers={"Authorization": f"Bearer {key}", **spoof,
+                                                    "X-Api-Key-Id": "web"})
+        as_admin = client.get(f"{base}/admin/users", headers={"Authorization": f"Bearer {admin}"})
+    assert {(r.status_code, r.json()["error"]) for r in spoofed} == {(401, "missing_key")}
+    expected = {"missing": (401, "missing_key"), "mistyped": (401, "malformed_key"), "unknown": (401, "unknown_key"),
+                "revoked": (401, "revoked_key"), "scope": (403, "insufficient_scope")}
+    got = {name: (r.status_code, r.json().get("error")) for name, r in refusals.items()}
+    assert got == expected, {name: r.text for name, r in refusals.items()}
+    assert refusals["mistyped"].json()["reason"] == (
+        "not an API key: its checksum does not match (mistyped or invented)")
+    assert refusals["scope"].json()["reason"] == "this API key lacks the scope admin"
+    assert refusals["scope"].headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope", scope="admin"'
+    assert refusals["revoked"].headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    assert refusals["missing"].headers["WWW-Authenticate"] == "Bearer"
+    # the API saw the identity quotaflow verified, never the client's claims
+    assert own.status_code == 200 and own.headers["X-RateLimit-Remaining"] == "9"  # the spoofs reserved nothing
+    seen = own.json()
+    assert (seen["x-quotaflow-org-id"], seen["x-quotaflow-api-key-id"]) == (victim, rec.key_id)
+    assert "x-org-id" not in seen and "x-api-key-id" not in seen and "x-quotaflow-scope" not in seen
+    assert as_admin.status_code == 200 and as_admin.json()["x-quotaflow-api-key-id"] == admin_rec.key_id
+    assert upstream_log.read_text().count("GET /") == served_before + 2  # only the two admitted went through
+    assert redis_client.zcard(reservations_key(victim)) == 2
+    access = (tmp_path / "nginx" / "access.log").read_text()
+    assert f"api_key_id={rec.key_id}" in access and key not in access

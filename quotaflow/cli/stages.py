@@ -108,10 +108,10 @@ def run_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     from quotaflow.gateway.limiter import RateLimiter
-    from quotaflow.gateway.server import serve
+    from quotaflow.gateway.server import CheckConfig, serve
 
     serve(RateLimiter.from_settings(settings), host=args.host, port=settings.gateway_port,
-          log_config=logging_dict(settings.log_level, settings.log_format))
+          log_config=logging_dict(settings.log_level, settings.log_format), config=CheckConfig.from_settings(settings))
     return 0
 
 
@@ -135,7 +135,9 @@ COMMANDS = (
                         "for callers with a token from QUOTAFLOW_API_TOKENS, and /metrics. Meant for a ClickHouse "
                         "server; with the embedded engine the sink serves the API itself."),
     Command("gateway", "serve the HTTP check endpoint for nginx auth_request / Envoy ext_authz", run_gateway,
-            description="GET /check with X-Api-Key-Id and X-Org-Id answers 200 or 429 (or ?deny_status=403 "
-                        "for nginx) with rate-limit headers; GET /metrics. Port: QUOTAFLOW_GATEWAY_PORT.",
+            description="GET /check verifies the API key (Authorization: Bearer, or QUOTAFLOW_GATEWAY_KEY_HEADER) "
+                        "and its scope, and checks its limits: 200 with the verified org and key id, 401, 403 or "
+                        "429 (or ?deny_status=403&invalid_status=401 for nginx) with the reason and rate-limit "
+                        "headers; GET /metrics. Port: QUOTAFLOW_GATEWAY_PORT.",
             arguments=_gateway_arguments),
 )

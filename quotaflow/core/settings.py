@@ -47,6 +47,7 @@ LIMIT_MAX = 2**53 - 1
 # otherwise could never be given to an org.
 _TIER_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
 _WINDOW = re.compile(r"^[0-9]{1,9}$")
+_HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"  # an HTTP header name, as gateways are configured with one
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\[\]:-]+:([0-9]{1,5})$")
 
 KEY_HASH_SECRET_MIN = 32
@@ -160,7 +161,23 @@ class Settings(BaseSettings):
     # --- Gateways (gateway/) ---
     gateway_port: Port = 19130
     gateway_timeout_ms: int = Field(50, gt=0, description="Redis budget of one check")
-    gateway_fail_open: bool = Field(True, description="admit (true) or refuse (false) when Redis is slow or down")
+    gateway_fail_open: bool = Field(True, description="admit (true) or refuse (false) when Redis is slow or down; "
+                                    "failing open admits a presented key unverified")
+    # Where `quotaflow gateway` and the ASGI middleware read what they verify: the API key from
+    # "Authorization: Bearer <key>" or this header, and the scope a request needs (set by the
+    # gateway's own configuration, e.g. nginx, never by the client) from a header or a query
+    # parameter of /check.
+    gateway_key_header: str = Field("X-Api-Key", pattern=_HEADER_NAME, description="request header a caller may "
+                                    "send its API key in, besides Authorization: Bearer")
+    gateway_scope_header: str = Field("X-Quotaflow-Scope", pattern=_HEADER_NAME, description="header of a /check "
+                                      "request naming the scope the request needs")
+    gateway_scope_param: str = Field("scope", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="query parameter of "
+                                     "/check naming the scope the request needs (when the header is absent)")
+    # The trusted mode: take X-Api-Key-Id / X-Org-Id as sent, verifying nothing. Only for an
+    # auth layer in front that verified the caller and sets those headers itself (a client's
+    # own must never reach the gateway): anyone who can send them can be any tenant.
+    gateway_trust_identity_headers: bool = Field(False, description="trust X-Api-Key-Id / X-Org-Id as sent instead "
+                                                 "of verifying an API key (only behind an auth layer that sets them)")
 
     # --- Collectors (collector/): the producer core's memory bound and disk spool ---
     spool_dir: Path | None = Field(None, description="where collectors spool records Kafka does not take in time; "
@@ -233,6 +250,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"tier #{n}: a tier name is 1-32 upper-case letters, digits or '_', starting "
                                  "with a letter (as 'quotaflow org set-tier' writes it)")
         return tiers
+
+    @field_validator("gateway_key_header")
+    @classmethod
+    def _key_header(cls, name: str) -> str:
+        if name.lower() == "authorization":
+            raise ValueError("Authorization is read anyway (as 'Bearer <key>'): name another header, e.g. X-Api-Key")
+        return name
 
     @field_validator("kafka_bootstrap")
     @classmethod
