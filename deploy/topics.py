@@ -12,6 +12,7 @@ from quotaflow.core.errors import OperatorError
 from quotaflow.core.retry import retry
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.topics import (
+    ALERT_RULES_TOPIC,
     DEAD_LETTER_RETENTION_MS,
     DEAD_LETTER_TOPIC,
     EVENTS_RETENTION_MS,
@@ -30,6 +31,9 @@ def wanted(settings: Settings) -> list[NewTopic]:
         NewTopic(EVENTS_TOPIC, settings.events_partitions, 1,
                  topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}),
         NewTopic(DEAD_LETTER_TOPIC, 1, 1, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS)}),
+        # Compacted: the latest record of each rule is kept for good (one partition: a
+        # reader rebuilds every rule by reading it from the start).
+        NewTopic(ALERT_RULES_TOPIC, 1, 1, topic_configs={"cleanup.policy": "compact"}),
     ]
 
 

@@ -8,6 +8,9 @@ DEAD_LETTER_TOPIC = "quotaflow.deadletter.v1"
 # The API key registry (schemas/api_keys.py KeyRecord): compacted, keyed by key id, every
 # create, update, revoke and rotate a record. The source of truth: Redis is rebuilt from it.
 KEYS_TOPIC = "quotaflow.keys.v1"
+# Alert rules (schemas/alert_rules.py RuleRecord): compacted, keyed by "<org>/<rule id>"
+# ("*/<rule id>" for a global rule); a removed rule is a tombstone. The source of truth.
+ALERT_RULES_TOPIC = "quotaflow.alert-rules.v1"
 
 # The Faust app id is also its consumer group and the prefix of its internal
 # (changelog, repartition) topics.
