@@ -140,8 +140,10 @@ def documented_stack(live_stack, demo_run):
 
 def run(example: Example, settings: Settings, cwd: Path) -> subprocess.CompletedProcess:
     command = on_test_stack(example.command, settings)
+    # `quotaflow` as installed beside this Python (the venv need not be on PATH)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def written_file(command: str, cwd: Path) -> str | None:
