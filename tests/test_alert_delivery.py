@@ -16,6 +16,7 @@ import time
 
 import orjson
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from quotaflow.alerts.channels import Policy, deliver, hide, kafka_dead_letters
 from quotaflow.alerts.channels.email import message_id
@@ -102,6 +103,16 @@ def test_a_tampered_body_or_another_secret_does_not_verify():
         spec_verify("whsec_" + base64.b64encode(b"x" * 32).decode(), headers, body)
     with pytest.raises(AssertionError):
         spec_verify(SECRET, {**headers, "webhook-id": "msg_other"}, body)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=24, max_size=64), msg_id=st.from_regex(r"msg_[A-Za-z0-9_]{1,40}", fullmatch=True),
+       body=st.binary(max_size=2000).map(lambda b: b.decode("latin-1").encode()))
+def test_any_body_signed_by_the_channel_verifies_by_the_spec(key, msg_id, body):
+    from quotaflow.alerts.channels.webhook import signed_headers
+
+    secret = "whsec_" + base64.b64encode(key).decode()
+    spec_verify(secret, signed_headers(msg_id, body, secret, int(time.time())), body)
 
 
 def test_retries_carry_the_same_webhook_id_each_signed_for_its_own_attempt(settings):
@@ -246,6 +257,11 @@ def test_slack_refusing_the_payload_is_reported_without_the_url(settings, caplog
     assert not outcome.delivered and outcome.error == "Slack answered HTTP 404: no_service"
     assert "s3cr3tT0k3nXYZ" not in caplog.text
     assert all("s3cr3tT0k3nXYZ" not in str(vars(r)) for r in caplog.records)
+    from prometheus_client import generate_latest
+
+    metrics = generate_latest().decode()
+    assert 'quotaflow_alert_notifications_total{channel="slack",outcome="dead_lettered"}' in metrics
+    assert "s3cr3tT0k3nXYZ" not in metrics
 
 
 # --- email ------------------------------------------------------------------------------

@@ -156,11 +156,14 @@ async def deliver(notification: Notification, name: str, channel: Channel, setti
 
 
 def kafka_dead_letters(producer) -> DeadLetters:
-    """Dead letters through an started aiokafka producer, keyed by the org, acknowledged."""
+    """Dead letters through a started aiokafka producer, each acknowledged by the broker
+    (tried again for up to a minute; then the error is raised to the caller)."""
+    from aiokafka.errors import KafkaError
+
     from quotaflow.schemas.topics import DEAD_LETTER_TOPIC
 
     async def send(value: bytes, headers: list[tuple[str, bytes]]) -> None:
         await retry(lambda: producer.send_and_wait(DEAD_LETTER_TOPIC, value, headers=headers),
-                    "alert dead letter", on=Exception, give_up_after_s=60, logger=log)
+                    "alert dead letter", on=(KafkaError, OSError), give_up_after_s=60, logger=log)
 
     return send
