@@ -1,7 +1,7 @@
 """API key benchmark: what verifying a key costs a gateway's check, and how fast fakes are
 refused. Run: .venv/bin/python bench/keys.py
 
-Brings up a Redis of its own (no Kafka: nothing here publishes), writes key records as the
+Brings up a stack of its own; for the latency figures it writes key records as the
 registry's materializer writes them (KeyRecord.to_redis at redis_keys.api_key_record),
 then runs GATEWAYS processes that each, per key and tick, make one id-based check
 (RateLimiter.check, the reference: trusted mode) and one verified check (RateLimiter.verify:
@@ -12,6 +12,17 @@ order, on the same keys and orgs, under the same load. Prints `name: value unit`
   verify_vs_check_p50_ratio, _p99_ratio      goal: at most 1.10
   bad_checksum_refusals_per_s                verify() of keys with a wrong checksum, one process
   bad_checksum_redis_commands                commands Redis received meanwhile (INFO commandstats; goal 0)
+  revocation_visible_p50_ms, _p99_ms         `revoke` issued (Registry.revoke, as `quotaflow keys revoke`
+                                             and the admin API call it) -> every one of GATEWAYS gateway
+                                             processes, each verifying the keys in a loop, refuses the key
+                                             (goal p99 <= 1000); with its parts: the broker's acknowledgement
+                                             (revoke_publish_*) and the processor writing Redis
+                                             (revoke_materialize_*), and the gateways' refusals
+                                             after the command returned (revocation_after_return_p99_ms: 0
+                                             when every gateway refused before it returned)
+
+The revocations run on the whole stack (Kafka, Redis, the processor materializing the keys
+topic); the keys are made with the registry (Registry.create).
 """
 
 from __future__ import annotations
@@ -19,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -148,16 +158,84 @@ async def bad_checksums(settings, good: str, seconds: float = 3.0) -> tuple[floa
     return rate, sent
 
 
+REVOKED_KEYS = 40
+REVOKE_GAP_S = 0.1  # between two revocations: the gateways' loops see one at a time
+
+
+async def watch_worker(keys: list[list[str]]) -> None:
+    """One gateway process verifying every key not refused yet, in a loop, until each is
+    refused (or 120 s); prints {key_id: the wall time it first refused the key}."""
+    from quotaflow.gateway.limiter import ALLOWED, REVOKED_KEY, RateLimiter
+
+    limiter = RateLimiter.from_settings(harness.get_settings())
+    for _, _, key in keys:
+        if (await limiter.verify(key, SCOPE)).outcome != ALLOWED:
+            raise SystemExit("a key was refused before its revocation: the benchmark's setup is wrong")
+    print("ready", flush=True)
+    refused: dict[str, float] = {}
+    pending = {key_id: key for _, key_id, key in keys}
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        for key_id, key in list(pending.items()):
+            outcome = (await limiter.verify(key, SCOPE)).outcome
+            if outcome != ALLOWED:
+                if outcome != REVOKED_KEY:
+                    raise SystemExit(f"a key was refused as {outcome}, not revoked")
+                refused[key_id] = time.time()
+                del pending[key_id]
+    await limiter.aclose()
+    print(json.dumps(refused), flush=True)
+
+
+async def revocations(settings) -> dict[str, list[float]]:
+    """Create REVOKED_KEYS keys with the registry, start GATEWAYS watching processes, revoke
+    the keys one by one; per revocation: issue -> every gateway refuses, its parts."""
+    from quotaflow.keys.registry import Registry
+
+    async with Registry(settings, wait_s=30) as registry:
+        keys = []
+        for n in range(REVOKED_KEYS):
+            issued = await registry.create(f"revoke-org{n % 8}", f"bench {n}", scopes=[SCOPE], actor="bench")
+            if issued.published.visible_ms is None:
+                raise SystemExit("the processor did not apply a created key within 30 s")
+            keys.append((issued.record.org_id, issued.record.key_id, issued.key))
+        procs = [subprocess.Popen([sys.executable, __file__, "--watch"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(GATEWAYS)]
+        for p in procs:
+            p.stdin.write(json.dumps(keys))
+            p.stdin.close()
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit("a watching gateway failed to start")
+        issued_at, returned_at, publish, materialize = {}, {}, [], []
+        for org, key_id, _ in keys:
+            issued_at[key_id] = time.time()
+            t0 = time.perf_counter()
+            changed = await registry.revoke(org, key_id, actor="bench")
+            returned_at[key_id] = time.time()
+            if changed.published is None or changed.published.visible_ms is None:
+                raise SystemExit("a revocation was not applied within 30 s")
+            materialize.append(changed.published.visible_ms)
+            publish.append((time.perf_counter() - t0) * 1000 - changed.published.visible_ms)
+            await asyncio.sleep(REVOKE_GAP_S)
+    seen = []
+    for p in procs:
+        out = p.stdout.read()
+        if p.wait(timeout=150) != 0:
+            raise SystemExit(f"a watching gateway failed (exit {p.returncode})")
+        seen.append(json.loads(out))
+    visible = [(max(s[k] for s in seen) - issued_at[k]) * 1000 for k in issued_at]
+    after = [max(0.0, (max(s[k] for s in seen) - returned_at[k]) * 1000) for k in issued_at]
+    return {"visible": visible, "after": after, "publish": publish, "materialize": materialize}
+
+
 def main() -> None:
     import uuid
 
-    from quotaflow.deploy import redis as redis_server
+    from quotaflow.deploy import stack
 
-    settings = harness.get_settings()
-    print("bringing up the benchmark's Redis...", file=sys.stderr, flush=True)
-    redis_server.stop(settings)
-    shutil.rmtree(settings.state_dir, ignore_errors=True)
-    redis_server.start(settings)
+    print("bringing up the benchmark's stack...", file=sys.stderr, flush=True)
+    settings = harness.up()
     try:
         run = uuid.uuid4().hex[:6]
         keys = write_keys(settings, run)
@@ -174,12 +252,24 @@ def main() -> None:
         rate, sent = asyncio.run(bad_checksums(settings, keys[0][2]))
         harness.report("bad_checksum_refusals_per_s", rate, "refusals/s")
         harness.report("bad_checksum_redis_commands", sent, "commands")
+        # Started only now: its own Redis commands (the key registry's watch) would count above.
+        stack.start_pipeline_process(settings, "processor")
+        print(f"revocations: {REVOKED_KEYS} keys, {GATEWAYS} gateways verifying them...", file=sys.stderr, flush=True)
+        got = asyncio.run(revocations(settings))
+        harness.report("revocation_visible_p50_ms", pct(got["visible"], 50), "ms")
+        harness.report("revocation_visible_p99_ms", pct(got["visible"], 99), "ms")
+        harness.report("revoke_publish_p50_ms", pct(got["publish"], 50), "ms")
+        harness.report("revoke_materialize_p50_ms", pct(got["materialize"], 50), "ms")
+        harness.report("revoke_materialize_p99_ms", pct(got["materialize"], 99), "ms")
+        harness.report("revocation_after_return_p99_ms", pct(got["after"], 99), "ms")
     finally:
-        redis_server.stop(settings)  # the benchmark's own Redis: nothing left running
+        stack.down(settings)  # the benchmark's own stack: nothing left running
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--gateway"]:
         asyncio.run(gateway_worker(json.loads(sys.stdin.read()), float(sys.argv[2])))
+    elif sys.argv[1:2] == ["--watch"]:
+        asyncio.run(watch_worker(json.loads(sys.stdin.read())))
     else:
         main()

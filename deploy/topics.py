@@ -12,6 +12,7 @@ from quotaflow.core.errors import OperatorError
 from quotaflow.core.retry import retry
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.topics import (
+    ALERT_RULES_TOPIC,
     DEAD_LETTER_RETENTION_MS,
     DEAD_LETTER_TOPIC,
     EVENTS_RETENTION_MS,
@@ -29,6 +30,7 @@ CLEANUP_POLICY = "cleanup.policy"
 MIN_COMPACTION_LAG = "min.compaction.lag.ms"
 DEFAULT_CONFIG = 5  # DescribeConfigs config source DEFAULT_CONFIG
 KEYS_CONFIGS = {CLEANUP_POLICY: "compact", MIN_COMPACTION_LAG: str(KEYS_MIN_COMPACTION_LAG_MS)}
+ALERT_RULES_CONFIGS = {CLEANUP_POLICY: "compact"}
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
@@ -39,6 +41,9 @@ def wanted(settings: Settings) -> list[NewTopic]:
         # The API key registry: compacted (each key's last record kept for ever, so Redis can
         # be rebuilt from it), and every change kept a week first, for the audit.
         NewTopic(KEYS_TOPIC, KEYS_PARTITIONS, 1, topic_configs=KEYS_CONFIGS),
+        # Compacted: the latest record of each rule is kept for good (one partition: a
+        # reader rebuilds every rule by reading it from the start).
+        NewTopic(ALERT_RULES_TOPIC, 1, 1, topic_configs=ALERT_RULES_CONFIGS),
     ]
 
 
@@ -74,6 +79,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
         await _ensure_configs(admin, EVENTS_TOPIC, {TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE},
                               "stamping the events topic's records with their arrival time")
         await _ensure_configs(admin, KEYS_TOPIC, KEYS_CONFIGS, "compacting the keys topic")
+        await _ensure_configs(admin, ALERT_RULES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert rules topic")
         return created
     finally:
         await admin.close()

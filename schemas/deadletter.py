@@ -17,10 +17,15 @@ HEADER_SOURCE_PARTITION = "qf.source.partition"
 HEADER_SOURCE_OFFSET = "qf.source.offset"
 HEADER_SOURCE_INDEX = "qf.source.index"  # position in the source record, when it carried a batch
 HEADER_TS_MS = "qf.error.ts_ms"
+# An alert notification given up on after its last attempt (stage "alerts"): the value is
+# the notification as it was to be sent, never a channel's secret.
+HEADER_ALERT_CHANNEL = "qf.alert.channel"
+HEADER_ALERT_NOTIFICATION_ID = "qf.alert.notification_id"
 
 STAGE_COLLECTOR = "collector"
 STAGE_PROCESSOR = "processor"
 STAGE_SINK = "sink"
+STAGE_ALERTS = "alerts"
 
 MAX_REASON_BYTES = 2000
 

@@ -14,6 +14,9 @@ KEYS_PARTITIONS = 1
 # A record stays uncompacted this long at least, so the audit (the sink) sees every
 # change even after being down for days; compaction keeps each key's last record after.
 KEYS_MIN_COMPACTION_LAG_MS = 7 * 24 * 3600 * 1000
+# Alert rules (schemas/alert_rules.py RuleRecord): compacted, keyed by "<org>/<rule id>"
+# ("*/<rule id>" for a global rule); a removed rule is a tombstone. The source of truth.
+ALERT_RULES_TOPIC = "quotaflow.alert-rules.v1"
 
 # The Faust app id is also its consumer group and the prefix of its internal
 # (changelog, repartition) topics.

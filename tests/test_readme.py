@@ -143,10 +143,10 @@ def documented_stack(live_stack, demo_run):
 
 def run(example: Example, settings: Settings, cwd: Path) -> subprocess.CompletedProcess:
     command = on_test_stack(example.command, settings)
+    # `quotaflow` as installed beside this Python (the venv need not be on PATH)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "QUOTAFLOW_KEY_HASH_SECRETS": KEY_HASH_SECRETS,
-                                            # `quotaflow` as installed beside this interpreter (.venv/bin)
-                                            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
+                          timeout=120, env={**env, "QUOTAFLOW_KEY_HASH_SECRETS": KEY_HASH_SECRETS})
 
 
 def written_file(command: str, cwd: Path) -> str | None:

@@ -25,9 +25,10 @@ class Command:
 
 def commands() -> tuple[Command, ...]:
     """Every command, in the order `quotaflow --help` lists them: by group."""
-    from quotaflow.cli import config, db, demo, keys, limits, schema, stack, stages
+    from quotaflow.cli import alerts, config, db, demo, keys, limits, schema, stack, stages
 
-    return tuple(c for group in (stack, stages, demo, limits, keys, schema, db, config) for c in group.COMMANDS)
+    return tuple(c for group in (stack, stages, demo, limits, keys, alerts, schema, db, config)
+                 for c in group.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from quotaflow.core import redact
+from quotaflow.core.channels import Channel, EmailChannel, check_names
 
 ENV_PREFIX = "QUOTAFLOW_"
 # What a client can send after "Bearer " as it is: visible ASCII, no spaces.
@@ -191,6 +192,17 @@ class Settings(BaseSettings):
     collector_delivery_timeout_s: float = Field(10.0, gt=0, description="how long a collector waits for Kafka to "
                                                 "acknowledge a record before it spools it")
 
+    # --- Alert delivery (alerts/channels/): the channels rules name, with their secrets
+    # (quotaflow/core/channels.py), the SMTP server email goes through, and the retries.
+    alert_channels: dict[str, Channel] = Field(default_factory=dict, description='JSON {"ops-mail": {"type": '
+                                               '"email", "to": ["ops@example.com"]}, ...}')
+    smtp_url: str | None = Field(None, description="smtp://[user:password@]host[:port] (STARTTLS when the server "
+                                 "offers it; ?starttls=require to insist) or smtps:// (TLS from the start)")
+    alert_email_from: str = Field("quotaflow@localhost", max_length=254, description="From: of alert email")
+    alert_timeout_s: float = Field(10.0, gt=0, le=120, description="one delivery attempt's time, per channel")
+    alert_attempts: int = Field(6, ge=1, le=20, description="delivery attempts before a dead letter")
+    alert_retry_max_s: float = Field(60.0, gt=0, description="longest wait between two delivery attempts")
+
     # --- Restarts of the stages the local stack starts (deploy/supervise.py) ---
     supervise_backoff_initial_s: float = Field(1.0, gt=0, description="delay before restarting a stage that "
                                                "exited; doubled with each exit in a row")
@@ -289,6 +301,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"secret #{n}: at least {KEY_HASH_SECRET_MIN} characters")
         return secrets
 
+    @field_validator("alert_channels")
+    @classmethod
+    def _channel_names(cls, channels: dict[str, Channel]) -> dict[str, Channel]:
+        check_names(channels)
+        return channels
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_url(cls, url: str | None) -> str | None:
+        return _check_url(url, ("smtp://", "smtps://"))
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
@@ -326,9 +349,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{env_var('kafka_port')}, {env_var('kafka_controller_port')} and "
                              f"{env_var('redis_port')} must differ, got {ports}")
         self._check_limits()
+        if self.smtp_url is None and any(isinstance(c, EmailChannel) for c in self.alert_channels.values()):
+            raise ValueError(f"{env_var('alert_channels')} (alert_channels) has email channels: set "
+                             f"{env_var('smtp_url')} to the SMTP server that sends them")
         # Whatever prints or logs these from now on shows *** in their place.
         redact.register(*self.api_tokens, *self.key_hash_secrets.values(), *redact.url_secrets(self.redis_url),
-                        *redact.url_secrets(self.clickhouse_url))
+                        *redact.url_secrets(self.clickhouse_url), *redact.url_secrets(self.smtp_url),
+                        *(secret for channel in self.alert_channels.values() for secret in channel.secrets()))
         return self
 
     def _check_limits(self) -> None:
@@ -429,6 +456,8 @@ def effective(settings: Settings) -> list[tuple[str, str, bool]]:
                                   for v in value.values()) + "}"
         elif name == "windows":
             text = ",".join(str(length) for length in value)
+        elif name == "alert_channels":  # their secrets are registered: redact hides them below
+            text = orjson.dumps({k: v.model_dump(mode="json", exclude_none=True) for k, v in value.items()}).decode()
         elif isinstance(value, dict):
             text = orjson.dumps(value).decode()
         elif isinstance(value, bool):
