@@ -26,6 +26,7 @@ keys topic (one partition: one processor of the group applies it) and the watch,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -44,6 +45,7 @@ from quotaflow.processors import stopping
 from quotaflow.schemas import deadletter, key_records
 from quotaflow.schemas.api_keys import KeyRecord
 from quotaflow.schemas.redis_keys import (
+    API_KEYS_BEAT_FIELD,
     API_KEYS_OFFSET_FIELD,
     API_KEYS_REBUILDING,
     API_KEYS_STATE,
@@ -69,7 +71,10 @@ REBUILDS = Counter("quotaflow_processor_key_registry_rebuilds_total",
 TP = TopicPartition(KEYS_TOPIC, 0)  # KEYS_PARTITIONS is 1
 WATCH_S = 0.5
 STUCK_S = 2.0  # behind the topic's end without moving this long: rebuild
-STALE_REBUILD_S = 60.0  # another rebuild's status unchanged this long: it died; take over
+# A rebuild marks its progress (API_KEYS_BEAT_FIELD) at least every second; one silent this
+# long was killed outright: another takes over. (A stopped or failed rebuild gives its status
+# up itself: ABANDON.) Kept in Redis, so that processors living shorter than this see it too.
+STALE_REBUILD_S = 10.0
 READ_TIMEOUT_S = 60.0  # a rebuild that cannot read the topic this long gives up (and is tried again)
 
 # KEYS[1] the key's record, KEYS[2] its org's index (one hash slot: the key's slot hint is
@@ -118,8 +123,18 @@ if status == 'ok' then return 3 end
 return 2
 """
 FINISHED, EMPTIED, TAKEN_OVER, ALREADY_OK = 1, 0, 2, 3
+# KEYS[1] the state; ARGV[1] an abandoned rebuild's status: dropped if still that one, so
+# the next watch rebuilds at once instead of waiting STALE_REBUILD_S for a rebuild that died.
+ABANDON = """
+if redis.call('HGET', KEYS[1], 'status') == ARGV[1] then return redis.call('HDEL', KEYS[1], 'status') end
+return 0
+"""
 CONFLICTS = {-1: "another key's record holds this key's hash (a key_id differs)",
              -2: "the org already holds this key_id with another hash (a key's hash never changes)"}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -139,10 +154,11 @@ class KeyMaterializer:
         self._apply = redis.register_script(APPLY)
         self._advance = redis.register_script(ADVANCE)
         self._finish = redis.register_script(FINISH)
+        self._abandon = redis.register_script(ABANDON)
         self._producer: AIOKafkaProducer | None = None  # dead letters, started on the first one
         self._probe: AIOKafkaConsumer | None = None  # the topic's end offset, for the watch
         self._rebuilding: asyncio.Future | None = None
-        self._seen: tuple[object, float] | None = None  # (status or offset, since when), for the watch
+        self._seen: tuple[int, float] | None = None  # (offset applied, since when), for the watch
 
     async def stop(self) -> None:
         if self._rebuilding is not None and not self._rebuilding.done():
@@ -195,9 +211,14 @@ class KeyMaterializer:
         started = time.monotonic()
         while True:
             status = API_KEYS_REBUILDING + secrets.token_hex(8)
-            await self.redis.hset(API_KEYS_STATE, API_KEYS_STATUS_FIELD, status)
-            records, applied, invalid, end = await self._read_all()
-            done = await self._finish(keys=[API_KEYS_STATE], args=[status, end])
+            await self.redis.hset(API_KEYS_STATE, mapping={API_KEYS_STATUS_FIELD: status, API_KEYS_BEAT_FIELD: now_ms()})
+            try:
+                records, applied, invalid, end = await self._read_all()
+                done = await self._finish(keys=[API_KEYS_STATE], args=[status, end])
+            except BaseException:  # stopped (the processor's stop cancels it) or failed: not done
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._abandon(keys=[API_KEYS_STATE], args=[status]))
+                raise
             if done != EMPTIED:
                 out = Rebuilt(records, applied, invalid, end, time.monotonic() - started, done == TAKEN_OVER)
                 log.info("key registry rebuilt from the keys topic",
@@ -220,6 +241,7 @@ class KeyMaterializer:
             idle_since = time.monotonic()
             while await consumer.position(TP) < end:
                 got = (await consumer.getmany(TP, timeout_ms=1000, max_records=5000)).get(TP, [])
+                await self.redis.hset(API_KEYS_STATE, API_KEYS_BEAT_FIELD, now_ms())
                 if not got and time.monotonic() - idle_since > READ_TIMEOUT_S:
                     raise KafkaError(f"could not read the keys topic up to offset {end} "
                                      f"(at {await consumer.position(TP)})")
@@ -246,15 +268,14 @@ class KeyMaterializer:
         topic and stays there, or another rebuild died. Raises RedisError, KafkaError."""
         if self.rebuilding():
             return
-        status, offset = await self.redis.hmget(API_KEYS_STATE, [API_KEYS_STATUS_FIELD, API_KEYS_OFFSET_FIELD])
+        status, offset, beat = await self.redis.hmget(API_KEYS_STATE, [API_KEYS_STATUS_FIELD, API_KEYS_OFFSET_FIELD,
+                                                                      API_KEYS_BEAT_FIELD])
         now = time.monotonic()
         reason = None
         if status is None:
             reason = "redis_emptied"
-        elif status.decode() != API_KEYS_STATUS_OK:  # another process's rebuild
-            if self._seen is None or self._seen[0] != status:
-                self._seen = (status, now)
-            elif now - self._seen[1] > STALE_REBUILD_S:
+        elif status.decode() != API_KEYS_STATUS_OK:  # another process's rebuild, or one that was killed
+            if beat is None or now_ms() - int(beat) > STALE_REBUILD_S * 1000:
                 reason = "stale_rebuild"
         else:
             if self._probe is None:

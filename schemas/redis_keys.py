@@ -33,7 +33,9 @@ call touches a single slot:
     qf:v1:apikeys:state              HASH  the materializer's progress: status ("ok" once every record of the
                                            keys topic below offset is applied; "rebuilding:<nonce>" while the
                                            registry is rebuilt from the topic; missing after a FLUSHALL, which
-                                           makes it rebuild) and offset (next offset of the keys topic to apply)
+                                           makes it rebuild), offset (next offset of the keys topic to apply)
+                                           and beat_ms (a rebuild's last sign of life, epoch ms: one silent for
+                                           long has died, and another takes over)
     qf:v1:apikeys:lock               STRING held by the one registry change under way (redis-py's Lock)
     qf:v1:enforcement                STRING "off": every gateway admits everything (emergency switch);
                                            the one key of no org, so never touched inside a Lua call
@@ -77,6 +79,7 @@ def api_key_index(org_id: str) -> str:
 API_KEYS_STATE = PREFIX + "apikeys:state"
 API_KEYS_STATUS_FIELD = "status"
 API_KEYS_OFFSET_FIELD = "offset"
+API_KEYS_BEAT_FIELD = "beat_ms"
 API_KEYS_STATUS_OK = "ok"
 API_KEYS_REBUILDING = "rebuilding:"
 API_KEYS_LOCK = PREFIX + "apikeys:lock"
