@@ -85,7 +85,7 @@ def call(engine, live_stack, orgs):
 def test_live_state_of_an_org(call, orgs):
     a, _ = orgs
     body = call("/v1/limits").json()
-    assert body["enforcement"] == "on" and body["complete"] is True
+    assert body["enforcement"] == "on" and body["complete"] is True and body["source"] == "redis"
     assert {r["org_id"] for r in body["rows"]} == {a}
     key_hour = [r for r in body["rows"] if r["api_key_id"] == "a-key" and r["window"] == "3600s"]
     # 39 counted this hour (last hour's 99 not) + 1 reservation = 40 = its override: limited.

@@ -117,7 +117,7 @@ def routes(authorize: Callable[[Request], Scope | str], live: live_limits.LiveLi
         if isinstance(s, Response):
             return s
         rows = [row(r) for r in s.rows]
-        return JSONResponse({"question": "limits", "now": _iso(s.now_ms), "enforcement": "on" if s.enforcement else "off",
+        return JSONResponse({"question": "limits", "source": "redis", "now": _iso(s.now_ms), "enforcement": "on" if s.enforcement else "off",
                              "complete": s.complete, "limited_now": len(s.limited),
                              "columns": list(live_limits.COLUMNS), "rows": rows})
 

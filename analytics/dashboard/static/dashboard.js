@@ -224,7 +224,7 @@ const PANELS = {
     fillTable($("#panel-errors table"), [{ label: "Bucket (UTC)", key: "bucket" }, num("Requests", "requests"),
       num("5xx", "status_5xx"), num("Error rate", "rate", fmtPct)], rates);
     chart("errors", "line", labels, [{ label: "Error rate %", data: rates.map((r) => (r.rate === null ? null : 100 * r.rate)),
-      borderColor: COLORS.err, backgroundColor: COLORS.err, pointRadius: 0, spanGaps: false }],
+      borderColor: COLORS.err, backgroundColor: COLORS.err, pointRadius: rows.length > 30 ? 0 : 2, spanGaps: false }],
       { scales: { y: { beginAtZero: true, suggestedMax: 10, title: { display: true, text: "%" } } } });
   },
   latency(data) {
@@ -232,7 +232,7 @@ const PANELS = {
     fillTable($("#panel-latency table"), [{ label: "Bucket (UTC)", key: "bucket" }, num("Requests", "requests"),
       num("p50", "p50_ms", fmtMs), num("p95", "p95_ms", fmtMs), num("p99", "p99_ms", fmtMs)], rows);
     chart("latency", "line", rows.map((r) => shortTime(r.bucket)), ["p50", "p95", "p99"].map((p) => ({
-      label: p, data: rows.map((r) => r[p + "_ms"]), borderColor: COLORS[p], backgroundColor: COLORS[p], pointRadius: 0,
+      label: p, data: rows.map((r) => r[p + "_ms"]), borderColor: COLORS[p], backgroundColor: COLORS[p], pointRadius: rows.length > 30 ? 0 : 2,
     })), { scales: { y: { beginAtZero: true, title: { display: true, text: "ms" } } } });
   },
   status(data) {
