@@ -292,8 +292,8 @@ def test_operator_filters_in_the_url_reproduce_the_view(tab, traffic):
     page = tab()
     page.open("timeframe=24h", token=t.tok_ops)
     assert page.page.text_content("#who") == "Operator: every org"
-    options = page.page.eval_on_selector_all("#org option", "os => os.map(o => o.value)")
-    assert t.a in options and t.b in options
+    options = lambda: page.page.eval_on_selector_all("#org option", "os => os.map(o => o.value)")  # noqa: E731
+    wait_for(lambda: {t.a, t.b} <= set(options()), 30, "the org selector to list both orgs")  # filled after the panels
     # An operator's ranking has both orgs, as sent.
     orgs = {r["org_id"]: n(r["requests"]) for r in page.table("orgs")}
     since = int(time.time() * 1000) - 23 * 3_600_000
