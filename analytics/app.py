@@ -43,7 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from quotaflow.analytics import dashboard, queries
+from quotaflow.analytics import adhoc, dashboard, queries
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
 from quotaflow.analytics.window import BadTimeRange, TimeRange, for_range, for_timeframe
 from quotaflow.core import metrics
@@ -350,6 +350,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         Route("/healthz", healthz),
         Route("/metrics", metrics.asgi_app),
         *dashboard.routes(authorize, live),
+        *adhoc.routes(authorize, connect_for_export, bounds),  # POST /v1/sql, operators only
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})

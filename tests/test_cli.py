@@ -10,7 +10,7 @@ import pytest
 
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
             ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["enforcement"],
-            ["gateway"], ["api"], ["supervise"], ["config"]]
+            ["gateway"], ["api"], ["supervise"], ["sql"], ["config"]]
 
 
 def quotaflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

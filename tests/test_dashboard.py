@@ -433,7 +433,7 @@ def test_phone_sized_and_accessible(tab, traffic):
     assert unlabeled == []
     assert page.page.evaluate("""Array.from(document.querySelectorAll('canvas'))
         .every(c => c.getAttribute('role') === 'img' && c.getAttribute('aria-label'))""")
-    assert page.page.evaluate("""Array.from(document.querySelectorAll('.panel table'))
+    assert page.page.evaluate("""Array.from(document.querySelectorAll('.panel:not([hidden]) table'))
         .every(t => t.caption && t.tHead.querySelectorAll('th[scope=col]').length > 0)""")
     # The keyboard reaches the filters and applies them.
     page.page.focus("#timeframe")
@@ -457,3 +457,35 @@ def test_the_page_and_its_chart_library_come_from_the_package(traffic):
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
     assert httpx.get(traffic.base + "/static/../app.py", timeout=10).status_code == 404
+
+
+def test_the_operators_sql_box(tab, traffic):
+    t = traffic
+    page = tab()
+    page.open("timeframe=1h", token=t.tok_ops)
+    assert page.page.is_visible("#panel-sql")
+    page.page.fill("#sql", f"SELECT api_key_id, count() AS n FROM requests WHERE org_id = '{t.b}' "
+                           "GROUP BY api_key_id ORDER BY api_key_id")
+    page.page.click("#sql-form button[type=submit]")
+    wait_for(lambda: "rows in" in page.page.text_content("#sql-summary") or page.page.text_content("#sql-error"), 60,
+             "the statement's answer")
+    assert {r["api_key_id"]: n(r["n"]) for r in page.table("sql")} == Counter(e.api_key_id for e in t.of(t.b))
+    page.page.select_option("#sql-format", "csv")
+    with page.page.expect_download() as info:
+        page.page.click("#sql-form button[type=submit]")
+    rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
+    assert {r["api_key_id"]: int(r["n"]) for r in rows} == Counter(e.api_key_id for e in t.of(t.b))
+    page.page.fill("#sql", "DROP TABLE requests")
+    page.page.select_option("#sql-format", "json")
+    page.page.click("#sql-form button[type=submit]")
+    wait_for(lambda: page.page.text_content("#sql-error"), 60, "the refusal")
+    assert "READONLY" in page.page.text_content("#sql-error")
+    page.check_clean(refused=(400,))
+    # An org token has no SQL box, and the endpoint refuses it.
+    org = tab()
+    org.open("timeframe=1h", token=t.tok_a)
+    assert org.page.is_hidden("#panel-sql")
+    assert org.fetch_status("/v1/sql", t.tok_a) in (404, 405)  # GET: no such thing
+    assert org.page.evaluate("""token => fetch('/v1/sql', {method: 'POST', body: 'SELECT 1',
+        headers: {Authorization: 'Bearer ' + token}}).then(r => r.status)""", t.tok_a) == 403
+    org.check_clean(refused=(403, 404, 405))

@@ -25,9 +25,9 @@ class Command:
 
 def commands() -> tuple[Command, ...]:
     """Every command, in the order `quotaflow --help` lists them: by group."""
-    from quotaflow.cli import config, db, demo, limits, schema, stack, stages
+    from quotaflow.cli import config, db, demo, limits, schema, sql, stack, stages
 
-    return tuple(c for group in (stack, stages, demo, limits, schema, db, config) for c in group.COMMANDS)
+    return tuple(c for group in (stack, stages, demo, limits, schema, db, sql, config) for c in group.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -350,6 +350,7 @@ async function signIn(token) {
   $("#signin").hidden = true;
   $("#board").hidden = false;
   $("#org-field").hidden = who.org !== null;
+  $("#panel-sql").hidden = who.org !== null; // ad-hoc SQL is for operator tokens only
   state.view = readView();
   if (who.org !== null) state.view.org = "";
   showView(state.view);
@@ -381,16 +382,47 @@ function signOut(message = "") {
   $("#token").focus();
 }
 
-async function download(question) {
-  const res = await request(`/v1/${question}.csv?${params(state.view, question)}`);
-  const blob = await res.blob();
+// Ad-hoc SQL (operators): POST /v1/sql; a table for JSON, a file for CSV and Parquet.
+async function runSql() {
+  const form = $("#sql-form");
+  const format = form.format.value;
+  $("#sql-error").textContent = "";
+  $("#sql-summary").textContent = "Running…";
+  try {
+    const res = await fetch(`/v1/sql?format=${format}`, { method: "POST", body: form.sql.value,
+      headers: { Authorization: "Bearer " + state.token, "Content-Type": "text/plain; charset=utf-8" } });
+    if (!res.ok) {
+      let message = res.status + " " + res.statusText;
+      try { message = (await res.json()).error || message; } catch (_) { /* not JSON */ }
+      throw new ApiError(res.status, message);
+    }
+    if (format === "json") {
+      const data = await res.json();
+      fillTable($("#sql-result"), data.meta.map((m) => ({ label: m.name, key: m.name })), data.data);
+      $("#sql-summary").textContent = `${data.rows} rows in ${(data.statistics?.elapsed ?? 0).toFixed(3)} s`;
+    } else {
+      save(await res.blob(), `quotaflow-sql.${format}`);
+      $("#sql-summary").textContent = "Downloaded.";
+    }
+  } catch (err) {
+    $("#sql-summary").textContent = "";
+    $("#sql-error").textContent = err.message;
+  }
+}
+
+function save(blob, name) {
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
-  a.download = `quotaflow-${question}.csv`;
+  a.download = name;
   document.body.append(a);
   a.click();
   a.remove();
   setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+}
+
+async function download(question) {
+  const res = await request(`/v1/${question}.csv?${params(state.view, question)}`);
+  save(await res.blob(), `quotaflow-${question}.csv`);
 }
 
 // ---- wiring -------------------------------------------------------------------------------
@@ -413,6 +445,7 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   $("#signout").addEventListener("click", () => signOut());
+  $("#sql-form").addEventListener("submit", (e) => { e.preventDefault(); runSql(); });
   $("#filters").addEventListener("submit", (e) => {
     e.preventDefault();
     const view = viewFromForm();
