@@ -43,7 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from quotaflow.analytics import queries
+from quotaflow.analytics import adhoc, dashboard, queries
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
 from quotaflow.analytics.window import BadTimeRange, TimeRange, for_range, for_timeframe
 from quotaflow.core import metrics
@@ -189,14 +189,15 @@ class _ExportAborted(Exception):
 def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: Client,
                connect_for_export: Callable[[], Client], bounds: queries.Bounds = queries.Bounds(),
                max_concurrent: int = 4, queue_wait_s: float = 1.0,
-               clock: Callable[[], float] = time.time) -> Starlette:
+               clock: Callable[[], float] = time.time, live: dashboard.limits.LiveLimits | None = None) -> Starlette:
     """``client`` answers the JSON requests (one at a time per client); each CSV export
     gets a client of its own from ``connect_for_export`` so that a slow reader of a long
     export does not hold up everybody else. At most ``max_concurrent`` queries run at
     once (exports until their last row is sent); a request waits up to ``queue_wait_s``
     for a slot, then gets 503 with Retry-After. ``clock`` (epoch seconds) is what a
     timeframe ends at, and which data retention still covers: the wall clock, or a
-    given one in tests."""
+    given one in tests. ``live`` reads the live limit state from Redis for the dashboard
+    (analytics/dashboard/), which is served at ``/``."""
     check_tokens(tokens)
     slots = anyio.Semaphore(max_concurrent)
 
@@ -342,6 +343,8 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
     app = Starlette(routes=[
         Route("/healthz", healthz),
         Route("/metrics", metrics.asgi_app),
+        *dashboard.routes(authorize, live),
+        *adhoc.routes(authorize, connect_for_export, bounds),  # POST /v1/sql, operators only
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})

@@ -80,6 +80,7 @@ class _Source:
             self.denials = "sum(denials)"
         else:
             self.denials = f"sumIf(requests, status = {DENIAL_STATUS})"
+        self.count_if = "countIf({})" if raw else "sumIf(requests, {})"  # requests whose row meets a condition
         self.request_bytes = "sum(request_bytes)"
         self.response_bytes = "sum(response_bytes)"
         self.latency = ("quantilesTDigest(0.5, 0.95, 0.99)(latency_ms)" if raw
@@ -135,6 +136,23 @@ FROM (SELECT {s.bucket} AS b, {s.requests} AS n, {s.errors} AS n_errors, {s.deni
                           STEP toIntervalSecond({{step_s:UInt32}}))
 ORDER BY bucket_iso"""
     return sql, ("bucket", "requests", "errors", "denials")
+
+
+def _status_series(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    # Requests per bucket and status class, 429 denials apart from the other 4xx; every
+    # step is filled in as in volume. Key-level tables only: org rollups have no status.
+    classes = [("1xx", "status < 200"), ("2xx", "status >= 200 AND status < 300"),
+               ("3xx", "status >= 300 AND status < 400"), ("4xx", f"status >= 400 AND status < 500 AND status != {DENIAL_STATUS}"),
+               ("429", f"status = {DENIAL_STATUS}"), ("5xx", "status >= 500")]
+    counts = ", ".join(s.count_if.format(cond) + f" AS n_{name}" for name, cond in classes)
+    sql = f"""
+SELECT formatDateTime(b, {_ISO}, 'UTC') AS bucket_iso, n, {", ".join(f"n_{name}" for name, _ in classes)}
+FROM (SELECT {s.bucket} AS b, {s.requests} AS n, {counts}
+      FROM {table} WHERE {where} GROUP BY b
+      ORDER BY b WITH FILL FROM toDateTime({{fill_from_s:Int64}}, 'UTC') TO toDateTime({{end_s:Int64}}, 'UTC')
+                          STEP toIntervalSecond({{step_s:UInt32}}))
+ORDER BY bucket_iso"""
+    return sql, ("bucket", "requests", *(f"status_{name}" for name, _ in classes))
 
 
 def _latency(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
@@ -210,6 +228,7 @@ LIMIT {{limit:UInt32}}"""
 QUESTIONS: dict[str, Callable[[_Source, str, str], tuple[str, tuple[str, ...]]]] = {
     "summary": _summary,
     "volume": _volume,
+    "status_series": _status_series,
     "latency": _latency,
     "status": _status,
     "endpoints": _endpoints,

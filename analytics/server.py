@@ -16,10 +16,12 @@ import socket
 import uvicorn
 
 from quotaflow.analytics.app import check_tokens, create_app
+from quotaflow.analytics.dashboard.limits import LiveLimits
 from quotaflow.analytics.queries import Bounds
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import retention
 from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.limits import policy_from_settings
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # put a TLS-terminating proxy in front to serve it further
@@ -40,6 +42,7 @@ class ApiServer:
         self._task: asyncio.Task | None = None
         self._client = None
         self._socket: socket.socket | None = None
+        self._live: LiveLimits | None = None
 
     @property
     def port(self) -> int:
@@ -54,10 +57,13 @@ class ApiServer:
         url = self.settings.clickhouse_url
         self._client = await asyncio.to_thread(connect, url)
         s = self.settings
+        # The dashboard's live limit state: read-only, connected on first use.
+        self._live = LiveLimits(s.redis_url, policy_from_settings(s)) if s.redis_url else None
         app = create_app(s.api_tokens, retention.wanted_days(s), self._client, lambda: connect(url),
                          bounds=Bounds(max_execution_time_s=s.api_query_timeout_s,
                                        max_memory_usage=s.api_query_max_memory_bytes),
-                         max_concurrent=s.api_max_concurrent_queries, queue_wait_s=s.api_queue_wait_s)
+                         max_concurrent=s.api_max_concurrent_queries, queue_wait_s=s.api_queue_wait_s,
+                         live=self._live)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
@@ -68,6 +74,7 @@ class ApiServer:
         if not self.settings.api_tokens:
             log.warning("query API serving, but QUOTAFLOW_API_TOKENS is empty: every request will be refused")
         log.info("query API serving", extra={"url": f"http://{HOST}:{self.port}/v1/",
+                                             "dashboard": f"http://{HOST}:{self.port}/",
                                              "query_timeout_s": s.api_query_timeout_s,
                                              "query_max_memory_bytes": s.api_query_max_memory_bytes,
                                              "max_concurrent_queries": s.api_max_concurrent_queries})
@@ -78,5 +85,7 @@ class ApiServer:
             await self._task
         if self._client is not None:
             self._client.close()
+        if self._live is not None:
+            await self._live.close()
         if self._socket is not None:
             self._socket.close()

@@ -10,6 +10,9 @@ lost every valid event not stored plus every malformed one not dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import secrets
 import time
 import urllib.error
 from dataclasses import dataclass, field
@@ -172,11 +175,20 @@ def run_demo(settings: Settings, seconds: float) -> int:
     started = stack.up(settings)
     for name, running, where in stack.status(settings)[:3]:
         print(f"  {name:<11} {'running' if running else 'stopped':<8} {where}", flush=True)
+    env = None
+    token = "one of QUOTAFLOW_API_TOKENS"
+    if not settings.api_tokens and settings.api_port:
+        # The dashboard signs in with a query API token: an operator token for this run only.
+        token = secrets.token_urlsafe(18)
+        env = {**os.environ, "QUOTAFLOW_API_TOKENS": json.dumps({token: "*"})}
     try:
         for name in stack.PIPELINE:
-            stack.start_pipeline_process(settings, name)
+            stack.start_pipeline_process(settings, name, env=env)
         print("  processor and sink running, each restarted by its supervisor if it exits; logs in",
               settings.state_dir / "logs", flush=True)
+        if settings.api_port:
+            print(f"  dashboard: http://127.0.0.1:{settings.api_port}/  sign in with {token} "
+                  f"(until the demo ends; DEMO_SECONDS=600 for longer)", flush=True)
         stats, tally, failed = asyncio.run(_run(settings, seconds))
         for name in stack.PIPELINE:
             if (state := stack.pipeline_state(settings, name)) is not None and state.restarts:

@@ -11,9 +11,9 @@ import pytest
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
             ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["keys"], ["keys", "create"],
             ["keys", "list"], ["keys", "show"], ["keys", "update"], ["keys", "revoke"], ["keys", "rotate"],
-            ["keys", "rebuild"], ["enforcement"], ["admin"], ["gateway"], ["api"], ["supervise"], ["config"], ["alerts"],
-            ["alerts", "rules"], ["alerts", "rules", "add"], ["alerts", "rules", "list"], ["alerts", "rules", "rm"],
-            ["alerts", "rules", "test"]]
+            ["keys", "rebuild"], ["enforcement"], ["admin"], ["gateway"], ["api"], ["supervise"], ["sql"], ["config"],
+            ["alerts"], ["alerts", "rules"], ["alerts", "rules", "add"], ["alerts", "rules", "list"],
+            ["alerts", "rules", "rm"], ["alerts", "rules", "test"]]
 
 
 def quotaflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,144 @@
+"""The dashboard: a web page over the query API, served by the same process at ``/``.
+
+    GET /                    the page (static; it signs in with the API's bearer tokens)
+    GET /static/...          its script, styles and Chart.js (vendor.py), all from this package
+    GET /v1/whoami           the token's scope: {"org": "acme"} or {"org": null} (operators)
+    GET /v1/limits           live limit state from Redis (limits.py), JSON
+    GET /v1/limits.csv       the same as CSV
+
+The page asks the query API's questions (analytics/queries.py) itself, with the token in
+the Authorization header, never in a URL. It makes no request outside its own origin,
+and its Content-Security-Policy says so to the browser too.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from quotaflow.analytics.dashboard import limits as live_limits
+from quotaflow.analytics.scope import Forbidden, Scope
+from quotaflow.core.redact import redact
+from quotaflow.schemas.ids import id_error, show
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+CHART_JS = STATIC / "vendor" / "chart.umd.min.js"
+LIMIT_PARAMS = {"org", "api_key"}
+# Everything from this origin; nothing inline, nothing from elsewhere.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    headers = {"www-authenticate": 'Bearer realm="quotaflow"'} if status == 401 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _Static(StaticFiles):
+    """The page's files, with the page's security headers."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+
+def routes(authorize: Callable[[Request], Scope | str], live: live_limits.LiveLimits | None) -> list[BaseRoute]:
+    """The dashboard's routes; ``authorize`` is the query API's own (a Scope, or why not),
+    ``live`` reads Redis (None: the panel says live state is not available)."""
+    if not CHART_JS.is_file():
+        log.warning("dashboard: Chart.js is missing (analytics/dashboard/vendor.py fetches it when the package is "
+                    "built: make install); the page shows its tables without charts")
+
+    def scope_or_401(request: Request) -> Scope | Response:
+        scope = authorize(request)
+        return _json_error(401, scope) if isinstance(scope, str) else scope
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
+
+    async def whoami(request: Request) -> Response:
+        scope = scope_or_401(request)
+        if isinstance(scope, Response):
+            return scope
+        return JSONResponse({"org": scope.org_id, "live_limits": live is not None})
+
+    async def state(request: Request) -> live_limits.LiveState | Response:
+        scope = scope_or_401(request)
+        if isinstance(scope, Response):
+            return scope
+        p: dict[str, str] = {}
+        for key, value in request.query_params.multi_items():
+            if key not in LIMIT_PARAMS:
+                return _json_error(400, f"unknown parameter {show(key)}; known: {', '.join(sorted(LIMIT_PARAMS))}")
+            if key in p:
+                return _json_error(400, f"parameter {key!r} given more than once")
+            p[key] = value
+        try:
+            org = scope.org_filter(p.get("org"))  # an org token: always its own org
+        except Forbidden as exc:
+            return _json_error(403, str(exc))
+        for name, value in (("org", org), ("api_key", p.get("api_key"))):
+            if value is not None and (problem := id_error(name, value)):
+                return _json_error(400, problem)
+        if live is None:
+            return _json_error(503, "live limit state is not available in this process (no Redis configured)")
+        try:
+            return await live.read(org, p.get("api_key"))
+        except Exception as exc:  # the driver raises several types; to the caller they all mean the same
+            log.warning("live limit state failed", extra={"error": redact(str(exc)[:500])})
+            return _json_error(503, "Redis did not answer; live limit state is not available right now")
+
+    def row(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: _iso(r["reset_ms"]) if k == "reset" else r[k] for k in live_limits.COLUMNS}
+
+    async def limits_json(request: Request) -> Response:
+        s = await state(request)
+        if isinstance(s, Response):
+            return s
+        rows = [row(r) for r in s.rows]
+        return JSONResponse({"question": "limits", "source": "redis", "now": _iso(s.now_ms), "enforcement": "on" if s.enforcement else "off",
+                             "complete": s.complete, "limited_now": len(s.limited),
+                             "columns": list(live_limits.COLUMNS), "rows": rows})
+
+    async def limits_csv(request: Request) -> Response:
+        s = await state(request)
+        if isinstance(s, Response):
+            return s
+        buf = io.StringIO()
+        out = csv.writer(buf, lineterminator="\n")
+        out.writerow(live_limits.COLUMNS)
+        for r in s.rows:
+            out.writerow(row(r).values())
+        return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": 'attachment; filename="quotaflow-limits.csv"',
+                                 "x-quotaflow-enforcement": "on" if s.enforcement else "off",
+                                 "x-quotaflow-complete": "true" if s.complete else "false"})
+
+    return [
+        Route("/", index),
+        Mount("/static", app=_Static(directory=STATIC), name="static"),
+        Route("/v1/whoami", whoami),
+        Route("/v1/limits.csv", limits_csv),
+        Route("/v1/limits", limits_json),
+    ]

@@ -1,0 +1,160 @@
+"""Dashboard benchmark: the page loaded in headless Chromium over BENCH_DASHBOARD_EVENTS
+events (default 10M), from navigation to every panel drawn.
+
+1. The events are generated inside ClickHouse as bench/clickhouse.py does (100 orgs over
+   30 days, org-0 a fifth of them; INSERT ... SELECT FROM numbers(), through the rollup
+   views), in an embedded engine of this run's own; Redis is started for the live limit
+   panel.
+2. `quotaflow api` serves the query API and the page (a real subprocess, the engine
+   opened there alone). Debian's chromium (installed when missing), driven by Playwright,
+   opens the page BENCH_DASHBOARD_ROUNDS times (default 20) for org-0 and for every org,
+   for 24h and for 30d, signed in already (the token in the tab's sessionStorage). Each load
+   reports itself: navigation start to the last panel drawn (the page's own
+   performance.now(), so polling adds nothing): ``dashboard_load_p50_ms``,
+   ``dashboard_load_p95_ms``, and per timeframe. The first load of all, with an empty
+   browser cache, is ``dashboard_cold_load_ms``.
+3. Beside it, from the same loads (Resource Timing): each API request the page made,
+   request to last byte, ``panel_query_p50_ms`` / ``panel_query_p95_ms``; and the baseline
+   of the browser alone, the page without a token (the sign-in form, no query):
+   ``page_only_load_p50_ms``.
+
+Run: QUOTAFLOW_BENCH_PORT_BASE=35000 .venv/bin/python bench/dashboard.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import harness  # sets the isolated environment; settings are read later
+import orjson
+from clickhouse import ENDPOINTS, GENERATE
+
+from quotaflow.deploy import redis as redis_service
+from quotaflow.deploy import stack
+from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.schemas.clickhouse.client import connect
+from quotaflow.schemas.clickhouse.migrate import migrate
+
+EVENTS = int(os.environ.get("BENCH_DASHBOARD_EVENTS", 10_000_000))
+ROUNDS = int(os.environ.get("BENCH_DASHBOARD_ROUNDS", 20))
+TOKEN = "bench-dashboard-token"
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
+
+
+def generate(url: str, n: int) -> None:
+    client = connect(url)
+    try:
+        migrate(client)
+        started = time.perf_counter()
+        now_ms, chunk = int(time.time() * 1000), 1_000_000
+        for lo in range(0, n, chunk):
+            client.command(GENERATE, parameters={"now_ms": now_ms, "span_ms": 30 * 86_400_000, "n": n, "lo": lo,
+                                                 "count": min(chunk, n - lo), "endpoints": list(ENDPOINTS)},
+                           settings={"max_partitions_per_insert_block": 0})
+        harness.report("generate_events_s", time.perf_counter() - started, "s")
+    finally:
+        client.close()
+
+
+def serve_api(settings) -> subprocess.Popen:
+    env = {**os.environ, "QUOTAFLOW_API_TOKENS": orjson.dumps({TOKEN: "*"}).decode()}
+    log_file = open(settings.state_dir / "api.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "quotaflow", "api"], env=env, stdout=log_file, stderr=log_file)
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{settings.api_port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"quotaflow api did not start; see {settings.state_dir / 'api.log'}")
+        time.sleep(0.1)
+
+
+def measure(base: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    chromium = ensure_command("chromium", "chromium")
+    loads: dict[str, list[float]] = {"24h": [], "30d": []}
+    queries: list[float] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            # The page alone: no token, so the sign-in form and no query.
+            bare = browser.new_context().new_page()
+            page_only = []
+            for _ in range(ROUNDS):
+                bare.goto(base + "/")
+                bare.wait_for_selector("#signin:not([hidden])")
+                page_only.append(bare.evaluate("performance.getEntriesByType('navigation')[0].loadEventEnd"))
+            context = browser.new_context(viewport={"width": 1440, "height": 900})
+            context.add_init_script(f"sessionStorage.setItem('quotaflow.token', {orjson.dumps(TOKEN).decode()})")
+            page = context.new_page()
+            cold = None
+            for _ in range(ROUNDS):
+                for timeframe in ("24h", "30d"):
+                    for org in ("&org=org-0", ""):
+                        page.goto(f"{base}/?timeframe={timeframe}{org}")
+                        deadline = time.monotonic() + 60
+                        while not (ms := page.evaluate("document.body.dataset.renderedMs")):
+                            if time.monotonic() > deadline:
+                                raise SystemExit(f"the page did not finish loading: {page.text_content('#error')}")
+                            time.sleep(0.02)
+                        if page.evaluate("document.querySelectorAll('.panel[data-state=error]').length"):
+                            raise SystemExit(f"a panel failed: {page.text_content('#error')}")
+                        cold = float(ms) if cold is None else cold
+                        loads[timeframe].append(float(ms))
+                        queries += page.evaluate("""performance.getEntriesByType('resource')
+                            .filter(e => e.name.includes('/v1/')).map(e => e.responseEnd - e.requestStart)""")
+        finally:
+            browser.close()
+    every = loads["24h"] + loads["30d"]
+    harness.report("dashboard_load_p50_ms", percentile(every, 0.50), "ms")
+    harness.report("dashboard_load_p95_ms", percentile(every, 0.95), "ms")
+    for timeframe, values in loads.items():
+        harness.report(f"dashboard_load_{timeframe}_p50_ms", percentile(values, 0.50), "ms")
+        harness.report(f"dashboard_load_{timeframe}_p95_ms", percentile(values, 0.95), "ms")
+    harness.report("dashboard_cold_load_ms", cold, "ms")
+    harness.report("panel_query_p50_ms", percentile(queries, 0.50), "ms")
+    harness.report("panel_query_p95_ms", percentile(queries, 0.95), "ms")
+    harness.report("page_only_load_p50_ms", percentile(page_only, 0.50), "ms")
+    log(f"{len(every)} loads ({ROUNDS} rounds x 24h/30d x org-0/every org), {len(queries)} API requests, "
+        f"{EVENTS} events")
+
+
+def main() -> None:
+    settings = harness.get_settings()
+    stack.down(settings)
+    shutil.rmtree(settings.state_dir, ignore_errors=True)
+    settings.state_dir.mkdir(parents=True)
+    redis_service.start(settings)
+    api = None
+    try:
+        log(f"generating {EVENTS} events")
+        generate(settings.clickhouse_url, EVENTS)
+        api = serve_api(settings)
+        measure(f"http://127.0.0.1:{settings.api_port}")
+    finally:
+        if api is not None:
+            api.terminate()
+            api.wait(30)
+        stack.down(settings)
+
+
+if __name__ == "__main__":
+    main()

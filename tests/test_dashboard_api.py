@@ -1,0 +1,183 @@
+"""The dashboard's own endpoints without a browser: hostile callers of /v1/limits and
+/v1/whoami, the live state read from the real Redis of the stack (what the processor
+would write, written here in its format by the processor's own encoding), Redis gone,
+and the build step's checksum check.
+
+The app runs in this process on an engine of the test's own (the `engine` fixture);
+the browser tests (tests/test_dashboard.py) run the whole pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tarfile
+import time
+
+import httpx
+import pytest
+
+from quotaflow.analytics.app import create_app
+from quotaflow.analytics.dashboard import vendor
+from quotaflow.analytics.dashboard.limits import LiveLimits
+from quotaflow.core.settings import get_settings
+from quotaflow.schemas.clickhouse import retention
+from quotaflow.schemas.limits import policy_from_settings
+from quotaflow.schemas.redis_keys import (
+    ENFORCEMENT_KEY,
+    ENFORCEMENT_OFF,
+    ORG_TIER_FIELD,
+    encode_buckets,
+    org_key,
+    overrides_key,
+    reservations_key,
+    usage_key,
+    window_field,
+)
+from tests.pipeline import unique
+
+pytestmark = pytest.mark.stack
+HOUR = 3_600_000
+
+
+@pytest.fixture()
+def orgs(redis_client):
+    """Two orgs' usage as processors and gateways leave it in Redis: org A's key over its
+    hour limit (counts and a reservation), org B's well under."""
+    a, b = unique("lim-a"), unique("lim-b")
+    now = int(time.time() * 1000)
+    hour = now - now % HOUR
+    redis_client.hset(org_key(a), ORG_TIER_FIELD, "STARTER")  # 30 / 500 / 5000
+    redis_client.hset(overrides_key(a, "a-key"), "3600s", 40)
+    redis_client.hset(usage_key(a, "a-key"), mapping={window_field("3600s"): encode_buckets([(hour - HOUR, 99), (hour, 39)]),
+                                                      "org_id": a, "api_key_id": "a-key"})
+    redis_client.zadd(reservations_key(a, "a-key"), {"ev-1": now - 5})
+    redis_client.hset(usage_key(a), mapping={window_field("3600s"): encode_buckets([(hour, 39)]), "org_id": a})
+    redis_client.hset(usage_key(b, "b-key"), mapping={window_field("3600s"): encode_buckets([(hour, 3)]),
+                                                      "org_id": b, "api_key_id": "b-key"})
+    yield a, b
+    for key in redis_client.scan_iter(match="qf:v1:{lim-*"):
+        redis_client.delete(key)
+
+
+@pytest.fixture()
+def call(engine, live_stack, orgs):
+    a, b = orgs
+    tokens = {"tok-a": a, "tok-b": b, "tok-ops": "*"}
+
+    def request(path: str, token: str | None = "tok-a", live: bool = True, redis_url: str | None = None) -> httpx.Response:
+        async def go() -> httpx.Response:
+            reader = LiveLimits(redis_url or live_stack.redis_url, policy_from_settings(get_settings()), timeout_s=1) \
+                if live else None
+            app = create_app(tokens, retention.wanted_days(live_stack), engine, lambda: engine, live=reader)
+            headers = {"authorization": f"Bearer {token}"} if token else {}
+            try:
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+                    return await client.get(path, headers=headers)
+            finally:
+                if reader is not None:
+                    await reader.close()
+
+        return asyncio.run(go())
+
+    return request
+
+
+def test_live_state_of_an_org(call, orgs):
+    a, _ = orgs
+    body = call("/v1/limits").json()
+    assert body["enforcement"] == "on" and body["complete"] is True and body["source"] == "redis"
+    assert {r["org_id"] for r in body["rows"]} == {a}
+    key_hour = [r for r in body["rows"] if r["api_key_id"] == "a-key" and r["window"] == "3600s"]
+    # 39 counted this hour (last hour's 99 not) + 1 reservation = 40 = its override: limited.
+    assert [(r["limit"], r["used"], r["remaining"], r["limited"], r["tier"]) for r in key_hour] == \
+        [(40, 40, 0, True, "STARTER")]
+    assert body["rows"][0] == key_hour[0]  # the limited first
+    org_hour = [r for r in body["rows"] if r["api_key_id"] is None and r["window"] == "3600s"]
+    assert [(r["limit"], r["used"], r["limited"]) for r in org_hour] == [(500, 39, False)]
+    assert body["limited_now"] == 1
+    one_key = call("/v1/limits?api_key=a-key").json()
+    assert {r["api_key_id"] for r in one_key["rows"]} == {"a-key", None}
+
+
+def test_an_operator_sees_every_org_or_picks_one(call, orgs, redis_client):
+    a, b = orgs
+    every = call("/v1/limits", token="tok-ops").json()
+    assert {a, b} <= {r["org_id"] for r in every["rows"]}
+    assert {r["org_id"] for r in call(f"/v1/limits?org={b}", token="tok-ops").json()["rows"]} == {b}
+    redis_client.set(ENFORCEMENT_KEY, ENFORCEMENT_OFF)
+    try:
+        assert call("/v1/limits", token="tok-ops").json()["enforcement"] == "off"
+        csv = call("/v1/limits.csv", token="tok-ops")
+        assert csv.headers["x-quotaflow-enforcement"] == "off"
+    finally:
+        redis_client.delete(ENFORCEMENT_KEY)
+    lines = call(f"/v1/limits.csv?org={a}", token="tok-ops").text.splitlines()
+    assert lines[0] == "org_id,api_key_id,subject,tier,window,limit,used,remaining,reset,limited"
+    assert any(line.startswith(f"{a},a-key,key,STARTER,3600s,40,40,0,") and line.endswith(",True") for line in lines)
+
+
+@pytest.mark.parametrize(("path", "token", "status", "reason"), [
+    ("/v1/limits", None, 401, "missing Authorization"),
+    ("/v1/limits", "nope", 401, "unknown bearer token"),
+    ("/v1/whoami", "nope", 401, "unknown bearer token"),
+    ("/v1/limits?org=ORG_B", "tok-a", 403, "only read its own org"),
+    ("/v1/limits.csv?org=ORG_B", "tok-a", 403, "only read its own org"),
+    ("/v1/limits?org=a%7Bb%7D", "tok-ops", 400, "org: must be"),
+    ("/v1/limits?api_key=*", "tok-a", 400, "api_key: must be"),
+    ("/v1/limits?api_key=%00", "tok-a", 400, "api_key: must be"),
+    ("/v1/limits?timeframe=1h", "tok-a", 400, "unknown parameter"),
+    ("/v1/limits?api_key=x&api_key=y", "tok-a", 400, "more than once"),
+])
+def test_hostile_callers_are_refused_with_the_reason(call, orgs, path, token, status, reason):
+    response = call(path.replace("ORG_B", orgs[1]), token=token)
+    assert response.status_code == status
+    assert reason in response.json()["error"]
+    if token:
+        assert token not in response.text
+
+
+def test_whoami_names_the_scope(call, orgs):
+    assert call("/v1/whoami").json() == {"org": orgs[0], "live_limits": True}
+    assert call("/v1/whoami", token="tok-ops").json() == {"org": None, "live_limits": True}
+
+
+def test_no_redis_is_a_503_naming_it_not_a_500(call, port_base):
+    gone = call("/v1/limits", redis_url=f"redis://127.0.0.1:{port_base + 97}/0")  # nothing listens there
+    assert gone.status_code == 503 and "Redis did not answer" in gone.json()["error"]
+    none = call("/v1/limits", live=False)
+    assert none.status_code == 503 and "not available" in none.json()["error"]
+    assert call("/", token=None).status_code == 200  # the page itself needs neither
+
+
+def test_the_build_step_refuses_a_file_that_does_not_match_its_pin(tmp_path, monkeypatch):
+    """vendor.fetch checks the tarball and the file it unpacks; a tarball whose file was
+    changed is refused and nothing is written."""
+    spec, tarball, digests = vendor.pins()
+    assert spec.startswith("chart.js@") and tarball.endswith(".tgz")
+    member = next(m for m in digests if m != tarball)
+    shipped = vendor.target(member)
+    assert shipped.is_file() and hashlib.sha256(shipped.read_bytes()).hexdigest() == digests[member]
+    assert vendor.is_current()
+
+    # A tarball like npm's with a changed file, pinned by its own digest: the file's pin must still refuse it.
+    fake = tmp_path / "pack" / tarball
+    fake.parent.mkdir()
+    body = tmp_path / "chart.umd.min.js"
+    body.write_text("alert('not chart.js')")
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(body, arcname=member)
+    lock = tmp_path / "vendor.sha256"
+    lock.write_text(f"{hashlib.sha256(fake.read_bytes()).hexdigest()}  {tarball}\n{digests[member]}  {member}\n")
+    npm = tmp_path / "npm"
+    npm.write_text(f"#!/bin/sh\ncp {fake} \"$4\"/\n")  # npm pack --silent --pack-destination DIR SPEC
+    npm.chmod(0o755)
+    monkeypatch.setattr(vendor, "LOCK", lock)
+    monkeypatch.setattr(vendor, "TARGET_DIR", tmp_path / "out")
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(vendor.VendorError, match=f"checksum mismatch for {member}"):
+        vendor.fetch()
+    assert not (tmp_path / "out" / "chart.umd.min.js").exists()
+    # And a tarball that is not the pinned one is refused before anything is unpacked.
+    lock.write_text(f"{'0' * 64}  {tarball}\n{digests[member]}  {member}\n")
+    with pytest.raises(vendor.VendorError, match=f"checksum mismatch for {tarball}"):
+        vendor.fetch()
