@@ -230,8 +230,8 @@ class KeyMaterializer:
     async def _read_all(self) -> tuple[int, int, int, int]:
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
                                     isolation_level="read_committed")
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a rebuild stopped while it connects closes it too
             if KEYS_TOPIC not in await consumer.topics():
                 raise KafkaError(f"the keys topic {KEYS_TOPIC} does not exist")
             consumer.assign([TP])
