@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from quotaflow.core import metrics
 from quotaflow.core.errors import OperatorError
+from quotaflow.core.redact import redact
 from quotaflow.core.settings import ConfigError, Settings
 from quotaflow.core.tokens import ALL_ORGS, bearer, owner
 from quotaflow.keys.changes import KEEP, OVERLAP_MAX_MS, InvalidChange, check_id
@@ -173,7 +174,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
 
     OPERATOR = Depends(operator)
 
-
     def ids(org_id: str, key_id: str | None = None) -> None:
         check_id("org_id", org_id)
         if key_id is not None:
@@ -196,9 +196,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         return _error(404 if isinstance(exc, KeyNotFound) else 400, str(exc))
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("admin request failed: a service is unavailable", extra={"error": str(exc)[:500]})
-        return _error(503, str(exc) if isinstance(exc, (OperatorError, ConfigError)) else
-                      f"{type(exc).__name__}: {str(exc)[:300]}", {"retry-after": "5"})
+        message = redact(str(exc)) if isinstance(exc, (OperatorError, ConfigError)) else \
+            f"{type(exc).__name__}: {redact(str(exc))[:300]}"  # a service's URL may carry its password
+        log.warning("admin request failed: a service is unavailable", extra={"error": message[:500]})
+        return _error(503, message, {"retry-after": "5"})
 
     for kind in (OperatorError, ConfigError, KafkaError, RedisError):
         app.add_exception_handler(kind, unavailable)
