@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import logging
 import os
@@ -126,8 +127,17 @@ def resolve_jars(settings: Settings, dest: Path) -> None:
 
 
 def ensure_jars(settings: Settings) -> Path:
-    """Directory of verified jars, downloading them on first use."""
+    """Directory of verified jars, downloading them on first use. One process at a time
+    (a lock file beside them): stacks starting together, such as the test workers' on a
+    fresh machine, share the cache, and the second waits for the first's download."""
     libs = settings.cache_dir / f"kafka-{KAFKA_VERSION}" / "libs"
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with open(libs.parent / "install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return _ensure_jars(settings, libs)
+
+
+def _ensure_jars(settings: Settings, libs: Path) -> Path:
     expected = read_lock()
     stamp = libs / ".verified"
     lock_digest = hashlib.sha256(lock_resource().read_bytes()).hexdigest()
