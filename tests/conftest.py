@@ -68,7 +68,11 @@ def live_stack(settings: Settings):
     """The stack, started from a clean state dir, stopped at the end of the session."""
     stack.down(settings)
     shutil.rmtree(settings.state_dir, ignore_errors=True)
-    stack.up(settings)
+    try:
+        stack.up(settings)
+    except BaseException:  # what did start (Redis before a failed Kafka, say) must not outlive the run
+        stack.down(settings)
+        raise
     yield settings
     stack.down(settings)
 
