@@ -5,7 +5,8 @@ Gateways decide from these counts plus their outstanding reservations
 
 from __future__ import annotations
 
-from quotaflow.processors.window_counts import SubjectState, window_count, window_reset
+from quotaflow.processors.window_counts import SubjectState
+from quotaflow.schemas.limits import window_count, window_reset
 from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy
 from quotaflow.schemas.redis_keys import Decision, WindowUsage
 

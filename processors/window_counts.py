@@ -120,21 +120,3 @@ def apply_events(state: SubjectState | None, ts_ms: Sequence[int], partition: in
     state["p"], state["o"], state["m"] = partition, positions[-1], clock
     outcomes[COUNTED] = len(ts_ms)
     return outcomes, state
-
-
-def window_count(buckets: list[list[int]], window: Window, now_ms: int) -> int:
-    """Count of the window as it stands at now_ms. A sliding window includes every
-    bucket that overlaps it, so it may over-count by part of one bucket, never under-count."""
-    if window.sliding:
-        return sum(c for s, c in buckets if s + window.bucket_ms > now_ms - window.length_ms)
-    current = now_ms - now_ms % window.length_ms
-    return sum(c for s, c in buckets if s == current)
-
-
-def window_reset(buckets: list[list[int]], window: Window, now_ms: int) -> int:
-    """When the window next frees a unit: a fixed window at its end; a sliding one
-    when its oldest counted bucket leaves it."""
-    if not window.sliding:
-        return now_ms - now_ms % window.length_ms + window.length_ms
-    live = [s for s, c in buckets if c and s + window.bucket_ms > now_ms - window.length_ms]
-    return (min(live) + window.bucket_ms + window.length_ms) if live else now_ms + window.bucket_ms

@@ -94,3 +94,23 @@ def policy_from_settings(settings: Settings | LimitSettings) -> Policy:
                   tiers=dict(limits.tier_limits), default_tier=limits.default_tier,
                   late_grace_ms=int(limits.late_grace_s * 1000),
                   reservation_ttl_ms=int(limits.reservation_ttl_s * 1000))
+
+
+# How a window's count and reset are read from a subject's buckets (redis_keys.decode_buckets):
+# by the processors for their decisions, and by whoever reads the counts they wrote.
+def window_count(buckets: list[list[int]], window: Window, now_ms: int) -> int:
+    """Count of the window as it stands at now_ms. A sliding window includes every
+    bucket that overlaps it, so it may over-count by part of one bucket, never under-count."""
+    if window.sliding:
+        return sum(c for s, c in buckets if s + window.bucket_ms > now_ms - window.length_ms)
+    current = now_ms - now_ms % window.length_ms
+    return sum(c for s, c in buckets if s == current)
+
+
+def window_reset(buckets: list[list[int]], window: Window, now_ms: int) -> int:
+    """When the window next frees a unit: a fixed window at its end; a sliding one
+    when its oldest counted bucket leaves it."""
+    if not window.sliding:
+        return now_ms - now_ms % window.length_ms + window.length_ms
+    live = [s for s, c in buckets if c and s + window.bucket_ms > now_ms - window.length_ms]
+    return (min(live) + window.bucket_ms + window.length_ms) if live else now_ms + window.bucket_ms

@@ -222,8 +222,7 @@ async def read_all(settings: Settings, topic: str) -> list:
 def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label: str = "60s") -> int | None:
     """What the processors counted for a key (or, with api_key_id None, an org) in the
     window of the default policy labelled ``label`` that contains ``at_ms``; None before any count."""
-    from quotaflow.processors.window_counts import window_count
-    from quotaflow.schemas.limits import Window
+    from quotaflow.schemas.limits import Window, window_count
     from quotaflow.schemas.redis_keys import decode_buckets, window_field
 
     raw = redis_client.hget(usage_key(org_id, api_key_id), window_field(label))

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from quotaflow.gateway.headers import rate_limit_headers
 from quotaflow.gateway.limiter import UNAVAILABLE, RateLimiter
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
-from quotaflow.processors.window_counts import window_count
+from quotaflow.schemas.limits import window_count
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, Policy, Window
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, Decision, WindowUsage, org_key, overrides_key, reservations_key
 from quotaflow.schemas.tiers import Tier

@@ -1,7 +1,8 @@
 """Counting per subject (a key or an org) in every window, and the durable decision (pure logic, no servers)."""
 
 from quotaflow.processors.decisions import decide, org_windows
-from quotaflow.processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event, window_count, window_reset
+from quotaflow.processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event
+from quotaflow.schemas.limits import window_count, window_reset
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, SUBJECT_KEY, SUBJECT_ORG, Policy, Window, policy_from_settings
 from quotaflow.schemas.tiers import Tier
 

@@ -3,7 +3,8 @@ window's limit, what is used of it now and what remains, and the enforcement swi
 
 Read-only (SCAN, HMGET, HGETALL, ZCOUNT, GET; never a write), and the same arithmetic as
 the gateways' check (gateway/check.lua): a window's use is the processors' durable
-counts in it plus the reservations of admitted requests not counted yet. A subject is
+counts in it (schemas/limits.py window_count, as the processors read them) plus the
+reservations of admitted requests not counted yet. A subject is
 limited now when any of its windows is used up.
 
 Redis has no index of an org's keys, so they are found with SCAN over the usage hashes
@@ -20,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy, parse_overrides
+from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy, parse_overrides, window_count, window_reset
 from quotaflow.schemas.redis_keys import (
     ENFORCEMENT_KEY,
     ENFORCEMENT_OFF,
@@ -125,16 +126,8 @@ class LiveLimits:
             for w, text, resv, limit in zip(windows, texts, reserved, limits, strict=True):
                 if limit is None or limit < 0:
                     continue  # unlimited in this window
-                used, reset = resv, now - now % w.length_ms + w.length_ms
-                oldest = None
-                for start, count in decode_buckets(text):
-                    if w.sliding and start + w.bucket_ms > now - w.length_ms and count > 0:
-                        used += count
-                        oldest = start if oldest is None else min(oldest, start)
-                    elif not w.sliding and start == now - now % w.length_ms:
-                        used += count
-                if w.sliding:
-                    reset = oldest + w.bucket_ms + w.length_ms if oldest is not None else now + w.bucket_ms
+                buckets = decode_buckets(text)
+                used, reset = resv + window_count(buckets, w, now), window_reset(buckets, w, now)
                 rows.append({"org_id": org, "api_key_id": key, "subject": subject, "tier": tiers[org],
                              "window": w.label, "limit": limit, "used": used,
                              "remaining": max(limit - used, 0), "reset_ms": reset, "limited": used >= limit})
