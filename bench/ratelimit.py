@@ -5,7 +5,8 @@ Prints `name: value unit` lines:
   over_admission_ratio           admitted / limit, worst window of any key, for quotaflow (goal 1.000)
   baseline_over_admission_ratio  the same for a synchronous Redis sliding-window limiter of the usual kind
   check_p50_ms, check_p99_ms     latency of RateLimiter.check under that load
-  baseline_check_p99_ms          latency of the baseline's check under the same load
+  baseline_check_p50_ms/_p99_ms  latency of the baseline's check under the same load (both publish each
+                                 request's event from the same event loop, as a metering gateway does)
   decision_lag_p50_ms/_p99_ms    event time to the processor's count visible in Redis, at 10k events/s
   processor_events_per_s         one processor process working through a backlog
   baseline_consume_events_per_s  a bare aiokafka consumer decoding the same backlog (the ceiling)
@@ -71,60 +72,68 @@ async def baseline_check(client, key: str, limit: int, window_ms: int) -> bool:
     return True
 
 
-async def gateway_worker(mode: str, run: str, rate_per_key: float, seconds: float) -> None:
+async def gateway_worker(run: str, rate_per_key: float, seconds: float) -> None:
+    """One gateway process checking every key with both limiters, in turns (which goes first
+    alternates), so that both are measured under the same load at the same moments."""
     import redis.asyncio as aioredis
 
     from quotaflow.gateway.limiter import RateLimiter
 
     settings = harness.get_settings()
-    keys = [(f"{run}-org{k}", f"{run}-key{k}") for k in range(KEYS)]
-    limiter = RateLimiter.from_settings(settings) if mode == "quotaflow" else None
+    limiter = RateLimiter.from_settings(settings)
     client = aioredis.Redis.from_url(settings.redis_url)
-    emitter = Emitter(settings.kafka_bootstrap, batch_events=100) if mode == "quotaflow" else None
-    if emitter:
-        await emitter.start()
-    decisions, latencies = [], []
+    # Both publish each request's event, as a gateway that meters usage does whatever limits
+    # it: the same work beside the checks in the same event loop.
+    emitter = Emitter(settings.kafka_bootstrap, batch_events=100)
+    await emitter.start()
+
+    async def ours(k: int) -> tuple[bool, int, str | None]:
+        d = await limiter.check(f"{run}-key{k}", f"{run}-org{k}")
+        return d.allowed, d.now_ms, d.event_id
+
+    async def baseline(k: int) -> tuple[bool, int, str | None]:
+        allowed = True
+        for i, w in enumerate(WINDOWS.split(",")):
+            allowed = allowed and await baseline_check(client, f"bl:{run}-key{k}:{w}", LIMITS["FREE"][i],
+                                                       int(w) * 1000)
+        return allowed, int(time.time() * 1000), None
+
+    out: dict[str, dict[str, list]] = {m: {"decisions": [], "latencies": []} for m in ("quotaflow", "baseline")}
     start = time.monotonic()
     sent = 0
     while (elapsed := time.monotonic() - start) < seconds:
         due = int(elapsed * rate_per_key)
         while sent < due:
-            for org, key in keys:
-                t0 = time.perf_counter()
-                if limiter:
-                    d = await limiter.check(key, org)
-                    allowed, at_ms = d.allowed, d.now_ms
-                else:
-                    allowed = True
-                    for i, w in enumerate(WINDOWS.split(",")):
-                        allowed = allowed and await baseline_check(client, f"bl:{key}:{w}", LIMITS["FREE"][i],
-                                                                   int(w) * 1000)
-                    at_ms = int(time.time() * 1000)
-                latencies.append((time.perf_counter() - t0) * 1000)  # the check alone, for both
-                decisions.append((key, at_ms, allowed))
-                if emitter:  # the request's event, as the middleware publishes it
-                    await emitter.emit(event(org, key, d.now_ms, d.event_id, 200 if d.allowed else 429))
+            for k in range(KEYS):
+                turns = (("quotaflow", ours), ("baseline", baseline))
+                for mode, check in (turns if (sent + k) % 2 else turns[::-1]):
+                    t0 = time.perf_counter()
+                    allowed, at_ms, event_id = await check(k)
+                    out[mode]["latencies"].append((time.perf_counter() - t0) * 1000)  # the check alone
+                    org = f"{run}-org{k}" if mode == "quotaflow" else f"{run}b-org{k}"  # counted apart
+                    out[mode]["decisions"].append((f"{mode}:{k}", at_ms, allowed))
+                    await emitter.emit(event(org, f"{run}-key{k}", at_ms, event_id, 200 if allowed else 429))
             sent += 1
         await asyncio.sleep(0.001)
-    if emitter:
-        await emitter.stop()
-    if limiter:
-        await limiter.aclose()
+    await emitter.stop()
+    await limiter.aclose()
     await client.aclose()
-    print(json.dumps({"decisions": decisions, "latencies": latencies}))
+    print(json.dumps(out))
 
 
-def run_gateways(mode: str, run: str) -> tuple[list, list]:
+def run_gateways(run: str) -> dict[str, tuple[list, list]]:
+    """Decisions and latencies per limiter, from GATEWAYS processes."""
     # 5x the 10 s window's limit, shared by the gateways
     rate_per_key = 5 * LIMITS["FREE"][0] / 10 / GATEWAYS
-    procs = [subprocess.Popen([sys.executable, __file__, "--gateway", mode, run, str(rate_per_key), str(LOAD_SECONDS)],
+    procs = [subprocess.Popen([sys.executable, __file__, "--gateway", run, str(rate_per_key), str(LOAD_SECONDS)],
                               stdout=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(GATEWAYS)]
-    decisions, latencies = [], []
+    results: dict[str, tuple[list, list]] = {"quotaflow": ([], []), "baseline": ([], [])}
     for p in procs:
         out = json.loads(p.communicate(timeout=LOAD_SECONDS * 10)[0])
-        decisions += out["decisions"]
-        latencies += out["latencies"]
-    return decisions, latencies
+        for mode, (decisions, latencies) in results.items():
+            decisions += out[mode]["decisions"]
+            latencies += out[mode]["latencies"]
+    return results
 
 
 def worst_ratio(decisions: list, sliding: bool) -> float:
@@ -289,10 +298,9 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
         run = uuid.uuid4().hex[:6]
 
         if "admission" in phases:
-            print("over-admission: quotaflow...", file=sys.stderr, flush=True)
-            ours, ours_lat = run_gateways("quotaflow", run)
-            print("over-admission: baseline...", file=sys.stderr, flush=True)
-            base, base_lat = run_gateways("baseline", run)
+            print("over-admission: quotaflow and the baseline, in turns...", file=sys.stderr, flush=True)
+            results = run_gateways(run)
+            (ours, ours_lat), (base, base_lat) = results["quotaflow"], results["baseline"]
             harness.report("over_admission_ratio", worst_ratio(ours, sliding=False), "admitted/limit")
             harness.report("baseline_over_admission_ratio", worst_ratio(base, sliding=True), "admitted/limit")
             harness.report("check_p50_ms", pct(ours_lat, 50), "ms")
@@ -324,7 +332,7 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--gateway"]:
-        asyncio.run(gateway_worker(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])))
+        asyncio.run(gateway_worker(sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
     elif sys.argv[1:2] == ["--produce"]:
         asyncio.run(producer_worker(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
     else:

@@ -1,11 +1,17 @@
 -- One gateway check, atomic in Redis: may this request go on now?
 --
--- Two modes, named by the ARGV after the tiers:
+-- The gateway sends this file after a prelude it writes from its policy (gateway/limiter.py
+-- policy_script), which defines POLICY: the reservation ttl (ms), the default tier, the
+-- windows (label, len, bucket ms, sliding), the limits per tier (-1: unlimited) and the
+-- layout of an org's keys. A policy is thus one script, cached by Redis under its SHA:
+-- nothing of it is sent or parsed per call, and a changed policy is another SHA.
+--
+-- Two modes, named by ARGV[2]:
 --   'key': the caller presented an API key. Its record is looked up by the key's HMAC (one
 --          candidate per configured hash secret, KEYS), then its state, its expiry (by this
 --          Redis's clock) and the required scope are checked; a key that passes is rate-limited
 --          as the key id and org its record names. The org's keys are named here from the
---          record's org_id with the layout the gateway passes (schemas/redis_keys.py): they
+--          record's org_id with the policy's layout (from schemas/redis_keys.py): they
 --          share the record's hash slot by construction (schemas/api_keys.py slot_hint), so
 --          the whole call stays in one slot, as Redis Cluster requires.
 --   'ids': the caller names the key id and the org (trusted mode: an auth layer in front
@@ -19,12 +25,8 @@
 --             6 key overrides: all of one org, in its hash slot.
 --      The emergency switch (one key for all orgs) is read beside this call, in the same
 --      pipeline, and applied by the gateway (gateway/limiter.py).
--- ARGV: 1 event_id, 2 reservation ttl ms, 3 default tier, 4 window count n,
---       then n x (label, length ms, bucket ms, sliding 0|1),
---       then tier count, then per tier: name and n limits (-1: unlimited),
---       then the mode: 'ids'; or 'key', the required scope ('' for none), the hash slot of
---       the records (of the key's slot hint, computed by the gateway), and the six key names
---       above as (head, middle, 1 if the key id ends it else 0) each: head .. org .. middle [.. key id]
+-- ARGV: 1 event_id, 2 the mode: 'ids'; or 'key', then 3 the required scope ('' for none) and
+--       4 the hash slot of the records (of the key's slot hint, computed by the gateway)
 -- Returns: {outcome, now_ms, tier, key id, org id, then per limited window:
 --           scope, label, length s, limit, used (including this request if admitted), reset ms}
 --   outcome 'allowed' or 'rate_limited'; or, with nothing after the ids, 'unknown_key',
@@ -35,23 +37,10 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-local event_id, ttl, default_tier = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local nw = tonumber(ARGV[4])
-local windows, fields = {}, {}
-local i = 5
-for w = 1, nw do
-  windows[w] = {label = ARGV[i], len = tonumber(ARGV[i + 1]), bucket = tonumber(ARGV[i + 2]), sliding = ARGV[i + 3] == '1'}
-  fields[w] = 'w:' .. ARGV[i]
-  i = i + 4
-end
-local tiers = {}
-for _ = 1, tonumber(ARGV[i]) do
-  local limits = {}
-  for w = 1, nw do limits[w] = tonumber(ARGV[i + 1 + w]) end
-  tiers[ARGV[i + 1]] = limits
-  i = i + 1 + nw
-end
-i = i + 1
+local event_id = ARGV[1]
+local ttl, default_tier, windows, tiers = POLICY.ttl, POLICY.default_tier, POLICY.windows, POLICY.tiers
+local nw = #windows
+local fields = POLICY.fields
 
 -- The id rule of schemas/ids.py: what may go between the braces of a hash tag.
 local function valid_id(s)
@@ -77,15 +66,15 @@ end
 local K = KEYS
 local key_id, org_id = '', ''
 local record_limits = {}
-if ARGV[i] == 'key' then
-  local scope = ARGV[i + 1]
+if ARGV[2] == 'key' then
+  local scope = ARGV[3]
   local rec
   for k = 1, #KEYS do
     local r = redis.call('HMGET', KEYS[k], 'key_id', 'org_id', 'state', 'expires_ms', 'scopes', 'limits')
     if r[1] then rec = r; break end
   end
   if not rec then return {'unknown_key', now, '', '', ''} end
-  if not valid_id(rec[1]) or not valid_id(rec[2]) or slot(rec[2]) ~= tonumber(ARGV[i + 2]) then
+  if not valid_id(rec[1]) or not valid_id(rec[2]) or slot(rec[2]) ~= tonumber(ARGV[4]) then
     return {'bad_record', now, '', '', ''}
   end
   key_id, org_id = rec[1], rec[2]
@@ -107,10 +96,8 @@ if ARGV[i] == 'key' then
   end
   for label, limit in string.gmatch(rec[6] or '', '([^,=]+)=(%d+)') do record_limits[label] = tonumber(limit) end
   K = {}
-  local j = i + 3
-  for n = 1, 6 do
-    K[n] = ARGV[j] .. org_id .. ARGV[j + 1] .. (ARGV[j + 2] == '1' and key_id or '')
-    j = j + 3
+  for n, part in ipairs(POLICY.layout) do
+    K[n] = part[1] .. org_id .. part[2] .. (part[3] and key_id or '')
   end
 end
 
@@ -154,6 +141,24 @@ local allowed = 1
 local result = {}
 local function check_scope(scope, usage, resv, limits)
   redis.call('ZREMRANGEBYSCORE', resv, '-inf', now - ttl)
+  -- Every reservation left is newer than now - ttl: a window reaching that far back holds
+  -- them all (one ZCARD, one ZRANGE for the oldest, shared by such windows); only a shorter
+  -- one counts its own range.
+  local card, oldest_all
+  local function count_since(from, exclusive)
+    if from <= now - ttl then
+      card = card or redis.call('ZCARD', resv)
+      return card
+    end
+    return redis.call('ZCOUNT', resv, (exclusive and '(' or '') .. from, '+inf')
+  end
+  local function first_since(from)
+    if from <= now - ttl then
+      oldest_all = oldest_all or redis.call('ZRANGE', resv, 0, 0, 'WITHSCORES')
+      return oldest_all
+    end
+    return redis.call('ZRANGEBYSCORE', resv, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  end
   local texts = redis.call('HMGET', usage, unpack(fields))
   for w = 1, nw do
     local limit = limits[w]
@@ -162,16 +167,16 @@ local function check_scope(scope, usage, resv, limits)
       local used, oldest = durable(texts[w], win)
       local reset
       if win.sliding then
-        used = used + redis.call('ZCOUNT', resv, '(' .. (now - win.len), '+inf')
+        used = used + count_since(now - win.len, true)
         -- frees a unit when the oldest counted unit leaves the window
-        local first = redis.call('ZRANGEBYSCORE', resv, '(' .. (now - win.len), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+        local first = first_since(now - win.len)
         local from_counts = oldest and (oldest + win.bucket + win.len)
         local from_resv = first[2] and (tonumber(first[2]) + win.len + 1)
         if from_counts and from_resv then reset = math.min(from_counts, from_resv)
         else reset = from_counts or from_resv or (now + win.bucket) end
       else
         local start = now - (now % win.len)
-        used = used + redis.call('ZCOUNT', resv, start, '+inf')
+        used = used + count_since(start, false)
         reset = start + win.len
       end
       if used >= limit then allowed = 0 end

@@ -88,7 +88,6 @@ _SCOPE = re.compile(SCOPE_PATTERN)
 _SLOT_ERROR = re.compile(r"do not hash to the same slot|non local key", re.IGNORECASE)
 
 SCRIPT = resources.files("quotaflow.gateway").joinpath("check.lua").read_text()
-SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 _OFF = (ENFORCEMENT_OFF, ENFORCEMENT_OFF.encode())  # as a client with or without decode_responses reads it
 
 
@@ -159,8 +158,39 @@ def _layout() -> list[str | int]:
     return out
 
 
-def _encoded(args: list[str | int]) -> list[bytes]:
-    return [str(a).encode() for a in args]
+_LUA_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:/-{} ")
+
+
+def _lua(value: object) -> str:
+    """A Lua literal of a value of the policy, tables of lists and dicts. A string's bytes
+    outside a plain set are decimal escapes, so a tier name or label (configuration) can
+    hold nothing that breaks out of its literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + "".join(chr(b) if chr(b) in _LUA_PLAIN else f"\\{b:03d}" for b in value.encode()) + '"'
+    if isinstance(value, (list, tuple)):
+        return "{" + ", ".join(_lua(v) for v in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no Lua literal for {type(value).__name__}")
+
+
+def policy_script(policy: Policy) -> str:
+    """check.lua behind a prelude that defines the policy (see the script's header)."""
+    layout = _layout()
+    prelude = {
+        "ttl": policy.reservation_ttl_ms,
+        "default_tier": policy.default_tier,
+        "windows": [{"label": w.label, "len": w.length_ms, "bucket": w.bucket_ms, "sliding": w.sliding}
+                    for w in policy.windows],
+        "fields": [f"w:{w.label}" for w in policy.windows],
+        "tiers": {name: [-1 if limit is None else limit for limit in limits] for name, limits in policy.tiers.items()},
+        "layout": [[layout[i], layout[i + 1], bool(layout[i + 2])] for i in range(0, len(layout), 3)],
+    }
+    return f"local POLICY = {_lua(prelude)}\n{SCRIPT}"
 
 
 class _Check:
@@ -170,17 +200,8 @@ class _Check:
         self.policy = policy
         self.fail_open = fail_open
         self.secrets = tuple(secret.encode() for secret in (key_secrets or {}).values())
-        tail: list[str | int] = [policy.reservation_ttl_ms, policy.default_tier, len(policy.windows)]
-        for w in policy.windows:
-            tail += [w.label, w.length_ms, w.bucket_ms, int(w.sliding)]
-        tail.append(len(policy.tiers))
-        for name, limits in policy.tiers.items():
-            tail += [name, *(-1 if limit is None else limit for limit in limits)]
-        # The same on every call: encoded once (each argument encoded per call costs a gateway
-        # about a microsecond; these are some forty)
-        self.ids_tail = _encoded([*tail, "ids"])
-        self.key_tail = _encoded([*tail, "key"])
-        self.layout = _encoded(_layout())
+        self.script = policy_script(policy)
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
 
     @staticmethod
     def keys(api_key_id: str, org_id: str) -> list[str]:
@@ -195,8 +216,9 @@ class _Check:
         return [usage_key(org_id, api_key_id), usage_key(org_id), reservations_key(org_id, api_key_id),
                 reservations_key(org_id), org_key(org_id), overrides_key(org_id, api_key_id)]
 
-    def args(self, event_id: str) -> list:
-        return [event_id, *self.ids_tail]
+    @staticmethod
+    def args(event_id: str) -> list:
+        return [event_id, "ids"]
 
     @staticmethod
     def scope(required: str | None) -> str:
@@ -215,8 +237,9 @@ class _Check:
         hint = parse(presented).slot_hint  # shape and checksum first: a fake costs no HMAC and no Redis call
         return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets], key_slot(hint.encode())
 
-    def key_args(self, event_id: str, scope: str, slot: int) -> list:
-        return [event_id, *self.key_tail, scope, slot, *self.layout]
+    @staticmethod
+    def key_args(event_id: str, scope: str, slot: int) -> list:
+        return [event_id, "key", scope, slot]
 
     @staticmethod
     def replies(switch: object, reply: object) -> tuple[object, list]:
@@ -344,8 +367,8 @@ class RateLimiter:
             return self._check.malformed(exc)
         event_id = str(uuid.uuid4())
         try:
-            switch, reply = await asyncio.wait_for(self._round_trip(keys, self._check.key_args(event_id, scope, slot)),
-                                                   self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # no task of its own, unlike wait_for
+                switch, reply = await self._round_trip(keys, self._check.key_args(event_id, scope, slot))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             return self._check.unavailable_verdict(exc)
         return self._check.verdict(switch, reply, event_id, scope)
@@ -357,7 +380,8 @@ class RateLimiter:
         keys = _Check.keys(api_key_id, org_id)
         event_id = str(uuid.uuid4())
         try:
-            switch, reply = await asyncio.wait_for(self._round_trip(keys, self._check.args(event_id)), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                switch, reply = await self._round_trip(keys, self._check.args(event_id))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             return self._check.unavailable(exc)
         return _Check.parse(switch, reply, event_id)
@@ -368,7 +392,7 @@ class RateLimiter:
         every primary of a cluster) and the pair sent again."""
         switch, reply = await self._pipeline(keys, args)
         if isinstance(reply, NoScriptError):
-            await self._client.script_load(SCRIPT)
+            await self._client.script_load(self._check.script)
             switch, reply = await self._pipeline(keys, args)
         return _Check.replies(switch, reply)
 
@@ -377,7 +401,7 @@ class RateLimiter:
             pipe.get(ENFORCEMENT_KEY)
             # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the latter
             # (a script's keys might span nodes); ours are in one slot, routed by its keys
-            pipe.execute_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=False)
 
     async def aclose(self) -> None:
@@ -431,12 +455,12 @@ class SyncRateLimiter:
     def _round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
         switch, reply = self._pipeline(keys, args)
         if isinstance(reply, NoScriptError):
-            self._client.script_load(SCRIPT)
+            self._client.script_load(self._check.script)
             switch, reply = self._pipeline(keys, args)
         return _Check.replies(switch, reply)
 
     def _pipeline(self, keys: list[str], args: list) -> list:
         with self._client.pipeline(transaction=False) as pipe:
             pipe.get(ENFORCEMENT_KEY)
-            pipe.execute_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)  # as in RateLimiter._pipeline
+            pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)  # as in RateLimiter._pipeline
             return pipe.execute(raise_on_error=False)

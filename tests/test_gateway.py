@@ -12,10 +12,13 @@ import threading
 import time
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quotaflow.gateway.headers import rate_limit_headers
-from quotaflow.gateway.limiter import UNAVAILABLE, RateLimiter
+from quotaflow.gateway.limiter import UNAVAILABLE, RateLimiter, SyncRateLimiter, policy_script
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.schemas.limits import window_count
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, Policy, Window
@@ -182,6 +185,53 @@ def test_sliding_window_frees_units_as_they_age(live_stack):
     assert first == [True, True, True, False]
     assert not denied.allowed and denied.reset_ms - denied.now_ms <= 2001
     assert second[0] is True and second.count(True) <= 3
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ages_ms=st.lists(st.integers(0, 400_000), max_size=12))
+def test_reservations_count_in_each_window_whatever_their_age(live_stack, redis_client, ages_ms):
+    """Outstanding reservations of any age, against windows shorter and longer than their
+    TTL, sliding and fixed: each window's used and reset are what its definition gives
+    from the same scores (check.lua counts a window reaching past the TTL as the whole set)."""
+    policy = Policy(windows=(Window(10, sliding=True), Window(200, sliding=True), Window(3600)),
+                    tiers={"FREE": (10_000, 10_000, 10_000)}, reservation_ttl_ms=120_000)
+    org, key = unique("org"), unique("key")
+    seconds, micros = redis_client.time()
+    t0 = seconds * 1000 + micros // 1000
+    scores = {f"r{i}": t0 - age for i, age in enumerate(ages_ms)}
+    if scores:
+        redis_client.zadd(reservations_key(org, key), scores)
+    with redis.Redis.from_url(live_stack.redis_url) as client:
+        d = SyncRateLimiter(client, policy, fail_open=False).check(key, org)
+    now = d.now_ms
+    live = [s for s in scores.values() if s > now - policy.reservation_ttl_ms]  # the rest are pruned first
+    expected = {}
+    for w in policy.windows:
+        if w.sliding:
+            inside = [s for s in live if s > now - w.length_ms]
+            reset = min(inside) + w.length_ms + 1 if inside else now + w.bucket_ms
+        else:
+            start = now - now % w.length_ms
+            inside = [s for s in live if s >= start]
+            reset = start + w.length_ms
+        expected[f"key:{w.label}"] = (len(inside) + 1, reset)  # + this request
+    assert d.allowed and {u.name: (u.used, u.reset_ms) for u in d.windows if u.subject == "key"} == expected
+    assert redis_client.zcard(reservations_key(org, key)) == len(live) + 1
+
+
+def test_the_policy_is_compiled_into_the_script_and_strings_cannot_break_out(redis_client):
+    """A tier name or window label is configuration: whatever its bytes, Redis's Lua reads it
+    back from the script's prelude as the same string, and the script's SHA follows the policy."""
+    hostile = 'X"] = 1 } redis.call("FLUSHALL") --\n\\]]\x00é'
+    p1 = Policy(windows=WINDOWS, tiers={"FREE": (1, 2, 3), hostile: (4, 5, None)})
+    p2 = Policy(windows=WINDOWS, tiers={"FREE": (1, 2, 4), hostile: (4, 5, None)})
+    prelude = policy_script(p1).split("\n", 1)[0]
+    redis_client.set("canary", "1")
+    read = redis_client.eval(prelude + "\nlocal out = {} for name, l in pairs(POLICY.tiers) do "
+                             "table.insert(out, {name, l[1], l[2], l[3]}) end return out", 0)
+    assert sorted((n.decode(), *ls) for n, *ls in read) == sorted([("FREE", 1, 2, 3), (hostile, 4, 5, -1)])
+    assert redis_client.get("canary") == b"1"
+    assert policy_script(p1) != policy_script(p2)
 
 
 def test_reservations_of_a_crashed_gateway_expire(live_stack, redis_client):
