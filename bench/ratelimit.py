@@ -10,6 +10,7 @@ Prints `name: value unit` lines:
   decision_lag_p50_ms/_p99_ms    event time to the processor's count visible in Redis, at 10k events/s
   processor_events_per_s         one processor process working through a backlog
   baseline_consume_events_per_s  a bare aiokafka consumer decoding the same backlog (the ceiling)
+  processor_single_event_records_per_s  the same with one event per Kafka record
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ from quotaflow.schemas.events import RequestEvent  # noqa: E402
 from quotaflow.schemas.topics import EVENTS_TOPIC  # noqa: E402
 
 GATEWAYS = 4
+# The decision-lag phase's publisher: the emitter's defaults unless BENCH_EMITTER_BATCH_MS /
+# BENCH_EMITTER_LINGER_MS say otherwise (the run prints what it used).
+LAG_EMITTER = {name: int(os.environ[var]) for name, var in (("batch_ms", "BENCH_EMITTER_BATCH_MS"),
+                                                            ("linger_ms", "BENCH_EMITTER_LINGER_MS"))
+               if var in os.environ}
 KEYS = 20
 LOAD_SECONDS = 30
 
@@ -168,7 +174,7 @@ async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int
     """Background traffic at `rate` events/s over 1000 keys, plus probe events on keys of their own."""
     settings = harness.get_settings()
     probes = []
-    async with Emitter(settings.kafka_bootstrap) as emitter:  # batched as services publish by default
+    async with Emitter(settings.kafka_bootstrap, **LAG_EMITTER) as emitter:
         start = time.monotonic()
         sent = probe_n = 0
         while (elapsed := time.monotonic() - start) < seconds:
@@ -220,15 +226,54 @@ async def measure_lag(run: str, rate: int, seconds: float) -> list[float]:
     harness.report("decision_lag_sent_events_per_s", report["sent"] / seconds, "events/s")
     if len(lags) < len(report["probes"]):
         harness.report("decision_lag_probes_missing", len(report["probes"]) - len(lags), "probes")
+    # Where the time goes: event time -> the broker's append time of its record (the
+    # publisher: the emitter's batch timer, linger, the produce round trip), then append
+    # -> its count visible in Redis (the processor: fetch, batch timer, work, write).
+    appended = await append_times({org for org, _, _ in report["probes"]})
+    publish = [appended[org] - ts for org, key, ts in report["probes"] if org in appended]
+    process = [seen[usage_key(org, key)] - appended[org] for org, key, _ in report["probes"]
+               if org in appended and usage_key(org, key) in seen]
+    if publish and process:
+        harness.report("decision_lag_publish_p50_ms", statistics.median(publish), "ms")
+        harness.report("decision_lag_publish_p99_ms", pct(publish, 99), "ms")
+        harness.report("decision_lag_process_p50_ms", statistics.median(process), "ms")
+        harness.report("decision_lag_process_p99_ms", pct(process, 99), "ms")
     return lags
+
+
+async def append_times(orgs: set[str]) -> dict[str, float]:
+    """The broker's append time (LogAppendTime) of each org's first record on the events topic."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    settings = harness.get_settings()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    out: dict[str, float] = {}
+    try:
+        partitions = [TopicPartition(EVENTS_TOPIC, p) for p in range(settings.events_partitions)]
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        while True:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for records in batch.values():
+                for r in records:
+                    org = r.key.decode() if r.key else ""
+                    if org in orgs:
+                        out.setdefault(org, r.timestamp)
+            positions = {tp: await consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                return out
+    finally:
+        await consumer.stop()
 
 
 # --- processor throughput -------------------------------------------------------------------
 
-async def publish_backlog(run: str, n: int) -> None:
+async def publish_backlog(run: str, n: int, batch_events: int = 500) -> None:
     settings = harness.get_settings()
     now = int(time.time() * 1000)
-    async with Emitter(settings.kafka_bootstrap, batch_events=500, linger_ms=50) as emitter:
+    async with Emitter(settings.kafka_bootstrap, batch_events=batch_events, linger_ms=50) as emitter:
         for i in range(n):
             await emitter.emit(event(f"{run}-o{i % 200}", f"{run}-k{i % 5000}", now + i % 1000))
         await emitter.flush()
@@ -257,10 +302,12 @@ async def baseline_consume(n: int) -> float:
     return seen / elapsed
 
 
-def processor_throughput(settings, run: str, n: int) -> float:
+def processor_throughput(settings, run: str, n: int, batch_events: int = 500) -> float:
+    """Events/s of one processor process working through a backlog of n events published
+    ``batch_events`` to a record (1: one event per record, as kcat or Kafka Connect publish)."""
     name = "processor"
     stack.pipeline_proc(settings, name).stop()
-    asyncio.run(publish_backlog(run, n))
+    asyncio.run(publish_backlog(run, n, batch_events))
     port = settings.processor_metrics_port
     stack.start_pipeline_process(settings, name)
 
@@ -311,7 +358,19 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
 
         if "lag" in phases:
             print("decision lag at 10k events/s...", file=sys.stderr, flush=True)
+            emitter = Emitter("127.0.0.1:1", **LAG_EMITTER)  # never started: its settings, as the phase uses them
+            harness.report("decision_lag_emitter_batch_ms", emitter.batch_s * 1000, "ms")
+            harness.report("decision_lag_emitter_batch_events", emitter.batch_events, "events")
+            batches_before = metrics.scrape(settings.processor_metrics_port)
             lags = asyncio.run(measure_lag(run, 10_000, 20))
+            batches_after = metrics.scrape(settings.processor_metrics_port)
+            n_batches = (batches_after.get("quotaflow_processor_batch_seconds_count", 0)
+                         - batches_before.get("quotaflow_processor_batch_seconds_count", 0))
+            if n_batches:
+                harness.report("decision_lag_processor_batch_mean_ms", 1000 * (
+                    batches_after["quotaflow_processor_batch_seconds_sum"]
+                    - batches_before["quotaflow_processor_batch_seconds_sum"]) / n_batches, "ms")
+                harness.report("decision_lag_processor_batches_per_s", n_batches / 20, "batches/s")
             harness.report("decision_lag_p50_ms", statistics.median(lags), "ms")
             harness.report("decision_lag_p99_ms", pct(lags, 99), "ms")
 
@@ -325,6 +384,9 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
             n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 500_000))
             harness.report("processor_events_per_s", processor_throughput(settings, run, n), "events/s")
             harness.report("baseline_consume_events_per_s", asyncio.run(baseline_consume(n)), "events/s")
+            single = int(os.environ.get("BENCH_SINGLE_EVENT_RECORDS", 20_000))
+            harness.report("processor_single_event_records_per_s",
+                           processor_throughput(settings, run + "s", single, batch_events=1), "records/s")
         stack.pipeline_proc(settings, "processor").stop()
     finally:
         stack.down(settings)  # the benchmark's own stack: nothing left running

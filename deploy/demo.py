@@ -1,7 +1,8 @@
 """``quotaflow demo``: the whole pipeline with demo traffic, watched live, then accounted.
 
 Final line: ``demo: produced=N processed=N stored=N denied_keys=K dead_letters=D lost=L``
-where produced counts valid events acknowledged by Kafka, processed the ones the
+Before it, a ``keys:`` line: API keys created, verified, refused and revoked (see _keys).
+In the final line, produced counts valid events acknowledged by Kafka, processed the ones the
 processor applied, stored the rows ClickHouse holds for them, denied_keys the
 keys denied at some point, dead_letters the malformed records dead-lettered, and
 lost every valid event not stored plus every malformed one not dead-lettered.
@@ -26,6 +27,15 @@ from quotaflow.core.settings import Settings
 from quotaflow.deploy import stack
 from quotaflow.deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
 from quotaflow.deploy.observe import PROCESSOR_BACKLOG_METRIC, denied_keys, end_offsets, sink_caught_up
+from quotaflow.gateway.limiter import (
+    ALLOWED,
+    INSUFFICIENT_SCOPE,
+    MALFORMED_KEY,
+    RATE_LIMITED,
+    REVOKED_KEY,
+    RateLimiter,
+)
+from quotaflow.keys.registry import Registry
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC
@@ -154,6 +164,49 @@ async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally,
     return stats, watcher.tally, emitter.failed
 
 
+DEMO_SCOPE = "demo:read"
+REVOCATION_TIMEOUT_S = 5.0
+
+
+async def _keys(settings: Settings) -> bool:
+    """API keys end to end: a key per demo org created (hash only in the registry), each
+    verified by the gateway's check in one round trip, refused for a scope it lacks and
+    offline when mistyped, then revoked and refused; what it saw is printed. The keys are
+    revoked at the end: a demo run leaves none usable."""
+    if not settings.key_hash_secrets:  # a server secret for this run only, never printed
+        settings = settings.model_copy(update={"key_hash_secrets": {"demo": secrets.token_urlsafe(32)}})
+    limiter = RateLimiter.from_settings(settings.model_copy(update={"gateway_timeout_ms": 2000}))
+    try:
+        async with Registry(settings) as registry:
+            issued = [await registry.create(org, "demo", scopes=(DEMO_SCOPE,), actor="demo") for org in DEMO_ORGS]
+            verified = [await limiter.verify(i.key, DEMO_SCOPE) for i in issued]
+            # verified: the key's own identity found, then admitted or rate limited (some demo
+            # orgs are past their limits by now)
+            ok = sum(v.outcome in (ALLOWED, RATE_LIMITED) and (v.org_id, v.api_key_id) == (i.record.org_id, i.record.key_id)
+                     for v, i in zip(verified, issued, strict=True))
+            admitted = sum(v.outcome == ALLOWED for v in verified)
+            first = issued[0]
+            scope = (await limiter.verify(first.key, "admin")).outcome
+            typo = first.key[:-1] + ("B" if first.key[-1] != "B" else "C")
+            mistyped = (await limiter.verify(typo, DEMO_SCOPE)).outcome
+            await registry.revoke(first.record.org_id, first.record.key_id, actor="demo")
+            returned = time.monotonic()
+            while (outcome := (await limiter.verify(first.key, DEMO_SCOPE)).outcome) != REVOKED_KEY:
+                if time.monotonic() - returned > REVOCATION_TIMEOUT_S:
+                    break
+                await asyncio.sleep(0.01)
+            refused_ms = (time.monotonic() - returned) * 1000
+            for i in issued[1:]:
+                await registry.revoke(i.record.org_id, i.record.key_id, actor="demo")
+    finally:
+        await limiter.aclose()
+    print(f"keys: created={len(issued)} verified={ok} (admitted={admitted}) wrong_scope={scope} mistyped={mistyped} "
+          f"revoked_refused_after_ms={refused_ms:.0f} (keys shown once: {first.record.display_prefix}..., "
+          f"stored as HMACs only)", flush=True)
+    return (ok == len(issued) and scope == INSUFFICIENT_SCOPE and mistyped == MALFORMED_KEY
+            and outcome == REVOKED_KEY)
+
+
 def _count_stored(settings: Settings, stats: TrafficStats) -> tuple[int, int]:
     """(rows, distinct event ids) ClickHouse holds for this run's events."""
     client = connect(settings.clickhouse_url)
@@ -190,6 +243,7 @@ def run_demo(settings: Settings, seconds: float) -> int:
             print(f"  dashboard: http://127.0.0.1:{settings.api_port}/  sign in with {token} "
                   f"(until the demo ends; DEMO_SECONDS=600 for longer)", flush=True)
         stats, tally, failed = asyncio.run(_run(settings, seconds))
+        keys_ok = asyncio.run(_keys(settings))
         for name in stack.PIPELINE:
             if (state := stack.pipeline_state(settings, name)) is not None and state.restarts:
                 print(f"note: the {name} exited and was restarted {state.restarts} times during the demo; "
@@ -203,5 +257,5 @@ def run_demo(settings: Settings, seconds: float) -> int:
     lost = max(stats.valid_sent - distinct, 0) + max(stats.invalid_sent - tally.dead_letters, 0) + failed
     print(f"demo: produced={stats.valid_sent} processed={tally.processed} stored={rows} "
           f"denied_keys={len(tally.denied_ever)} dead_letters={tally.dead_letters} lost={lost}", flush=True)
-    ok = lost == 0 and rows == stats.valid_sent and tally.processed == stats.valid_sent
+    ok = lost == 0 and rows == stats.valid_sent and tally.processed == stats.valid_sent and keys_ok
     return 0 if ok else 1

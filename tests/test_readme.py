@@ -26,7 +26,7 @@ import pytest
 from markdown_it import MarkdownIt
 
 from quotaflow.core.settings import Settings
-from quotaflow.deploy.demo_traffic import INVALID_EVERY
+from quotaflow.deploy.demo_traffic import DEMO_ORGS, INVALID_EVERY
 from quotaflow.deploy.observe import end_offsets
 from quotaflow.deploy.system_packages import ensure_command
 from quotaflow.schemas.api_keys import SCAN_PATTERN
@@ -124,6 +124,14 @@ def test_demo_runs_end_to_end_and_accounts_for_every_event(demo_run):
     assert processed == produced and stored == produced and lost == 0, output
     assert dead == produced // INVALID_EVERY, output
     assert denied >= 1, output
+    keys = [line for line in result.stdout.splitlines() if line.startswith("keys: ")]
+    assert len(keys) == 1, output
+    m = re.match(r"keys: created=(\d+) verified=(\d+) \(admitted=\d+\) wrong_scope=(\w+) mistyped=(\w+) "
+                 r"revoked_refused_after_ms=(\d+) ", keys[0])
+    assert m, output
+    assert m.group(1) == m.group(2) == str(len(DEMO_ORGS)), output
+    assert m.group(3, 4) == ("insufficient_scope", "malformed_key"), output
+    assert int(m.group(5)) <= 1000, output  # the bound for a revocation to reach gateways
 
 
 @pytest.fixture(scope="module")
