@@ -11,6 +11,16 @@ from quotaflow.core.settings import Settings
 
 
 def run_db(args: argparse.Namespace, settings: Settings) -> int:
+    if args.cluster is not None:
+        from quotaflow.schemas.clickhouse.cluster import check_cluster, script
+
+        try:
+            check_cluster(args.cluster)
+        except ValueError as exc:
+            print(f"quotaflow: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.write(script(args.cluster))
+        return 0
     from quotaflow.schemas.clickhouse import retention
     from quotaflow.schemas.clickhouse.client import ClickHouseUnavailable, connect
     from quotaflow.schemas.clickhouse.migrate import migrate
@@ -33,6 +43,10 @@ def run_db(args: argparse.Namespace, settings: Settings) -> int:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["migrate"])
+    p.add_argument("--cluster", metavar="NAME",
+                   help="print the schema for a ClickHouse server cluster NAME (replicated tables on every "
+                        "shard, Distributed tables over them under the usual names), to apply with "
+                        "clickhouse-client; nothing is applied or connected to")
 
 
 COMMANDS = (
