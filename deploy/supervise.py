@@ -23,6 +23,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import math
 import random
 import signal
 import time
@@ -57,7 +58,9 @@ class Backoff:
             self.failures = 0  # it ran fine for a while: this exit starts a new series
         self.failures += 1
         ceiling = min(self.max_s, self.initial_s * 2.0 ** min(self.failures - 1, 64))
-        return ceiling / 2 * (1 + rand())
+        # strictly below the ceiling, which is the next delay's fixed half: (1 + r) / 2 with r
+        # just below 1 rounds to the ceiling itself in floating point
+        return min(ceiling / 2 * (1 + rand()), math.nextafter(ceiling, 0.0))
 
 
 def signal_name(returncode: int) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from quotaflow.core.errors import OperatorError
@@ -43,6 +43,7 @@ def test_delays_double_up_to_the_cap_and_start_over_after_a_healthy_run():
 
 @given(initial=st.floats(0.01, 10), cap=st.floats(1, 1000),
        exits=st.lists(st.tuples(st.floats(0, 200), st.floats(0, 1, exclude_max=True)), min_size=1, max_size=40))
+@example(initial=1.0, cap=1000.0, exits=[(0.0, 0.9999999999999999), (0.0, 0.0)])  # rounding at r -> 1
 def test_each_delay_is_jittered_within_its_ceiling_and_grows_until_capped(initial, cap, exits):
     b = Backoff(initial_s=initial, max_s=initial * cap, healthy_s=60.0)
     in_a_row, previous = 0, None
