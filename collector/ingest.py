@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from quotaflow.collector import ingest_body
@@ -235,6 +236,9 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
             await publish(request.app.state.core, accepted)
         except BodyError as exc:
             return _refuse(exc.status, exc.code, exc.reason, None, None, token_n, started)
+        except ClientDisconnect:  # gone before its body arrived: nothing was published, no one reads an answer
+            return _refuse(400, "client_disconnected", "the client closed the connection before the body's end",
+                           None, None, token_n, started)
         except _Refused as exc:
             return _refuse(exc.status, exc.code, exc.reason, exc.headers, exc.extra, token_n, started)
         EVENTS.labels("accepted").inc(len(accepted))

@@ -15,6 +15,7 @@ An id that breaks the rule is refused before the request is admitted
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -86,6 +87,7 @@ def endpoint(scope: dict, routes: Iterable | None = None) -> tuple[str, bool]:
     return fitted, fitted != source
 
 
+@functools.lru_cache(maxsize=4096)  # a service's templates repeat: each is fitted once
 def fit_endpoint(path: str) -> str:
     """A path or template as an endpoint the schema takes: raw-id segments become {id},
     other characters outside ENDPOINT_PATTERN are percent-encoded (UTF-8), and one longer
@@ -176,15 +178,19 @@ def client_ip(scope: dict, proxies: Proxies = ()) -> tuple[str, bool]:
     the host, and not an address storage takes); 0.0.0.0 when there is none (a unix socket)."""
     host = client_host(scope, proxies)
     if isinstance(host, str) and len(host) <= 64:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            if getattr(ip, "scope_id", None):
-                return str(ipaddress.ip_address(host.partition("%")[0])), True
-            return host, False
+        return _address(host)
     return UNKNOWN_CLIENT, True
+
+
+@functools.lru_cache(maxsize=8192)  # clients come back: each address is parsed once while it does
+def _address(host: str) -> tuple[str, bool]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return UNKNOWN_CLIENT, True
+    if getattr(ip, "scope_id", None):
+        return str(ipaddress.ip_address(host.partition("%")[0])), True
+    return host, False
 
 
 def user_agent(headers: dict) -> tuple[str, bool]:

@@ -28,6 +28,7 @@ included); without one, the path with id-like segments replaced by {id}.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from http import HTTPStatus
@@ -46,6 +47,7 @@ __all__ = ["RateLimitMiddleware", "Identity", "flask_route", "header_identity", 
 Route = Callable[[dict], "str | None"]  # environ -> the request's route template, None: unknown
 
 ENVIRON_KEY = "quotaflow"  # where the verified Identity is put for the app
+_RULE_KEY = "quotaflow.route"  # the rule Flask matched (flask_route)
 
 
 class Publisher(Protocol):
@@ -60,6 +62,7 @@ class _Template(NamedTuple):
 _PLACEHOLDER = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
 
 
+@functools.lru_cache(maxsize=4096)
 def template_of(rule: str) -> str:
     """A framework's route rule as a template: /items/<int:item_id> -> /items/{item_id}."""
     out = _PLACEHOLDER.sub(r"{\1}", rule)
@@ -68,16 +71,40 @@ def template_of(rule: str) -> str:
 
 def flask_route(app) -> Route:
     """The template of the rule the Flask ``app``'s URL map matches for a request (None
-    when none does: the path then stands in, ids replaced)."""
+    when none does: the path then stands in, ids replaced). The rule Flask matched is
+    remembered in the environ by a URL value preprocessor this registers on ``app``, so
+    an admitted request is not matched twice; a refused one, which never reached Flask,
+    is matched here."""
+    from flask import request
+
+    @app.url_value_preprocessor
+    def remember_rule(endpoint: str | None, values: dict | None) -> None:
+        if request.url_rule is not None:
+            request.environ[_RULE_KEY] = request.url_rule.rule
+
     def route(environ: dict) -> str | None:
-        try:
-            rule, _ = app.url_map.bind_to_environ(environ, server_name=app.config.get("SERVER_NAME")).match(
-                return_rule=True)
-        except Exception:  # no rule (404, 405, a redirect): no template
-            return None
-        return template_of(rule.rule)
+        rule = environ.get(_RULE_KEY)
+        if rule is None:
+            try:
+                matched, _ = app.url_map.bind_to_environ(environ, server_name=app.config.get("SERVER_NAME")).match(
+                    return_rule=True)
+            except Exception:  # no rule (404, 405, a redirect): no template
+                return None
+            rule = matched.rule
+        return template_of(rule)
 
     return route
+
+
+@functools.lru_cache(maxsize=1024)  # the same few names come with every request
+def _header_key(name: str) -> bytes | None:
+    """A request header's name as ASGI gives it, for an environ key (HTTP_USER_AGENT ->
+    b"user-agent"); None for a key that is not a header."""
+    if name.startswith("HTTP_"):
+        name = name[5:]
+    elif name not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        return None
+    return name.replace("_", "-").lower().encode("latin-1", errors="replace")
 
 
 def scope_of(environ: dict) -> dict:
@@ -86,14 +113,9 @@ def scope_of(environ: dict) -> dict:
     functions get this; the environ itself is under "environ"."""
     headers = []
     for name, value in environ.items():
-        if name.startswith("HTTP_"):
-            key = name[5:].replace("_", "-").lower()
-        elif name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = name.replace("_", "-").lower()
-        else:
-            continue
-        if isinstance(value, str) and value:
-            headers.append((key.encode("latin-1", errors="replace"), value.encode("latin-1", errors="replace")))
+        key = _header_key(name)
+        if key is not None and type(value) is str and value:
+            headers.append((key, value.encode("latin-1", errors="replace")))
     path = environ.get("PATH_INFO") or "/"
     if isinstance(path, str):  # PEP 3333: the bytes as latin-1; the URL's UTF-8 read back as such
         try:
