@@ -222,3 +222,15 @@ def test_pushes_back_with_429_when_the_producer_memory_is_full(live_stack, tmp_p
     r = asyncio.run(scenario())
     assert len(core._queue) == 1  # the request's events were not queued
     assert r.status_code == 429 and r.json()["error"] == "buffer_full" and r.headers["retry-after"] == "1"
+
+
+def test_config_check_hides_the_ingest_tokens():
+    env = {**os.environ, "QUOTAFLOW_INGEST_TOKENS": json.dumps(TOKENS)}
+    done = subprocess.run([sys.executable, "-m", "quotaflow", "config", "check"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "QUOTAFLOW_INGEST_TOKENS" in done.stdout
+    assert ORG_TOKEN not in done.stdout + done.stderr and OPS_TOKEN not in done.stdout + done.stderr
+    bad = subprocess.run([sys.executable, "-m", "quotaflow", "ingest"], capture_output=True, text=True, timeout=60,
+                         env={**env, "QUOTAFLOW_INGEST_TOKENS": json.dumps({"has space " + ORG_TOKEN: ORG})})
+    assert bad.returncode == 2 and "QUOTAFLOW_INGEST_TOKENS" in bad.stderr and ORG_TOKEN not in bad.stderr
