@@ -18,9 +18,11 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from typing import Any, Mapping
 
 from quotaflow.collector.emitter import Emitter
+from quotaflow.collector.producer import EVENTS, LOST
 from quotaflow.schemas.events import RequestEvent
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 # emitter holds events for up to its batch_ms (100 ms) anyway; waking the loop's thread
 # for each event would hand the GIL back and forth with the request threads per request.
 DRAIN_DELAY_S = 0.005
+MAX_PENDING = 100_000
 
 
 class BackgroundEmitter:
@@ -43,6 +46,8 @@ class BackgroundEmitter:
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self.lost = 0  # events dropped at MAX_PENDING (the emitter's own losses are in .failed)
+        self._lost_logged = -60.0
 
     def start(self) -> "BackgroundEmitter":
         """Start the loop's thread and the emitter in it (with a spool, it starts whether
@@ -80,7 +85,18 @@ class BackgroundEmitter:
 
     def emit(self, event: RequestEvent | Mapping[str, Any]) -> None:
         """Queue one event from any thread, without waiting (a mapping is validated in
-        the loop; an invalid one is dead-lettered there, never raised here)."""
+        the loop; an invalid one is dead-lettered there, never raised here). Past
+        MAX_PENDING events not yet taken by the loop (stopped, or starved of CPU), an event
+        is lost, counted and logged, rather than held without bound."""
+        if len(self._pending) >= MAX_PENDING:
+            self.lost += 1
+            EVENTS.labels(LOST).inc()
+            now = time.monotonic()
+            if now - self._lost_logged >= 60:
+                self._lost_logged = now
+                log.error("background emitter: events not taken by its loop; dropping new ones",
+                          extra={"pending": len(self._pending), "lost": self.lost})
+            return
         self._pending.append(event)
         if self._scheduled:
             return
@@ -128,4 +144,4 @@ class BackgroundEmitter:
 
     @property
     def failed(self) -> int:
-        return self.emitter.failed
+        return self.emitter.failed + self.lost

@@ -33,6 +33,17 @@ def test_route_rules_become_templates():
     assert template_of("orgs/<slug:org>/") == "/orgs/{org}/"  # Django's route, without its leading /
 
 
+def test_background_emitter_holds_a_bounded_number_of_events():
+    """Events its loop has not taken (here: never started) are held up to MAX_PENDING; the
+    next ones are counted as lost, not queued without bound and not raised into a request."""
+    from quotaflow.collector import background
+
+    emitter = BackgroundEmitter(Emitter("127.0.0.1:9"))
+    for i in range(background.MAX_PENDING + 5):
+        emitter.emit({"n": i})
+    assert len(emitter._pending) == background.MAX_PENDING and emitter.lost == 5 and emitter.failed == 5
+
+
 def _scope(peer: str, forwarded: list[str]) -> dict:
     return {"client": (peer, 1), "headers": [(b"x-forwarded-for", v.encode()) for v in forwarded]}
 
