@@ -46,7 +46,8 @@ class BackgroundEmitter:
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
-        self.lost = 0  # events dropped at MAX_PENDING (the emitter's own losses are in .failed)
+        self.lost = 0  # events dropped at MAX_PENDING or after close (the emitter's own losses are in .failed)
+        self._closed = False
         self._lost_logged = -60.0
 
     def start(self) -> "BackgroundEmitter":
@@ -61,14 +62,10 @@ class BackgroundEmitter:
         return self
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._main())
-        finally:
-            loop.close()
+        asyncio.run(self._main())  # which also cancels and awaits what aiokafka left running at the end
 
     async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
             await self.emitter.start()
@@ -88,14 +85,14 @@ class BackgroundEmitter:
         the loop; an invalid one is dead-lettered there, never raised here). Past
         MAX_PENDING events not yet taken by the loop (stopped, or starved of CPU), an event
         is lost, counted and logged, rather than held without bound."""
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= MAX_PENDING or self._closed:
             self.lost += 1
             EVENTS.labels(LOST).inc()
             now = time.monotonic()
             if now - self._lost_logged >= 60:
                 self._lost_logged = now
-                log.error("background emitter: events not taken by its loop; dropping new ones",
-                          extra={"pending": len(self._pending), "lost": self.lost})
+                log.error("background emitter closed, or its loop not taking events: dropping new ones",
+                          extra={"pending": len(self._pending), "lost": self.lost, "closed": self._closed})
             return
         self._pending.append(event)
         if self._scheduled:
@@ -133,6 +130,7 @@ class BackgroundEmitter:
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop: what is queued is handed to the emitter, which waits up to its stop
         timeout for Kafka and spools the rest."""
+        self._closed = True
         if self._loop is None or self._stop is None or self._thread is None:
             return
         self._loop.call_soon_threadsafe(self._stop.set)
