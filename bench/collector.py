@@ -9,6 +9,23 @@ beside the same events produced directly in the same run.
 - ``spool_replay_events_per_s``: a new emitter over that spool, the broker there: from its
   start until every event was acknowledged and the spool is empty.
 
+- ``middleware_overhead_p50_us``, ``middleware_overhead_p99_us``: one Starlette app called
+  directly (no server, no socket) with and without the ASGI middleware, interleaved
+  (BENCH_MIDDLEWARE_REQUESTS each, default 20000): the percentile of the calls through
+  the middleware minus the same percentile of the bare calls (the median of 5 stretches
+  of the run, each judged alone), each call timed by the
+  thread's CPU time (the machines are shared: wall time also counts other processes'
+  turns on the core; ``middleware_overhead_wall_p99_us`` is the same by the wall clock).
+  The limiter's Redis round trip is excluded (a limiter answering verdicts made before
+  the timing); the event is built and handed to a real Emitter, which validates and
+  batches it, its batches going to Kafka between the timed calls.
+- ``wsgi_overhead_p50_us``, ``wsgi_overhead_p99_us`` (``_wall_p99_us``): the same for a Flask
+  app and the WSGI middleware (its route template from Flask's URL map), events to a
+  BackgroundEmitter (validated and sent on a thread of its own).
+- ``ingest_events_per_s``: `quotaflow ingest` as a process, BENCH_INGEST_EVENTS events
+  (default 100000) posted as JSON arrays of 1000 by 8 concurrent clients, from the first
+  request to the last 202 (each answered once its events are acknowledged by Kafka).
+
 Run: .venv/bin/python bench/collector.py
 """
 
@@ -17,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import statistics
 import time
+import uuid
 
 import harness
 
@@ -68,6 +87,229 @@ async def replay(settings, spool, expected: int) -> float:
     return expected / elapsed
 
 
+# --- the middlewares' own cost, and the HTTP ingest's rate ---
+
+MIDDLEWARE_REQUESTS = int(os.environ.get("BENCH_MIDDLEWARE_REQUESTS", 20_000))
+INGEST_EVENTS = int(os.environ.get("BENCH_INGEST_EVENTS", 100_000))
+BENCH_KEY = "qf_live_" + "a" * 30 + "_000000"  # presented, never parsed: the limiter below answers without Redis
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def _ready_verdict():
+    """What RateLimiter.verify answers for an admitted key (a fresh reservation id each
+    time, as verify makes one), without its Redis round trip."""
+    from quotaflow.gateway.limiter import ALLOWED, Verdict
+    from quotaflow.schemas.redis_keys import Decision, WindowUsage
+
+    now = int(time.time() * 1000)
+    windows = tuple(WindowUsage(subject, f"{n}s", n, 1_000_000, 5, now + n * 1000)
+                    for subject in ("key", "org") for n in (60, 3600, 86400))
+
+    def verdict():
+        decision = Decision.from_windows(windows, allowed=True, tier="FREE", now_ms=int(time.time() * 1000),
+                                         event_id=str(uuid.uuid4()))
+        return Verdict(ALLOWED, decision.now_ms, "bench-org", "bench-key", "", decision)
+
+    return verdict
+
+
+class _NoRedisLimiter:
+    """Answers each verify with a verdict made before the timing started: the limiter's
+    work (its Redis round trip and parsing the reply) is not the middleware's."""
+
+    verifies_keys = True
+
+    def __init__(self, count: int):
+        make = _ready_verdict()
+        self._verdicts = iter([make() for _ in range(count)])
+
+    async def verify(self, presented_key, required_scope=None):
+        return next(self._verdicts)
+
+
+class _NoRedisSyncLimiter(_NoRedisLimiter):
+    def verify(self, presented_key, required_scope=None):
+        return next(self._verdicts)
+
+
+class _Clocks:
+    """Each call timed twice: by the thread's CPU time (what the call costs; on a shared
+    machine wall time also counts the moments other processes had the core) and by the
+    wall clock (reported beside, for comparison)."""
+
+    def __init__(self):
+        self.cpu: list[int] = []
+        self.wall: list[int] = []
+
+    def start(self) -> tuple[int, int]:
+        return time.thread_time_ns(), time.perf_counter_ns()
+
+    def stop(self, started: tuple[int, int], keep: bool) -> None:
+        cpu, wall = time.thread_time_ns() - started[0], time.perf_counter_ns() - started[1]
+        if keep:
+            self.cpu.append(cpu)
+            self.wall.append(wall)
+
+
+ROUNDS = 5
+
+
+def _overhead(bare: list[int], wrapped: list[int], p: float) -> float:
+    """The percentile of the calls through the middleware minus that of the bare calls, in
+    µs: the median of ROUNDS consecutive stretches of the run, each judged alone (a burst
+    of another tenant's work on the machine then moves one stretch's figure, not the run's)."""
+    n = len(bare) // ROUNDS
+    return statistics.median(max(0.0, _pct(wrapped[i * n:(i + 1) * n], p) - _pct(bare[i * n:(i + 1) * n], p)) / 1000
+                             for i in range(ROUNDS))
+
+
+async def middleware_overhead(settings) -> tuple[_Clocks, _Clocks]:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from quotaflow.gateway.asgi import RateLimitMiddleware
+
+    async def item(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/v1/items/{item_id}", item)])
+    headers = [(b"host", b"shop"), (b"authorization", f"Bearer {BENCH_KEY}".encode()), (b"user-agent", b"bench")]
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    def scope(i: int) -> dict:
+        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+                "path": f"/v1/items/{i}", "raw_path": f"/v1/items/{i}".encode(), "query_string": b"",
+                "root_path": "", "headers": headers, "client": ("203.0.113.5", 40000), "server": ("shop", 80)}
+
+    bare, wrapped = _Clocks(), _Clocks()
+    async with Emitter(settings.kafka_bootstrap) as emitter:
+        limited = RateLimitMiddleware(app, _NoRedisLimiter(MIDDLEWARE_REQUESTS + 1000), emitter, service="bench")
+        for i in range(MIDDLEWARE_REQUESTS + 1000):  # the first 1000 of each warm up
+            s1, s2 = scope(i), scope(i)
+            t = bare.start()
+            await app(s1, receive, send)
+            bare.stop(t, i >= 1000)
+            t = wrapped.start()
+            await limited(s2, receive, send)
+            wrapped.stop(t, i >= 1000)
+            await asyncio.sleep(0)  # the emitter's batches go out here, between requests
+        await emitter.flush()
+        assert emitter.delivered >= MIDDLEWARE_REQUESTS and emitter.failed == 0, (emitter.delivered, emitter.failed)
+    return bare, wrapped
+
+
+def wsgi_overhead(settings) -> tuple[_Clocks, _Clocks]:
+    from flask import Flask
+    from werkzeug.test import EnvironBuilder
+
+    from quotaflow.collector.background import BackgroundEmitter
+    from quotaflow.gateway.wsgi import RateLimitMiddleware, flask_route
+
+    app = Flask("bench")
+
+    @app.get("/v1/items/<int:item_id>")
+    def item(item_id: int):
+        return "ok"
+
+    bare_app = app.wsgi_app
+    emitter = BackgroundEmitter(Emitter(settings.kafka_bootstrap)).start()
+    limited = RateLimitMiddleware(bare_app, _NoRedisSyncLimiter(MIDDLEWARE_REQUESTS + 1000), emitter,
+                                  service="bench", route=flask_route(app))
+
+    def start_response(status, headers, exc_info=None):
+        return lambda data: None
+
+    def call(wsgi, environ, clocks: _Clocks, keep: bool) -> None:
+        t = clocks.start()
+        body = wsgi(environ, start_response)
+        for _ in body:
+            pass
+        if hasattr(body, "close"):
+            body.close()  # where the WSGI middleware hands the event over
+        clocks.stop(t, keep)
+
+    bare, wrapped = _Clocks(), _Clocks()
+    try:
+        for i in range(MIDDLEWARE_REQUESTS + 1000):
+            environs = [EnvironBuilder(path=f"/v1/items/{i}", headers={"Authorization": f"Bearer {BENCH_KEY}",
+                                                                      "User-Agent": "bench"},
+                                       environ_base={"REMOTE_ADDR": "203.0.113.5"}).get_environ() for _ in range(2)]
+            call(bare_app, environs[0], bare, i >= 1000)
+            call(limited, environs[1], wrapped, i >= 1000)
+        emitter.flush(60)
+        assert emitter.delivered >= MIDDLEWARE_REQUESTS and emitter.failed == 0, (emitter.delivered, emitter.failed)
+    finally:
+        emitter.close()
+    return bare, wrapped
+
+
+def ingest_rate(settings) -> float:
+    import json
+    import subprocess
+    import sys
+
+    import httpx
+    import orjson
+
+    token = "bench-ingest-token-0123456789abcdef"
+    port = harness.BASE + 150
+    env = {**os.environ, "QUOTAFLOW_INGEST_PORT": str(port), "QUOTAFLOW_INGEST_TOKENS": json.dumps({token: "*"}),
+           "QUOTAFLOW_SPOOL_DIR": str(settings.state_dir / "bench-ingest-spool"), "QUOTAFLOW_LOG_LEVEL": "WARNING"}
+    log = open(settings.state_dir / "bench-ingest.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "quotaflow", "ingest"], stdout=log, stderr=log, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the ingest exited; see bench-ingest.log"
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the ingest did not serve within 60 s"
+            time.sleep(0.2)
+        bodies = [orjson.dumps([e.to_dict() for e in chunk])
+                  for events in [make_events("ingest")[:INGEST_EVENTS]]
+                  for chunk in (events[i:i + 1000] for i in range(0, len(events), 1000))]
+
+        async def post_all() -> tuple[int, float]:
+            todo = list(bodies)
+            accepted = 0
+            headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+
+            async def worker(client: httpx.AsyncClient) -> None:
+                nonlocal accepted
+                while todo:
+                    r = await client.post("/v1/events", content=todo.pop(), headers=headers)
+                    assert r.status_code == 202, r.text[:500]
+                    accepted += r.json()["accepted"]
+
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                await client.post("/v1/events", content=bodies[0], headers=headers)  # warm up: metadata, connections
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(client) for _ in range(8)))
+                return accepted, time.perf_counter() - started
+
+        accepted, elapsed = asyncio.run(post_all())
+        assert accepted == sum(1 for b in bodies for _ in orjson.loads(b)), accepted
+        return accepted / elapsed
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+
+
 def main() -> None:
     settings = harness.up()
     spool = settings.state_dir / "bench-spool"
@@ -78,6 +320,15 @@ def main() -> None:
         events = make_events("spool")
         harness.report("spool_write_events_per_s", asyncio.run(spool_write(spool, events)), "events/s")
         harness.report("spool_replay_events_per_s", asyncio.run(replay(settings, spool, len(events))), "events/s")
+        bare, wrapped = asyncio.run(middleware_overhead(settings))
+        harness.report("middleware_overhead_p50_us", _overhead(bare.cpu, wrapped.cpu, 50), "us")
+        harness.report("middleware_overhead_p99_us", _overhead(bare.cpu, wrapped.cpu, 99), "us")
+        harness.report("middleware_overhead_wall_p99_us", _overhead(bare.wall, wrapped.wall, 99), "us")
+        bare, wrapped = wsgi_overhead(settings)
+        harness.report("wsgi_overhead_p50_us", _overhead(bare.cpu, wrapped.cpu, 50), "us")
+        harness.report("wsgi_overhead_p99_us", _overhead(bare.cpu, wrapped.cpu, 99), "us")
+        harness.report("wsgi_overhead_wall_p99_us", _overhead(bare.wall, wrapped.wall, 99), "us")
+        harness.report("ingest_events_per_s", ingest_rate(settings), "events/s")
     finally:
         from quotaflow.deploy import stack
 

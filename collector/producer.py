@@ -58,6 +58,10 @@ EVENTS = Counter("quotaflow_collector_events_total", "Events handed to Kafka by 
                  ["outcome"])
 
 DELIVERED, SPOOLED, LOST = "delivered", "spooled", "lost"
+# Why ``pressure`` says a record would not be kept now (a caller that can refuse, the HTTP
+# ingest, answers 429 or 503 instead of submitting it to be lost).
+BUFFER_FULL, BROKER_UNREACHABLE = "buffer_full", "broker_unreachable"
+_SPOOL_MARGIN = 4096  # frame and segment headers of what is written beside a record
 REPLAY_BYTES = 4 * 1024 * 1024  # read from the spool and sent at once
 SPOOL_WRITE_BYTES = 8 * 1024 * 1024  # written (and fsync'd) at once
 # aiokafka's send only appends to its batch of the partition; it waits when that batch is
@@ -66,7 +70,7 @@ SPOOL_WRITE_BYTES = 8 * 1024 * 1024  # written (and fsync'd) at once
 SEND_TIMEOUT_S = 1.0
 _FAILURES = (KafkaError, OSError, asyncio.TimeoutError)
 
-__all__ = ["ProducerCore", "Record", "DELIVERED", "SPOOLED", "LOST", "EVENTS"]
+__all__ = ["ProducerCore", "Record", "DELIVERED", "SPOOLED", "LOST", "EVENTS", "BUFFER_FULL", "BROKER_UNREACHABLE"]
 
 
 class _Unacknowledged(Exception):
@@ -215,6 +219,21 @@ class ProducerCore:
         self._queued_bytes += size
         self._wake.set()
         return outcome
+
+    def pressure(self, size: int) -> str | None:
+        """Whether records of ``size`` bytes submitted now would be kept (None), or why
+        not: BUFFER_FULL (the memory bound is taken: Kafka, or the disk, is behind), or
+        BROKER_UNREACHABLE (Kafka is away and the spool has no room for them without
+        dropping its oldest segment, or there is no spool)."""
+        if self._queue and self._queued_bytes + size > self.memory_bytes:
+            return BUFFER_FULL
+        if self.spool is None:
+            return BROKER_UNREACHABLE if self._producer is None else None
+        if self._spooling or self._producer is None:
+            held = self.spool.total_bytes + self._queued_bytes + sum(r.size for r, _ in self._respool)
+            if held + size + _SPOOL_MARGIN > self.spool.max_bytes:
+                return BROKER_UNREACHABLE
+        return None
 
     async def flush(self) -> None:
         """Wait until every record submitted so far is acknowledged by Kafka (replayed from

@@ -15,6 +15,7 @@ An id that breaks the rule is refused before the request is admitted
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -59,6 +60,7 @@ _DIGITS = re.compile(rb"[0-9]+")  # ASCII only: str.isdigit() takes '²' and oth
 _BYTES_MAX_DIGITS = len(str(BYTES_MAX))
 _METHODS = frozenset(METHODS)
 _LOG_EVERY_S = 60.0
+_MAX_HOPS = 32  # X-Forwarded-For entries read at most: a longer chain is a client's invention
 
 
 def endpoint(scope: dict, routes: Iterable | None = None) -> tuple[str, bool]:
@@ -85,6 +87,7 @@ def endpoint(scope: dict, routes: Iterable | None = None) -> tuple[str, bool]:
     return fitted, fitted != source
 
 
+@functools.lru_cache(maxsize=4096)  # a service's templates repeat: each is fitted once
 def fit_endpoint(path: str) -> str:
     """A path or template as an endpoint the schema takes: raw-id segments become {id},
     other characters outside ENDPOINT_PATTERN are percent-encoded (UTF-8), and one longer
@@ -127,21 +130,67 @@ def status(value: Any) -> tuple[int, bool]:
     return SERVER_ERROR, True
 
 
-def client_ip(scope: dict) -> tuple[str, bool]:
-    """The client's IP address, without an IPv6 zone (meaningless beyond the host, and
-    not an address storage takes); 0.0.0.0 when there is none (a unix socket)."""
+Proxies = tuple  # of ipaddress networks: the trusted proxies (trusted_networks)
+
+
+def trusted_networks(proxies: Iterable[str]) -> Proxies:
+    """QUOTAFLOW_GATEWAY_TRUSTED_PROXIES (addresses or CIDR networks) as networks."""
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
+def client_host(scope: dict, proxies: Proxies = ()) -> object:
+    """Who the client is: the peer's address, unless the peer is a trusted proxy; then the
+    X-Forwarded-For entries are read right to left (the nearest hop first), skipping the
+    trusted proxies, and the first other address is the client's. An entry that is not an
+    address stops the walk at the hop that sent it (what came before it was written by
+    nobody we trust). Without trusted proxies X-Forwarded-For is never read: any client
+    can send one."""
     client = scope.get("client")
     host = client[0] if isinstance(client, (tuple, list)) and client else None
-    if isinstance(host, str) and len(host) <= 64:
+    if not proxies or not _in(host, proxies):
+        return host
+    hops = b",".join(v for k, v in scope.get("headers") or () if isinstance(k, bytes) and k.lower() == b"x-forwarded-for"
+                     and isinstance(v, bytes))
+    for entry in reversed(hops.split(b",")[-_MAX_HOPS:] if hops else []):
+        text = entry.strip().decode("latin-1")
         try:
-            ip = ipaddress.ip_address(host)
+            address = ipaddress.ip_address(text.partition("%")[0])
         except ValueError:
-            pass
-        else:
-            if getattr(ip, "scope_id", None):
-                return str(ipaddress.ip_address(host.partition("%")[0])), True
-            return host, False
+            return host
+        host = text
+        if not any(address in net for net in proxies):
+            return host
+    return host  # every hop a trusted proxy: the furthest one named
+
+
+def _in(host: object, proxies: Proxies) -> bool:
+    if not isinstance(host, str) or len(host) > 64:
+        return False
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return any(address in net for net in proxies)
+
+
+def client_ip(scope: dict, proxies: Proxies = ()) -> tuple[str, bool]:
+    """The client's IP address (``client_host``), without an IPv6 zone (meaningless beyond
+    the host, and not an address storage takes); 0.0.0.0 when there is none (a unix socket)."""
+    host = client_host(scope, proxies)
+    if isinstance(host, str) and len(host) <= 64:
+        return _address(host)
     return UNKNOWN_CLIENT, True
+
+
+@functools.lru_cache(maxsize=8192)  # clients come back: each address is parsed once while it does
+def _address(host: str) -> tuple[str, bool]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return UNKNOWN_CLIENT, True
+    if getattr(ip, "scope_id", None):
+        return str(ipaddress.ip_address(host.partition("%")[0])), True
+    return host, False
 
 
 def user_agent(headers: dict) -> tuple[str, bool]:
@@ -156,7 +205,8 @@ def user_agent(headers: dict) -> tuple[str, bool]:
 
 
 def build(scope: dict, decision: Decision, *, api_key_id: str, org_id: str, service: str, status_code: Any,
-          response_bytes: int, latency_ms: float, routes: Iterable | None = None) -> tuple[dict, list[str]]:
+          response_bytes: int, latency_ms: float, routes: Iterable | None = None,
+          proxies: Proxies = ()) -> tuple[dict, list[str]]:
     """(event, normalised field names) for one served request. The ids and the service
     are used as they are: the caller has checked them with the id rule."""
     headers = _headers(scope)
@@ -178,7 +228,7 @@ def build(scope: dict, decision: Decision, *, api_key_id: str, org_id: str, serv
         "latency_ms": take("latency_ms", _clamp(round(latency_ms, 3), 0.0, LATENCY_MAX_MS)),
         "request_bytes": take("request_bytes", request_bytes(headers)),
         "response_bytes": take("response_bytes", _clamp(response_bytes, 0, BYTES_MAX)),
-        "client_ip": take("client_ip", client_ip(scope)),
+        "client_ip": take("client_ip", client_ip(scope, proxies)),
         "user_agent": take("user_agent", user_agent(headers)),
     }
     return event, normalised

@@ -11,7 +11,8 @@ import pytest
 COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"], ["org", "set-tier"], ["org", "get"],
             ["db"], ["key"], ["key", "set-limit"], ["key", "clear-limits"], ["key", "show"], ["keys"], ["keys", "create"],
             ["keys", "list"], ["keys", "show"], ["keys", "update"], ["keys", "revoke"], ["keys", "rotate"],
-            ["keys", "rebuild"], ["enforcement"], ["admin"], ["gateway"], ["api"], ["supervise"], ["sql"], ["config"],
+            ["keys", "rebuild"], ["enforcement"], ["admin"], ["gateway"], ["ingest"], ["api"], ["supervise"], ["sql"],
+            ["config"],
             ["alerts"], ["alerts", "rules"], ["alerts", "rules", "add"], ["alerts", "rules", "list"],
             ["alerts", "rules", "rm"], ["alerts", "rules", "test"]]
 

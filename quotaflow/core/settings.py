@@ -7,6 +7,7 @@ Redis on the standard ports is never touched.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,7 +57,7 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 PortOrOff = Annotated[int, Field(ge=0, le=65535, description="0: off")]
 Limit = Annotated[int | None, Field(strict=True, ge=0, le=LIMIT_MAX)]
 # Fields whose dict keys are secrets: an error never names a place inside them.
-SECRET_KEYED = frozenset({"api_tokens", "key_hash_secrets"})
+SECRET_KEYED = frozenset({"api_tokens", "ingest_tokens", "key_hash_secrets"})
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class Settings(BaseSettings):
     # own must never reach the gateway): anyone who can send them can be any tenant.
     gateway_trust_identity_headers: bool = Field(False, description="trust X-Api-Key-Id / X-Org-Id as sent instead "
                                                  "of verifying an API key (only behind an auth layer that sets them)")
+    # The proxies whose X-Forwarded-For the middlewares believe: a request from one of them is
+    # from the address it names (right to left, skipping these); any other's header is ignored.
+    gateway_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="addresses or CIDR networks of the proxies in front, comma separated, whose "
+                        "X-Forwarded-For names the client; default: none (the peer's address is the client's)")
 
     # --- Collectors (collector/): the producer core's memory bound and disk spool ---
     spool_dir: Path | None = Field(None, description="where collectors spool records Kafka does not take in time; "
@@ -191,6 +197,17 @@ class Settings(BaseSettings):
                                         "(queued, and sent but not acknowledged) before it spools")
     collector_delivery_timeout_s: float = Field(10.0, gt=0, description="how long a collector waits for Kafka to "
                                                 "acknowledge a record before it spools it")
+
+    # --- HTTP ingest (`quotaflow ingest`: POST /v1/events for services in other languages) ---
+    ingest_port: PortOrOff = 19150
+    # Who may publish: a JSON object of bearer token -> org id (publishes that org's events
+    # only), or "*" (any org's). Without tokens every request is refused.
+    ingest_tokens: dict[str, str] = Field(default_factory=dict)
+    ingest_max_body_bytes: int = Field(4 * 1024 ** 2, ge=1024, le=256 * 1024 ** 2, description="largest request "
+                                       "body, as sent and after gzip decompression; larger: 413")
+    ingest_max_events: int = Field(10_000, ge=1, le=100_000, description="events in one request at most")
+    ingest_max_line_bytes: int = Field(64 * 1024, ge=1024, description="longest NDJSON line: longer lines are "
+                                       "refused one by one without being parsed")
 
     # --- Alert delivery (alerts/channels/): the channels rules name, with their secrets
     # (quotaflow/core/channels.py), the SMTP server email goes through, and the retries.
@@ -281,7 +298,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"address #{n} is not host:port (port 1-65535); expected host:port[,host:port]")
         return bootstrap
 
-    @field_validator("api_tokens")
+    @field_validator("gateway_trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        out = []
+        for n, item in enumerate(value or (), 1):
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except (TypeError, ValueError):
+                raise ValueError(f"proxy #{n} is not an IP address or CIDR network; expected e.g. "
+                                 "10.0.0.0/8,127.0.0.1") from None
+        return tuple(out)
+
+    @field_validator("api_tokens", "ingest_tokens")
     @classmethod
     def _tokens(cls, tokens: dict[str, str]) -> dict[str, str]:
         # Never name the token itself: the message says which one by position.
@@ -353,7 +384,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{env_var('alert_channels')} (alert_channels) has email channels: set "
                              f"{env_var('smtp_url')} to the SMTP server that sends them")
         # Whatever prints or logs these from now on shows *** in their place.
-        redact.register(*self.api_tokens, *self.key_hash_secrets.values(), *redact.url_secrets(self.redis_url),
+        redact.register(*self.api_tokens, *self.ingest_tokens, *self.key_hash_secrets.values(),
+                        *redact.url_secrets(self.redis_url),
                         *redact.url_secrets(self.clickhouse_url), *redact.url_secrets(self.smtp_url),
                         *(secret for channel in self.alert_channels.values() for secret in channel.secrets()))
         return self
@@ -454,8 +486,8 @@ def effective(settings: Settings) -> list[tuple[str, str, bool]]:
         if name in SECRET_KEYED:
             text = "{" + ",".join(f'"{redact.MASK}":{orjson.dumps(redact.redact_value(v)).decode()}'
                                   for v in value.values()) + "}"
-        elif name == "windows":
-            text = ",".join(str(length) for length in value)
+        elif name in ("windows", "gateway_trusted_proxies"):
+            text = ",".join(str(item) for item in value)
         elif name == "alert_channels":  # their secrets are registered: redact hides them below
             text = orjson.dumps({k: v.model_dump(mode="json", exclude_none=True) for k, v in value.items()}).decode()
         elif isinstance(value, dict):
