@@ -13,7 +13,7 @@ COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"
             ["keys", "list"], ["keys", "show"], ["keys", "update"], ["keys", "revoke"], ["keys", "rotate"],
             ["keys", "rebuild"], ["enforcement"], ["admin"], ["gateway"], ["api"], ["supervise"], ["sql"], ["config"],
             ["alerts"], ["alerts", "rules"], ["alerts", "rules", "add"], ["alerts", "rules", "list"],
-            ["alerts", "rules", "rm"], ["alerts", "rules", "test"]]
+            ["alerts", "rules", "rm"], ["alerts", "rules", "test"], ["ship"]]
 
 
 def quotaflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
