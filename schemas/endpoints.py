@@ -19,12 +19,18 @@ _RAW_ID = re.compile(rf"(?:{RAW_ID_SEGMENT}|[0-9a-fA-F-]{{16,}})")
 # ENDPOINT_PATTERN's characters but '/' (the separator) and '%' (quoted, so that a
 # decoded path's '%' cannot pass for an escape).
 _SEGMENT_SAFE = "!$&'()*+,;=:@{}"
+# The common case, a path of such characters only, short enough: each raw-id segment
+# replaced in one pass, the rest as it is (what quote would leave unchanged).
+_PLAIN = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@{}/-]*")
+_RAW_ID_SEGMENTS = re.compile(rf"(?<=/)(?:{RAW_ID_SEGMENT}|[0-9a-fA-F-]{{16,}})(?=/|$)")
 
 
 def fit_endpoint(path: str) -> str:
     """A path or template as an endpoint the schema takes: raw-id segments become {id},
     other characters outside ENDPOINT_PATTERN are percent-encoded (UTF-8), and one longer
     than ENDPOINT_MAX is cut at a segment boundary and marked with /{truncated}."""
+    if len(path) <= ENDPOINT_MAX and _PLAIN.fullmatch(path):
+        return _RAW_ID_SEGMENTS.sub("{id}", path)
     segments = path.split("/")
     if path.startswith("/"):
         segments = segments[1:]

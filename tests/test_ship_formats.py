@@ -120,10 +120,10 @@ def test_unknown_or_fixed_fields_and_bad_routes_are_refused_at_start():
 
 @pytest.mark.parametrize("line, reason", [
     (b"", "not JSON"),
-    (b"[1, 2]", "not a JSON object but a JSON list"),
+    (b"[1, 2]", "not a JSON object (Expected `object`, got `array`)"),
     (nginx_json(path=None), "path: missing"),
     (nginx_json(time="yesterday"), "time: neither"),
-    (nginx_json(time="1"), "time: neither"),
+    (nginx_json(time="1"), "time: seconds since the epoch out of range"),
     (nginx_json(status="2xx"), "status: must be an HTTP status code"),
     (nginx_json(response_bytes="-5"), "response_bytes: must be a number of bytes"),
     (nginx_json(latency="fast"), "latency: must be a number"),

@@ -45,6 +45,9 @@ def run_ship(args: argparse.Namespace, settings: Settings) -> int:
     except ConfigProblem as exc:
         raise ConfigError(str(exc)) from None
     serve_metrics(settings, "ship_metrics_port")
+    from quotaflow.core import gc_tuning
+
+    gc_tuning.for_streaming()  # a dict per line: young collections would rescan the batches in flight
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
