@@ -16,6 +16,7 @@ from quotaflow.collector.ship import formats
 from quotaflow.collector.ship.events import NAMESPACE, EventBuilder, LineIds
 from quotaflow.collector.ship.formats import LineError
 from quotaflow.collector.ship.routes import RouteMap
+from quotaflow.schemas.event_fields import FIELDS
 from quotaflow.schemas.events import validate
 from quotaflow.schemas.ids import is_valid_id
 
@@ -192,3 +193,10 @@ def test_any_line_is_an_event_the_schema_takes_or_refused_with_a_reason(case):
     raw = formats.parser(fmt, {})(line)
     org = raw[formats.I["org_id"]]
     assert org == event["org_id"]  # an id is taken as logged, never fitted into another tenant's
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.text(st.sampled_from(list("/0123456789abcdefABCDEF-_.~{}%:@?# xé")), max_size=300))
+def test_any_path_becomes_a_route_template_the_schema_takes(path):
+    endpoint, _ = RouteMap(["/v1/users/{id}"]).endpoint(path)
+    assert next(f for f in FIELDS if f.name == "endpoint").error(endpoint) is None, endpoint

@@ -76,6 +76,7 @@ LINGER_S = 0.1  # an org's batch waits at most this long for more events
 MAX_OPEN_FILES = 1024
 DEAD_LETTER_VALUE_BYTES = 4096  # of a refused line, in its dead letter
 PROGRESS_LOG_S = 10.0
+DEAD_LETTER_LOG_S = 10.0
 _SCAN = re.compile(SCAN_PATTERN)
 _QUERY = re.compile(r"\?[^\s\"]*")  # a query string may carry a token under any name
 
@@ -162,6 +163,7 @@ class Shipper:
         self.shipped = 0  # lines made safe as events
         self.dead_lettered = 0  # lines made safe as dead letters
         self._last_log = (time.monotonic(), 0)
+        self._dead_logged: dict[str, tuple[float, int]] = {}  # kind of refusal -> (last logged, not logged since)
 
     # --- running ---
 
@@ -465,7 +467,18 @@ class Shipper:
         fut.add_done_callback(self._woken)
         chunk.futures.append(fut)
         chunk.dead += 1
-        log.warning("log line dead-lettered", extra={"reason": reason, "path": f.path, "offset": offset})
+        # one line per kind of refusal every DEAD_LETTER_LOG_S: a log of refused lines (a flood of
+        # requests without a key, say) must not flood the shipper's own log
+        kind, now = reason.split(" (", 1)[0][:80], time.monotonic()
+        last, since = self._dead_logged.get(kind, (-DEAD_LETTER_LOG_S, 0))
+        if now - last >= DEAD_LETTER_LOG_S:
+            if len(self._dead_logged) >= 1024:
+                self._dead_logged.clear()
+            self._dead_logged[kind] = (now, 0)
+            log.warning("log line dead-lettered", extra={"reason": reason, "path": f.path, "offset": offset,
+                                                         "more_like_it_before": since})
+        else:
+            self._dead_logged[kind] = (last, since + 1)
 
     # --- records ---
 
