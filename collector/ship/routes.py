@@ -23,7 +23,8 @@ class RouteMap:
         for i, template in enumerate(self.templates):
             problem = _ENDPOINT_FIELD.error(template)
             if problem is not None:
-                raise ValueError(f"#{i + 1}: {problem.removeprefix('endpoint: ')}")
+                # the rule, not the value (a setting's value is never repeated)
+                raise ValueError(f"#{i + 1}: {problem.removeprefix('endpoint: ').rsplit(', got ', 1)[0]}")
             alternatives.append(f"(?P<r{i}>{_regex(template)})")
         # One pass over a path whatever the number of templates; lastgroup names the first
         # alternative that matched (the leftmost wins, as in the list).

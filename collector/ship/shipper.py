@@ -242,6 +242,8 @@ class Shipper:
                 f = self._open_file(path, key, now)
                 if f is not None:
                     self._look_at(f, now)
+        if not found and self._first_scan:
+            log.warning("no file matches QUOTAFLOW_SHIP_PATHS yet; waiting for one", extra={"paths": list(self.config.paths)})
         if len(found) > MAX_OPEN_FILES:
             log.warning("more files match the paths than the shipper keeps open; the rest wait",
                         extra={"files": len(found), "max": MAX_OPEN_FILES})
