@@ -62,6 +62,7 @@ def run_ship(args: argparse.Namespace, settings: Settings) -> int:
             await shipper.run(until_idle=args.until_idle)
         finally:
             await core.stop()
+            shipper.checkpoint_now()
 
     asyncio.run(main())
     return 0
