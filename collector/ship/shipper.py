@@ -157,6 +157,8 @@ class Shipper:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._first_scan = True
+        self._said_too_many = False
+        self._said_internal_error = False
         self._dirty = False
         self._last_checkpoint = 0.0
         self._next_scan = 0.0
@@ -177,6 +179,7 @@ class Shipper:
         self.entries = self.checkpoints.load()
         try:
             while not self._stop.is_set():
+                self._wake.clear()  # a delivery from here on makes the wait below return at once
                 now = time.monotonic()
                 if now >= self._next_scan:
                     self._scan()
@@ -191,7 +194,6 @@ class Shipper:
                 if read:
                     await asyncio.sleep(0)  # the producer's tasks run between chunks
                 else:
-                    self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), max(0.0, self._next_scan - time.monotonic()))
         finally:
@@ -250,7 +252,8 @@ class Shipper:
                     self._look_at(f, now)
         if not found and self._first_scan:
             log.warning("no file matches QUOTAFLOW_SHIP_PATHS yet; waiting for one", extra={"paths": list(self.config.paths)})
-        if len(found) > MAX_OPEN_FILES:
+        if len(found) > MAX_OPEN_FILES and not self._said_too_many:
+            self._said_too_many = True
             log.warning("more files match the paths than the shipper keeps open; the rest wait",
                         extra={"files": len(found), "max": MAX_OPEN_FILES})
         self._first_scan = False
@@ -445,7 +448,9 @@ class Shipper:
                 self._dead_letter(f, p, chunk, line, start, exc.reason)
                 continue
             except Exception as exc:  # a bug must not stop the shipping of every other line
-                log.exception("line handling failed")
+                if not self._said_internal_error:  # once: the dead letters count the rest
+                    self._said_internal_error = True
+                    log.exception("line handling failed")
                 self._dead_letter(f, p, chunk, line, start, f"internal error ({type(exc).__name__})")
                 continue
             org = event["org_id"]
