@@ -64,7 +64,7 @@ class LineIds:
 
     def __call__(self, offset: int) -> str:
         h = self._base.copy()
-        h.update(str(offset).encode())
+        h.update(b"%d" % offset)
         x = h.hexdigest()
         return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
