@@ -241,3 +241,48 @@ def test_broker_away_lines_are_spooled_positions_move_on_and_every_line_arrives(
     assert spooled > 0 and lost == 0
     ids = asyncio.run(shipped_ids(live_stack, org))
     assert set(ids) == expected_ids(log.read_bytes()) and len(set(ids)) == written[0]
+
+
+@pytest.mark.stack
+def test_lines_over_the_bound_are_dead_lettered_and_an_unfinished_line_waits(live_stack, tmp_path):
+    """A line over QUOTAFLOW_SHIP_MAX_LINE_BYTES within one read, one longer than a read
+    (its rest skipped), and a last line not ended yet (shipped once it is)."""
+    org = unique("long")
+    log, state = tmp_path / "access.log", tmp_path / "state"
+    append(log, org, 1)
+    long_at = log.stat().st_size
+    with open(log, "ab") as f:
+        f.write(b"x" * 1000 + b"\n")
+    append(log, org, 1, 1)
+    huge_at = log.stat().st_size
+    with open(log, "ab") as f:
+        f.write(b"y" * (2 * 1024 * 1024 + 10) + b"\n")
+    append(log, org, 1, 2)
+    unfinished = line(org, 3)
+    with open(log, "ab") as f:
+        f.write(unfinished[:40])
+
+    async def run_once() -> Shipper:
+        core = ProducerCore(live_stack.kafka_bootstrap, spool_dir=state / "spool",
+                            spool_topics=(EVENTS_TOPIC, DEAD_LETTER_TOPIC))
+        s = Shipper(ShipConfig(paths=(str(log),), state_dir=state, max_line_bytes=256), core)
+        await core.start()
+        try:
+            await s.run(until_idle=True)
+        finally:
+            await core.stop()
+        return s
+
+    first = asyncio.run(run_once())
+    assert (first.shipped, first.dead_lettered) == (3, 2)
+    with open(log, "ab") as f:
+        f.write(unfinished[40:])
+    second = asyncio.run(run_once())
+    assert (second.shipped, second.dead_lettered) == (1, 0)
+    ids = asyncio.run(shipped_ids(live_stack, org))
+    assert set(ids) == expected_ids(log.read_bytes()) and len(set(ids)) == 4
+    letters = [deadletter.read_headers(r.headers) | {"value": r.value}
+               for r in asyncio.run(read_all(live_stack, DEAD_LETTER_TOPIC))
+               if deadletter.read_headers(r.headers).get(deadletter.HEADER_SOURCE_FILE) == str(log)]
+    assert [(int(h[deadletter.HEADER_SOURCE_FILE_OFFSET]), h[deadletter.HEADER_REASON].split(" (")[0], len(h["value"]))
+            for h in letters] == [(long_at, "line longer than 256 bytes", 256), (huge_at, "line longer than 256 bytes", 256)]
