@@ -8,6 +8,13 @@ beside the same events produced directly in the same run.
   broker at the address): all of them written to the spool (fsync'd) by the emitter's stop.
 - ``spool_replay_events_per_s``: a new emitter over that spool, the broker there: from its
   start until every event was acknowledged and the spool is empty.
+- ``shipper_lines_per_s``: the access-log shipper (collector/ship/) over a file of
+  BENCH_SHIP_LINES nginx JSON lines (default 400000; 50 orgs, paths with raw ids mapped by
+  route templates), pinned to one core: from its start until Kafka acknowledged every line.
+  Beside it ``baseline_read_lines_per_s``: the same file read in the same chunks and split
+  into lines, nothing else, on the same core. ``shipper_lines_per_cpu_s``: the same lines per
+  second of CPU time the process used (the machine's other work left out; its load is
+  printed as ``load_average_1m``).
 
 - ``middleware_overhead_p50_us``, ``middleware_overhead_p99_us``: one Starlette app called
   directly (no server, no socket) with and without the ASGI middleware, interleaved
@@ -26,21 +33,24 @@ beside the same events produced directly in the same run.
   (default 100000) posted as JSON arrays of 1000 by 8 concurrent clients, from the first
   request to the last 202 (each answered once its events are acknowledged by Kafka).
 
-Run: .venv/bin/python bench/collector.py
+Run: .venv/bin/python bench/collector.py (``... collector.py shipper``: the shipper's figures only)
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import statistics
+import sys
 import time
 import uuid
 
 import harness
 
 from quotaflow.collector.emitter import Emitter
+from quotaflow.core import gc_tuning
 from quotaflow.schemas.events import RequestEvent
 
 EVENTS = int(os.environ.get("BENCH_COLLECTOR_EVENTS", 100_000))
@@ -310,8 +320,98 @@ def ingest_rate(settings) -> float:
         log.close()
 
 
+SHIP_LINES = int(os.environ.get("BENCH_SHIP_LINES", 400_000))
+
+
+def write_access_log(path, lines: int) -> None:
+    """nginx JSON lines (log_format ... escape=json), as README recommends the format."""
+    import orjson
+
+    now = time.time()
+    with open(path, "wb") as f:
+        for start in range(0, lines, 10_000):
+            f.write(b"".join(orjson.dumps({
+                "time": f"{now + i / 1000:.3f}", "method": "GET" if i % 5 else "POST",
+                "path": f"/v1/users/{i % 9973}/orders" if i % 3 else f"/v1/items/{i}", "status": "200",
+                "request_bytes": "", "response_bytes": str(200 + i % 700), "latency": "0.004",
+                "client_ip": f"198.51.100.{i % 250}", "user_agent": "Mozilla/5.0 (X11; Linux x86_64) bench/1.0",
+                "org_id": f"ship-o{i % 50}", "api_key_id": f"ship-k{i % 500}", "event_id": "", "event_ts": ""})
+                + b"\n" for i in range(start, min(lines, start + 10_000))))
+
+
+def baseline_read(path) -> float:
+    from quotaflow.collector.ship.shipper import CHUNK_BYTES
+
+    started = time.perf_counter()
+    lines, at = 0, 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while data := os.pread(fd, CHUNK_BYTES, at):
+            last = data.rfind(b"\n")
+            lines += len(data[:last].split(b"\n"))
+            at += last + 1
+    finally:
+        os.close(fd)
+    assert lines == SHIP_LINES, lines
+    return lines / (time.perf_counter() - started)
+
+
+async def ship(settings, path, state) -> tuple[float, float]:
+    from quotaflow.collector.producer import ProducerCore
+    from quotaflow.collector.ship.shipper import Shipper, ShipConfig
+    from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
+
+    started, cpu = time.perf_counter(), time.process_time()
+    core = ProducerCore(settings.kafka_bootstrap, spool_dir=state / "spool", spool_max_bytes=1024 ** 3,
+                        spool_topics=(EVENTS_TOPIC, DEAD_LETTER_TOPIC))
+    shipper = Shipper(ShipConfig(paths=(str(path),), routes=("/v1/users/{id}/orders",), state_dir=state), core)
+    await core.start()
+    try:
+        await shipper.run(until_idle=True)
+    finally:
+        await core.stop()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert (shipper.shipped, shipper.dead_lettered, core.spooled, core.lost) == (SHIP_LINES, 0, 0, 0), (
+        shipper.shipped, shipper.dead_lettered, core.spooled, core.lost)
+    return SHIP_LINES / elapsed, SHIP_LINES / cpu
+
+
+def shipper_figures(settings) -> None:
+    """shipper_lines_per_s and baseline_read_lines_per_s, on one core (this process pinned)."""
+    work = settings.state_dir / "bench-ship"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    path = work / "access.log"
+    write_access_log(path, SHIP_LINES)
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    gc_thresholds = gc.get_threshold()
+    gc_tuning.for_streaming()  # as `quotaflow ship` runs
+    try:
+        harness.report("baseline_read_lines_per_s", baseline_read(path), "lines/s")
+        per_s, per_cpu_s = asyncio.run(ship(settings, path, work / "state"))
+        harness.report("shipper_lines_per_s", per_s, "lines/s")
+        # the same run per second of CPU the shipper's process used: what a core of its own
+        # would give on a machine shared with other work (the load average says how much)
+        harness.report("shipper_lines_per_cpu_s", per_cpu_s, "lines/s")
+        harness.report("load_average_1m", os.getloadavg()[0], "")
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*gc_thresholds)
+        os.sched_setaffinity(0, cores)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     settings = harness.up()
+    if sys.argv[1:] == ["shipper"]:
+        try:
+            shipper_figures(settings)
+        finally:
+            from quotaflow.deploy import stack
+
+            stack.down(settings)
+        return
     spool = settings.state_dir / "bench-spool"
     shutil.rmtree(spool, ignore_errors=True)
     try:
@@ -329,6 +429,7 @@ def main() -> None:
         harness.report("wsgi_overhead_p99_us", _overhead(bare.cpu, wrapped.cpu, 99), "us")
         harness.report("wsgi_overhead_wall_p99_us", _overhead(bare.wall, wrapped.wall, 99), "us")
         harness.report("ingest_events_per_s", ingest_rate(settings), "events/s")
+        shipper_figures(settings)
     finally:
         from quotaflow.deploy import stack
 

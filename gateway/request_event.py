@@ -22,20 +22,18 @@ import re
 import time
 import uuid
 from typing import Any, Iterable
-from urllib.parse import quote
 
 from prometheus_client import Counter
 from starlette.routing import Match
 
 from quotaflow.schemas.events import (
     BYTES_MAX,
-    ENDPOINT_MAX,
     LATENCY_MAX_MS,
     METHODS,
-    RAW_ID_SEGMENT,
     SCHEMA_VERSION,
     USER_AGENT_MAX,
 )
+from quotaflow.schemas.endpoints import TRUNCATED, fit_endpoint  # noqa: F401 (TRUNCATED: callers' name)
 from quotaflow.schemas.redis_keys import Decision
 
 log = logging.getLogger(__name__)
@@ -46,16 +44,6 @@ NORMALISED = Counter("quotaflow_gateway_normalised_total",
 OTHER_METHOD = "OTHER"  # the schema's value for a method it does not list (WebDAV's PROPFIND, a typo, ...)
 UNKNOWN_CLIENT = "0.0.0.0"  # no client address (a unix socket) or one that is not an IP
 SERVER_ERROR = 500  # for a status outside 100..599: the server answered something HTTP has no code for
-TRUNCATED = "/{truncated}"  # ends an endpoint cut to ENDPOINT_MAX at a segment boundary
-
-# A path segment replaced by {id}: every segment the event schema refuses as a raw id, and
-# also runs of 16 or more hex digits and dashes in other id formats, which the schema
-# accepts but which would still make an endpoint per id.
-_RAW_ID = re.compile(rf"(?:{RAW_ID_SEGMENT}|[0-9a-fA-F-]{{16,}})")
-# What a segment may hold besides letters, digits and -._~ (which quote keeps anyway):
-# ENDPOINT_PATTERN's characters but '/' (the separator) and '%' (quoted, so that a
-# decoded path's '%' cannot pass for an escape).
-_SEGMENT_SAFE = "!$&'()*+,;=:@{}"
 _DIGITS = re.compile(rb"[0-9]+")  # ASCII only: str.isdigit() takes '²' and other scripts' digits
 _BYTES_MAX_DIGITS = len(str(BYTES_MAX))
 _METHODS = frozenset(METHODS)
@@ -85,21 +73,6 @@ def endpoint(scope: dict, routes: Iterable | None = None) -> tuple[str, bool]:
             source = "/"
     fitted = fit_endpoint(source)
     return fitted, fitted != source
-
-
-@functools.lru_cache(maxsize=4096)  # a service's templates repeat: each is fitted once
-def fit_endpoint(path: str) -> str:
-    """A path or template as an endpoint the schema takes: raw-id segments become {id},
-    other characters outside ENDPOINT_PATTERN are percent-encoded (UTF-8), and one longer
-    than ENDPOINT_MAX is cut at a segment boundary and marked with /{truncated}."""
-    segments = path.split("/")
-    if path.startswith("/"):
-        segments = segments[1:]
-    out = "/" + "/".join("{id}" if _RAW_ID.fullmatch(s) else quote(s, safe=_SEGMENT_SAFE, errors="replace")
-                         for s in segments)
-    if len(out) > ENDPOINT_MAX:
-        out = out[:out.rfind("/", 0, ENDPOINT_MAX - len(TRUNCATED) + 1)] + TRUNCATED
-    return out
 
 
 def request_bytes(headers: dict) -> tuple[int, bool]:

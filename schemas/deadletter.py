@@ -17,6 +17,10 @@ HEADER_SOURCE_PARTITION = "qf.source.partition"
 HEADER_SOURCE_OFFSET = "qf.source.offset"
 HEADER_SOURCE_INDEX = "qf.source.index"  # position in the source record, when it carried a batch
 HEADER_TS_MS = "qf.error.ts_ms"
+# A line of a file (the access-log shipper): its file, where it starts, the file's fingerprint.
+HEADER_SOURCE_FILE = "qf.source.file"
+HEADER_SOURCE_FILE_OFFSET = "qf.source.file_offset"
+HEADER_SOURCE_FINGERPRINT = "qf.source.fingerprint"
 # An alert notification given up on after its last attempt (stage "alerts"): the value is
 # the notification as it was to be sent, never a channel's secret.
 HEADER_ALERT_CHANNEL = "qf.alert.channel"
@@ -31,7 +35,8 @@ MAX_REASON_BYTES = 2000
 
 
 def headers(reason: str, stage: str, *, topic: str | None = None, partition: int | None = None,
-            offset: int | None = None, index: int | None = None, ts_ms: int) -> list[tuple[str, bytes]]:
+            offset: int | None = None, index: int | None = None, ts_ms: int, file: str | None = None,
+            file_offset: int | None = None, fingerprint: str | None = None) -> list[tuple[str, bytes]]:
     out = [
         (HEADER_REASON, reason.encode()[:MAX_REASON_BYTES]),
         (HEADER_STAGE, stage.encode()),
@@ -45,6 +50,12 @@ def headers(reason: str, stage: str, *, topic: str | None = None, partition: int
         ]
     if index is not None:
         out.append((HEADER_SOURCE_INDEX, str(index).encode()))
+    if file is not None:
+        out += [
+            (HEADER_SOURCE_FILE, file.encode(errors="replace")),
+            (HEADER_SOURCE_FILE_OFFSET, str(file_offset).encode()),
+            (HEADER_SOURCE_FINGERPRINT, str(fingerprint).encode()),
+        ]
     return out
 
 

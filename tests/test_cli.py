@@ -14,7 +14,7 @@ COMMANDS = [[], ["stack"], ["processor"], ["sink"], ["demo"], ["schema"], ["org"
             ["keys", "rebuild"], ["enforcement"], ["admin"], ["gateway"], ["ingest"], ["api"], ["supervise"], ["sql"],
             ["config"],
             ["alerts"], ["alerts", "rules"], ["alerts", "rules", "add"], ["alerts", "rules", "list"],
-            ["alerts", "rules", "rm"], ["alerts", "rules", "test"]]
+            ["alerts", "rules", "rm"], ["alerts", "rules", "test"], ["ship"]]
 
 
 def quotaflow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

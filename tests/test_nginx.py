@@ -19,7 +19,7 @@ from quotaflow.schemas.ids import ID_RULE
 from quotaflow.schemas.api_keys import REVOKED, SCAN_PATTERN, generate
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
 from tests.key_records import SECRETS_ENV, new_key
-from tests.pipeline import minute_start, stray_keys, unique
+from tests.pipeline import minute_start, stray_keys, unique, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -89,7 +89,7 @@ def nginx_in_front(check_endpoint, live_stack, tmp_path):
     yield url
     server.stop()
     upstream.stop()
-    for log in ("access.log", "error.log"):  # whatever a test sent, no key reached nginx's logs
+    for log in ("access.log", "access.json", "error.log"):  # whatever a test sent, no key reached nginx's logs
         text = (prefix / log).read_text() if (prefix / log).exists() else ""
         assert not re.search(SCAN_PATTERN, text), log
 
@@ -99,7 +99,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_front, redis_client):
+def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_front, redis_client, tmp_path):
     org = unique("org")
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "FREE")
     key, rec = new_key(redis_client, org)
@@ -117,6 +117,26 @@ def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_fro
                                                    '"org-3600s";q=100;w=3600, "org-86400s";q=1000;w=86400')
     assert refused.headers["RateLimit"].startswith('"key-60s";r=0;t=')
     assert refused.headers["X-RateLimit-Limit"] == "10" and refused.headers["X-RateLimit-Remaining"] == "0"
+    # nginx's JSON log as `quotaflow ship` reads it: the admitted requests' events carry the
+    # identity the check verified and the ids of their reservations, which counting them releases
+    from quotaflow.collector.ship.events import EventBuilder, LineIds
+    from quotaflow.collector.ship.formats import LineError, parser
+    from quotaflow.collector.ship.routes import RouteMap
+
+    log = tmp_path / "nginx" / "access.json"
+    wait_for(lambda: log.exists() and log.read_bytes().count(b"\n") == 12, 10, "nginx to log the 12 requests")
+    build, parse = EventBuilder(RouteMap(), service="nginx", latency_ms_per_unit=1000).build, parser("nginx_json", {})
+    shipped, refused_lines = [], []
+    for at, line in enumerate(log.read_bytes().splitlines()):
+        try:
+            shipped.append(build(parse(line), LineIds("0" * 32), at))
+        except LineError as exc:
+            refused_lines.append(exc.reason)
+    reserved = {m.decode() for m in redis_client.zrange(reservations_key(org, rec.key_id), 0, -1)}
+    assert {e["event_id"] for e in shipped} == reserved and len(reserved) == 10
+    assert {(e["org_id"], e["api_key_id"], e["status"], e["endpoint"]) for e in shipped} == {
+        (org, rec.key_id, 200, "/index.html")}
+    assert refused_lines == ["org_id: missing (the line logs none, and no default is configured)"] * 2  # the 429s
 
 
 def test_check_endpoint_answers_as_envoy_ext_authz_expects(check_endpoint, redis_client):

@@ -25,9 +25,9 @@ class Command:
 
 def commands() -> tuple[Command, ...]:
     """Every command, in the order `quotaflow --help` lists them: by group."""
-    from quotaflow.cli import alerts, config, db, demo, ingest, keys, limits, schema, sql, stack, stages
+    from quotaflow.cli import alerts, config, db, demo, ingest, keys, limits, schema, ship, sql, stack, stages
 
-    return tuple(c for group in (stack, stages, ingest, demo, limits, keys, alerts, schema, db, sql, config)
+    return tuple(c for group in (stack, stages, ingest, ship, demo, limits, keys, alerts, schema, db, sql, config)
                  for c in group.COMMANDS)
 
 

@@ -52,6 +52,12 @@ _WINDOW = re.compile(r"^[0-9]{1,9}$")
 _HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"  # an HTTP header name, as gateways are configured with one
 _HOST_PORT = re.compile(r"^[A-Za-z0-9._\[\]:-]+:([0-9]{1,5})$")
 
+# The values `quotaflow ship` takes from a log line (QUOTAFLOW_SHIP_FIELDS names where each is
+# logged); collector/ship/formats.py reads them.
+SHIP_FIELD_NAMES = ("time", "method", "path", "status", "request_bytes", "response_bytes", "latency",
+                    "client_ip", "user_agent", "org_id", "api_key_id", "event_id", "event_ts")
+_LOGGED_FIELD = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
+_ROUTE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/{}-]{0,255}$")
 KEY_HASH_SECRET_MIN = 32
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortOrOff = Annotated[int, Field(ge=0, le=65535, description="0: off")]
@@ -209,6 +215,41 @@ class Settings(BaseSettings):
     ingest_max_line_bytes: int = Field(64 * 1024, ge=1024, description="longest NDJSON line: longer lines are "
                                        "refused one by one without being parsed")
 
+    # --- The access-log shipper (`quotaflow ship`: collector/ship/) ---
+    ship_paths: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="the access logs to tail: paths or globs, comma separated (or a JSON list); include the "
+                        "first rotated name (access.log.1), so what is written just before a rotation is read there")
+    ship_format: Literal["nginx_json", "nginx_combined", "envoy_json", "envoy_text"] = Field(
+        "nginx_json", description="how the lines are written: nginx's log_format escape=json, nginx's combined, "
+                                  "Envoy's json_format / typed_json_format, or Envoy's default text format")
+    ship_fields: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description='JSON {"org_id": "org", ...}: which logged field holds each value, '
+                                          "where it differs from the format's default (README: the shipper)")
+    ship_routes: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description='route templates paths are mapped to, first match wins: JSON ["/v1/users/{id}", ...] or '
+                        "comma separated; a path none matches has its id-like segments replaced by {id}")
+    ship_service: str = Field("", description="the service the events name (an id); default: nginx or envoy, "
+                                              "by the format")
+    ship_org_id: str | None = Field(None, description="the org of lines that log none (an id); none: such lines are "
+                                    "dead-lettered")
+    ship_api_key_id: str | None = Field(None, description="the API key id of lines that log none (an id)")
+    ship_state_dir: Path | None = Field(None, description="the shipper's checkpoints and its spool; one directory "
+                                        "per shipper process; default: state_dir/ship")
+    ship_fingerprint_bytes: int = Field(1024, ge=16, le=65536, description="a file is known by a hash of its first "
+                                        "line, up to this many bytes (and read once it has a whole first line)")
+    ship_max_line_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 ** 2, description="longer lines are "
+                                     "dead-lettered (their first bytes) and skipped")
+    ship_poll_interval_s: float = Field(0.25, gt=0, le=60, description="how often the files are looked at")
+    ship_checkpoint_interval_s: float = Field(1.0, gt=0, le=600, description="how often acknowledged positions "
+                                              "are written to the checkpoint file, at most")
+    ship_checkpoint_ttl_s: float = Field(7 * 86400.0, gt=0, description="a checkpoint of a file not seen for this "
+                                         "long is dropped")
+    ship_rotate_wait_s: float = Field(60.0, ge=0, description="how long a file that left the paths (rotated away, "
+                                      "deleted) is kept open and read after its last growth")
+    ship_start_at: Literal["beginning", "end"] = Field("beginning", description="where a file without a checkpoint "
+                                                       "is read from when the shipper starts")
+    ship_metrics_port: PortOrOff = 19112
+
     # --- Alert delivery (alerts/channels/): the channels rules name, with their secrets
     # (quotaflow/core/channels.py), the SMTP server email goes through, and the retries.
     alert_channels: dict[str, Channel] = Field(default_factory=dict, description='JSON {"ops-mail": {"type": '
@@ -229,6 +270,53 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("ship_paths", "ship_routes", mode="before")
+    @classmethod
+    def _string_list(cls, value: Any) -> Any:
+        """A JSON list, or comma separated (paths and templates hold no commas)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = orjson.loads(text)
+                except orjson.JSONDecodeError:
+                    raise ValueError("not a JSON list of strings") from None
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError("not a JSON list of strings")
+                return tuple(v.strip() for v in value if v.strip())
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
+    @field_validator("ship_fields", mode="before")
+    @classmethod
+    def _ship_fields_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                raise ValueError('not JSON: {"org_id": "org", ...}') from None
+        return value
+
+    @field_validator("ship_fields")
+    @classmethod
+    def _ship_field_names(cls, fields: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(fields) - set(SHIP_FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown value(s) {', '.join(unknown)[:200]}; known: {', '.join(SHIP_FIELD_NAMES)}")
+        for name, logged in fields.items():
+            if not _LOGGED_FIELD.fullmatch(logged):
+                raise ValueError(f"{name}: a logged field's name is 1-64 letters, digits and _.:@-")
+        return fields
+
+    @field_validator("ship_routes")
+    @classmethod
+    def _ship_route_shapes(cls, routes: tuple[str, ...]) -> tuple[str, ...]:
+        for i, route in enumerate(routes):
+            if not _ROUTE.fullmatch(route):
+                raise ValueError(f"#{i + 1}: a route template starts with / and has path characters and "
+                                 "{name} segments only, at most 256 characters")
+        return routes
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -366,6 +454,9 @@ class Settings(BaseSettings):
         if self.spool_dir is None:
             self.spool_dir = self.state_dir / "spool"
         self.spool_dir = self.spool_dir.expanduser().resolve()
+        if self.ship_state_dir is None:
+            self.ship_state_dir = self.state_dir / "ship"
+        self.ship_state_dir = self.ship_state_dir.expanduser().resolve()
         if self.spool_segment_bytes * 2 > self.spool_max_bytes:
             raise ValueError(f"{env_var('spool_segment_bytes')} (spool_segment_bytes) must be at most half of "
                              f"{env_var('spool_max_bytes')} (spool_max_bytes): the spool drops whole segments")
@@ -486,7 +577,7 @@ def effective(settings: Settings) -> list[tuple[str, str, bool]]:
         if name in SECRET_KEYED:
             text = "{" + ",".join(f'"{redact.MASK}":{orjson.dumps(redact.redact_value(v)).decode()}'
                                   for v in value.values()) + "}"
-        elif name in ("windows", "gateway_trusted_proxies"):
+        elif isinstance(value, tuple):  # the windows, the shipper's paths and routes: comma separated
             text = ",".join(str(item) for item in value)
         elif name == "alert_channels":  # their secrets are registered: redact hides them below
             text = orjson.dumps({k: v.model_dump(mode="json", exclude_none=True) for k, v in value.items()}).decode()
