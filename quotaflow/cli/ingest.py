@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from quotaflow.cli.registry import Command
+from quotaflow.cli.registry import Command, host_argument
 from quotaflow.core.logs import logging_dict
 from quotaflow.core.settings import Settings
 
@@ -24,11 +24,6 @@ def run_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: put a "
-                                                       "TLS-terminating proxy in front to serve it further)")
-
-
 COMMANDS = (
     Command("ingest", "serve the HTTP ingest (POST /v1/events) in the foreground", run_ingest,
             description="Takes request events from services in any language on "
@@ -38,5 +33,5 @@ COMMANDS = (
                         "with Retry-After when Kafka and the disk spool cannot keep up. Publishes through the "
                         "producer core, spooling to QUOTAFLOW_SPOOL_DIR/ingest while Kafka is away. OpenAPI schema "
                         "at /openapi.json, metrics at /metrics. Stop it with Ctrl-C or SIGTERM.",
-            arguments=_arguments),
+            arguments=host_argument),
 )

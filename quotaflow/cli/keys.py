@@ -18,7 +18,7 @@ import re
 import sys
 from datetime import datetime, timezone
 
-from quotaflow.cli.registry import Command
+from quotaflow.cli.registry import Command, host_argument
 from quotaflow.core.settings import Settings
 
 # Exit statuses: 0 done; 2 refused (bad input, unknown key); 3 recorded in the keys topic
@@ -357,11 +357,6 @@ def run_admin(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _admin_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: put a "
-                                                       "TLS-terminating proxy in front to serve it further)")
-
-
 COMMANDS = (
     Command("keys", "API keys: create, list, show, update, revoke, rotate; rebuild the registry in Redis", run_keys,
             description="API key management. Changes go to the keys topic (quotaflow.keys.v1), from which the "
@@ -372,5 +367,5 @@ COMMANDS = (
             description="JSON over HTTP for what 'quotaflow keys' does, on 127.0.0.1:QUOTAFLOW_ADMIN_PORT, for "
                         "operator tokens of QUOTAFLOW_API_TOKENS; its OpenAPI schema at /openapi.json. Stop it "
                         "with Ctrl-C or SIGTERM.",
-            arguments=_admin_arguments),
+            arguments=host_argument),
 )

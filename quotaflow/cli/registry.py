@@ -23,6 +23,12 @@ class Command:
     own_logging: bool = False  # the command sets up logging itself (the Faust worker does)
 
 
+def host_argument(p: argparse.ArgumentParser) -> None:
+    """``--host`` of the commands that serve HTTP: loopback unless told otherwise."""
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: put a "
+                                                       "TLS-terminating proxy in front to serve it further)")
+
+
 def commands() -> tuple[Command, ...]:
     """Every command, in the order `quotaflow --help` lists them: by group."""
     from quotaflow.cli import alerts, config, db, demo, ingest, keys, limits, schema, ship, sql, stack, stages

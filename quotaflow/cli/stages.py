@@ -9,7 +9,7 @@ import asyncio
 import signal
 import sys
 
-from quotaflow.cli.registry import Command
+from quotaflow.cli.registry import Command, host_argument
 from quotaflow.core.errors import OperatorError
 from quotaflow.core.logs import logging_dict
 from quotaflow.core.redact import redact
@@ -115,10 +115,6 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _gateway_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-
-
 COMMANDS = (
     Command("processor", "run the stream processor (Faust worker) in the foreground", run_processor,
             description="Counts requests per API key and window, writes limit decisions to Redis, "
@@ -139,5 +135,5 @@ COMMANDS = (
                         "and its scope, and checks its limits: 200 with the verified org and key id, 401, 403 or "
                         "429 (or ?deny_status=403&invalid_status=401 for nginx) with the reason and rate-limit "
                         "headers; GET /metrics. Port: QUOTAFLOW_GATEWAY_PORT.",
-            arguments=_gateway_arguments),
+            arguments=host_argument),
 )
