@@ -163,6 +163,22 @@ def run_test(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def run_stage(args: argparse.Namespace, settings: Settings) -> int:
+    """The alerts stage in the foreground (alerts/app.py); `quotaflow stack start` runs it supervised."""
+    from quotaflow.alerts.app import Worker, create_app
+    from quotaflow.cli.stages import serve_metrics
+    from quotaflow.core import gc_tuning
+    from quotaflow.core.logs import logging_dict
+
+    app = create_app(settings)
+    serve_metrics(settings, "alerts_metrics_port")
+    gc_tuning.for_streaming()
+    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                    logging_config=logging_dict(settings.log_level, settings.log_format))
+    worker.execute_from_commandline()
+    return 0
+
+
 def _which(p: argparse.ArgumentParser, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--org", help="the org the rule belongs to")
@@ -172,6 +188,10 @@ def _which(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     groups = p.add_subparsers(dest="group", required=True, metavar="GROUP")
+    groups.add_parser("run", help="run the alerts stage (evaluation and delivery) in the foreground",
+                      description="Evaluates the alert rules on the events topic and delivers their notifications, "
+                                  "logging to stderr until Ctrl-C or SIGTERM; not restarted ('quotaflow stack start' "
+                                  "runs it supervised, logging to QUOTAFLOW_STATE_DIR/logs/alerts.log).")
     rules = groups.add_parser("rules", help="add, list, remove and test alert rules",
                               description="Alert rules, kept on a compacted Kafka topic. Types: usage_threshold, "
                                           "rate_limit_violations, quota_exceeded, error_rate, latency_p95, "
@@ -196,7 +216,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from quotaflow.core.logs import setup_logging
     from quotaflow.schemas.ids import id_error
+
+    if args.group == "run":
+        return run_stage(args, settings)
+    setup_logging(settings.log_level, settings.log_format)  # the stage's Faust worker sets up its own
 
     if getattr(args, "org", None) is not None:
         problem = id_error("--org", args.org)
@@ -206,5 +231,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = (
-    Command("alerts", "alert rules: add, list, remove, test their channels", run, arguments=_arguments),
+    Command("alerts", "alert rules: add, list, remove, test their channels; run the alerts stage", run,
+            arguments=_arguments, own_logging=True),
 )
