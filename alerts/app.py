@@ -121,10 +121,9 @@ class Stage:
 
     # --- writing: changelog and history records, on the broker before anything depends on them ---
 
-    def _changelog(self, table: faust.Table, key: str, partition: int):
-        value = table.data.get(key)
-        return (table.changelog_topic.get_topic_name(), orjson.dumps(key),
-                None if value is None else orjson.dumps(value), partition)
+    def _changelog(self, table: faust.Table, key: str, partition: int) -> tuple:
+        """A changelog record of ``key``, its value read when it is sent (the latest)."""
+        return (table.changelog_topic.get_topic_name(), orjson.dumps(key), _Current(table, key), partition)
 
     async def _write(self, records: list[tuple[str, bytes | None, bytes | None, int | None]]) -> None:
         """Send ``records`` (topic, key, value, partition) in their order and return once the
@@ -134,7 +133,8 @@ class Stage:
 
         async def attempt() -> None:
             async with self._send_lock:  # one key's records reach its partition in the order made
-                futures = [await self.producer.send(t, value=v, key=k, partition=p) for t, k, v, p in records]
+                futures = [await self.producer.send(t, value=v.value() if isinstance(v, _Current) else v, key=k,
+                                                    partition=p) for t, k, v, p in records]
             await asyncio.gather(*futures)
 
         await retry(attempt, "writing alert state to the broker", on=KafkaError, pause=pause, logger=log)
@@ -350,6 +350,20 @@ class Stage:
             out.pop(0)
         self.states.data[fp] = {**rec, "out": out}
         await self._write([self._changelog(self.states, fp, self._org_partition(rec["org"]))])
+
+
+class _Current:
+    """A table key's value as it is when its changelog record is sent: a record made
+    earlier never overwrites a later change (both go out in order, each with the latest)."""
+
+    __slots__ = ("table", "key")
+
+    def __init__(self, table: faust.Table, key: str):
+        self.table, self.key = table, key
+
+    def value(self) -> bytes | None:
+        value = self.table.data.get(self.key)
+        return None if value is None else orjson.dumps(value)
 
 
 def _same(a: AlertState, b: AlertState) -> bool:
