@@ -406,7 +406,10 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         broker_commit_interval=1.0,
         consumer_metadata_max_age_ms=5000,  # see processors/app.py
-        broker_session_timeout=15.0,
+        # A stage killed without leaving the group holds its partitions until its session
+        # times out, and every alert waits that long: the broker's minimum (6 s), heartbeats each second.
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
         broker_max_poll_records=2000,
         stream_buffer_maxsize=8000,
     )

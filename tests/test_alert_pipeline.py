@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import json
 import socket
+import subprocess
+import sys
 import time
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 from aiosmtpd.controller import Controller
 
 from quotaflow.alerts.rules import RuleStore
-from quotaflow.schemas.alert_rules import Silence, parse_rule
-from quotaflow.schemas.topics import ALERT_SILENCES_TOPIC
+from quotaflow.schemas.alert_rules import parse_rule
 from tests.alert_receivers import HttpReceiver, Request, _Keep
 from tests.pipeline import Pipeline, event, publish, unique, wait_for
 
@@ -97,17 +98,13 @@ class Stage:
     def add_rule(self, org: str, **rule) -> None:
         asyncio.run(RuleStore(self.settings.kafka_bootstrap).put(parse_rule({"org_id": org, **rule})))
 
-    def silence(self, org: str, silence_id: str, ends_ms: int, rule_id: str | None = None) -> None:
-        async def put() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
-            await producer.start()
-            try:
-                value = Silence(silence_id=silence_id, org_id=org, rule_id=rule_id, ends_ms=ends_ms).model_dump_json()
-                await producer.send_and_wait(ALERT_SILENCES_TOPIC, value.encode(), key=f"{org}/{silence_id}".encode())
-            finally:
-                await producer.stop()
-
-        asyncio.run(put())
+    def silence(self, org: str, silence_id: str, until: str) -> str:
+        """`quotaflow alerts silences add`, as an operator would; its output."""
+        result = subprocess.run([sys.executable, "-m", "quotaflow", "alerts", "silences", "add", "--org", org, silence_id,
+                                 "--until", until, "--comment", "maintenance"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
 
     def send(self, org: str, key: str, n: int, **over) -> int:
         at = int(time.time() * 1000)
@@ -263,14 +260,25 @@ def test_for_s_holds_the_firing_back_and_the_cooldown_delays_the_next(stage):
 def test_a_silence_holds_a_firing_back_until_it_ends(stage):
     in_one_hour()
     org = unique("silenced")
-    ends = int(time.time() * 1000) + 6000
-    stage.silence(org, "maintenance", ends)
+    out = stage.silence(org, "maintenance", (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=6)).isoformat())
+    ends = int(dt.datetime.fromisoformat(out.split(" until ")[1].split()[0]).timestamp() * 1000)
+    assert f"added {org}/maintenance  rule=(every rule)" in out and "active" in out
     stage.add_rule(org, rule_id="denials", type="rate_limit_violations", window=HOUR, min_denials=1,
                    channels=["hook"])
     stage.send(org, "k", 1, status=429)
     (firing,) = stage.wait_kinds(org, ["firing"], timeout_s=30)
     first = min(r.at for r, _ in stage.hooks(org))
     assert first * 1000 >= ends  # nothing reached the receiver while the silence lasted
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "quotaflow", "alerts", "silences", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    assert "ended  maintenance" in cli("list", "--org", org).stdout
+    assert cli("rm", "--org", org, "maintenance").returncode == 0
+    assert cli("list", "--org", org).stdout.strip() == "no silences"
+    refused = cli("rm", "--org", org, "maintenance")
+    assert refused.returncode == 2 and "no silence maintenance" in refused.stderr
 
 
 def test_one_notification_per_transition_across_a_sigkill_with_the_outbox_pending(stage):
