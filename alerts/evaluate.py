@@ -12,12 +12,11 @@ spike, and an alert about it resolves once the traffic is gone.
 from __future__ import annotations
 
 from quotaflow.alerts.baseline import unusual
-from quotaflow.alerts.measures import HOUR_MS, Measures
+from quotaflow.alerts.measures import Measures
 from quotaflow.alerts.state import Subject
 from quotaflow.schemas.alert_rules import Rule
 from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy
 
-MIN_HOUR_ELAPSED_MS = 15 * 60_000  # the hour so far is projected to a full hour once this much of it is seen
 
 
 def subjects(rule: Rule, org_id: str, keys: list[str]) -> list[Subject]:
@@ -69,10 +68,9 @@ def value(rule: Rule, subject: Subject, measures: Measures | None, policy: Polic
 
 
 def _unusual(rule: Rule, measures: Measures, now_ms: int) -> float | None:
-    elapsed = now_ms % HOUR_MS
-    if elapsed < MIN_HOUR_ELAPSED_MS:
-        return None  # too little of the hour seen to project it: keep the state
-    volume = measures.trailing_hour(now_ms) * HOUR_MS / elapsed
+    """The score of the last 60 minutes' volume against the same hour of past weeks (then
+    the hours before): alerts/baseline.py."""
+    volume = float(measures.trailing_hour(now_ms))
     score = unusual(volume, measures.seasonal(now_ms, rule.baseline_weeks), measures.recent(now_ms),
                     min_history=rule.min_history, direction=rule.direction, min_requests=rule.min_requests)
     return None if score is None else score.score

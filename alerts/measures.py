@@ -9,7 +9,8 @@ count the processor decides on:
 - ``denied``: requests refused by a limiter (status 429: how a denial shows in an event);
 - ``errors``: responses 5xx among the counted;
 - a latency histogram of the counted (geometric bins ~19 % wide: p95 within a bin);
-- per hour, the counted requests (the unusual-activity baseline, kept ``HOURS_KEPT``).
+- per hour, the counted requests (the unusual-activity baseline, kept ``HOURS_KEPT``), and
+  per minute for the last hour (the volume compared with it).
 
 A subject's measures also remember, per partition of the events topic, the next offset
 not yet applied: a record read again after a restart is recognised and not counted twice.
@@ -27,6 +28,7 @@ from quotaflow.schemas.limits import Policy, Window, window_count
 DENIED_STATUS = 429
 HIST_BASE = 2 ** 0.25  # each latency bin is 2^(1/4) ~ 1.19 times the one before
 HIST_BINS = 120  # up to 2^30 ms
+MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 WEEK_MS = 7 * 24 * HOUR_MS
 HOURS_KEPT = 53 * 7 * 24  # a year of weekly baselines at most (UnusualActivity.baseline_weeks <= 52)
@@ -57,12 +59,13 @@ class Measures:
     windows: dict[str, list[list]] = field(default_factory=dict)
     hours: dict[int, int] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
+    minutes: dict[int, int] = field(default_factory=dict)  # minute start -> counted, the last hour's
 
     def to_json(self) -> dict:
         windows = {label: [[b[0], b[1], b[2], b[3], {str(k): v for k, v in b[4].items()}] for b in buckets]
                    for label, buckets in self.windows.items()}
         return {"w": windows, "h": {str(h): n for h, n in self.hours.items()},
-                "o": {str(p): o for p, o in self.offsets.items()}}
+                "o": {str(p): o for p, o in self.offsets.items()}, "m": {str(m): n for m, n in self.minutes.items()}}
 
     @classmethod
     def from_json(cls, data: dict | None) -> "Measures":
@@ -71,7 +74,7 @@ class Measures:
         windows = {label: [[b[0], b[1], b[2], b[3], {int(k): v for k, v in b[4].items()}] for b in buckets]
                    for label, buckets in data.get("w", {}).items()}
         return cls(windows, {int(h): n for h, n in data.get("h", {}).items()},
-                   {int(p): o for p, o in data.get("o", {}).items()})
+                   {int(p): o for p, o in data.get("o", {}).items()}, {int(m): n for m, n in data.get("m", {}).items()})
 
     def fresh(self, partition: int, offset: int) -> bool:
         """Whether the record at ``offset`` has not been applied to this subject yet."""
@@ -94,6 +97,8 @@ class Measures:
             if not denied:
                 hour = ts_ms - ts_ms % HOUR_MS
                 self.hours[hour] = self.hours.get(hour, 0) + 1
+                minute = ts_ms - ts_ms % MINUTE_MS
+                self.minutes[minute] = self.minutes.get(minute, 0) + 1
         self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
 
     def _bucket(self, window: Window, ts_ms: int) -> list:
@@ -115,6 +120,8 @@ class Measures:
                 self.windows[window.label] = [b for b in buckets if b[START] + window.bucket_ms + keep_ms > now_ms]
         for hour in [h for h in self.hours if h < now_ms - HOURS_KEPT * HOUR_MS]:
             del self.hours[hour]
+        for minute in [m for m in self.minutes if m <= now_ms - HOUR_MS - MINUTE_MS]:
+            del self.minutes[minute]
         return not any(self.windows.values()) and not self.hours
 
     # --- what the rules read, at now_ms ---
@@ -150,15 +157,21 @@ class Measures:
         return bin_upper_ms(max(hist))  # pragma: no cover - the loop always reaches the rank
 
     def trailing_hour(self, now_ms: int) -> int:
-        """Requests counted in the hour bucket of now (the hour so far)."""
-        return self.hours.get(now_ms - now_ms % HOUR_MS, 0)
+        """Requests counted in the 60 minutes up to now (by minute: the current one included)."""
+        current = now_ms - now_ms % MINUTE_MS
+        return sum(n for m, n in self.minutes.items() if current - HOUR_MS < m <= current)
+
+    def _hour_like_now(self, now_ms: int, back_ms: int) -> int:
+        """The hour bucket that overlaps most the 60 minutes up to ``now_ms - back_ms``."""
+        at = now_ms - back_ms - HOUR_MS // 2
+        return at - at % HOUR_MS
 
     def seasonal(self, now_ms: int, weeks: int) -> list[float]:
-        """The same hour in each of the ``weeks`` weeks before, where it was seen."""
-        hour = now_ms - now_ms % HOUR_MS
-        return [float(self.hours[h]) for k in range(1, weeks + 1) if (h := hour - k * WEEK_MS) in self.hours]
+        """The same hour of the week in each of the ``weeks`` weeks before, where it was seen."""
+        return [float(self.hours[h]) for k in range(1, weeks + 1)
+                if (h := self._hour_like_now(now_ms, k * WEEK_MS)) in self.hours]
 
     def recent(self, now_ms: int, hours: int = 24) -> list[float]:
-        """The complete hours just before this one, where seen."""
-        hour = now_ms - now_ms % HOUR_MS
-        return [float(self.hours[h]) for k in range(1, hours + 1) if (h := hour - k * HOUR_MS) in self.hours]
+        """The complete hours before the last 60 minutes, where seen."""
+        last = self._hour_like_now(now_ms, 0)
+        return [float(self.hours[h]) for k in range(1, hours + 1) if (h := last - k * HOUR_MS) in self.hours]

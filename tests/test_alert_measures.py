@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from quotaflow.alerts import evaluate
@@ -86,3 +88,20 @@ def test_forgetting_drops_what_no_window_counts():
     assert m.windows["60s"] == [] or all(b[0] >= T0 - 60_000 for b in m.windows["60s"])
     assert not m.forget(POLICY, T0 + 2 * 3_600_000)  # the hourly history is kept for the baselines
     assert m.windows["3600s"] == []
+
+
+def test_unusual_activity_scores_the_last_hour_against_the_same_hour_of_past_weeks():
+    week = 7 * 24 * 3_600_000
+    now = T0 + 10 * 3_600_000
+    m = Measures()
+    for k, n in ((1, 10), (2, 12), (3, 9)):  # the same hour of three past weeks
+        m.add(POLICY, 0, k, [(now - k * week - 1_800_000, 200, 1.0)] * n)
+    up = rule(type="unusual_activity", score=4, baseline_weeks=3, min_history=3, min_requests=5)
+    down = rule(type="unusual_activity", score=4, baseline_weeks=3, min_history=3, min_requests=5, direction="down")
+    scale = 1.4826  # the MAD of 9, 10, 12 is 1, scaled as a sigma
+    assert evaluate.value(up, Subject("acme"), m, POLICY, now) == pytest.approx(-10 / scale)  # silence now
+    assert evaluate.value(down, Subject("acme"), m, POLICY, now) == pytest.approx(10 / scale)
+    m.add(POLICY, 0, 9, [(now - 120_000, 200, 1.0)] * 40)  # 40 in the last hour
+    assert evaluate.value(up, Subject("acme"), m, POLICY, now) == pytest.approx(30 / scale)
+    # an hour later those 40 are out of the last 60 minutes; with fewer than min_history weeks, no score
+    assert evaluate.value(up, Subject("acme"), Measures(), POLICY, now) is None

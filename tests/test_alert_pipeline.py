@@ -242,6 +242,22 @@ def test_latency_p95_fires_and_resolves(stage):
     assert resolved["value"] < 30
 
 
+def test_unusual_activity_fires_on_a_drop_against_past_weeks_and_resolves_when_traffic_returns(stage):
+    """The same hour of three past weeks had 10 requests each (events stamped then, as a
+    backfill would publish them); the last hour has none: a drop. Ten requests now resolve it."""
+    org = unique("unusual")
+    stage.add_rule(org, rule_id="drop", type="unusual_activity", direction="down", score=4, baseline_weeks=3,
+                   min_history=3, min_requests=5, channels=["hook"])
+    week, now = 7 * 24 * 3_600_000, int(time.time() * 1000)
+    asyncio.run(publish(stage.settings, [event(org, "k", now - k * week - 1_800_000) for k in (1, 2, 3)
+                                         for _ in range(10)]))
+    (firing,) = stage.wait_kinds(org, ["firing"])
+    assert firing["value"] == 10.0  # (0 - median 10) / the floor of 1, signed for "down"
+    stage.send(org, "k", 10)
+    firing, resolved = stage.wait_kinds(org, ["firing", "resolved"])
+    assert resolved["value"] == 0.0
+
+
 def test_for_s_holds_the_firing_back_and_the_cooldown_delays_the_next(stage):
     in_one_hour()
     org = unique("forcool")
