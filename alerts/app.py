@@ -47,8 +47,9 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from quotaflow.alerts import evaluate, notifications, sources
+from quotaflow.alerts.rollups import RollupBaselines
 from quotaflow.alerts.channels import Outcome, deliver, kafka_dead_letters
-from quotaflow.alerts.measures import Measures, subject_key
+from quotaflow.alerts.measures import WEEK_MS, Measures, hour_like_now, subject_key
 from quotaflow.alerts.state import NOTIFIED_KINDS, AlertState, Subject, Transition, fingerprint, step
 from quotaflow.core.retry import GaveUp, pause_until, retry
 from quotaflow.core.settings import Settings
@@ -104,6 +105,7 @@ class Stage:
         self._deliveries: dict[str, asyncio.Task] = {}  # fingerprint -> the task delivering its outbox
         self._keys: dict[str, set[str]] = {}  # org -> its keys with measures
         self._next_forget = time.monotonic() + FORGET_EVERY_S
+        self.rollups = RollupBaselines.from_settings(settings)
         # How far back a record can still matter: the longest window, with its grace.
         self.horizon_ms = max(w.length_ms for w in self.policy.windows) + self.policy.late_grace_ms
 
@@ -116,6 +118,8 @@ class Stage:
         for task in list(self._deliveries.values()):
             task.cancel()
         await self.sources.stop()
+        if self.rollups is not None:
+            await self.rollups.close()
         await self.producer.stop()
         await self.redis.aclose()
 
@@ -213,8 +217,10 @@ class Stage:
         return evaluate.limit_of(rule, subject, self.policy, cached[1], cached[2])
 
     def _orgs(self) -> set[str]:
-        """Every org with measures or with an alert not inactive."""
+        """Every org with measures, with rules of its own (silence is news too: an unusual drop),
+        or with an alert not inactive."""
         orgs = {k.split("|")[1] for k in self.measures.data}
+        orgs.update(org for org, _ in self.sources.rules.records if org != GLOBAL)
         orgs.update(rec["org"] for rec in self.states.data.values() if rec and rec["s"]["status"] != "inactive")
         return orgs
 
@@ -239,8 +245,12 @@ class Stage:
                     except (OSError, aioredis.RedisError) as exc:  # Redis away: measure again next time
                         log.warning("alert limits unavailable", extra={"error": str(exc)[:200]})
                         continue
+                    seasonal = None
+                    if rule.type == "unusual_activity" and self.rollups is not None:
+                        seasonal = self.rollups.hours(subject.org_id, subject.api_key_id, [
+                            hour_like_now(now_ms, k * WEEK_MS) for k in range(1, rule.baseline_weeks + 1)])
                     value = evaluate.value(rule, subject, Measures.from_json(measures) if measures else None,
-                                           self.policy, now_ms, limit)
+                                           self.policy, now_ms, limit, seasonal)
                     fp = fingerprint(rule, subject)
                     rec = self.states.data.get(fp)
                     state = msgspec.convert(rec["s"], AlertState) if rec else None

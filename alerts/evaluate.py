@@ -39,12 +39,14 @@ def window_of(rule: Rule, policy: Policy):
 
 
 def value(rule: Rule, subject: Subject, measures: Measures | None, policy: Policy, now_ms: int,
-          limit: int | None = None) -> float | None:
+          limit: int | None = None, seasonal: list[float] | None = None) -> float | None:
     """The value ``rule`` measures about ``subject`` at ``now_ms``; ``limit``: the subject's
-    limit in the rule's window (None: unlimited), for the rules in percent of it."""
+    limit in the rule's window (None: unlimited), for the rules in percent of it;
+    ``seasonal``: an unusual-activity baseline from elsewhere (the rollups), else the
+    stage's own."""
     measures = measures or Measures()
     if rule.type == "unusual_activity":
-        return _unusual(rule, measures, now_ms)
+        return _unusual(rule, measures, now_ms, seasonal)
     window = window_of(rule, policy)
     if window is None:  # a window no longer configured: nothing to measure
         return None
@@ -67,11 +69,14 @@ def value(rule: Rule, subject: Subject, measures: Measures | None, policy: Polic
     return None
 
 
-def _unusual(rule: Rule, measures: Measures, now_ms: int) -> float | None:
+def _unusual(rule: Rule, measures: Measures, now_ms: int, seasonal: list[float] | None) -> float | None:
     """The score of the last 60 minutes' volume against the same hour of past weeks (then
-    the hours before): alerts/baseline.py."""
+    the hours before): alerts/baseline.py. The longer of the two seasonal histories."""
     volume = float(measures.trailing_hour(now_ms))
-    score = unusual(volume, measures.seasonal(now_ms, rule.baseline_weeks), measures.recent(now_ms),
+    own = measures.seasonal(now_ms, rule.baseline_weeks)
+    if seasonal is None or len(own) > len(seasonal):
+        seasonal = own
+    score = unusual(volume, seasonal, measures.recent(now_ms),
                     min_history=rule.min_history, direction=rule.direction, min_requests=rule.min_requests)
     return None if score is None else score.score
 

@@ -46,6 +46,12 @@ def bin_upper_ms(b: int) -> float:
     return HIST_BASE ** b
 
 
+def hour_like_now(now_ms: int, back_ms: int) -> int:
+    """The hour bucket that overlaps most the 60 minutes up to ``now_ms - back_ms``."""
+    at = now_ms - back_ms - HOUR_MS // 2
+    return at - at % HOUR_MS
+
+
 def subject_key(org_id: str, api_key_id: str | None = None) -> str:
     """The table key of a subject's measures (ids cannot hold "|": schemas/ids.py)."""
     return f"o|{org_id}" if api_key_id is None else f"k|{org_id}|{api_key_id}"
@@ -161,17 +167,12 @@ class Measures:
         current = now_ms - now_ms % MINUTE_MS
         return sum(n for m, n in self.minutes.items() if current - HOUR_MS < m <= current)
 
-    def _hour_like_now(self, now_ms: int, back_ms: int) -> int:
-        """The hour bucket that overlaps most the 60 minutes up to ``now_ms - back_ms``."""
-        at = now_ms - back_ms - HOUR_MS // 2
-        return at - at % HOUR_MS
-
     def seasonal(self, now_ms: int, weeks: int) -> list[float]:
         """The same hour of the week in each of the ``weeks`` weeks before, where it was seen."""
         return [float(self.hours[h]) for k in range(1, weeks + 1)
-                if (h := self._hour_like_now(now_ms, k * WEEK_MS)) in self.hours]
+                if (h := hour_like_now(now_ms, k * WEEK_MS)) in self.hours]
 
     def recent(self, now_ms: int, hours: int = 24) -> list[float]:
         """The complete hours before the last 60 minutes, where seen."""
-        last = self._hour_like_now(now_ms, 0)
+        last = hour_like_now(now_ms, 0)
         return [float(self.hours[h]) for k in range(1, hours + 1) if (h := last - k * HOUR_MS) in self.hours]

@@ -40,7 +40,30 @@ STAGE_ENV = {
     "QUOTAFLOW_TIER_LIMITS": json.dumps({"FREE": [20, 100, 1000], "STARTER": [40, 500, 5000]}),
     "QUOTAFLOW_ALERTS_EVAL_INTERVAL_S": "0.25",
     "QUOTAFLOW_ALERT_RETRY_MAX_S": "1",
+    # the stage's operator token: it reads baselines from the rollups through the query API
+    "QUOTAFLOW_API_TOKENS": json.dumps({"tok-alerts-ops": "*"}),
 }
+HISTORY_ORG = unique("history")
+SINK_TOKENS = {"tok-history-org": HISTORY_ORG, "tok-history-ops": "*", "tok-alerts-ops": "*"}
+
+
+def ensure_sink(stage) -> None:
+    """The sink (and the query API it serves), with every token of this module."""
+    if stage.pipeline.pid("sink") is None:
+        stage.pipeline.start("sink", QUOTAFLOW_API_TOKENS=json.dumps(SINK_TOKENS))
+
+
+def api_get(stage, path: str, token: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{stage.settings.api_port}{path}",
+                                 headers={"authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def spec_verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int = 300) -> None:
@@ -324,10 +347,8 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
     the history topic), served by the query API at /v1/alerts, scoped to the caller's org."""
     import csv
     import io
-    import urllib.error
-    import urllib.request
 
-    org, other = unique("history"), unique("history-other")
+    org, other = HISTORY_ORG, unique("history-other")
     for o in (org, other):
         stage.add_rule(o, rule_id="denials", type="rate_limit_violations", window=f"{WINDOW_S}s", min_denials=1,
                        channels=["hook"])
@@ -336,17 +357,10 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
         stage.send(o, "k", 1, status=429)
     firing, resolved = stage.wait_kinds(org, ["firing", "resolved"])
     stage.wait_kinds(other, ["firing", "resolved"])
-    tokens = {"tok-history-org": org, "tok-history-ops": "*"}
-    stage.pipeline.start("sink", QUOTAFLOW_API_TOKENS=json.dumps(tokens))
-    port = stage.settings.api_port
+    ensure_sink(stage)
 
     def get(path: str, token: str) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"authorization": f"Bearer {token}"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+        return api_get(stage, path, token)
 
     def rows() -> list[dict]:
         status, body = get("/v1/alerts?timeframe=1h&limit=1000", "tok-history-org")
@@ -372,3 +386,28 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
     assert status == 200
     table = list(csv.DictReader(io.StringIO(body.decode())))
     assert {r["org_id"] for r in table} == {other} and {"firing", "resolved"} <= {r["kind"] for r in table}
+
+
+def test_unusual_activity_reads_its_baseline_from_the_clickhouse_rollups(stage):
+    """Past weeks' traffic the stage never measured (stored by the sink before any rule
+    watched the org): the baseline comes from the rollups, through the query API."""
+    ensure_sink(stage)
+    org = unique("rollup")
+    week, now = 7 * 24 * 3_600_000, int(time.time() * 1000)
+    asyncio.run(publish(stage.settings, [event(org, "k", now - k * week - 1_800_000) for k in (1, 2, 3)
+                                         for _ in range(10)]))
+
+    def stored(k: int) -> bool:
+        at = now - k * week - 1_800_000
+        start = at - at % 3_600_000
+        status, body = api_get(stage, f"/v1/summary?org={org}&from={start}&to={start + 3_600_000}", "tok-alerts-ops")
+        return status == 200 and orjson.loads(body)["rows"][0]["requests"] == 10
+
+    wait_for(lambda: all(stored(k) for k in (1, 2, 3)), 90, "the past weeks in the rollups",
+             lambda: stage.pipeline.logs("sink"))
+    stage.add_rule(org, rule_id="drop", type="unusual_activity", direction="down", score=4, baseline_weeks=3,
+                   min_history=3, min_requests=5, channels=["hook"])
+    (firing,) = stage.wait_kinds(org, ["firing"])
+    assert firing["value"] == 10.0
+    stage.send(org, "k", 10)
+    stage.wait_kinds(org, ["firing", "resolved"])
