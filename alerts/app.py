@@ -58,7 +58,8 @@ from quotaflow.schemas.alert_notifications import Notification
 from quotaflow.schemas.alert_rules import GLOBAL, Rule
 from quotaflow.schemas.events import FORWARDED_HEADER, FIELD_NAMES, decode_columns, partition_of, time_bounds_from_settings
 from quotaflow.schemas.limits import parse_overrides, policy_from_settings
-from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, overrides_key
+from quotaflow.schemas.api_keys import KeyRecord
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, api_key_index, org_key, overrides_key
 from quotaflow.schemas.topics import ALERT_HISTORY_TOPIC, ALERTS_APP_ID, EVENTS_TOPIC
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ STATE_TABLE = "alert-state"
 _ORG, _KEY, _TS, _STATUS, _LATENCY = (FIELD_NAMES.index(n) for n in ("org_id", "api_key_id", "ts_ms", "status",
                                                                       "latency_ms"))
 LIMITS_TTL_S = 5.0  # tiers and key overrides are read from Redis at most this often per subject
+KEYS_TTL_S = 5.0  # an org's key registry (key_expiring rules), as often
 FORGET_EVERY_S = 60.0
 
 _stopping = asyncio.Event()
@@ -104,6 +106,7 @@ class Stage:
         self._eval_lock = asyncio.Lock()
         self._deliveries: dict[str, asyncio.Task] = {}  # fingerprint -> the task delivering its outbox
         self._keys: dict[str, set[str]] = {}  # org -> its keys with measures
+        self._registry: dict[str, tuple[float, dict[str, KeyRecord]]] = {}  # org -> (read at, its keys)
         self._next_forget = time.monotonic() + FORGET_EVERY_S
         self.rollups = RollupBaselines.from_settings(settings)
         # How far back a record can still matter: the longest window, with its grace.
@@ -216,6 +219,19 @@ class Stage:
             cached = self._limits[ident] = (time.monotonic(), tier, overrides)
         return evaluate.limit_of(rule, subject, self.policy, cached[1], cached[2])
 
+    async def _registered(self, org_id: str) -> dict[str, KeyRecord]:
+        """The org's API keys as the registry's materializer keeps them in Redis."""
+        cached = self._registry.get(org_id)
+        if cached is None or time.monotonic() - cached[0] > KEYS_TTL_S:
+            records = {}
+            for key_id, raw in (await self.redis.hgetall(api_key_index(org_id))).items():
+                try:
+                    records[key_id.decode()] = KeyRecord.decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+                    continue  # the materializer writes checked records only; never stop for one
+            cached = self._registry[org_id] = (time.monotonic(), records)
+        return cached[1]
+
     def _orgs(self) -> set[str]:
         """Every org with measures, with rules of its own (silence is news too: an unusual drop),
         or with an alert not inactive."""
@@ -238,7 +254,14 @@ class Stage:
             keys = sorted(self._keys.get(org, ()))
             for record in self.sources.rules.applying_to(org):
                 rule = record.rule
-                for subject in evaluate.subjects(rule, org, keys):
+                registry: dict[str, KeyRecord] = {}
+                if rule.type == "key_expiring":
+                    try:
+                        registry = await self._registered(org)
+                    except (OSError, aioredis.RedisError) as exc:
+                        log.warning("alert key registry unavailable", extra={"error": str(exc)[:200]})
+                        continue
+                for subject in evaluate.subjects(rule, org, sorted(registry) if rule.type == "key_expiring" else keys):
                     measures = self.measures.data.get(subject_key(subject.org_id, subject.api_key_id))
                     try:
                         limit = await self._limit(rule, subject)
@@ -249,8 +272,11 @@ class Stage:
                     if rule.type == "unusual_activity" and self.rollups is not None:
                         seasonal = self.rollups.hours(subject.org_id, subject.api_key_id, [
                             hour_like_now(now_ms, k * WEEK_MS) for k in range(1, rule.baseline_weeks + 1)])
-                    value = evaluate.value(rule, subject, Measures.from_json(measures) if measures else None,
-                                           self.policy, now_ms, limit, seasonal)
+                    if rule.type == "key_expiring":
+                        value = evaluate.key_expiry(registry.get(subject.api_key_id or ""), now_ms)
+                    else:
+                        value = evaluate.value(rule, subject, Measures.from_json(measures) if measures else None,
+                                               self.policy, now_ms, limit, seasonal)
                     fp = fingerprint(rule, subject)
                     rec = self.states.data.get(fp)
                     state = msgspec.convert(rec["s"], AlertState) if rec else None

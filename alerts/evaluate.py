@@ -15,14 +15,16 @@ from quotaflow.alerts.baseline import unusual
 from quotaflow.alerts.measures import Measures
 from quotaflow.alerts.state import Subject
 from quotaflow.schemas.alert_rules import Rule
+from quotaflow.schemas.api_keys import REVOKED, KeyRecord
 from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy
 
 
 
 def subjects(rule: Rule, org_id: str, keys: list[str]) -> list[Subject]:
-    """What ``rule`` watches in ``org_id``, whose keys with measures are ``keys``."""
+    """What ``rule`` watches in ``org_id``, whose keys are ``keys`` (with measures; for
+    key_expiring, in the key registry)."""
     if rule.type == "key_expiring":
-        return []  # not measured from events (see README: key_expiring is not evaluated yet)
+        return [Subject(org_id, rule.api_key_id)] if rule.api_key_id else [Subject(org_id, k) for k in keys]
     if getattr(rule, "scope", "org") == "org":
         return [Subject(org_id)]
     if rule.api_key_id is not None:
@@ -45,6 +47,8 @@ def value(rule: Rule, subject: Subject, measures: Measures | None, policy: Polic
     ``seasonal``: an unusual-activity baseline from elsewhere (the rollups), else the
     stage's own."""
     measures = measures or Measures()
+    if rule.type == "key_expiring":
+        return None  # not from events: key_expiry() from the key registry
     if rule.type == "unusual_activity":
         return _unusual(rule, measures, now_ms, seasonal)
     window = window_of(rule, policy)
@@ -79,6 +83,17 @@ def _unusual(rule: Rule, measures: Measures, now_ms: int, seasonal: list[float] 
     score = unusual(volume, seasonal, measures.recent(now_ms),
                     min_history=rule.min_history, direction=rule.direction, min_requests=rule.min_requests)
     return None if score is None else score.score
+
+
+NEVER_S = float(366 * 86400)  # a key without an expiry (or revoked, or gone) is that far from expiring, or more
+
+
+def key_expiry(record: KeyRecord | None, now_ms: int) -> float:
+    """Seconds until the key expires (0 once expired); NEVER_S for a key that will not: no
+    expiry, revoked (nothing left to renew), or no longer in the registry."""
+    if record is None or record.state == REVOKED or record.expires_ms is None:
+        return NEVER_S
+    return max(0.0, min((record.expires_ms - now_ms) / 1000, NEVER_S))
 
 
 def needs_limit(rule: Rule) -> bool:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import msgspec
+
 import pytest
 
 from hypothesis import given, settings, strategies as st
@@ -105,3 +107,18 @@ def test_unusual_activity_scores_the_last_hour_against_the_same_hour_of_past_wee
     assert evaluate.value(up, Subject("acme"), m, POLICY, now) == pytest.approx(30 / scale)
     # an hour later those 40 are out of the last 60 minutes; with fewer than min_history weeks, no score
     assert evaluate.value(up, Subject("acme"), Measures(), POLICY, now) is None
+
+
+def test_key_expiry_in_seconds_and_never_for_keys_that_will_not_expire():
+    from quotaflow.schemas.api_keys import KeyRecord
+
+    base = KeyRecord(key_id="k", org_id="acme", name="n", env="live", display_prefix="qf_live_x", slot_hint="acme",
+                     key_hash="0" * 64, secret_id="s")
+    soon = msgspec.structs.replace(base, expires_ms=T0 + 90_000)
+    assert evaluate.key_expiry(soon, T0) == 90.0
+    assert evaluate.key_expiry(soon, T0 + 100_000) == 0.0  # expired: still firing until renewed or revoked
+    for never in (base, msgspec.structs.replace(soon, state="revoked"), None):
+        assert evaluate.key_expiry(never, T0) == evaluate.NEVER_S
+    expiring = rule(type="key_expiring", within_s="1d")
+    assert expiring.condition().reached(evaluate.key_expiry(soon, T0))
+    assert expiring.condition().cleared(evaluate.NEVER_S)

@@ -281,6 +281,34 @@ def test_unusual_activity_fires_on_a_drop_against_past_weeks_and_resolves_when_t
     assert resolved["value"] == 0.0
 
 
+def test_key_expiring_fires_for_a_key_of_the_registry_and_resolves_when_it_is_renewed(stage):
+    import redis
+
+    from quotaflow.schemas.api_keys import KeyRecord
+    from quotaflow.schemas.redis_keys import api_key_index
+
+    org = unique("expiring")
+    now = int(time.time() * 1000)
+    client = redis.Redis.from_url(stage.settings.redis_url)
+
+    def put(expires_ms: int) -> None:  # as the registry's materializer keeps an org's index
+        rec = KeyRecord(key_id="key_soon", org_id=org, name="ci", env="live", display_prefix="qf_live_abcdefgh",
+                        slot_hint=org, key_hash="0" * 64, secret_id="s1", expires_ms=expires_ms, created_ms=now,
+                        updated_ms=int(time.time() * 1000))
+        client.hset(api_key_index(org), "key_soon", rec.encode())
+
+    try:
+        put(now + 3_600_000)  # an hour left
+        stage.add_rule(org, rule_id="expiry", type="key_expiring", within_s="1d", channels=["hook"])
+        (firing,) = stage.wait_kinds(org, ["firing"])
+        assert firing["api_key_id"] == "key_soon" and 3000 < firing["value"] <= 3600
+        put(now + 30 * 86_400_000)  # renewed for a month
+        firing, resolved = stage.wait_kinds(org, ["firing", "resolved"])
+        assert resolved["value"] > 86_400
+    finally:
+        client.close()
+
+
 def test_for_s_holds_the_firing_back_and_the_cooldown_delays_the_next(stage):
     in_one_hour()
     org = unique("forcool")
