@@ -26,6 +26,7 @@ import time
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiosmtpd.controller import Controller
 
 from quotaflow.alerts.rules import RuleStore
@@ -439,3 +440,41 @@ def test_unusual_activity_reads_its_baseline_from_the_clickhouse_rollups(stage):
     assert firing["value"] == 10.0
     stage.send(org, "k", 10)
     stage.wait_kinds(org, ["firing", "resolved"])
+
+
+def test_hostile_records_are_skipped_and_an_unconfigured_channel_is_recorded_not_fatal(stage):
+    """Records nobody should write on the rules, silences and events topics are skipped (and
+    logged); a rule naming a channel this stage has no configuration for is evaluated, its
+    notification recorded as failed on that channel and delivered on the others."""
+    from quotaflow.schemas.topics import ALERT_RULES_TOPIC, ALERT_SILENCES_TOPIC, ALERT_HISTORY_TOPIC
+    from tests.pipeline import read_all
+
+    org = unique("hostile")
+
+    async def junk() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=stage.settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(ALERT_RULES_TOPIC, b"{not json", key=f"{org}/broken".encode())
+            await producer.send_and_wait(ALERT_RULES_TOPIC, b'{"rule": 1}', key=b"no-slash")
+            await producer.send_and_wait(ALERT_SILENCES_TOPIC, b'{"silence_id": "x"}', key=f"{org}/x".encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(junk())
+    stage.add_rule(org, rule_id="denials", type="rate_limit_violations", window=HOUR, min_denials=1,
+                   channels=["gone", "hook"])
+    in_one_hour()
+    asyncio.run(publish(stage.settings, [], raw=[(org.encode(), b"\xff\xfe not an event"),
+                                                 (org.encode(), b'[{"org_id": 5}]')]))
+    stage.send(org, "k", 1, status=429)
+    (firing,) = stage.wait_kinds(org, ["firing"])
+
+    def failed_on_gone() -> bool:
+        records = asyncio.run(read_all(stage.settings, ALERT_HISTORY_TOPIC))
+        return any(orjson.loads(r.value).get("org_id") == org and orjson.loads(r.value).get("channel") == "gone"
+                   and orjson.loads(r.value).get("error") == "channel not configured" for r in records)
+
+    wait_for(failed_on_gone, 30, "the failed attempt on the unconfigured channel in the history")
+    log = stage.pipeline.logs("alerts", lines=400)
+    assert "alert rule record skipped" in log and "silence record skipped" in log, log[-3000:]
