@@ -159,7 +159,8 @@ class Stage:
         touched: set[str] = set()
         now_ms = int(time.time() * 1000)
         oldest_ms = now_ms - self.horizon_ms
-        watch_all = bool(self.sources.rules.of(GLOBAL))
+        watched = {org for org, _ in self.sources.rules.records}  # once per batch: a set, not a scan per record
+        watch_all = GLOBAL in watched
         for event in events:
             msg = event.message
             if any(k == FORWARDED_HEADER for k, _ in (msg.headers or ())):
@@ -168,8 +169,7 @@ class Stage:
             if received_ms < oldest_ms:
                 EVENTS.labels("old").inc()
                 continue  # nothing a rule measures can hold it any more (a new stage reading the topic)
-            if not watch_all and isinstance(msg.key, bytes) and not self.sources.rules.of(msg.key.decode(
-                    errors="replace")):
+            if not watch_all and isinstance(msg.key, bytes) and msg.key.decode(errors="replace") not in watched:
                 EVENTS.labels("unwatched").inc()
                 continue  # keyed by an org without rules (a record keyed otherwise is read to find its org)
             columns = decode_columns(msg.value, received_ms, self.bounds).columns
@@ -177,7 +177,7 @@ class Stage:
                 EVENTS.labels("invalid").inc()
                 continue
             org = columns[_ORG][0]
-            if not self.sources.rules.applying_to(org):
+            if not watch_all and org not in watched:
                 EVENTS.labels("unwatched").inc(len(columns[_ORG]))
                 continue
             per_subject: dict[str, list[tuple[int, int, float]]] = {subject_key(org): []}
@@ -250,9 +250,12 @@ class Stage:
         history: list[HistoryRecord] = []
         outboxes: set[str] = set()
         silences = list(self.sources.silences.values())
+        by_org: dict[str, list] = {}  # the rules grouped once per evaluation, not sorted again per org
+        for (rule_org, _), record in sorted(self.sources.rules.records.items()):
+            by_org.setdefault(rule_org, []).append(record)
         for org in sorted(orgs):
             keys = sorted(self._keys.get(org, ()))
-            for record in self.sources.rules.applying_to(org):
+            for record in by_org.get(org, []) + by_org.get(GLOBAL, []):
                 rule = record.rule
                 registry: dict[str, KeyRecord] = {}
                 if rule.type == "key_expiring":
