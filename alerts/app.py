@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import warnings
 from typing import Any
@@ -449,6 +450,9 @@ def create_app(settings: Settings) -> faust.App:
         # times out, and every alert waits that long: the broker's minimum (6 s), heartbeats each second.
         broker_session_timeout=6.0,
         broker_heartbeat_interval=1.0,
+        # Static membership: a restarted stage (same host) takes its partitions back at once,
+        # without a rebalance waiting for the killed one's session to time out.
+        consumer_group_instance_id=f"{ALERTS_APP_ID}-{socket.gethostname()}"[:200],
         broker_max_poll_records=2000,
         stream_buffer_maxsize=8000,
     )
