@@ -24,6 +24,7 @@ from clickhouse_connect.driver.client import Client
 from quotaflow.analytics.scope import Scope
 from quotaflow.analytics.window import TimeRange
 from quotaflow.schemas.clickhouse.tables import (
+    ALERT_HISTORY,
     DAY_MS,
     DENIAL_STATUS,
     ERROR_MIN_STATUS,
@@ -225,6 +226,42 @@ LIMIT {{limit:UInt32}}"""
     return sql, ("api_key_id", "denials", "requests", "denial_rate")
 
 
+# The alert history (schemas/clickhouse/0006): transitions and delivery attempts, oldest
+# first, read with FINAL so that a record stored twice is one row. Not a rollup: every
+# time range reads the one table, filtered by the row's time.
+ALERT_HISTORY_TABLE = Table(ALERT_HISTORY, "at", "toDateTime(at)", 0, "retention_raw_days")
+OWN_TABLE = frozenset({"alerts"})  # questions that read a table of their own, not the requests or a rollup
+
+
+def _alerts(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
+    sql = f"""
+SELECT formatDateTime(at, {_ISO}), toUnixTimestamp64Milli(at), record, org_id, api_key_id, rule_org_id, rule_id,
+       rule_type, severity, kind, episode, from_status, to_status, value, threshold, notification_id, muted,
+       channel, attempt, outcome, error, fingerprint
+FROM {table} FINAL WHERE {where}
+ORDER BY at, row_id
+LIMIT {{limit:UInt32}}"""
+    return sql, ("at", "at_ms", "record", "org_id", "api_key_id", "rule_org_id", "rule_id", "rule_type", "severity",
+                 "kind", "episode", "from_status", "to_status", "value", "threshold", "notification_id", "muted",
+                 "channel", "attempt", "outcome", "error", "fingerprint")
+
+
+def _alerts_where(time_range: TimeRange, org_id: str | None, filters: Filters) -> tuple[str, dict[str, Any]]:
+    conds = ["at >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
+             "at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"]
+    params: dict[str, Any] = {"start_ms": time_range.start_ms, "end_ms": time_range.end_ms}
+    if org_id is not None:
+        conds.append("org_id = {org:String}")
+        params["org"] = org_id
+    if filters.api_key_id is not None:
+        conds.append("api_key_id = {api_key:String}")
+        params["api_key"] = filters.api_key_id
+    if filters.endpoint is not None:  # alerts are about orgs and keys, never an endpoint: no row matches
+        conds.append("length({endpoint:String}) = 0")
+        params["endpoint"] = filters.endpoint
+    return " AND ".join(conds), params
+
+
 QUESTIONS: dict[str, Callable[[_Source, str, str], tuple[str, tuple[str, ...]]]] = {
     "summary": _summary,
     "volume": _volume,
@@ -236,6 +273,7 @@ QUESTIONS: dict[str, Callable[[_Source, str, str], tuple[str, tuple[str, ...]]]]
     "tiers": _tiers,
     "api_keys": _api_keys,
     "denials": _denials,
+    "alerts": _alerts,
 }
 
 
@@ -247,6 +285,11 @@ def build(question: str, scope: Scope, time_range: TimeRange, filters: Filters =
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
     org_id = scope.org_filter(filters.org_id)
+    if question == "alerts":
+        where, params = _alerts_where(time_range, org_id, filters)
+        sql, columns = _alerts(_Source(time_range.table, time_range.step_ms), ALERT_HISTORY, where)
+        params.update(limit=limit)
+        return Query(question, sql.strip(), params, columns, time_range, ALERT_HISTORY_TABLE, org_id)
     table = time_range.table
     if question in ORG_LEVEL and filters.api_key_id is None and filters.endpoint is None and table.name in ORG_ROLLUP_OF:
         table = ORG_ROLLUP_OF[table.name]

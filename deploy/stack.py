@@ -20,7 +20,9 @@ from quotaflow.deploy.topics import ensure_topics_sync
 
 # Pipeline processes the demo (or an operator, `quotaflow stack start`) starts next to
 # the stack, each under a supervisor that restarts it (deploy/supervise.py).
-PIPELINE = ("processor", "sink")
+PIPELINE = ("processor", "sink", "alerts")
+# What `quotaflow supervise NAME` runs: `quotaflow <argv>`.
+STAGE_ARGV = {"processor": ["processor"], "sink": ["sink"], "alerts": ["alerts", "run"]}
 
 
 def isolated_env(port_base: int, state_dir: Path, cache_dir: Path) -> dict[str, str]:
@@ -34,6 +36,7 @@ def isolated_env(port_base: int, state_dir: Path, cache_dir: Path) -> dict[str, 
         "QUOTAFLOW_REDIS_PORT": str(port_base + 379),
         "QUOTAFLOW_PROCESSOR_METRICS_PORT": str(port_base + 110),
         "QUOTAFLOW_SINK_METRICS_PORT": str(port_base + 111),
+        "QUOTAFLOW_ALERTS_METRICS_PORT": str(port_base + 115),
         "QUOTAFLOW_API_PORT": str(port_base + 120),
         "QUOTAFLOW_GATEWAY_PORT": str(port_base + 130),
         "QUOTAFLOW_ADMIN_PORT": str(port_base + 140),
@@ -45,7 +48,8 @@ def pipeline_proc(settings: Settings, name: str) -> Proc:
 
 
 def metrics_port(settings: Settings, name: str) -> int:
-    return {"processor": settings.processor_metrics_port, "sink": settings.sink_metrics_port}[name]
+    return {"processor": settings.processor_metrics_port, "sink": settings.sink_metrics_port,
+            "alerts": settings.alerts_metrics_port}[name]
 
 
 def pipeline_log(settings: Settings, name: str):

@@ -12,7 +12,10 @@ from quotaflow.core.errors import OperatorError
 from quotaflow.core.retry import retry
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.topics import (
+    ALERT_HISTORY_RETENTION_MS,
+    ALERT_HISTORY_TOPIC,
     ALERT_RULES_TOPIC,
+    ALERT_SILENCES_TOPIC,
     DEAD_LETTER_RETENTION_MS,
     DEAD_LETTER_TOPIC,
     EVENTS_RETENTION_MS,
@@ -44,6 +47,9 @@ def wanted(settings: Settings) -> list[NewTopic]:
         # Compacted: the latest record of each rule is kept for good (one partition: a
         # reader rebuilds every rule by reading it from the start).
         NewTopic(ALERT_RULES_TOPIC, 1, 1, topic_configs=ALERT_RULES_CONFIGS),
+        NewTopic(ALERT_SILENCES_TOPIC, 1, 1, topic_configs=ALERT_RULES_CONFIGS),
+        # What alerts did (transitions, delivery attempts), on its way to ClickHouse.
+        NewTopic(ALERT_HISTORY_TOPIC, 1, 1, topic_configs={"retention.ms": str(ALERT_HISTORY_RETENTION_MS)}),
     ]
 
 
@@ -80,6 +86,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
                               "stamping the events topic's records with their arrival time")
         await _ensure_configs(admin, KEYS_TOPIC, KEYS_CONFIGS, "compacting the keys topic")
         await _ensure_configs(admin, ALERT_RULES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert rules topic")
+        await _ensure_configs(admin, ALERT_SILENCES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert silences topic")
         return created
     finally:
         await admin.close()

@@ -17,13 +17,22 @@ KEYS_MIN_COMPACTION_LAG_MS = 7 * 24 * 3600 * 1000
 # Alert rules (schemas/alert_rules.py RuleRecord): compacted, keyed by "<org>/<rule id>"
 # ("*/<rule id>" for a global rule); a removed rule is a tombstone. The source of truth.
 ALERT_RULES_TOPIC = "quotaflow.alert-rules.v1"
+# Alert history (schemas/alert_history.py): every transition of an alert and every
+# delivery attempt, written by the alerts stage, stored in ClickHouse by the sink.
+ALERT_HISTORY_TOPIC = "quotaflow.alert-history.v1"
+# Silences (schemas/alert_rules.py Silence): compacted, keyed by "<org>/<silence id>".
+ALERT_SILENCES_TOPIC = "quotaflow.alert-silences.v1"
 
 # The Faust app id is also its consumer group and the prefix of its internal
 # (changelog, repartition) topics.
 PROCESSOR_APP_ID = "quotaflow-processor"
+ALERTS_APP_ID = "quotaflow-alerts"  # the alerts stage: its own group on the events topic, its tables
 SINK_CLICKHOUSE_GROUP = "quotaflow-sink-clickhouse"
 # The sink's audit of key changes (KEYS_TOPIC into ClickHouse): a group of its own.
 SINK_KEYS_GROUP = "quotaflow-sink-clickhouse-keys"
+# The sink's store of the alert history (ALERT_HISTORY_TOPIC into ClickHouse).
+SINK_ALERTS_GROUP = "quotaflow-sink-clickhouse-alerts"
+ALERT_HISTORY_RETENTION_MS = 30 * 24 * 3600 * 1000
 
 # Retention of the shared topics. Events are kept long enough to replay a day of
 # outage into ClickHouse; dead letters long enough for someone to look at them.

@@ -327,7 +327,8 @@ def test_stack_start_then_down_leaves_nothing_running(live_stack):
     result = subprocess.run([sys.executable, "-m", "quotaflow", "stack", "start"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    reported = dict(re.findall(r"^(processor|sink) started \(pid (\d+), supervised\)", result.stdout, re.M))
+    reported = dict(re.findall(rf"^({'|'.join(stack.PIPELINE)}) started \(pid (\d+), supervised\)", result.stdout,
+                               re.M))
     stages = [stack.pipeline_state(live_stack, name).pid for name in stack.PIPELINE]
     assert [int(reported[name]) for name in stack.PIPELINE] == stages, result.stdout
     supervisors = [stack.pipeline_proc(live_stack, name).pid() for name in stack.PIPELINE]
@@ -337,7 +338,7 @@ def test_stack_start_then_down_leaves_nothing_running(live_stack):
         result = subprocess.run([sys.executable, "-m", "quotaflow", "stack", "down"], capture_output=True, text=True,
                                 timeout=180)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "stopped: processor, sink, kafka, redis"
+        assert result.stdout.strip() == f"stopped: {', '.join(stack.PIPELINE)}, kafka, redis"
         assert _ours(live_stack.state_dir) == []  # nothing left: no stage, supervisor, broker or Redis
         for name, log in logs.items():
             with open(log, "rb") as f:

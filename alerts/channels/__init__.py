@@ -78,6 +78,7 @@ class Outcome:
 
 
 Send = Callable[[Notification, float], Awaitable[None]]
+OnAttempt = Callable[[int, str, str | None], Awaitable[None]]
 
 
 def hide(text: object, channel: Channel) -> str:
@@ -103,8 +104,9 @@ def sender(channel: Channel, settings: Settings, client: httpx.AsyncClient) -> S
 
 async def deliver(notification: Notification, name: str, channel: Channel, settings: Settings, *,
                   dead_letters: DeadLetters | None, client: httpx.AsyncClient | None = None,
-                  policy: Policy | None = None) -> Outcome:
-    """Deliver ``notification`` on channel ``name``: retried, then dead-lettered."""
+                  policy: Policy | None = None, on_attempt: OnAttempt | None = None) -> Outcome:
+    """Deliver ``notification`` on channel ``name``: retried, then dead-lettered.
+    ``on_attempt(attempt, outcome, error)`` hears of each attempt (outcome ok or failed)."""
     policy = policy or Policy.of(channel, settings)
     redaction.register(*channel.secrets())  # settings do for theirs; a channel made otherwise too
     own_client = client is None
@@ -115,6 +117,16 @@ async def deliver(notification: Notification, name: str, channel: Channel, setti
     async def once() -> None:
         nonlocal attempt
         attempt += 1
+        try:
+            await attempt_once()
+        except DeliveryError as exc:
+            if on_attempt is not None:
+                await on_attempt(attempt, "failed", str(exc))
+            raise
+        if on_attempt is not None:
+            await on_attempt(attempt, "ok", None)
+
+    async def attempt_once() -> None:
         try:
             await asyncio.wait_for(send(notification, policy.timeout_s), policy.timeout_s)
         except DeliveryError:

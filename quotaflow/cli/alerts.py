@@ -163,6 +163,88 @@ def run_test(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def _until(text: str, now_ms: int) -> int:
+    """A silence's end: a duration from now (2h, 30m, 1d) or an ISO time (with its offset)."""
+    import datetime as dt
+
+    from quotaflow.schemas.alert_rules import parse_duration
+
+    try:
+        return now_ms + int(parse_duration(text)) * 1000
+    except (ValueError, TypeError):
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("--until: a duration (30m, 2h, 1d) or an ISO time such as 2026-01-31T18:00:00+00:00") from None
+    if when.tzinfo is None:
+        raise ValueError("--until: give the time with its offset (+00:00 or Z)")
+    return int(when.timestamp() * 1000)
+
+
+def run_silence(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+
+    from pydantic import ValidationError
+
+    from quotaflow.alerts.silences import SilenceStore
+    from quotaflow.core.errors import OperatorError
+    from quotaflow.schemas.alert_rules import GLOBAL, Silence, describe
+
+    store = SilenceStore(settings.kafka_bootstrap)
+    now_ms = int(time.time() * 1000)
+
+    def show(s: Silence) -> str:
+        until = dt.datetime.fromtimestamp(s.ends_ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds")
+        state = "active" if s.starts_ms <= now_ms < s.ends_ms else ("ended" if s.ends_ms <= now_ms else "scheduled")
+        return (f"{s.org_id}/{s.silence_id}  rule={s.rule_id or '(every rule)'}  until {until}  {state}"
+                + (f"  {s.comment}" if s.comment else ""))
+
+    if args.action == "add":
+        try:
+            silence = Silence(silence_id=args.silence_id, org_id=_org(args), rule_id=args.rule,
+                              starts_ms=now_ms, ends_ms=_until(args.until, now_ms), comment=args.comment or "")
+        except ValueError as exc:
+            text = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+            return _fail(f"invalid silence: {text}")
+        if silence.ends_ms <= now_ms:
+            return _fail("--until: that time has passed")
+        asyncio.run(store.put(silence))
+        print(f"added {show(silence)}")
+        return 0
+    if args.action == "list":
+        silences = asyncio.run(store.read())
+        which = GLOBAL if args.is_global else args.org
+        shown = [s for (org, _), s in sorted(silences.items()) if which is None or org == which]
+        for s in shown:
+            print(show(s))
+        if not shown:
+            print("no silences")
+        return 0
+    try:
+        removed = asyncio.run(store.remove(_org(args), args.silence_id))
+    except OperatorError as exc:
+        return _fail(str(exc))
+    print(f"removed {show(removed)}")
+    return 0
+
+
+def run_stage(args: argparse.Namespace, settings: Settings) -> int:
+    """The alerts stage in the foreground (alerts/app.py); `quotaflow stack start` runs it supervised."""
+    from quotaflow.alerts.app import Worker, create_app
+    from quotaflow.cli.stages import serve_metrics
+    from quotaflow.core import gc_tuning
+    from quotaflow.core.logs import logging_dict
+
+    app = create_app(settings)
+    serve_metrics(settings, "alerts_metrics_port")
+    gc_tuning.for_streaming()
+    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                    logging_config=logging_dict(settings.log_level, settings.log_format))
+    worker.execute_from_commandline()
+    return 0
+
+
 def _which(p: argparse.ArgumentParser, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--org", help="the org the rule belongs to")
@@ -172,6 +254,10 @@ def _which(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     groups = p.add_subparsers(dest="group", required=True, metavar="GROUP")
+    groups.add_parser("run", help="run the alerts stage (evaluation and delivery) in the foreground",
+                      description="Evaluates the alert rules on the events topic and delivers their notifications, "
+                                  "logging to stderr until Ctrl-C or SIGTERM; not restarted ('quotaflow stack start' "
+                                  "runs it supervised, logging to QUOTAFLOW_STATE_DIR/logs/alerts.log).")
     rules = groups.add_parser("rules", help="add, list, remove and test alert rules",
                               description="Alert rules, kept on a compacted Kafka topic. Types: usage_threshold, "
                                           "rate_limit_violations, quota_exceeded, error_rate, latency_p95, "
@@ -193,18 +279,42 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     q = sub.add_parser("test", help="send a test notification on each of a rule's channels (one attempt each)")
     _which(q)
     q.add_argument("rule_id")
+    silences = groups.add_parser("silences", help="mute an org's (or every org's) alerts, or one rule's, until a time",
+                                 description="Silences, kept on a compacted Kafka topic and followed by the alerts "
+                                             "stage. A silence mutes notifications, not states: a firing still on "
+                                             "when it ends is notified then.")
+    sub = silences.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = sub.add_parser("add", help="add a silence")
+    _which(q)
+    q.add_argument("silence_id")
+    q.add_argument("--until", required=True, help="a duration from now (30m, 2h, 1d) or an ISO time with its offset")
+    q.add_argument("--rule", help="mute this rule only (default: every rule)")
+    q.add_argument("--comment", help="why (shown by list)")
+    q = sub.add_parser("list", help="list the silences")
+    _which(q, required=False)
+    q = sub.add_parser("rm", help="remove a silence")
+    _which(q)
+    q.add_argument("silence_id")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from quotaflow.core.logs import setup_logging
     from quotaflow.schemas.ids import id_error
+
+    if args.group == "run":
+        return run_stage(args, settings)
+    setup_logging(settings.log_level, settings.log_format)  # the stage's Faust worker sets up its own
 
     if getattr(args, "org", None) is not None:
         problem = id_error("--org", args.org)
         if problem:
             return _fail(problem)
+    if args.group == "silences":
+        return run_silence(args, settings)
     return {"add": run_add, "list": run_list, "rm": run_rm, "test": run_test}[args.action](args, settings)
 
 
 COMMANDS = (
-    Command("alerts", "alert rules: add, list, remove, test their channels", run, arguments=_arguments),
+    Command("alerts", "alert rules: add, list, remove, test their channels; run the alerts stage", run,
+            arguments=_arguments, own_logging=True),
 )

@@ -78,16 +78,17 @@ def run_supervise(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     backoff = supervise.Backoff(settings.supervise_backoff_initial_s, settings.supervise_backoff_max_s,
                                 settings.supervise_healthy_s)
-    return supervise.run(args.stage, [sys.executable, "-m", "quotaflow", args.stage], state_file, backoff)
+    return supervise.run(args.stage, [sys.executable, "-m", "quotaflow", *stack.STAGE_ARGV[args.stage]], state_file,
+                         backoff)
 
 
 def _stack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "start", "down", "status"])
-    p.add_argument("stages", nargs="*", metavar="STAGE", help="with 'start': processor, sink (default: both)")
+    p.add_argument("stages", nargs="*", metavar="STAGE", help="with 'start': processor, sink, alerts (default: all)")
 
 
 def _supervise_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=["processor", "sink"])
+    p.add_argument("stage", choices=["processor", "sink", "alerts"])
 
 
 COMMANDS = (

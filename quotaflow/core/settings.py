@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     # Prometheus /metrics of each long-running process; 0 disables it.
     processor_metrics_port: PortOrOff = 19110
     sink_metrics_port: PortOrOff = 19111
+    alerts_metrics_port: PortOrOff = 19115
 
     # Batching knobs of the stream stages.
     processor_batch_size: int = Field(200, ge=1, description="records per batch; a record may carry many events")
@@ -259,6 +260,8 @@ class Settings(BaseSettings):
     alert_email_from: str = Field("quotaflow@localhost", max_length=254, description="From: of alert email")
     alert_timeout_s: float = Field(10.0, gt=0, le=120, description="one delivery attempt's time, per channel")
     alert_attempts: int = Field(6, ge=1, le=20, description="delivery attempts before a dead letter")
+    alerts_eval_interval_s: float = Field(1.0, gt=0, le=60, description="how often the alerts stage evaluates "
+                                          "every alert without new events (windows ending, for_s, cooldowns)")
     alert_retry_max_s: float = Field(60.0, gt=0, description="longest wait between two delivery attempts")
 
     # --- Restarts of the stages the local stack starts (deploy/supervise.py) ---

@@ -31,6 +31,15 @@ KEY_CHANGES_COLUMNS = (
     "kafka_offset",
 )
 
+# The alert history (schemas/clickhouse/0006_alert_history.sql): a row per transition and per
+# delivery attempt, written by the sink from the alert history topic.
+ALERT_HISTORY = "alert_history"
+ALERT_HISTORY_COLUMNS = (
+    "row_id", "record", "at", "org_id", "api_key_id", "fingerprint", "rule_org_id", "rule_id", "rule_type", "severity",
+    "kind", "episode", "from_status", "to_status", "value", "threshold", "notification_id", "muted", "channel",
+    "attempt", "outcome", "error", "kafka_partition", "kafka_offset",
+)
+
 # Rollups keep, per time bucket and their dimensions: requests, errors (status >= 500),
 # request/response bytes and a t-digest state of latency (quantiles below).
 LATENCY_QUANTILES = (0.5, 0.95, 0.99)

@@ -25,7 +25,8 @@ sink checks each table for the batch and adds what the engine dropped by mistake
   unreachable the batch waits: nothing is stored unchecked.
 - Each row is stamped with the org's tier from Redis (sinks/clickhouse/tier_cache.py).
 - Beside the events, the keys topic: each change of an API key an audit row
-  (sinks/clickhouse/key_audit.py), exactly once by key and version.
+  (sinks/clickhouse/key_audit.py), exactly once by key and version; and the alert history
+  topic: each transition and delivery attempt of an alert a row (alert_history.py).
 
 The sink's modules, one job each: this one starts and stops it; batches.py (batch
 selection), pipeline.py (the loop: decode, check, store), kafka_side.py (the consumer,
@@ -52,6 +53,7 @@ from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import stored_key
 from quotaflow.sinks.clickhouse.inserts import Inserter
 from quotaflow.sinks.clickhouse.kafka_side import KafkaSide
+from quotaflow.sinks.clickhouse.alert_history import AlertHistory
 from quotaflow.sinks.clickhouse.key_audit import KeyAudit
 from quotaflow.sinks.clickhouse.metrics import READY
 from quotaflow.sinks.clickhouse.pipeline import Pipeline
@@ -95,6 +97,8 @@ class ClickHouseSink:
         await kafka.start(pipeline.listener())
         audit = asyncio.create_task(KeyAudit(settings, pause).run(self._stop))
         audit.add_done_callback(lambda task: task.cancelled() or task.exception() is None or self._stop.set())
+        history = asyncio.create_task(AlertHistory(settings, pause).run(self._stop))
+        history.add_done_callback(lambda task: task.cancelled() or task.exception() is None or self._stop.set())
         log.info("clickhouse sink started", extra={"clickhouse": settings.clickhouse_url.split("@")[-1]})
         try:
             await pipeline.run()
@@ -102,11 +106,12 @@ class ClickHouseSink:
             pass
         finally:
             self._stop.set()
-            await asyncio.wait({audit})
+            await asyncio.wait({audit, history})
             await kafka.stop()
             await tiers.close()
             await redis.aclose()
             READY.set(0)
             log.info("clickhouse sink stopped")
-        if not audit.cancelled() and audit.exception() is not None:
-            raise audit.exception()  # the audit failed: the sink stops with it (its supervisor restarts both)
+        for side in (audit, history):
+            if not side.cancelled() and side.exception() is not None:
+                raise side.exception()  # it failed: the sink stops with it (its supervisor restarts them all)

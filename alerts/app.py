@@ -1,0 +1,507 @@
+"""The alerts stage: a Faust app of its own (group ALERTS_APP_ID) on the events topic,
+evaluating the alert rules on the stream and delivering their notifications, exactly one
+per transition.
+
+- **Rules and silences** are read from their compacted topics by a task that follows them
+  while the stage runs (alerts/sources.py): a rule added is evaluated from its next step,
+  without a restart.
+- **Measures** (alerts/measures.py) are counted per subject from each batch of events,
+  in the table ``alert-measures``; each subject remembers the next offset of each
+  partition it has applied, so records read again after a crash are not counted twice.
+- **Evaluation** (alerts/evaluate.py, alerts/state.py) runs after each batch for the orgs
+  it touched, and every ``alerts_eval_interval_s`` for every org (windows end, ``for_s``
+  and cooldowns pass without events).
+- **Exactly one notification per transition.** An alert's state lives in the table
+  ``alert-state`` (keyed by fingerprint) with its *outbox*: the notifications of its
+  transitions not yet delivered, each with the channels still to do. A transition and
+  its notification (with its deterministic id, alerts/state.py notification_id) are on
+  the broker, in the table's changelog, before the first attempt to send it; a channel
+  is struck from the outbox once delivered (or dead-lettered). A stage killed anywhere
+  in between recovers the table and sends what the outbox still holds, with the same
+  id: a receiver may see one notification twice, with one id (and dedupe on it), never
+  two ids for one transition.
+- **History**: every transition and delivery attempt is a record on ALERT_HISTORY_TOPIC
+  (schemas/alert_history.py), stored in ClickHouse by the sink.
+
+Both tables are written as the processor writes its own (our producer, records in the
+changelog format Faust recovers from: processors/output.py), to the partition of the
+org's events (schemas/events.py partition_of), where Faust recovers them for whichever
+worker holds that partition. Run one alerts process per cluster (a second one shares the
+partitions; each org is then evaluated by the worker its events reach).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import warnings
+from typing import Any
+
+import faust
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from prometheus_client import Counter, Gauge
+
+from quotaflow.alerts import evaluate, notifications, sources
+from quotaflow.alerts.rollups import RollupBaselines
+from quotaflow.alerts.channels import Outcome, deliver, kafka_dead_letters
+from quotaflow.alerts.measures import WEEK_MS, Measures, hour_like_now, subject_key
+from quotaflow.alerts.state import NOTIFIED_KINDS, AlertState, Subject, Transition, fingerprint, step
+from quotaflow.core.retry import GaveUp, pause_until, retry
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.alert_history import DELIVERY, TRANSITION, HistoryRecord
+from quotaflow.schemas.alert_notifications import Notification
+from quotaflow.schemas.alert_rules import GLOBAL, Rule
+from quotaflow.schemas.events import FORWARDED_HEADER, FIELD_NAMES, decode_columns, partition_of, time_bounds_from_settings
+from quotaflow.schemas.limits import parse_overrides, policy_from_settings
+from quotaflow.schemas.api_keys import KeyRecord
+from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, api_key_index, org_key, overrides_key
+from quotaflow.schemas.topics import ALERT_HISTORY_TOPIC, ALERTS_APP_ID, EVENTS_TOPIC
+
+log = logging.getLogger(__name__)
+
+READY = Gauge("quotaflow_alerts_ready", "1 once partitions are assigned and tables recovered")
+TRANSITIONS = Counter("quotaflow_alerts_transitions_total", "Alert transitions, by kind", ["kind"])
+EVENTS = Counter("quotaflow_alerts_events_total", "Events read by the alerts stage, by outcome", ["outcome"])
+OUTBOX = Gauge("quotaflow_alerts_outbox_notifications", "Notifications recorded and not yet delivered")
+
+MEASURES_TABLE = "alert-measures"
+STATE_TABLE = "alert-state"
+_ORG, _KEY, _TS, _STATUS, _LATENCY = (FIELD_NAMES.index(n) for n in ("org_id", "api_key_id", "ts_ms", "status",
+                                                                      "latency_ms"))
+LIMITS_TTL_S = 5.0  # tiers and key overrides are read from Redis at most this often per subject
+KEYS_TTL_S = 5.0  # an org's key registry (key_expiring rules), as often
+FORGET_EVERY_S = 60.0
+
+_stopping = asyncio.Event()
+pause = pause_until(_stopping)  # retries give up (GaveUp) once the stage is stopping
+
+
+def _table(app: faust.App, name: str, partitions: int) -> faust.Table:
+    return app.Table(name, default=None, partitions=partitions,
+                     schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"),
+                     extra_topic_configs={"segment.ms": str(5 * 60_000), "min.cleanable.dirty.ratio": "0.1"})
+
+
+class Stage:
+    """The stage's work, apart from Faust's plumbing (create_app)."""
+
+    def __init__(self, settings: Settings, measures: faust.Table, states: faust.Table, partitions: int):
+        self.settings = settings
+        self.policy = policy_from_settings(settings)
+        self.bounds = time_bounds_from_settings(settings)
+        self.measures, self.states = measures, states
+        self.partitions = partitions
+        self.sources = sources.Sources(settings.kafka_bootstrap)
+        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True,
+                                         acks="all", linger_ms=2)
+        self.dead_letters = kafka_dead_letters(self.producer)
+        self._limits: dict[tuple[str, str | None], tuple[float, str | None, dict[str, int] | None]] = {}
+        self._send_lock = asyncio.Lock()
+        self._eval_lock = asyncio.Lock()
+        self._deliveries: dict[str, asyncio.Task] = {}  # fingerprint -> the task delivering its outbox
+        self._keys: dict[str, set[str]] = {}  # org -> its keys with measures
+        self._registry: dict[str, tuple[float, dict[str, KeyRecord]]] = {}  # org -> (read at, its keys)
+        self._next_forget = time.monotonic() + FORGET_EVERY_S
+        self.rollups = RollupBaselines.from_settings(settings)
+        # How far back a record can still matter: the longest window, with its grace.
+        self.horizon_ms = max(w.length_ms for w in self.policy.windows) + self.policy.late_grace_ms
+
+    async def start(self) -> None:
+        await self.producer.start()
+        await self.sources.start()
+
+    async def stop(self) -> None:
+        _stopping.set()
+        for task in list(self._deliveries.values()):
+            task.cancel()
+        await self.sources.stop()
+        if self.rollups is not None:
+            await self.rollups.close()
+        await self.producer.stop()
+        await self.redis.aclose()
+
+    # --- writing: changelog and history records, on the broker before anything depends on them ---
+
+    def _changelog(self, table: faust.Table, key: str, partition: int) -> tuple:
+        """A changelog record of ``key``, its value read when it is sent (the latest)."""
+        return (table.changelog_topic.get_topic_name(), orjson.dumps(key), _Current(table, key), partition)
+
+    async def _write(self, records: list[tuple[str, bytes | None, bytes | None, int | None]]) -> None:
+        """Send ``records`` (topic, key, value, partition) in their order and return once the
+        broker has them all; retried until it does (or the stage stops: GaveUp)."""
+        if not records:
+            return
+
+        async def attempt() -> None:
+            async with self._send_lock:  # one key's records reach its partition in the order made
+                futures = [await self.producer.send(t, value=v.value() if isinstance(v, _Current) else v, key=k,
+                                                    partition=p) for t, k, v, p in records]
+            await asyncio.gather(*futures)
+
+        await retry(attempt, "writing alert state to the broker", on=KafkaError, pause=pause, logger=log)
+
+    def _org_partition(self, org_id: str) -> int:
+        return partition_of(org_id, self.partitions)
+
+    # --- a batch of events ---
+
+    async def handle(self, events: list[faust.types.EventT]) -> None:
+        if not self.sources.rules.records:
+            EVENTS.labels("no_rules").inc(len(events))
+            return
+        changed: set[str] = set()
+        touched: set[str] = set()
+        now_ms = int(time.time() * 1000)
+        oldest_ms = now_ms - self.horizon_ms
+        watched = {org for org, _ in self.sources.rules.records}  # once per batch: a set, not a scan per record
+        watch_all = GLOBAL in watched
+        for event in events:
+            msg = event.message
+            if any(k == FORWARDED_HEADER for k, _ in (msg.headers or ())):
+                continue  # a copy the processor forwarded: the original was read where it landed
+            received_ms = round(msg.timestamp * 1000)  # Faust gives seconds; LogAppendTime on the events topic
+            if received_ms < oldest_ms:
+                EVENTS.labels("old").inc()
+                continue  # nothing a rule measures can hold it any more (a new stage reading the topic)
+            if not watch_all and isinstance(msg.key, bytes) and msg.key.decode(errors="replace") not in watched:
+                EVENTS.labels("unwatched").inc()
+                continue  # keyed by an org without rules (a record keyed otherwise is read to find its org)
+            columns = decode_columns(msg.value, received_ms, self.bounds).columns
+            if not columns:
+                EVENTS.labels("invalid").inc()
+                continue
+            org = columns[_ORG][0]
+            if not watch_all and org not in watched:
+                EVENTS.labels("unwatched").inc(len(columns[_ORG]))
+                continue
+            per_subject: dict[str, list[tuple[int, int, float]]] = {subject_key(org): []}
+            for key, ts, status, latency in zip(columns[_KEY], columns[_TS], columns[_STATUS], columns[_LATENCY],
+                                                strict=True):
+                row = (ts, status, latency)
+                per_subject[subject_key(org)].append(row)
+                per_subject.setdefault(subject_key(org, key), []).append(row)
+                self._keys.setdefault(org, set()).add(key)
+            for skey, rows in per_subject.items():
+                measures = Measures.from_json(self.measures.data.get(skey))
+                if not measures.fresh(msg.partition, msg.offset):
+                    EVENTS.labels("redelivered").inc(len(rows))
+                    continue
+                measures.add(self.policy, msg.partition, msg.offset, rows)
+                self.measures.data[skey] = measures.to_json()
+                changed.add(skey)
+            EVENTS.labels("measured").inc(len(columns[_ORG]))
+            touched.add(org)
+        await self._write([self._changelog(self.measures, k, self._org_partition(k.split("|")[1])) for k in changed])
+        if touched:
+            await self.evaluate(touched)
+
+    # --- evaluation ---
+
+    async def _limit(self, rule: Rule, subject: Subject) -> int | None:
+        if not evaluate.needs_limit(rule):
+            return None
+        ident = (subject.org_id, subject.api_key_id)
+        cached = self._limits.get(ident)
+        if cached is None or time.monotonic() - cached[0] > LIMITS_TTL_S:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(org_key(subject.org_id), ORG_TIER_FIELD)
+                if subject.api_key_id is not None:
+                    pipe.hgetall(overrides_key(subject.org_id, subject.api_key_id))
+                got = await pipe.execute()
+            tier = got[0].decode() if got[0] else None
+            overrides = parse_overrides(got[1]) if len(got) > 1 and got[1] else None
+            cached = self._limits[ident] = (time.monotonic(), tier, overrides)
+        return evaluate.limit_of(rule, subject, self.policy, cached[1], cached[2])
+
+    async def _registered(self, org_id: str) -> dict[str, KeyRecord]:
+        """The org's API keys as the registry's materializer keeps them in Redis."""
+        cached = self._registry.get(org_id)
+        if cached is None or time.monotonic() - cached[0] > KEYS_TTL_S:
+            records = {}
+            for key_id, raw in (await self.redis.hgetall(api_key_index(org_id))).items():
+                try:
+                    records[key_id.decode()] = KeyRecord.decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+                    continue  # the materializer writes checked records only; never stop for one
+            cached = self._registry[org_id] = (time.monotonic(), records)
+        return cached[1]
+
+    def _orgs(self) -> set[str]:
+        """Every org with measures, with rules of its own (silence is news too: an unusual drop),
+        or with an alert not inactive."""
+        orgs = {k.split("|")[1] for k in self.measures.data}
+        orgs.update(org for org, _ in self.sources.rules.records if org != GLOBAL)
+        orgs.update(rec["org"] for rec in self.states.data.values() if rec and rec["s"]["status"] != "inactive")
+        return orgs
+
+    async def evaluate(self, orgs: set[str] | None = None, now_ms: int | None = None) -> None:
+        async with self._eval_lock:
+            await self._evaluate(self._orgs() if orgs is None else orgs,
+                                 int(time.time() * 1000) if now_ms is None else now_ms)
+
+    async def _evaluate(self, orgs: set[str], now_ms: int) -> None:
+        records: list = []
+        history: list[HistoryRecord] = []
+        outboxes: set[str] = set()
+        silences = list(self.sources.silences.values())
+        by_org: dict[str, list] = {}  # the rules grouped once per evaluation, not sorted again per org
+        for (rule_org, _), record in sorted(self.sources.rules.records.items()):
+            by_org.setdefault(rule_org, []).append(record)
+        for org in sorted(orgs):
+            keys = sorted(self._keys.get(org, ()))
+            for record in by_org.get(org, []) + by_org.get(GLOBAL, []):
+                rule = record.rule
+                registry: dict[str, KeyRecord] = {}
+                if rule.type == "key_expiring":
+                    try:
+                        registry = await self._registered(org)
+                    except (OSError, aioredis.RedisError) as exc:
+                        log.warning("alert key registry unavailable", extra={"error": str(exc)[:200]})
+                        continue
+                for subject in evaluate.subjects(rule, org, sorted(registry) if rule.type == "key_expiring" else keys):
+                    measures = self.measures.data.get(subject_key(subject.org_id, subject.api_key_id))
+                    try:
+                        limit = await self._limit(rule, subject)
+                    except (OSError, aioredis.RedisError) as exc:  # Redis away: measure again next time
+                        log.warning("alert limits unavailable", extra={"error": str(exc)[:200]})
+                        continue
+                    seasonal = None
+                    if rule.type == "unusual_activity" and self.rollups is not None:
+                        seasonal = self.rollups.hours(subject.org_id, subject.api_key_id, [
+                            hour_like_now(now_ms, k * WEEK_MS) for k in range(1, rule.baseline_weeks + 1)])
+                    if rule.type == "key_expiring":
+                        value = evaluate.key_expiry(registry.get(subject.api_key_id or ""), now_ms)
+                    else:
+                        value = evaluate.value(rule, subject, Measures.from_json(measures) if measures else None,
+                                               self.policy, now_ms, limit, seasonal)
+                    fp = fingerprint(rule, subject)
+                    rec = self.states.data.get(fp)
+                    state = msgspec.convert(rec["s"], AlertState) if rec else None
+                    result = step(rule, subject, value, now_ms, state, silences)
+                    if not result.transitions and _same(result.state, state or AlertState()):
+                        continue  # only the value moved: nothing to remember (the history has the values)
+                    outbox = list(rec["out"]) if rec else []
+                    for t in result.transitions:
+                        TRANSITIONS.labels(t.kind).inc()
+                        history.append(_transition_record(rule, subject, t))
+                        if t.notify and t.kind in NOTIFIED_KINDS:
+                            started = state.fired_ms if (state and t.kind == "resolved") else None
+                            n = notifications.for_transition(rule, subject, t, started)
+                            outbox.append({"n": msgspec.to_builtins(n), "ch": list(rule.channels)})
+                            log.info("alert transition", extra={"fingerprint": fp, "kind": t.kind,
+                                                                "notification_id": n.id, "org_id": org})
+                    self.states.data[fp] = {"s": msgspec.to_builtins(result.state), "org": subject.org_id,
+                                            "key": subject.api_key_id, "rule": [rule.org_id, rule.rule_id],
+                                            "out": outbox}
+                    records.append(self._changelog(self.states, fp, self._org_partition(subject.org_id)))
+                    if outbox:
+                        outboxes.add(fp)
+        # The transitions and their notifications are on the broker before any is sent.
+        records += [(ALERT_HISTORY_TOPIC, h.row_id.encode(), h.encode(), None) for h in history]
+        await self._write(records)
+        for fp in outboxes:
+            self.deliver_outbox(fp)
+        if time.monotonic() > self._next_forget:
+            self._next_forget = time.monotonic() + FORGET_EVERY_S
+            await self._forget(now_ms)
+
+    async def _forget(self, now_ms: int) -> None:
+        gone = []
+        for skey in list(self.measures.data):
+            measures = Measures.from_json(self.measures.data[skey])
+            if measures.forget(self.policy, now_ms):
+                del self.measures.data[skey]
+            else:
+                self.measures.data[skey] = measures.to_json()
+            gone.append(self._changelog(self.measures, skey, self._org_partition(skey.split("|")[1])))
+        await self._write(gone)
+
+    # --- delivery: the outbox of one alert, in order, one task per alert ---
+
+    def deliver_outbox(self, fp: str) -> None:
+        task = self._deliveries.get(fp)
+        if task is None or task.done():
+            self._deliveries[fp] = asyncio.create_task(self._deliver(fp), name=f"alert delivery {fp}")
+
+    def recover_outboxes(self) -> None:
+        """After a restart (or a rebalance): send what recorded transitions still owe."""
+        pending = [fp for fp, rec in self.states.data.items() if rec and rec.get("out")]
+        OUTBOX.set(sum(len(self.states.data[fp]["out"]) for fp in pending))
+        for fp in pending:
+            self.deliver_outbox(fp)
+
+    async def _deliver(self, fp: str) -> None:
+        try:
+            while True:
+                rec = self.states.data.get(fp)
+                if not rec or not rec.get("out"):
+                    return
+                item = rec["out"][0]
+                notification = msgspec.convert(item["n"], Notification)
+                if not item["ch"]:
+                    await self._strike(fp, notification.id, None)
+                    continue
+                name = item["ch"][0]
+                outcome = await self._deliver_one(notification, name)
+                await self._strike(fp, notification.id, name, outcome)
+        except GaveUp:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: logged; the outbox keeps it for the next restart
+            log.exception("alert delivery failed unexpectedly", extra={"fingerprint": fp})
+
+    async def _deliver_one(self, notification: Notification, name: str) -> Outcome | None:
+        channel = self.settings.alert_channels.get(name)
+        if channel is None:
+            log.error("alert channel not configured; notification not sent on it",
+                      extra={"channel": name, "notification_id": notification.id})
+            await self._write([_delivery_record(notification, name, 0, "failed", "channel not configured")])
+            return None
+        attempts: list = []
+
+        async def on_attempt(attempt: int, outcome: str, error: str | None) -> None:
+            attempts.append(_delivery_record(notification, name, attempt, outcome, error or ""))
+
+        outcome = await deliver(notification, name, channel, self.settings, dead_letters=self.dead_letters,
+                                on_attempt=on_attempt)
+        if not outcome.delivered:
+            attempts.append(_delivery_record(notification, name, outcome.attempts, "dead_lettered",
+                                             outcome.error or ""))
+        await self._write(attempts)
+        return outcome
+
+    async def _strike(self, fp: str, notification_id: str, channel: str | None, outcome: Any = None) -> None:
+        """The channel is done with (delivered, dead-lettered or not configured): off the outbox."""
+        rec = self.states.data.get(fp)
+        if not rec or not rec["out"] or rec["out"][0]["n"]["id"] != notification_id:
+            return
+        out = [dict(item) for item in rec["out"]]
+        if channel is not None:
+            out[0]["ch"] = [c for c in out[0]["ch"] if c != channel]
+        if not out[0]["ch"]:
+            out.pop(0)
+        self.states.data[fp] = {**rec, "out": out}
+        await self._write([self._changelog(self.states, fp, self._org_partition(rec["org"]))])
+
+
+class _Current:
+    """A table key's value as it is when its changelog record is sent: a record made
+    earlier never overwrites a later change (both go out in order, each with the latest)."""
+
+    __slots__ = ("table", "key")
+
+    def __init__(self, table: faust.Table, key: str):
+        self.table, self.key = table, key
+
+    def value(self) -> bytes | None:
+        value = self.table.data.get(self.key)
+        return None if value is None else orjson.dumps(value)
+
+
+def _same(a: AlertState, b: AlertState) -> bool:
+    return msgspec.structs.replace(a, value=None) == msgspec.structs.replace(b, value=None)
+
+
+def _transition_record(rule: Rule, subject: Subject, t: Transition) -> HistoryRecord:
+    nid = t.notification_id or ""
+    row_id = nid if nid else f"{t.fingerprint}_{t.episode}_{t.kind}_{t.at_ms}"
+    return HistoryRecord(record=TRANSITION, row_id=row_id, at_ms=t.at_ms, org_id=subject.org_id,
+                         api_key_id=subject.api_key_id, fingerprint=t.fingerprint, rule_org_id=rule.org_id,
+                         rule_id=rule.rule_id, rule_type=rule.type, severity=rule.severity, kind=t.kind,
+                         episode=t.episode, from_status=t.from_status, to_status=t.to_status, value=t.value,
+                         threshold=t.threshold, notification_id=nid, muted=t.muted)
+
+
+def _delivery_record(n: Notification, channel: str, attempt: int, outcome: str, error: str) -> tuple:
+    at_ms = int(time.time() * 1000)
+    h = HistoryRecord(record=DELIVERY, row_id=f"{n.id}/{channel}/{attempt}/{outcome}/{at_ms}", at_ms=at_ms,
+                      org_id=n.org_id, api_key_id=n.api_key_id, fingerprint=n.fingerprint, rule_org_id=n.rule_org_id,
+                      rule_id=n.rule_id, rule_type=n.rule_type, severity=n.severity, kind=n.kind, episode=n.episode,
+                      value=n.value, threshold=n.threshold, notification_id=n.id, channel=channel, attempt=attempt,
+                      outcome=outcome, error=error[:500])
+    return (ALERT_HISTORY_TOPIC, h.row_id.encode(), h.encode(), None)
+
+
+def create_app(settings: Settings) -> faust.App:
+    partitions = settings.events_partitions
+    app = faust.App(
+        ALERTS_APP_ID,
+        broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+        store="memory://",
+        datadir=str(settings.state_dir / "alerts-data"),  # Faust's own files, not the working directory
+        topic_partitions=partitions,
+        topic_replication_factor=1,
+        web_enabled=False,
+        # A new alerts stage reads the topic from the start, skipping records older than the
+        # longest window without decoding them; its group's offsets then carry on.
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+        consumer_metadata_max_age_ms=5000,  # see processors/app.py
+        # A stage killed without leaving the group holds its partitions until its session
+        # times out, and every alert waits that long: the broker's minimum (6 s), heartbeats each second.
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
+        # Static membership: a restarted stage (same host) takes its partitions back at once,
+        # without a rebalance waiting for the killed one's session to time out.
+        consumer_group_instance_id=f"{ALERTS_APP_ID}-{socket.gethostname()}"[:200],
+        broker_max_poll_records=2000,
+        stream_buffer_maxsize=8000,
+    )
+    events_topic = app.topic(EVENTS_TOPIC, key_type=bytes, value_type=bytes, key_serializer="raw",
+                             value_serializer="raw", partitions=partitions)
+    measures = _table(app, MEASURES_TABLE, partitions)
+    states = _table(app, STATE_TABLE, partitions)
+    running: dict[str, Stage] = {}
+
+    @app.on_rebalance_complete.connect
+    async def _ready(sender: Any, **kwargs: Any) -> None:
+        READY.set(1)
+        if "stage" in running:
+            running["stage"].recover_outboxes()
+
+    @app.timer(settings.alerts_eval_interval_s)
+    async def _tick() -> None:
+        stage = running.get("stage")
+        if stage is not None and stage.sources.loaded.is_set():
+            try:
+                await stage.evaluate()
+            except GaveUp:
+                pass
+
+    @app.agent(events_topic)
+    async def evaluate_events(stream: faust.StreamT) -> None:
+        stage = Stage(settings, measures, states, partitions)
+        await stage.start()
+        await stage.sources.loaded.wait()
+        running["stage"] = stage
+        stage.recover_outboxes()
+        try:
+            async for batch in stream.take_events(500, within=0.05):
+                await stage.handle(batch)
+        except GaveUp:
+            log.info("stopping: the batch in progress is left unacknowledged, to be read again")
+        finally:
+            running.clear()
+            await stage.stop()
+
+    return app
+
+
+class Worker(faust.Worker):
+    """Faust's worker, stopping within seconds when asked (as processors/app.py's)."""
+
+    def _schedule_shutdown(self, signal: Any) -> None:
+        _stopping.set()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.app.conf.stream_wait_empty = False
+        super()._schedule_shutdown(signal)
