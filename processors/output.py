@@ -11,6 +11,7 @@ still reads the changelog topic to recover the table: it does not care who wrote
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +23,11 @@ from quotaflow.core.retry import retry
 from quotaflow.processors import stopping
 
 log = logging.getLogger(__name__)
+
+# How long a delivery may go unanswered before its records count as failed (and are sent
+# again through a new producer).
+DELIVERY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -41,7 +47,8 @@ class NotDelivered(Exception):
 
     def __init__(self, failed: list[Sent]):
         first = failed[0].future
-        error = "cancelled" if first.cancelled() else repr(first.exception())
+        error = ("cancelled" if first.cancelled() else f"no answer in {DELIVERY_TIMEOUT_S:g} s" if not first.done()
+                 else repr(first.exception()))
         super().__init__(f"{len(failed)} records to {sorted({s.topic for s in failed})}: {error}")
 
 
@@ -50,11 +57,39 @@ class Output:
         self.changelog_topic = changelog_topic
         self.dead_letter_topic = dead_letter_topic
         self.events_topic = events_topic
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=5,
-                                          max_batch_size=512 * 1024, compression_type="zstd")
+        self._bootstrap = bootstrap
+        self._producer = self._new_producer()
+        self._stale = False  # a delivery failed: the next attempt starts a new producer
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(bootstrap_servers=self._bootstrap, enable_idempotence=True, linger_ms=5,
+                                max_batch_size=512 * 1024, compression_type="zstd")
 
     async def start(self) -> None:
         await self._producer.start()
+
+    async def _renew(self) -> None:
+        """A new producer (a new producer id) in place of one whose delivery failed:
+        aiokafka's idempotent producer answers OutOfOrderSequenceNumber to everything after
+        a batch it gave up on (a broker restart), for ever; its sender task may even be gone."""
+        await self._stop(self._producer)
+        producer = self._new_producer()
+        await producer.start()  # KafkaError when the broker is still away: tried again next attempt
+        self._producer, self._stale = producer, False
+        log.info("kafka producer renewed after a failed delivery")
+
+    @staticmethod
+    async def _stop(producer: AIOKafkaProducer) -> None:
+        """Stop a producer within STOP_TIMEOUT_S: its stop waits for its batches, for ever
+        when its sender task is stuck or the broker gone (they are sent again anyway)."""
+        stopping = asyncio.create_task(producer.stop())
+        done, _ = await asyncio.wait([stopping], timeout=STOP_TIMEOUT_S)
+        if not done:
+            sender = getattr(getattr(producer, "_sender", None), "sender_task", None)
+            if sender is not None:
+                sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(stopping, STOP_TIMEOUT_S)
 
     async def events_partitions(self) -> int:
         """Partitions of the events topic, from the cluster's metadata (every processor
@@ -67,7 +102,7 @@ class Output:
         return len(partitions) if partitions else None
 
     async def stop(self) -> None:
-        await self._producer.stop()
+        await self._stop(self._producer)
 
     async def changelog(self, key: str, state: dict | int | None, partition: int) -> Sent:
         """A table record, encoded as Faust reads its changelog back (key and value both
@@ -91,11 +126,19 @@ class Output:
 
         async def attempt() -> None:
             nonlocal sent, failed
-            if failed:  # the last attempt's failures, sent again in their order
+            if failed:  # the last attempt's failures, sent again in their order, by a new producer
+                if self._stale:
+                    try:
+                        await self._renew()
+                    except KafkaError as exc:
+                        log.warning("kafka producer not renewed yet", extra={"error": repr(exc)})
+                        raise NotDelivered(failed) from None
                 sent = [await self._send(s.topic, s.key, s.value, s.partition, s.headers) for s in failed]
-            await asyncio.wait([s.future for s in sent])
-            failed = [s for s in sent if s.future.cancelled() or s.future.exception() is not None]
+            await asyncio.wait([s.future for s in sent], timeout=DELIVERY_TIMEOUT_S)
+            failed = [s for s in sent
+                      if not s.future.done() or s.future.cancelled() or s.future.exception() is not None]
             if failed:
+                self._stale = True
                 raise NotDelivered(failed)
 
         if sent:
