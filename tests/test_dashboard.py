@@ -489,3 +489,53 @@ def test_the_operators_sql_box(tab, traffic):
     assert org.page.evaluate("""token => fetch('/v1/sql', {method: 'POST', body: 'SELECT 1',
         headers: {Authorization: 'Bearer ' + token}}).then(r => r.status)""", t.tok_a) == 403
     org.check_clean(refused=(403, 404, 405))
+
+
+def test_alerts_panel_shows_the_orgs_transitions_newest_first(tab, traffic):
+    """Alert history records on their topic, as the alerts stage writes them, stored by the
+    sink: the panel lists the org's transitions newest first (not its delivery attempts,
+    nor another org's), and counts the alerts whose last transition is firing."""
+    from aiokafka import AIOKafkaProducer
+
+    from quotaflow.schemas.alert_history import DELIVERY, TRANSITION, HistoryRecord
+    from quotaflow.schemas.topics import ALERT_HISTORY_TOPIC
+
+    t = traffic
+    now = int(time.time() * 1000)
+    rule = {"rule_org_id": t.b, "rule_type": "usage_threshold", "severity": "high"}
+
+    def transition(i: int, org: str, fp: str, rule_id: str, kind: str, to: str, ago_s: int) -> HistoryRecord:
+        return HistoryRecord(record=TRANSITION, row_id=unique("row"), at_ms=now - ago_s * 1000, org_id=org,
+                             fingerprint=fp, rule_id=rule_id, kind=kind, from_status="", to_status=to,
+                             value=80.0 + i, threshold=80.0, notification_id=f"msg_{i}", **rule)
+
+    records = [transition(1, t.b, "fp-a", "usage-80", "firing", "firing", 300),
+               transition(2, t.b, "fp-b", "errors-5", "firing", "firing", 200),
+               transition(3, t.b, "fp-b", "errors-5", "resolved", "inactive", 100),
+               transition(4, t.a, "fp-c", "usage-90", "firing", "firing", 50),  # another org's
+               HistoryRecord(record=DELIVERY, row_id=unique("row"), at_ms=now - 250_000, org_id=t.b, fingerprint="fp-a",
+                             rule_id="usage-80", kind="firing", notification_id="msg_1", channel="ops-hook",
+                             attempt=1, outcome="ok", **rule)]
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=t.pipeline.settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for r in records:
+                await producer.send_and_wait(ALERT_HISTORY_TOPIC, r.encode(), key=r.org_id.encode())
+        finally:
+            await producer.stop()
+
+    off_loop(lambda: asyncio.run(send()))
+    headers = {"Authorization": f"Bearer {t.tok_b}"}
+    wait_for(lambda: len(httpx.get(f"{t.base}/v1/alerts", params={"timeframe": "1h"}, headers=headers,
+                                   timeout=10).json().get("rows", [])) == 4, 60, "the sink to store the alert history")
+
+    page = tab()
+    page.open("timeframe=1h", token=t.tok_b)
+    rows = page.table("alerts")
+    assert [(r["rule_id"], r["kind"], r["to_status"]) for r in rows] == [
+        ("errors-5", "resolved", "inactive"), ("errors-5", "firing", "firing"), ("usage-80", "firing", "firing")]
+    assert page.page.get_attribute("#panel-alerts", "data-firing") == "1"
+    assert page.page.text_content("#alerts-firing").startswith("1 firing now")
+    page.check_clean()

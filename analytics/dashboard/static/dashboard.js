@@ -8,13 +8,14 @@ const TOKEN_KEY = "quotaflow.token";
 const REFRESH_S = 10;
 const MAX_PARALLEL = 3; // below the API's default of 4 queries at once, so a refresh never queues behind itself
 const TIMEFRAMES = ["1h", "24h", "7d", "30d"];
-const LIMITS = { endpoints: 20, orgs: 50, api_keys: 50, denials: 50 };
+const LIMITS = { endpoints: 20, orgs: 50, api_keys: 50, denials: 50, alerts: 1000 };
 const COLORS = { ok: "#1e6f3d", c3xx: "#4a535e", c4xx: "#0b57d0", err: "#b3261e", deny: "#8a4b00", p50: "#0b57d0", p95: "#7b2cbf", p99: "#b3261e", bar: "#0b57d0" };
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
 const int = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
 const dec = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1, minimumFractionDigits: 1 });
+const fmtNum = (v) => (v === null || v === undefined ? "" : Number(v).toLocaleString("en", { maximumFractionDigits: 3 }));
 const fmtInt = (v) => (v === null || v === undefined ? "—" : int.format(v));
 const fmtMs = (v) => (v === null || v === undefined || Number.isNaN(v) ? "—" : dec.format(v));
 const fmtPct = (v) => (v === null || v === undefined ? "—" : (100 * v).toFixed(2) + "%");
@@ -260,6 +261,21 @@ const PANELS = {
     fillTable($("#panel-denials table"), [{ label: "API key", key: "api_key_id" }, num("Denials", "denials"),
       num("Requests", "requests"), num("Denied", "denial_rate", fmtPct)], data.rows);
   },
+  alerts(data) {
+    // Transitions only (delivery attempts are in the CSV), newest first; the answer is oldest first.
+    const rows = data.rows.filter((r) => r.record === "transition").reverse();
+    const latest = new Map();
+    for (const r of [...rows].reverse()) latest.set(r.fingerprint, r);
+    const firing = [...latest.values()].filter((r) => r.to_status === "firing").length;
+    $("#alerts-firing").textContent = `${firing} firing now` + (data.rows.length >= LIMITS.alerts ? " (of the first " + LIMITS.alerts + " records)" : "");
+    $("#panel-alerts").dataset.firing = String(firing);
+    fillTable($("#panel-alerts table"), [{ label: "At (UTC)", key: "at", fmt: (v) => v.slice(0, 19).replace("T", " ") },
+      { label: "Org", key: "org_id" }, { label: "API key", key: "api_key_id", fmt: (v) => v || "" },
+      { label: "Rule", key: "rule_id" }, { label: "Type", key: "rule_type" }, { label: "Severity", key: "severity" },
+      { label: "Transition", key: "kind", fmt: (v) => v }, { label: "Status", key: "to_status" },
+      num("Value", "value", fmtNum), num("Threshold", "threshold", fmtNum)],
+      rows.slice(0, 50));
+  },
   limits(data) {
     const badge = $("#enforcement");
     badge.textContent = "Enforcement " + data.enforcement;
@@ -283,7 +299,7 @@ function ranking(id, key, label, rows) {
 
 // ---- loading ------------------------------------------------------------------------------
 
-const QUESTIONS = ["summary", "status_series", "latency", "status", "endpoints", "orgs", "tiers", "api_keys", "denials"];
+const QUESTIONS = ["summary", "status_series", "latency", "status", "endpoints", "orgs", "tiers", "api_keys", "denials", "alerts"];
 
 async function loadPanel(question, view) {
   const panels = $$(`.panel[data-question="${question}"]`);
