@@ -44,6 +44,8 @@ from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
 from quotaflow.analytics import adhoc, dashboard, queries
+from quotaflow.analytics.dashboard.dead_letters import DeadLetters
+from quotaflow.analytics.dashboard.dead_letters import routes as dead_letter_routes
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
 from quotaflow.analytics.window import BadTimeRange, TimeRange, for_range, for_timeframe
 from quotaflow.core import metrics
@@ -189,7 +191,8 @@ class _ExportAborted(Exception):
 def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: Client,
                connect_for_export: Callable[[], Client], bounds: queries.Bounds = queries.Bounds(),
                max_concurrent: int = 4, queue_wait_s: float = 1.0,
-               clock: Callable[[], float] = time.time, live: dashboard.limits.LiveLimits | None = None) -> Starlette:
+               clock: Callable[[], float] = time.time, live: dashboard.limits.LiveLimits | None = None,
+               dead_letters: DeadLetters | None = None) -> Starlette:
     """``client`` answers the JSON requests (one at a time per client); each CSV export
     gets a client of its own from ``connect_for_export`` so that a slow reader of a long
     export does not hold up everybody else. At most ``max_concurrent`` queries run at
@@ -197,7 +200,8 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
     for a slot, then gets 503 with Retry-After. ``clock`` (epoch seconds) is what a
     timeframe ends at, and which data retention still covers: the wall clock, or a
     given one in tests. ``live`` reads the live limit state from Redis for the dashboard
-    (analytics/dashboard/), which is served at ``/``."""
+    (analytics/dashboard/), which is served at ``/``; ``dead_letters`` reads the dead-letter
+    topic back for operators (analytics/dashboard/dead_letters.py)."""
     check_tokens(tokens)
     slots = anyio.Semaphore(max_concurrent)
 
@@ -344,6 +348,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         Route("/healthz", healthz),
         Route("/metrics", metrics.asgi_app),
         *dashboard.routes(authorize, live),
+        *dead_letter_routes(authorize, dead_letters, clock),  # GET /v1/dead_letters, operators only
         *adhoc.routes(authorize, connect_for_export, bounds),  # POST /v1/sql, operators only
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),

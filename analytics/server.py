@@ -16,6 +16,7 @@ import socket
 import uvicorn
 
 from quotaflow.analytics.app import check_tokens, create_app
+from quotaflow.analytics.dashboard.dead_letters import DeadLetters
 from quotaflow.analytics.dashboard.limits import LiveLimits
 from quotaflow.analytics.queries import Bounds
 from quotaflow.core.settings import Settings
@@ -43,6 +44,7 @@ class ApiServer:
         self._client = None
         self._socket: socket.socket | None = None
         self._live: LiveLimits | None = None
+        self._dead_letters: DeadLetters | None = None
 
     @property
     def port(self) -> int:
@@ -59,11 +61,12 @@ class ApiServer:
         s = self.settings
         # The dashboard's live limit state: read-only, connected on first use.
         self._live = LiveLimits(s.redis_url, policy_from_settings(s)) if s.redis_url else None
+        self._dead_letters = DeadLetters(s.kafka_bootstrap)  # connected on first use
         app = create_app(s.api_tokens, retention.wanted_days(s), self._client, lambda: connect(url),
                          bounds=Bounds(max_execution_time_s=s.api_query_timeout_s,
                                        max_memory_usage=s.api_query_max_memory_bytes),
                          max_concurrent=s.api_max_concurrent_queries, queue_wait_s=s.api_queue_wait_s,
-                         live=self._live)
+                         live=self._live, dead_letters=self._dead_letters)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
@@ -87,5 +90,7 @@ class ApiServer:
             self._client.close()
         if self._live is not None:
             await self._live.close()
+        if self._dead_letters is not None:
+            await self._dead_letters.close()
         if self._socket is not None:
             self._socket.close()

@@ -539,3 +539,49 @@ def test_alerts_panel_shows_the_orgs_transitions_newest_first(tab, traffic):
     assert page.page.get_attribute("#panel-alerts", "data-firing") == "1"
     assert page.page.text_content("#alerts-firing").startswith("1 firing now")
     page.check_clean()
+
+
+def test_dead_letters_panel_for_operators_only_never_their_content(tab, traffic):
+    """Records the processor refuses, read back from the dead-letter topic: an operator's
+    page counts them by stage and field and lists the newest with their reasons, never
+    their content; an org token sees no such panel and gets 403 from the endpoint."""
+    t = traffic
+    secret = unique("never-shown")
+    bad = [dict(event(t.b, f"{t.b}-web", int(time.time() * 1000)).to_dict(), status="teapot", user_agent=secret)
+           for _ in range(3)]
+    raw = [(t.b.encode(), orjson.dumps(b)) for b in bad]
+    off_loop(lambda: asyncio.run(publish(t.pipeline.settings, [], raw=raw)))
+
+    ops = {"Authorization": f"Bearer {t.tok_ops}"}
+
+    def status_refusals() -> int:
+        got = httpx.get(f"{t.base}/v1/dead_letters", params={"timeframe": "1h"}, headers=ops, timeout=15).json()
+        return sum(r["count"] for r in got["by_reason"] if (r["stage"], r["field"]) == ("processor", "status"))
+
+    wait_for(lambda: status_refusals() >= 3, 60, "the processor to dead-letter the records",
+             lambda: httpx.get(f"{t.base}/v1/dead_letters", params={"timeframe": "1h"}, headers=ops, timeout=15).text)
+    answer = httpx.get(f"{t.base}/v1/dead_letters", params={"timeframe": "1h"}, headers=ops, timeout=15)
+    assert answer.status_code == 200 and secret not in answer.text
+    csv_answer = httpx.get(f"{t.base}/v1/dead_letters.csv", params={"timeframe": "1h"}, headers=ops, timeout=15)
+    assert csv_answer.status_code == 200 and secret not in csv_answer.text and "processor" in csv_answer.text
+    org = httpx.get(f"{t.base}/v1/dead_letters", headers={"Authorization": f"Bearer {t.tok_b}"}, timeout=15)
+    assert org.status_code == 403 and "operator" in org.json()["error"]
+    bad_param = httpx.get(f"{t.base}/v1/dead_letters", params={"timeframe": "2h"}, headers=ops, timeout=15)
+    assert bad_param.status_code == 400 and "timeframe" in bad_param.json()["error"]
+
+    page = tab()
+    page.open("timeframe=1h", token=t.tok_ops)
+    assert page.page.is_visible("#panel-dead_letters")
+    by = page.page.evaluate("""() => Array.from(document.querySelectorAll('#dead-letters-by tbody tr'))
+        .map(tr => Array.from(tr.querySelectorAll('td')).map(td => td.textContent))""")
+    assert ["processor", "status"] in [row[:2] for row in by] and int(dict(
+        ((r[0], r[1]), r[2]) for r in by)[("processor", "status")].replace(",", "")) >= 3
+    recent = page.page.text_content("#dead-letters-recent")
+    assert "status: must be" in recent and secret not in page.page.content()
+    page.check_clean()
+
+    mine = tab()
+    mine.open("timeframe=1h", token=t.tok_b)
+    assert mine.page.is_hidden("#panel-dead_letters")
+    assert not any("/v1/dead_letters" in u for u in mine.requests)
+    mine.check_clean()

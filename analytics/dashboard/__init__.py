@@ -5,6 +5,7 @@
     GET /v1/whoami           the token's scope: {"org": "acme"} or {"org": null} (operators)
     GET /v1/limits           live limit state from Redis (limits.py), JSON
     GET /v1/limits.csv       the same as CSV
+    GET /v1/dead_letters     the timeframe's dead letters, operators only (dead_letters.py)
 
 The page asks the query API's questions (analytics/queries.py) itself, with the token in
 the Authorization header, never in a URL. It makes no request outside its own origin,

@@ -87,6 +87,10 @@ function ensureOrgOption(org) {
 // The query parameters of a question for the view.
 function params(view, question) {
   const p = new URLSearchParams();
+  if (question === "dead_letters") { // named timeframes only: a custom range reads the last 24 hours
+    p.set("timeframe", ["1h", "24h", "7d", "30d"].includes(view.timeframe) ? view.timeframe : "24h");
+    return p;
+  }
   if (question === "limits") {
     if (view.org) p.set("org", view.org);
     if (view.api_key) p.set("api_key", view.api_key);
@@ -261,6 +265,17 @@ const PANELS = {
     fillTable($("#panel-denials table"), [{ label: "API key", key: "api_key_id" }, num("Denials", "denials"),
       num("Requests", "requests"), num("Denied", "denial_rate", fmtPct)], data.rows);
   },
+  dead_letters(data) {
+    $("#dead-letters-total").textContent = `${fmtInt(data.total)} dead letters ${data.from.slice(0, 16).replace("T", " ")} – `
+      + `${data.to.slice(0, 16).replace("T", " ")} UTC` + (data.complete ? "" : " (the newest of them: too many to read back)");
+    $("#panel-dead_letters").dataset.total = String(data.total);
+    fillTable($("#dead-letters-by"), [{ label: "Stage", key: "stage" }, { label: "Field", key: "field" }, num("Records", "count")],
+      data.by_reason);
+    fillTable($("#dead-letters-recent"), [{ label: "At (UTC)", key: "at", fmt: (v) => v.slice(0, 19).replace("T", " ") },
+      { label: "Stage", key: "stage" }, { label: "Reason", key: "reason" },
+      { label: "From", key: "source_topic", fmt: (v, r) => (r.source_file ? `${r.source_file}:${r.source_file_offset}` : v ? `${v}/${r.source_partition}@${r.source_offset}` : "") }],
+      data.rows.slice(0, 20));
+  },
   alerts(data) {
     // Transitions only (delivery attempts are in the CSV), newest first; the answer is oldest first.
     const rows = data.rows.filter((r) => r.record === "transition").reverse();
@@ -327,7 +342,8 @@ async function refresh() {
   const view = state.view;
   const started = performance.now();
   try {
-    const results = await Promise.all(["limits", ...QUESTIONS].map((q) => loadPanel(q, view)));
+    const operator = ["dead_letters"].filter(() => state.org === null); // operators' panels
+    const results = await Promise.all(["limits", ...QUESTIONS, ...operator].map((q) => loadPanel(q, view)));
     const failed = results.filter((r) => r instanceof Error);
     // A refused filter is refused by every question alike: say it once, at the top.
     $("#error").textContent = failed.length ? [...new Set(failed.map((e) => e.message))].join("; ") : "";
@@ -367,6 +383,7 @@ async function signIn(token) {
   $("#board").hidden = false;
   $("#org-field").hidden = who.org !== null;
   $("#panel-sql").hidden = who.org !== null; // ad-hoc SQL is for operator tokens only
+  $("#panel-dead_letters").hidden = who.org !== null; // so are dead letters: any org's records
   state.view = readView();
   if (who.org !== null) state.view.org = "";
   showView(state.view);
