@@ -28,23 +28,36 @@ TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 TIMESTAMP_TYPE = "message.timestamp.type"
 CLEANUP_POLICY = "cleanup.policy"
 MIN_COMPACTION_LAG = "min.compaction.lag.ms"
+MIN_INSYNC_REPLICAS = "min.insync.replicas"
 DEFAULT_CONFIG = 5  # DescribeConfigs config source DEFAULT_CONFIG
 KEYS_CONFIGS = {CLEANUP_POLICY: "compact", MIN_COMPACTION_LAG: str(KEYS_MIN_COMPACTION_LAG_MS)}
 ALERT_RULES_CONFIGS = {CLEANUP_POLICY: "compact"}
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
+    rf = settings.kafka_replication_factor  # 1 with one broker, 3 with three
+    cluster = _cluster_configs(settings)
     return [
-        NewTopic(EVENTS_TOPIC, settings.events_partitions, 1,
-                 topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}),
-        NewTopic(DEAD_LETTER_TOPIC, 1, 1, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS)}),
+        NewTopic(EVENTS_TOPIC, settings.events_partitions, rf,
+                 topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE,
+                                **cluster}),
+        NewTopic(DEAD_LETTER_TOPIC, 1, rf, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS), **cluster}),
         # The API key registry: compacted (each key's last record kept for ever, so Redis can
         # be rebuilt from it), and every change kept a week first, for the audit.
-        NewTopic(KEYS_TOPIC, KEYS_PARTITIONS, 1, topic_configs=KEYS_CONFIGS),
+        NewTopic(KEYS_TOPIC, KEYS_PARTITIONS, rf, topic_configs={**KEYS_CONFIGS, **cluster}),
         # Compacted: the latest record of each rule is kept for good (one partition: a
         # reader rebuilds every rule by reading it from the start).
-        NewTopic(ALERT_RULES_TOPIC, 1, 1, topic_configs=ALERT_RULES_CONFIGS),
+        NewTopic(ALERT_RULES_TOPIC, 1, rf, topic_configs={**ALERT_RULES_CONFIGS, **cluster}),
     ]
+
+
+def _cluster_configs(settings: Settings) -> dict[str, str]:
+    """With several replicas, how many must have a record before it is acknowledged
+    (acks=all): 2 of 3, so one broker can be lost without losing an acknowledged record
+    or refusing writes. One broker: nothing (the broker's default, 1)."""
+    if settings.kafka_replication_factor == 1:
+        return {}
+    return {MIN_INSYNC_REPLICAS: str(settings.kafka_min_insync_replicas)}
 
 
 class _NotCreated(Exception):
@@ -80,6 +93,9 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
                               "stamping the events topic's records with their arrival time")
         await _ensure_configs(admin, KEYS_TOPIC, KEYS_CONFIGS, "compacting the keys topic")
         await _ensure_configs(admin, ALERT_RULES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert rules topic")
+        if cluster := _cluster_configs(settings):
+            for topic in (EVENTS_TOPIC, DEAD_LETTER_TOPIC, KEYS_TOPIC, ALERT_RULES_TOPIC):
+                await _ensure_configs(admin, topic, cluster, "requiring acknowledgements of several replicas")
         return created
     finally:
         await admin.close()
