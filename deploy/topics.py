@@ -107,8 +107,19 @@ async def _ensure_configs(admin: AIOKafkaAdminClient, topic: str, wanted_configs
     against it; the keys topic is compacted. A topic made before that (or by hand) is
     altered, its other settings kept (AlterConfigs replaces the whole set)."""
     resource = ConfigResource(ConfigResourceType.TOPIC, topic)
-    (response,) = await admin.describe_configs([resource])
-    entries = response.resources[0][4]  # (name, value, read_only, config_source, is_sensitive, ...)
+
+    async def describe() -> list:
+        (response,) = await admin.describe_configs([resource])
+        code, message = response.resources[0][:2]
+        if code:  # a broker that has not learnt of a topic just made: its set would look empty
+            raise _NotCreated({topic: (code, message)})
+        return response.resources[0][4]  # (name, value, read_only, config_source, is_sensitive, ...)
+
+    try:
+        entries = await retry(describe, f"reading the settings of {topic}", on=_NotCreated, max_s=0.5,
+                              give_up_after_s=30, level=logging.DEBUG, logger=log)
+    except _NotCreated as exc:
+        raise OperatorError(f"could not read the settings of {topic}: {exc}") from None
     current = {e[0]: e[1] for e in entries if e[3] != DEFAULT_CONFIG and not e[2]}
     if all(current.get(name) == value for name, value in wanted_configs.items()):
         return

@@ -90,6 +90,10 @@ def test_three_brokers_replicate_every_topic(cluster):
 
     topics = asyncio.run(describe(cluster, [EVENTS_TOPIC, DEAD_LETTER_TOPIC, KEYS_TOPIC, ALERT_RULES_TOPIC]))
     assert_replicated(topics)
+    # Each topic's own settings are there too (none dropped by an alteration made from the
+    # view of a broker that had not yet learnt of the topic).
+    assert topics[EVENTS_TOPIC][1]["message.timestamp.type"] == "LogAppendTime"
+    assert topics[KEYS_TOPIC][1]["cleanup.policy"] == topics[ALERT_RULES_TOPIC][1]["cleanup.policy"] == "compact"
     # The leaders are spread: a dead broker leaves the others partitions to lead.
     assert len({p["leader"] for p in topics[EVENTS_TOPIC][0]}) > 1
 
