@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install stack-down clean
+.PHONY: demo test test-cluster install stack-down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "quotaflow needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The cluster tests (pytest marker `cluster`, left out of `make test`): each runs servers of
+# several nodes, so one at a time (-n 0).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster -n 0
 
 stack-down: $(STAMP)
 	$(BIN)/quotaflow stack down

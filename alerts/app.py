@@ -438,7 +438,7 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",
         datadir=str(settings.state_dir / "alerts-data"),  # Faust's own files, not the working directory
         topic_partitions=partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka_replication_factor,  # its tables: 3 replicas on 3 brokers
         web_enabled=False,
         # A new alerts stage reads the topic from the start, skipping records older than the
         # longest window without decoding them; its group's offsets then carry on.

@@ -1,4 +1,5 @@
-"""Apache Kafka for the local stack: one KRaft broker (broker + controller in one JVM).
+"""Apache Kafka for the local stack: one KRaft broker (broker + controller in one JVM), or
+with QUOTAFLOW_KAFKA_BROKERS=3 a cluster of three such nodes (see CLUSTER_PROPERTIES).
 
 The official jars of a pinned release come from Maven Central through Maven,
 are checked against the SHA-256 sums committed in deploy/kafka/, cached under
@@ -20,12 +21,14 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from quotaflow.core.errors import OperatorError
 from quotaflow.core.retry import retry
-from quotaflow.core.settings import Settings
+from quotaflow.core.settings import KAFKA_BROKER_PORT_STEP, KAFKA_BROKERS_MAX, Settings
 from quotaflow.deploy.procs import Proc, ensure_port_free, port_open, tail, wait_until
 from quotaflow.deploy.system_packages import ensure_command, which
 
@@ -59,6 +62,48 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.check.interval.ms=60000
+"""
+
+# A node of a local cluster: broker and controller in one JVM ("combined"), each node a
+# voter of the controller quorum. Three JVMs, not six: on a small machine dedicated
+# controllers would double the processes for no gain in what a test can show, and a quorum
+# of three still survives the loss of one node, controller and broker together (what a
+# SIGKILL or a lost machine does). Kafka advises dedicated controllers in production.
+CLUSTER_PROPERTIES = """\
+process.roles=broker,controller
+node.id={node_id}
+controller.quorum.voters={voters}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={log_dir}
+num.partitions=1
+auto.create.topics.enable=false
+# Every topic, internal or made by a client that names no factor, has {rf} replicas, and a
+# record is acknowledged to an acks=all producer once {min_isr} of them have it: a broker
+# can die without losing an acknowledged record or refusing writes.
+default.replication.factor={rf}
+min.insync.replicas={min_isr}
+unclean.leader.election.enable=false
+offsets.topic.replication.factor={rf}
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor={rf}
+transaction.state.log.min.isr={min_isr}
+transaction.state.log.num.partitions=8
+share.coordinator.state.topic.replication.factor={rf}
+share.coordinator.state.topic.min.isr={min_isr}
+group.initial.rebalance.delay.ms=0
+log.retention.check.interval.ms=60000
+# A dead broker is fenced (its partitions get new leaders) after 6 s without a heartbeat,
+# not 9: writes to its partitions wait that long.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=6000
+# Small machine: fewer threads per broker.
+num.network.threads=2
+num.io.threads=4
+num.replica.fetchers=1
 """
 
 LOG4J2_PROPERTIES = """\
@@ -181,8 +226,51 @@ def java_command() -> str:
     return java
 
 
+@dataclass(frozen=True)
+class Node:
+    """One broker of the local stack. With one broker (the default) it is the stack's
+    "kafka", data in state_dir/kafka, as it always was; with several, broker n is
+    "kafka-n", data in state_dir/kafka-cluster/broker-n, each a KRaft controller too."""
+
+    n: int
+    port: int
+    controller_port: int
+    proc: Proc
+    data: Path
+
+    @property
+    def log_file(self) -> Path:
+        return self.data / "server.log"
+
+
+def nodes(settings: Settings, brokers: int | None = None) -> list[Node]:
+    """The brokers of the local stack as configured (QUOTAFLOW_KAFKA_BROKERS), or as ``brokers`` says."""
+    brokers = settings.kafka_brokers if brokers is None else brokers
+    run = settings.state_dir / "run"
+    if brokers == 1:
+        return [Node(1, settings.kafka_port, settings.kafka_controller_port, Proc("kafka", run),
+                     settings.state_dir / "kafka")]
+    step = KAFKA_BROKER_PORT_STEP
+    return [Node(n, settings.kafka_port + step * (n - 1), settings.kafka_controller_port + step * (n - 1),
+                 Proc(f"kafka-{n}", run), settings.state_dir / "kafka-cluster" / f"broker-{n}")
+            for n in range(1, brokers + 1)]
+
+
+def running_nodes(settings: Settings) -> list[Node]:
+    """Every broker of this state dir that runs, whatever QUOTAFLOW_KAFKA_BROKERS says now
+    (a stack started with --brokers 3 is stopped by a plain 'stack down')."""
+    seen = nodes(settings, 1) + nodes(settings, KAFKA_BROKERS_MAX)
+    return [node for node in seen if node.proc.pid() is not None]
+
+
+def cluster_size(settings: Settings) -> int:
+    """Brokers of the cluster last formed in this state dir (its folders), 0 if none."""
+    return len(list((settings.state_dir / "kafka-cluster").glob("broker-*")))
+
+
 def proc(settings: Settings) -> Proc:
-    return Proc("kafka", settings.state_dir / "run")
+    """The single broker's process (QUOTAFLOW_KAFKA_BROKERS=1)."""
+    return nodes(settings, 1)[0].proc
 
 
 def _data_dir(settings: Settings) -> Path:
@@ -204,20 +292,27 @@ def _configure(settings: Settings, java: str, libs: Path) -> Path:
     (data / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=log_file(settings)))
     if not (log_dir / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        result = subprocess.run(
-            [java, "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={data / 'log4j2.properties'}",
-             STORAGE_TOOL, "format", f"--cluster-id={cluster_id}", "-c", str(config)],  # ids may start with "-"
-            capture_output=True, text=True)
-        if result.returncode != 0:
-            raise OperatorError(f"formatting Kafka storage failed:\n{(result.stdout + result.stderr).strip()[-1500:]}")
+        _format(java, libs, data, config, cluster_id)
     return config
 
 
+def _format(java: str, libs: Path, data: Path, config: Path, cluster_id: str) -> None:
+    result = subprocess.run(
+        [java, "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={data / 'log4j2.properties'}",
+         STORAGE_TOOL, "format", f"--cluster-id={cluster_id}", "-c", str(config)],  # ids may start with "-"
+        capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OperatorError(f"formatting Kafka storage failed:\n{(result.stdout + result.stderr).strip()[-1500:]}")
+
+
 def start(settings: Settings) -> bool:
-    """Start the broker unless it already runs; wait until it serves metadata. True if started."""
+    """Start the broker(s) unless running; wait until they serve metadata. True if any started."""
+    if settings.kafka_brokers > 1:
+        return _start_cluster(settings)
     p = proc(settings)
     if p.pid() is not None:
         return False
+    _refuse_other_size(settings)
     java = java_command()
     ensure_port_free(settings.kafka_port, "Kafka", "QUOTAFLOW_KAFKA_PORT")
     ensure_port_free(settings.kafka_controller_port, "the Kafka controller", "QUOTAFLOW_KAFKA_CONTROLLER_PORT")
@@ -239,25 +334,107 @@ def start(settings: Settings) -> bool:
     return True
 
 
+def _refuse_other_size(settings: Settings) -> None:
+    """Brokers of another cluster size run in this state dir: their ports are ours."""
+    mine = {node.proc.name for node in nodes(settings)}
+    others = [node.proc.name for node in running_nodes(settings) if node.proc.name not in mine]
+    if others:
+        raise OperatorError(f"Kafka of another size runs in {settings.state_dir} ({', '.join(others)}), not the "
+                            f"{settings.kafka_brokers} broker(s) of QUOTAFLOW_KAFKA_BROKERS; stop it first with "
+                            f"'quotaflow stack down'")
+
+
+def _configure_node(settings: Settings, node: Node, java: str, libs: Path) -> Path:
+    """Write a cluster broker's config; format its storage on first start, with the
+    cluster's id (made once, kept beside the brokers' folders)."""
+    log_dir = node.data / "data"
+    node.data.mkdir(parents=True, exist_ok=True)
+    everyone = nodes(settings)
+    rf, min_isr = settings.kafka_replication_factor, settings.kafka_min_insync_replicas
+    config = node.data / "server.properties"
+    config.write_text(CLUSTER_PROPERTIES.format(
+        node_id=node.n, port=node.port, controller_port=node.controller_port, log_dir=log_dir,
+        voters=",".join(f"{o.n}@127.0.0.1:{o.controller_port}" for o in everyone), rf=rf, min_isr=min_isr))
+    (node.data / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=node.log_file))
+    if not (log_dir / "meta.properties").exists():
+        id_file = node.data.parent / "cluster.id"
+        if not id_file.exists():
+            id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        _format(java, libs, node.data, config, id_file.read_text().strip())
+    return config
+
+
+def _start_cluster(settings: Settings) -> bool:
+    """Start the brokers that do not run (all at once: a KRaft node serves clients only
+    once a quorum of controllers has elected a leader), then wait until every broker has
+    registered and every partition has a leader."""
+    _refuse_other_size(settings)
+    formed = cluster_size(settings)
+    if formed and formed != settings.kafka_brokers:  # its controller quorum is fixed at its size
+        raise OperatorError(f"a cluster of {formed} Kafka brokers was formed in {settings.state_dir / 'kafka-cluster'}; "
+                            f"set QUOTAFLOW_KAFKA_BROKERS={formed}, or remove that folder (its topics with it) "
+                            f"to form one of {settings.kafka_brokers}")
+    missing = [node for node in nodes(settings) if node.proc.pid() is None]
+    if not missing:
+        return False
+    java = java_command()
+    for node in missing:
+        ensure_port_free(node.port, f"Kafka broker {node.n}", "QUOTAFLOW_KAFKA_PORT")
+        ensure_port_free(node.controller_port, f"the Kafka controller of broker {node.n}",
+                         "QUOTAFLOW_KAFKA_CONTROLLER_PORT")
+    libs = ensure_jars(settings)
+    for node in missing:
+        config = _configure_node(settings, node, java, libs)
+        argv = [java, f"-Xmx{settings.kafka_heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={node.data / 'log4j2.properties'}",
+                "-cp", f"{libs}/*", MAIN_CLASS, str(config)]
+        node.proc.start(argv, node.data / "stdout.log", marker=str(config))
+
+    def failed() -> list[Node]:
+        return [node for node in missing if node.proc.pid() is None]
+
+    def stop_started() -> None:
+        for node in missing:
+            node.proc.stop()
+
+    if not wait_until(lambda: failed() or all(port_open(node.port) for node in missing), 120) or failed():
+        down = failed() or [node for node in missing if not port_open(node.port)]
+        logs = "\n".join(f"broker {node.n}:\n{tail(node.log_file, 8)}" for node in down)
+        stop_started()
+        raise OperatorError(f"Kafka broker(s) {', '.join(str(node.n) for node in down)} did not start within "
+                            f"120 s; log:\n{logs}")
+    if not asyncio.run(_wait_ready(settings.kafka_bootstrap, 90, brokers=settings.kafka_brokers)):
+        stop_started()
+        raise OperatorError(f"the Kafka brokers opened their ports but do not all serve metadata; log of broker "
+                            f"{missing[0].n}:\n{tail(missing[0].log_file)}")
+    return True
+
+
 class _NotReady(Exception):
     """The broker answers, but some partition has no leader yet."""
 
 
-async def _wait_ready(bootstrap: str, timeout_s: float) -> bool:
+async def _wait_ready(bootstrap: str, timeout_s: float, brokers: int = 1) -> bool:
     """The broker answers and leads every partition of every topic. An open port
     is not enough: until the controller unfences the broker, topics have no
-    leader and topic creation fails."""
+    leader and topic creation fails. With several, every broker has registered
+    (topics with 3 replicas cannot be made before), and no partition lacks a
+    replica in sync (a restarted broker has caught up)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     async def ready() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
         try:
             await admin.start()
-            await admin.describe_cluster()
+            cluster = await admin.describe_cluster()
+            if brokers > 1 and len(cluster["brokers"]) < brokers:
+                raise _NotReady("brokers not registered yet")
             topics = await admin.list_topics()
-            if topics and not all(p["error_code"] == 0 and p["leader"] >= 0
-                                  for t in await admin.describe_topics(topics) for p in t["partitions"]):
+            partitions = [p for t in await admin.describe_topics(topics) for p in t["partitions"]] if topics else []
+            if not all(p["error_code"] == 0 and p["leader"] >= 0 for p in partitions):
                 raise _NotReady("partitions without a leader")
+            if brokers > 1 and not all(len(p["isr"]) == len(p["replicas"]) for p in partitions):
+                raise _NotReady("replicas not in sync yet")
         finally:
             await admin.close()
 
@@ -270,7 +447,14 @@ async def _wait_ready(bootstrap: str, timeout_s: float) -> bool:
 
 
 def stop(settings: Settings) -> bool:
-    return proc(settings).stop(timeout_s=60)
+    """Stop every broker of the state dir that runs; True if any did. The brokers of a
+    cluster get SIGTERM together: one by one, the last would wait for a controller quorum
+    that is gone before it shuts down."""
+    running = running_nodes(settings)
+    if len(running) <= 1:
+        return any([node.proc.stop(timeout_s=60) for node in running])
+    with ThreadPoolExecutor(len(running)) as pool:
+        return any(list(pool.map(lambda node: node.proc.stop(timeout_s=60), running)))
 
 
 def write_lock(settings: Settings) -> Path:

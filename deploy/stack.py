@@ -25,10 +25,13 @@ PIPELINE = ("processor", "sink", "alerts")
 STAGE_ARGV = {"processor": ["processor"], "sink": ["sink"], "alerts": ["alerts", "run"]}
 
 
-def isolated_env(port_base: int, state_dir: Path, cache_dir: Path) -> dict[str, str]:
+def isolated_env(port_base: int, state_dir: Path, cache_dir: Path, brokers: int = 1) -> dict[str, str]:
     """QUOTAFLOW_* variables for a stack of its own (tests, benchmarks) on ports
-    port_base+N, sharing the download cache."""
-    return {
+    port_base+N, sharing the download cache. With ``brokers`` > 1, broker n listens on
+    port_base + 92 + 100*(n-1), its controller on port_base + 93 + 100*(n-1) (+ 192/193,
+    + 292/293: KAFKA_BROKER_PORT_STEP in core/settings.py), ports no stack of a base up to
+    75 ports away uses (test workers are 25 apart)."""
+    env = {
         "QUOTAFLOW_STATE_DIR": str(state_dir),
         "QUOTAFLOW_CACHE_DIR": str(cache_dir),
         "QUOTAFLOW_KAFKA_PORT": str(port_base + 92),
@@ -41,6 +44,9 @@ def isolated_env(port_base: int, state_dir: Path, cache_dir: Path) -> dict[str, 
         "QUOTAFLOW_GATEWAY_PORT": str(port_base + 130),
         "QUOTAFLOW_ADMIN_PORT": str(port_base + 140),
     }
+    if brokers != 1:
+        env["QUOTAFLOW_KAFKA_BROKERS"] = str(brokers)
+    return env
 
 
 def pipeline_proc(settings: Settings, name: str) -> Proc:
@@ -167,10 +173,21 @@ def down(settings: Settings, only: list[str] | None = None) -> list[str]:
 def status(settings: Settings) -> list[tuple[str, bool, str]]:
     """(name, running, where) for each part."""
     out = []
-    if settings.kafka_is_local:
-        pid = kafka.proc(settings).pid()
-        where = f"Apache Kafka {kafka.KAFKA_VERSION} (KRaft) on {settings.kafka_bootstrap}"
+    running = kafka.running_nodes(settings) if settings.kafka_is_local else []
+    configured = kafka.nodes(settings)
+    if running and not {n.proc.name for n in running} & {n.proc.name for n in configured}:
+        # Started with another QUOTAFLOW_KAFKA_BROKERS (stack up --brokers 3): show what runs.
+        configured = kafka.nodes(settings, 1 if running[0].proc.name == "kafka" else kafka.cluster_size(settings))
+    if settings.kafka_is_local and len(configured) == 1:
+        pid = configured[0].proc.pid()
+        where = f"Apache Kafka {kafka.KAFKA_VERSION} (KRaft) on 127.0.0.1:{configured[0].port}"
         out.append(("kafka", pid is not None, f"{where}, pid {pid}" if pid else where))
+    elif settings.kafka_is_local:
+        for node in configured:
+            pid = node.proc.pid()
+            where = (f"Apache Kafka {kafka.KAFKA_VERSION} (KRaft) broker {node.n} of {len(configured)} on "
+                     f"127.0.0.1:{node.port}, controller :{node.controller_port}, data in {node.data}")
+            out.append((node.proc.name, pid is not None, f"{where}, pid {pid}" if pid else where))
     else:
         reachable = all(port_open(int(h.rsplit(":", 1)[1]), h.rsplit(":", 1)[0])
                         for h in settings.kafka_bootstrap.split(","))

@@ -31,26 +31,39 @@ TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 TIMESTAMP_TYPE = "message.timestamp.type"
 CLEANUP_POLICY = "cleanup.policy"
 MIN_COMPACTION_LAG = "min.compaction.lag.ms"
+MIN_INSYNC_REPLICAS = "min.insync.replicas"
 DEFAULT_CONFIG = 5  # DescribeConfigs config source DEFAULT_CONFIG
 KEYS_CONFIGS = {CLEANUP_POLICY: "compact", MIN_COMPACTION_LAG: str(KEYS_MIN_COMPACTION_LAG_MS)}
 ALERT_RULES_CONFIGS = {CLEANUP_POLICY: "compact"}
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
+    rf = settings.kafka_replication_factor  # 1 with one broker, 3 with three
+    cluster = _cluster_configs(settings)
     return [
-        NewTopic(EVENTS_TOPIC, settings.events_partitions, 1,
-                 topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE}),
-        NewTopic(DEAD_LETTER_TOPIC, 1, 1, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS)}),
+        NewTopic(EVENTS_TOPIC, settings.events_partitions, rf,
+                 topic_configs={"retention.ms": str(EVENTS_RETENTION_MS), TIMESTAMP_TYPE: EVENTS_TIMESTAMP_TYPE,
+                                **cluster}),
+        NewTopic(DEAD_LETTER_TOPIC, 1, rf, topic_configs={"retention.ms": str(DEAD_LETTER_RETENTION_MS), **cluster}),
         # The API key registry: compacted (each key's last record kept for ever, so Redis can
         # be rebuilt from it), and every change kept a week first, for the audit.
-        NewTopic(KEYS_TOPIC, KEYS_PARTITIONS, 1, topic_configs=KEYS_CONFIGS),
+        NewTopic(KEYS_TOPIC, KEYS_PARTITIONS, rf, topic_configs={**KEYS_CONFIGS, **cluster}),
         # Compacted: the latest record of each rule is kept for good (one partition: a
         # reader rebuilds every rule by reading it from the start).
-        NewTopic(ALERT_RULES_TOPIC, 1, 1, topic_configs=ALERT_RULES_CONFIGS),
-        NewTopic(ALERT_SILENCES_TOPIC, 1, 1, topic_configs=ALERT_RULES_CONFIGS),
+        NewTopic(ALERT_RULES_TOPIC, 1, rf, topic_configs={**ALERT_RULES_CONFIGS, **cluster}),
+        NewTopic(ALERT_SILENCES_TOPIC, 1, rf, topic_configs={**ALERT_RULES_CONFIGS, **cluster}),
         # What alerts did (transitions, delivery attempts), on its way to ClickHouse.
-        NewTopic(ALERT_HISTORY_TOPIC, 1, 1, topic_configs={"retention.ms": str(ALERT_HISTORY_RETENTION_MS)}),
+        NewTopic(ALERT_HISTORY_TOPIC, 1, rf, topic_configs={"retention.ms": str(ALERT_HISTORY_RETENTION_MS), **cluster}),
     ]
+
+
+def _cluster_configs(settings: Settings) -> dict[str, str]:
+    """With several replicas, how many must have a record before it is acknowledged
+    (acks=all): 2 of 3, so one broker can be lost without losing an acknowledged record
+    or refusing writes. One broker: nothing (the broker's default, 1)."""
+    if settings.kafka_replication_factor == 1:
+        return {}
+    return {MIN_INSYNC_REPLICAS: str(settings.kafka_min_insync_replicas)}
 
 
 class _NotCreated(Exception):
@@ -87,6 +100,10 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
         await _ensure_configs(admin, KEYS_TOPIC, KEYS_CONFIGS, "compacting the keys topic")
         await _ensure_configs(admin, ALERT_RULES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert rules topic")
         await _ensure_configs(admin, ALERT_SILENCES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert silences topic")
+        if cluster := _cluster_configs(settings):
+            for topic in (EVENTS_TOPIC, DEAD_LETTER_TOPIC, KEYS_TOPIC, ALERT_RULES_TOPIC, ALERT_SILENCES_TOPIC,
+                          ALERT_HISTORY_TOPIC):
+                await _ensure_configs(admin, topic, cluster, "requiring acknowledgements of several replicas")
         return created
     finally:
         await admin.close()
@@ -98,8 +115,19 @@ async def _ensure_configs(admin: AIOKafkaAdminClient, topic: str, wanted_configs
     against it; the keys topic is compacted. A topic made before that (or by hand) is
     altered, its other settings kept (AlterConfigs replaces the whole set)."""
     resource = ConfigResource(ConfigResourceType.TOPIC, topic)
-    (response,) = await admin.describe_configs([resource])
-    entries = response.resources[0][4]  # (name, value, read_only, config_source, is_sensitive, ...)
+
+    async def describe() -> list:
+        (response,) = await admin.describe_configs([resource])
+        code, message = response.resources[0][:2]
+        if code:  # a broker that has not learnt of a topic just made: its set would look empty
+            raise _NotCreated({topic: (code, message)})
+        return response.resources[0][4]  # (name, value, read_only, config_source, is_sensitive, ...)
+
+    try:
+        entries = await retry(describe, f"reading the settings of {topic}", on=_NotCreated, max_s=0.5,
+                              give_up_after_s=30, level=logging.DEBUG, logger=log)
+    except _NotCreated as exc:
+        raise OperatorError(f"could not read the settings of {topic}: {exc}") from None
     current = {e[0]: e[1] for e in entries if e[3] != DEFAULT_CONFIG and not e[2]}
     if all(current.get(name) == value for name, value in wanted_configs.items()):
         return

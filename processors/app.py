@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> faust.App:
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         store="memory://",
         topic_partitions=settings.events_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka_replication_factor,  # its changelog: 3 replicas on 3 brokers
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,

@@ -21,6 +21,12 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := [name for name in args.stages if name not in stack.PIPELINE]:
         print(f"quotaflow: unknown stage {unknown[0]!r}; stages: {', '.join(stack.PIPELINE)}", file=sys.stderr)
         return 2
+    if args.brokers is not None:
+        if args.action not in ("up", "start"):
+            print(f"quotaflow: --brokers is for 'stack up' and 'stack start'; 'stack {args.action}' finds the "
+                  f"brokers that run", file=sys.stderr)
+            return 2
+        settings = with_brokers(args.brokers)
     status = 0
     if args.action == "up":
         started = stack.up(settings)
@@ -41,6 +47,9 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
     elif args.action == "down":
         stopped = stack.down(settings)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    if args.brokers is not None and args.brokers > 1 and args.action in ("up", "start"):
+        print(f"Kafka: {args.brokers} brokers, bootstrap {settings.kafka_bootstrap}; other quotaflow commands "
+              f"use them all with QUOTAFLOW_KAFKA_BROKERS={args.brokers} set")
     if args.action in ("up", "start", "status"):
         for name, running, where in stack.status(settings):
             if not running and name in stack.PIPELINE and started_by_hand(settings, name):
@@ -48,6 +57,19 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
                                         f"'stack down'), metrics on 127.0.0.1:{stack.metrics_port(settings, name)}")
             print(f"  {name:<11} {'running' if running else 'stopped':<8} {where}")
     return status
+
+
+def with_brokers(brokers: int) -> Settings:
+    """The settings with QUOTAFLOW_KAFKA_BROKERS=brokers, checked as at start; set in the
+    environment too, so the stages 'stack start' runs use every broker."""
+    from quotaflow.core.settings import ConfigError, describe_error, get_settings
+
+    os.environ["QUOTAFLOW_KAFKA_BROKERS"] = str(brokers)
+    get_settings.cache_clear()
+    try:
+        return get_settings()
+    except Exception as exc:
+        raise ConfigError(describe_error(exc)) from None
 
 
 def started_by_hand(settings: Settings, name: str) -> bool:
@@ -85,6 +107,9 @@ def run_supervise(args: argparse.Namespace, settings: Settings) -> int:
 def _stack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "start", "down", "status"])
     p.add_argument("stages", nargs="*", metavar="STAGE", help="with 'start': processor, sink, alerts (default: all)")
+    p.add_argument("--brokers", type=int, metavar="N",
+                   help="with 'up' or 'start': run N Kafka brokers (as QUOTAFLOW_KAFKA_BROKERS=N; 3 gives quotaflow's "
+                        "topics 3 replicas and min.insync.replicas=2); set the variable for the other commands too")
 
 
 def _supervise_arguments(p: argparse.ArgumentParser) -> None:

@@ -59,6 +59,16 @@ SHIP_FIELD_NAMES = ("time", "method", "path", "status", "request_bytes", "respon
 _LOGGED_FIELD = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 _ROUTE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/{}-]{0,255}$")
 KEY_HASH_SECRET_MIN = 32
+# With QUOTAFLOW_KAFKA_BROKERS=N the local stack runs N brokers; broker n (1..N) listens on
+# kafka_port + STEP*(n-1) and its controller on kafka_controller_port + STEP*(n-1)
+# (19092, 19192, 19292 and 19093, 19193, 19293 by default; a test stack's port base + 92,
+# + 192, + 292: apart from every other port of the base, deploy/stack.py isolated_env).
+KAFKA_BROKER_PORT_STEP = 100
+KAFKA_BROKERS_MAX = 5
+# A broker's Java heap when QUOTAFLOW_KAFKA_HEAP is not set: one broker gets more; each of
+# several sharing a small machine gets less (the local stack's load is light).
+KAFKA_HEAP_SINGLE = "768m"
+KAFKA_HEAP_CLUSTER = "320m"
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortOrOff = Annotated[int, Field(ge=0, le=65535, description="0: off")]
 Limit = Annotated[int | None, Field(strict=True, ge=0, le=LIMIT_MAX)]
@@ -97,8 +107,12 @@ class Settings(BaseSettings):
     kafka_port: Port = 19092
     kafka_controller_port: Port = 19093
     kafka_bootstrap: str | None = Field(None, description="host:port[,host:port]; default: the local stack's broker")
-    kafka_heap: str = Field("768m", pattern=r"^[1-9][0-9]{0,11}[kKmMgGtT]?$", description="the broker's Java heap, "
-                            "as -Xmx takes it")
+    kafka_brokers: int = Field(1, ge=1, le=KAFKA_BROKERS_MAX, description="Kafka brokers the local stack runs "
+                               "(KRaft, each also a controller); with 3 or more, quotaflow's topics have 3 replicas "
+                               "and min.insync.replicas=2")
+    kafka_heap: str | None = Field(None, pattern=r"^[1-9][0-9]{0,11}[kKmMgGtT]?$", description="each broker's Java "
+                                   f"heap, as -Xmx takes it; default {KAFKA_HEAP_SINGLE}, or {KAFKA_HEAP_CLUSTER} "
+                                   "each with several brokers")
     events_partitions: int = Field(4, ge=1, le=10_000)
 
     redis_port: Port = 16379
@@ -463,8 +477,10 @@ class Settings(BaseSettings):
         if self.spool_segment_bytes * 2 > self.spool_max_bytes:
             raise ValueError(f"{env_var('spool_segment_bytes')} (spool_segment_bytes) must be at most half of "
                              f"{env_var('spool_max_bytes')} (spool_max_bytes): the spool drops whole segments")
+        if self.kafka_heap is None:
+            self.kafka_heap = KAFKA_HEAP_SINGLE if self.kafka_brokers == 1 else KAFKA_HEAP_CLUSTER
         if self.kafka_bootstrap is None:
-            self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
+            self.kafka_bootstrap = self._local_bootstrap()
         if self.redis_url is None:
             self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         if self.clickhouse_url is None:
@@ -473,6 +489,14 @@ class Settings(BaseSettings):
         if len(set(ports)) != len(ports):
             raise ValueError(f"{env_var('kafka_port')}, {env_var('kafka_controller_port')} and "
                              f"{env_var('redis_port')} must differ, got {ports}")
+        if self.kafka_brokers > 1:
+            cluster = [port for pair in self.kafka_broker_ports for port in pair]
+            if max(cluster) > 65535 or len(set(cluster + [self.redis_port])) != len(cluster) + 1:
+                raise ValueError(f"{env_var('kafka_brokers')}={self.kafka_brokers}: broker n listens on "
+                                 f"{env_var('kafka_port')} + {KAFKA_BROKER_PORT_STEP}*(n-1) and its controller on "
+                                 f"{env_var('kafka_controller_port')} + {KAFKA_BROKER_PORT_STEP}*(n-1); these ports "
+                                 f"must be at most 65535 and differ from each other and from "
+                                 f"{env_var('redis_port')}, got {sorted(cluster)}")
         self._check_limits()
         if self.smtp_url is None and any(isinstance(c, EmailChannel) for c in self.alert_channels.values()):
             raise ValueError(f"{env_var('alert_channels')} (alert_channels) has email channels: set "
@@ -517,9 +541,29 @@ class Settings(BaseSettings):
         return self.clickhouse_url.startswith("chdb://")
 
     @property
+    def kafka_broker_ports(self) -> list[tuple[int, int]]:
+        """(client port, controller port) of each broker the local stack runs, broker 1 first."""
+        step = KAFKA_BROKER_PORT_STEP
+        return [(self.kafka_port + step * n, self.kafka_controller_port + step * n) for n in range(self.kafka_brokers)]
+
+    def _local_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{port}" for port, _ in self.kafka_broker_ports)
+
+    @property
+    def kafka_replication_factor(self) -> int:
+        """Replicas of each of quotaflow's topics: 3 (or as many brokers as there are, if fewer)."""
+        return min(self.kafka_brokers, 3)
+
+    @property
+    def kafka_min_insync_replicas(self) -> int:
+        """Replicas that must have a record before an acks=all producer gets its acknowledgement:
+        2 of 3, so a broker can be lost without losing an acknowledged record or stopping writes."""
+        return max(1, self.kafka_replication_factor - 1)
+
+    @property
     def kafka_is_local(self) -> bool:
-        """True when clients talk to the broker the local stack runs."""
-        return self.kafka_bootstrap == f"127.0.0.1:{self.kafka_port}"
+        """True when clients talk to the broker(s) the local stack runs."""
+        return self.kafka_bootstrap == self._local_bootstrap()
 
     @property
     def redis_is_local(self) -> bool:
