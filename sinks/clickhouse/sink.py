@@ -31,8 +31,9 @@ sink checks each table for the batch and adds what the engine dropped by mistake
 The sink's modules, one job each: this one starts and stops it; batches.py (batch
 selection), pipeline.py (the loop: decode, check, store), kafka_side.py (the consumer,
 plans, commits, dead letters), inserts.py (inserts retried, refused rows halved),
-writer.py, rows.py, duplicates.py, repair.py, tier_cache.py, metrics.py; key_audit.py (the
-audit trail of API key changes).
+writer.py, rows.py, duplicates.py, repair.py, tier_cache.py, metrics.py; topic_table.py (a
+topic stored as a table, record by record), for key_audit.py (the audit trail of API key
+changes) and alert_history.py.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import stored_key
 from quotaflow.sinks.clickhouse.inserts import Inserter
 from quotaflow.sinks.clickhouse.kafka_side import KafkaSide
-from quotaflow.sinks.clickhouse.alert_history import AlertHistory
-from quotaflow.sinks.clickhouse.key_audit import KeyAudit
+from quotaflow.sinks.clickhouse.alert_history import alert_history
+from quotaflow.sinks.clickhouse.key_audit import key_audit
 from quotaflow.sinks.clickhouse.metrics import READY
 from quotaflow.sinks.clickhouse.pipeline import Pipeline
 from quotaflow.sinks.clickhouse.tier_cache import TierCache
@@ -95,9 +96,9 @@ class ClickHouseSink:
         pipeline = Pipeline(settings, self.client, kafka, inserter, tiers,
                             DuplicateCheck(redis, stored_key, settings.dedup_window_s), self._stop, pause)
         await kafka.start(pipeline.listener())
-        audit = asyncio.create_task(KeyAudit(settings, pause).run(self._stop))
+        audit = asyncio.create_task(key_audit(settings, pause).run(self._stop))
         audit.add_done_callback(lambda task: task.cancelled() or task.exception() is None or self._stop.set())
-        history = asyncio.create_task(AlertHistory(settings, pause).run(self._stop))
+        history = asyncio.create_task(alert_history(settings, pause).run(self._stop))
         history.add_done_callback(lambda task: task.cancelled() or task.exception() is None or self._stop.set())
         log.info("clickhouse sink started", extra={"clickhouse": settings.clickhouse_url.split("@")[-1]})
         try:
