@@ -15,13 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-
+from quotaflow.alerts.compacted import CompactedTopic
 from quotaflow.core.channels import OPERATORS
 from quotaflow.core.errors import OperatorError
-from quotaflow.core.redact import redact
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.alert_rules import GLOBAL, InvalidRule, Rule, RuleRecord, rule_key
 from quotaflow.schemas.limits import policy_from_settings
@@ -72,50 +68,15 @@ class Rules:
         return [r for (org, _), r in sorted(self.records.items()) if org in (org_id, GLOBAL)]
 
 
-class RuleStore:
+class RuleStore(CompactedTopic):
     """Reads and writes the rules topic (one partition: see deploy/topics.py)."""
 
     def __init__(self, bootstrap: str, topic: str = ALERT_RULES_TOPIC):
-        self.bootstrap, self.topic = bootstrap, topic
-
-    def _unreachable(self, exc: Exception) -> OperatorError:
-        return OperatorError(f"cannot reach Kafka at {redact(self.bootstrap)}: {redact(exc) or type(exc).__name__}")
-
-    async def _partitions(self) -> list[int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=15_000)
-        await admin.start()
-        try:
-            (desc,) = await admin.describe_topics([self.topic])
-        finally:
-            await admin.close()
-        return [] if desc.get("error_code") else sorted(p["partition"] for p in desc["partitions"])
+        super().__init__(bootstrap, topic)
 
     async def read(self) -> Rules:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    request_timeout_ms=15_000)
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            raise self._unreachable(exc) from None
         rules = Rules()
-        try:
-            numbers = await self._partitions()
-            if not numbers:
-                raise OperatorError(f"the topic {self.topic} does not exist: `quotaflow stack up` creates it "
-                                    "(or create it compacted on your cluster)")
-            tps = [TopicPartition(self.topic, p) for p in sorted(numbers)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-                for tp, records in (await consumer.getmany(*tps, timeout_ms=1000)).items():
-                    for record in records:
-                        if record.offset < ends[tp]:
-                            self._apply(rules, record)
-        except KafkaError as exc:
-            raise self._unreachable(exc) from None
-        finally:
-            await consumer.stop()
+        await self._read_all(lambda record: self._apply(rules, record))
         return rules
 
     @staticmethod
@@ -139,17 +100,6 @@ class RuleStore:
             rules.skipped.append(f"offset {record.offset}: the key does not name the rule it holds")
             return
         rules.records[(org_id, rule_id)] = parsed
-
-    async def _send(self, key: bytes, value: bytes | None) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                    request_timeout_ms=15_000)
-        try:
-            await producer.start()
-            await producer.send_and_wait(self.topic, value, key=key)
-        except KafkaError as exc:
-            raise self._unreachable(exc) from None
-        finally:
-            await producer.stop()
 
     async def put(self, rule: Rule, *, replace: bool = False, actor: str = "", now_ms: int | None = None
                   ) -> RuleRecord:

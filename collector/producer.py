@@ -42,7 +42,7 @@ import collections
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError

@@ -23,7 +23,7 @@ import bisect
 from collections import Counter
 from typing import Sequence, TypedDict
 
-from quotaflow.schemas.limits import Policy, Window
+from quotaflow.schemas.limits import Policy
 
 COUNTED = "counted"
 LATE = "late"  # missed at least one window
