@@ -59,7 +59,6 @@ class Output:
         self.events_topic = events_topic
         self._bootstrap = bootstrap
         self._producer = self._new_producer()
-        self._stale = False  # a delivery failed: the next attempt starts a new producer
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(bootstrap_servers=self._bootstrap, enable_idempotence=True, linger_ms=5,
@@ -75,7 +74,7 @@ class Output:
         await self._stop(self._producer)
         producer = self._new_producer()
         await producer.start()  # KafkaError when the broker is still away: tried again next attempt
-        self._producer, self._stale = producer, False
+        self._producer = producer
         log.info("kafka producer renewed after a failed delivery")
 
     @staticmethod
@@ -127,18 +126,16 @@ class Output:
         async def attempt() -> None:
             nonlocal sent, failed
             if failed:  # the last attempt's failures, sent again in their order, by a new producer
-                if self._stale:
-                    try:
-                        await self._renew()
-                    except KafkaError as exc:
-                        log.warning("kafka producer not renewed yet", extra={"error": repr(exc)})
-                        raise NotDelivered(failed) from None
+                try:
+                    await self._renew()
+                except KafkaError as exc:
+                    log.warning("kafka producer not renewed yet", extra={"error": repr(exc)})
+                    raise NotDelivered(failed) from None
                 sent = [await self._send(s.topic, s.key, s.value, s.partition, s.headers) for s in failed]
             await asyncio.wait([s.future for s in sent], timeout=DELIVERY_TIMEOUT_S)
             failed = [s for s in sent
                       if not s.future.done() or s.future.cancelled() or s.future.exception() is not None]
             if failed:
-                self._stale = True
                 raise NotDelivered(failed)
 
         if sent:
