@@ -232,17 +232,9 @@ def run_silence(args: argparse.Namespace, settings: Settings) -> int:
 def run_stage(args: argparse.Namespace, settings: Settings) -> int:
     """The alerts stage in the foreground (alerts/app.py); `quotaflow stack start` runs it supervised."""
     from quotaflow.alerts.app import Worker, create_app
-    from quotaflow.cli.stages import serve_metrics
-    from quotaflow.core import gc_tuning
-    from quotaflow.core.logs import logging_dict
+    from quotaflow.cli.stages import run_faust_worker
 
-    app = create_app(settings)
-    serve_metrics(settings, "alerts_metrics_port")
-    gc_tuning.for_streaming()
-    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
-                    logging_config=logging_dict(settings.log_level, settings.log_format))
-    worker.execute_from_commandline()
-    return 0
+    return run_faust_worker(settings, create_app, Worker, "alerts_metrics_port")
 
 
 def _which(p: argparse.ArgumentParser, required: bool = True) -> None:

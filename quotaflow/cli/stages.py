@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import Callable
 
 from quotaflow.cli.registry import Command, host_argument
 from quotaflow.core.errors import OperatorError
@@ -31,17 +32,23 @@ def serve_metrics(settings: Settings, field: str) -> None:
                             f"({env_var(field)} sets the port, 0 turns them off)") from None
 
 
-def run_processor(args: argparse.Namespace, settings: Settings) -> int:
+def run_faust_worker(settings: Settings, create_app: Callable, worker: Callable, metrics_field: str) -> int:
+    """A Faust stage in the foreground: its app, its metrics served on the port of
+    ``metrics_field``, the collector tuned for streaming, its worker until stopped."""
     from quotaflow.core import gc_tuning
-    from quotaflow.processors.app import Worker, create_app
 
     app = create_app(settings)
-    serve_metrics(settings, "processor_metrics_port")
+    serve_metrics(settings, metrics_field)
     gc_tuning.for_streaming()
-    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
-                    logging_config=logging_dict(settings.log_level, settings.log_format))
-    worker.execute_from_commandline()
+    worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+           logging_config=logging_dict(settings.log_level, settings.log_format)).execute_from_commandline()
     return 0
+
+
+def run_processor(args: argparse.Namespace, settings: Settings) -> int:
+    from quotaflow.processors.app import Worker, create_app
+
+    return run_faust_worker(settings, create_app, Worker, "processor_metrics_port")
 
 
 def run_sink(args: argparse.Namespace, settings: Settings) -> int:
