@@ -89,6 +89,16 @@ class _Source:
         self.bucket = f"{_BUCKET_FN[step_ms]}({self.time})"
 
 
+def _tenant(conds: list[str], params: dict[str, Any], org_id: str | None, filters: Filters) -> None:
+    """The org and API key conditions every question's filter has, bound as parameters."""
+    if org_id is not None:
+        conds.append("org_id = {org:String}")
+        params["org"] = org_id
+    if filters.api_key_id is not None:
+        conds.append("api_key_id = {api_key:String}")
+        params["api_key"] = filters.api_key_id
+
+
 def _where(table: Table, time_range: TimeRange, org_id: str | None, filters: Filters) -> tuple[str, dict[str, Any]]:
     if table.name == RAW:
         conds = ["event_time >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
@@ -97,12 +107,7 @@ def _where(table: Table, time_range: TimeRange, org_id: str | None, filters: Fil
         conds = ["bucket >= toDateTime({start_s:Int64}, 'UTC')", "bucket < toDateTime({end_s:Int64}, 'UTC')"]
     params: dict[str, Any] = {"start_ms": time_range.start_ms, "end_ms": time_range.end_ms,
                               "start_s": time_range.start_ms // 1000, "end_s": time_range.end_ms // 1000}
-    if org_id is not None:
-        conds.append("org_id = {org:String}")
-        params["org"] = org_id
-    if filters.api_key_id is not None:
-        conds.append("api_key_id = {api_key:String}")
-        params["api_key"] = filters.api_key_id
+    _tenant(conds, params, org_id, filters)
     if filters.endpoint is not None:
         conds.append("endpoint = {endpoint:String}")
         params["endpoint"] = filters.endpoint
@@ -250,12 +255,7 @@ def _alerts_where(time_range: TimeRange, org_id: str | None, filters: Filters) -
     conds = ["at >= fromUnixTimestamp64Milli({start_ms:Int64}, 'UTC')",
              "at < fromUnixTimestamp64Milli({end_ms:Int64}, 'UTC')"]
     params: dict[str, Any] = {"start_ms": time_range.start_ms, "end_ms": time_range.end_ms}
-    if org_id is not None:
-        conds.append("org_id = {org:String}")
-        params["org"] = org_id
-    if filters.api_key_id is not None:
-        conds.append("api_key_id = {api_key:String}")
-        params["api_key"] = filters.api_key_id
+    _tenant(conds, params, org_id, filters)
     if filters.endpoint is not None:  # alerts are about orgs and keys, never an endpoint: no row matches
         conds.append("length({endpoint:String}) = 0")
         params["endpoint"] = filters.endpoint
