@@ -39,7 +39,6 @@ from typing import Mapping, NamedTuple
 import redis
 import redis.asyncio as aioredis
 from prometheus_client import Counter
-from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from quotaflow.core.settings import ConfigError, Settings, env_var
@@ -190,7 +189,10 @@ def policy_script(policy: Policy) -> str:
         "tiers": {name: [-1 if limit is None else limit for limit in limits] for name, limits in policy.tiers.items()},
         "layout": [[layout[i], layout[i + 1], bool(layout[i + 2])] for i in range(0, len(layout), 3)],
     }
-    return f"local POLICY = {_lua(prelude)}\n{SCRIPT}"
+    # The shebang (no flags) has Redis Cluster hold the whole call to the slot of its
+    # declared keys, even for keys it names itself on the same node (a script without one
+    # may reach any slot of its node): a record naming an org of another slot fails there.
+    return f"#!lua\nlocal POLICY = {_lua(prelude)}\n{SCRIPT}"
 
 
 class _Check:
@@ -228,18 +230,17 @@ class _Check:
             raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
         return required
 
-    def candidates(self, presented: str) -> tuple[list[str], int]:
+    def candidates(self, presented: str) -> list[str]:
         """The names the key's record may have, one per configured secret, all in the slot
-        of the key's hint (so of its org), and that slot. InvalidKey, offline, for what is
-        not a key."""
+        of the key's hint (so of its org). InvalidKey, offline, for what is not a key."""
         if not self.secrets:
             raise ConfigError(f"{env_var('key_hash_secrets')} is empty: API keys cannot be verified")
         hint = parse(presented).slot_hint  # shape and checksum first: a fake costs no HMAC and no Redis call
-        return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets], key_slot(hint.encode())
+        return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets]
 
     @staticmethod
-    def key_args(event_id: str, scope: str, slot: int) -> list:
-        return [event_id, "key", scope, slot]
+    def key_args(event_id: str, scope: str) -> list:
+        return [event_id, "key", scope]
 
     @staticmethod
     def replies(switch: object, reply: object) -> tuple[object, list]:
@@ -362,13 +363,13 @@ class RateLimiter:
         if not presented_key:
             return self._check.missing()
         try:
-            keys, slot = self._check.candidates(presented_key)
+            keys = self._check.candidates(presented_key)
         except InvalidKey as exc:
             return self._check.malformed(exc)
         event_id = str(uuid.uuid4())
         try:
             async with asyncio.timeout(self.timeout_s):  # no task of its own, unlike wait_for
-                switch, reply = await self._round_trip(keys, self._check.key_args(event_id, scope, slot))
+                switch, reply = await self._round_trip(keys, self._check.key_args(event_id, scope))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             return self._check.unavailable_verdict(exc)
         return self._check.verdict(switch, reply, event_id, scope)
@@ -433,12 +434,12 @@ class SyncRateLimiter:
         if not presented_key:
             return self._check.missing()
         try:
-            keys, slot = self._check.candidates(presented_key)
+            keys = self._check.candidates(presented_key)
         except InvalidKey as exc:
             return self._check.malformed(exc)
         event_id = str(uuid.uuid4())
         try:
-            switch, reply = self._round_trip(keys, self._check.key_args(event_id, scope, slot))
+            switch, reply = self._round_trip(keys, self._check.key_args(event_id, scope))
         except (RedisError, OSError) as exc:
             return self._check.unavailable_verdict(exc)
         return self._check.verdict(switch, reply, event_id, scope)
