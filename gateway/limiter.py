@@ -42,7 +42,18 @@ from prometheus_client import Counter
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from quotaflow.core.settings import ConfigError, Settings, env_var
-from quotaflow.schemas.api_keys import SCOPE_PATTERN, InvalidKey, key_hash, parse
+from quotaflow.schemas.api_keys import (
+    EXPIRED_KEY,
+    INSUFFICIENT_SCOPE,
+    KEY_REASONS,
+    MALFORMED_KEY,
+    REVOKED_KEY,
+    SCOPE_PATTERN,
+    UNKNOWN_KEY,
+    InvalidKey,
+    key_hash,
+    parse,
+)
 from quotaflow.schemas.ids import InvalidId, check_id
 from quotaflow.schemas.limits import Policy, policy_from_settings
 from quotaflow.schemas.redis_keys import (
@@ -66,19 +77,14 @@ CHECKS = Counter("quotaflow_gateway_checks_total", "Checks by result", ["result"
 ALLOWED = "allowed"
 RATE_LIMITED = "rate_limited"
 MISSING_KEY = "missing_key"  # no key presented
-MALFORMED_KEY = "malformed_key"  # not a key's shape or checksum: refused offline
-UNKNOWN_KEY = "unknown_key"
-REVOKED_KEY = "revoked_key"
-EXPIRED_KEY = "expired_key"
-INSUFFICIENT_SCOPE = "insufficient_scope"
+# and the outcomes that refuse a presented key (schemas/api_keys.py): MALFORMED_KEY, UNKNOWN_KEY,
+# REVOKED_KEY, EXPIRED_KEY, INSUFFICIENT_SCOPE
 UNAVAILABLE = "unavailable"  # Redis could not answer and the limiter fails closed (also a Decision's denied_by)
 STATUS = {ALLOWED: 200, RATE_LIMITED: 429, MISSING_KEY: 401, MALFORMED_KEY: 401, UNKNOWN_KEY: 401,
           REVOKED_KEY: 401, EXPIRED_KEY: 401, INSUFFICIENT_SCOPE: 403, UNAVAILABLE: 429}
 REASONS = {  # for the client: never the key
     MISSING_KEY: "no API key: send it as Authorization: Bearer <key>",
-    UNKNOWN_KEY: "unknown API key",
-    REVOKED_KEY: "this API key has been revoked",
-    EXPIRED_KEY: "this API key has expired",
+    **KEY_REASONS,
     UNAVAILABLE: "the rate limiter is unavailable; try again shortly",
 }
 _BAD_RECORD = "bad_record"  # the script's answer for a record naming an id that breaks the rule

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from urllib.parse import parse_qs
 
 import httpx
@@ -258,6 +259,29 @@ def test_a_key_of_any_valid_org_id_verifies(live_stack, redis_client, org):
     sync = SyncRateLimiter(redis.Redis.from_url(live_stack.redis_url), POLICY, key_secrets=SECRETS)
     v = sync.verify(key)
     assert (v.outcome, v.org_id, v.api_key_id) == (ALLOWED, org, rec.key_id)
+    redis_client.delete(key_records.record_name(rec))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(state=st.sampled_from(["active", "revoked", "expired", "suspended"]),
+       expires=st.sampled_from([None, -3_600_000, 3_600_000]),
+       scopes=st.lists(st.sampled_from(["orders:read", "orders:write", "events:write"]), max_size=3, unique=True),
+       required=st.sampled_from(["", "orders:read", "events:write"]))
+def test_the_record_judgement_outside_the_gateway_is_the_check_scripts(live_stack, redis_client, state, expires,
+                                                                       scopes, required):
+    """schemas/api_keys.record_outcome (what the HTTP ingest uses) refuses and admits a key
+    exactly as check.lua does, for any state, expiry and scopes (expiries an hour away, so
+    the two clocks cannot disagree)."""
+    org = unique("org")
+    now = int(time.time() * 1000)
+    key, rec = new_key(redis_client, org, scopes=tuple(scopes), expires_ms=None if expires is None else now + expires)
+    redis_client.hset(key_records.record_name(rec), "state", state)
+    sync = SyncRateLimiter(redis.Redis.from_url(live_stack.redis_url), POLICY, key_secrets=SECRETS)
+    verdict = sync.verify(key, required or None)
+    fields = {k.decode(): v.decode() for k, v in redis_client.hgetall(key_records.record_name(rec)).items()}
+    judged = api_keys.record_outcome(fields, int(time.time() * 1000), required)
+    assert (ALLOWED if judged.outcome == api_keys.ACTIVE else judged.outcome) == verdict.outcome
+    assert (judged.key_id, judged.org_id) == ((verdict.api_key_id, verdict.org_id) if verdict.api_key_id else ("", ""))
     redis_client.delete(key_records.record_name(rec))
 
 
