@@ -1,5 +1,5 @@
 """Apache Kafka for the local stack: one KRaft broker (broker + controller in one JVM), or
-with QUOTAFLOW_KAFKA_BROKERS=3 a cluster of three such nodes (see CLUSTER_PROPERTIES).
+with QUOTAFLOW_KAFKA_BROKERS=3 a cluster of three such nodes (see SERVER_PROPERTIES).
 
 The official jars of a pinned release come from Maven Central through Maven,
 are checked against the SHA-256 sums committed in deploy/kafka/, cached under
@@ -39,37 +39,14 @@ JAVA_MIN = 17
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
+# One node: broker and controller in one JVM ("combined"), a voter of the controller quorum.
+# Alone (the default), it is the quorum and every topic has one replica. In a local cluster
+# (QUOTAFLOW_KAFKA_BROKERS=3) each of three such nodes is a voter: three JVMs, not six,
+# since on a small machine dedicated controllers would double the processes for no gain in
+# what a test can show, and a quorum of three still survives the loss of one node,
+# controller and broker together (what a SIGKILL or a lost machine does). Kafka advises
+# dedicated controllers in production.
 SERVER_PROPERTIES = """\
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
-controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-log.dirs={log_dir}
-num.partitions=1
-# Topics are created on purpose (deploy/topics.py, Faust); a typo must not create one.
-auto.create.topics.enable=false
-# One broker: every internal topic has a single replica.
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-transaction.state.log.num.partitions=8
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-log.retention.check.interval.ms=60000
-"""
-
-# A node of a local cluster: broker and controller in one JVM ("combined"), each node a
-# voter of the controller quorum. Three JVMs, not six: on a small machine dedicated
-# controllers would double the processes for no gain in what a test can show, and a quorum
-# of three still survives the loss of one node, controller and broker together (what a
-# SIGKILL or a lost machine does). Kafka advises dedicated controllers in production.
-CLUSTER_PROPERTIES = """\
 process.roles=broker,controller
 node.id={node_id}
 controller.quorum.voters={voters}
@@ -80,10 +57,11 @@ inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs={log_dir}
 num.partitions=1
+# Topics are created on purpose (deploy/topics.py, Faust); a typo must not create one.
 auto.create.topics.enable=false
-# Every topic, internal or made by a client that names no factor, has {rf} replicas, and a
-# record is acknowledged to an acks=all producer once {min_isr} of them have it: a broker
-# can die without losing an acknowledged record or refusing writes.
+# Every topic, internal or made by a client that names no factor, has {rf} replica(s), and a
+# record is acknowledged to an acks=all producer once {min_isr} of them have it: in a
+# cluster, a broker can die without losing an acknowledged record or refusing writes.
 default.replication.factor={rf}
 min.insync.replicas={min_isr}
 unclean.leader.election.enable=false
@@ -96,11 +74,14 @@ share.coordinator.state.topic.replication.factor={rf}
 share.coordinator.state.topic.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 log.retention.check.interval.ms=60000
-# A dead broker is fenced (its partitions get new leaders) after 6 s without a heartbeat,
-# not 9: writes to its partitions wait that long.
+{cluster}"""
+
+# Only in a cluster: a dead broker is fenced (its partitions get new leaders) after 6 s
+# without a heartbeat, not 9, since writes to its partitions wait that long; and fewer
+# threads per broker, three of them sharing a small machine.
+CLUSTER_PROPERTIES = """\
 broker.heartbeat.interval.ms=1000
 broker.session.timeout.ms=6000
-# Small machine: fewer threads per broker.
 num.network.threads=2
 num.io.threads=4
 num.replica.fetchers=1
@@ -287,8 +268,9 @@ def _configure(settings: Settings, java: str, libs: Path) -> Path:
     log_dir = data / "data"
     data.mkdir(parents=True, exist_ok=True)
     config = data / "server.properties"
-    config.write_text(SERVER_PROPERTIES.format(port=settings.kafka_port, controller_port=settings.kafka_controller_port,
-                                               log_dir=log_dir))
+    config.write_text(SERVER_PROPERTIES.format(
+        node_id=1, voters=f"1@127.0.0.1:{settings.kafka_controller_port}", port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port, log_dir=log_dir, rf=1, min_isr=1, cluster=""))
     (data / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=log_file(settings)))
     if not (log_dir / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -352,9 +334,9 @@ def _configure_node(settings: Settings, node: Node, java: str, libs: Path) -> Pa
     everyone = nodes(settings)
     rf, min_isr = settings.kafka_replication_factor, settings.kafka_min_insync_replicas
     config = node.data / "server.properties"
-    config.write_text(CLUSTER_PROPERTIES.format(
-        node_id=node.n, port=node.port, controller_port=node.controller_port, log_dir=log_dir,
-        voters=",".join(f"{o.n}@127.0.0.1:{o.controller_port}" for o in everyone), rf=rf, min_isr=min_isr))
+    config.write_text(SERVER_PROPERTIES.format(
+        node_id=node.n, voters=",".join(f"{o.n}@127.0.0.1:{o.controller_port}" for o in everyone), port=node.port,
+        controller_port=node.controller_port, log_dir=log_dir, rf=rf, min_isr=min_isr, cluster=CLUSTER_PROPERTIES))
     (node.data / "log4j2.properties").write_text(LOG4J2_PROPERTIES.format(log_file=node.log_file))
     if not (log_dir / "meta.properties").exists():
         id_file = node.data.parent / "cluster.id"

@@ -80,9 +80,10 @@ def test_test_stacks_keep_their_broker_ports_apart(tmp_path):
 
 def test_the_cluster_config_names_every_voter_and_the_replicas(tmp_path):
     s = Settings(state_dir=tmp_path, kafka_brokers=3)
-    text = kafka.CLUSTER_PROPERTIES.format(node_id=2, port=19192, controller_port=19193, log_dir=tmp_path,
-                                           voters="1@127.0.0.1:19093,2@127.0.0.1:19193,3@127.0.0.1:19293",
-                                           rf=s.kafka_replication_factor, min_isr=s.kafka_min_insync_replicas)
+    text = kafka.SERVER_PROPERTIES.format(node_id=2, port=19192, controller_port=19193, log_dir=tmp_path,
+                                          voters="1@127.0.0.1:19093,2@127.0.0.1:19193,3@127.0.0.1:19293",
+                                          rf=s.kafka_replication_factor, min_isr=s.kafka_min_insync_replicas,
+                                          cluster=kafka.CLUSTER_PROPERTIES)
     props = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert props["process.roles"] == "broker,controller" and props["node.id"] == "2"
     assert props["controller.quorum.voters"].count("@") == 3
@@ -91,6 +92,7 @@ def test_the_cluster_config_names_every_voter_and_the_replicas(tmp_path):
         assert props[name] == "3", name
     assert props["min.insync.replicas"] == props["transaction.state.log.min.isr"] == "2"
     assert props["unclean.leader.election.enable"] == "false"
+    assert props["broker.session.timeout.ms"] == "6000"  # a dead node fenced sooner than Kafka's 9 s
 
 
 def test_brokers_is_refused_where_it_means_nothing(tmp_path):
