@@ -12,7 +12,8 @@
       -> 401 no key, not a key (shape or checksum: refused without asking Redis), an
              unknown, revoked or expired key, with WWW-Authenticate
       -> 403 the key lacks the required scope
-      -> 429 rate limited (or Redis unavailable and failing closed), with the headers
+      -> 429 rate limited (or Redis unavailable and failing closed), with the headers; when
+             rate limited, the verified identity too, for the proxy's access log
       -> 400 a required scope that is not one
          Every refusal says why: JSON {"error": code, "reason": words}, and the same in
          X-Quotaflow-Code / X-Quotaflow-Error, with X-Quotaflow-Status (the status the
@@ -53,7 +54,7 @@ from quotaflow.gateway.headers import (
     refusal_body,
     verdict_headers,
 )
-from quotaflow.gateway.limiter import InvalidScope, RateLimiter, Verdict, malformed_key
+from quotaflow.gateway.limiter import RATE_LIMITED, InvalidScope, RateLimiter, Verdict, malformed_key
 from quotaflow.gateway.protocol import MAX_HEAD_BYTES, BoundedH11Protocol
 
 DENY_STATUSES = {"429": 429, "403": 403, "401": 401}
@@ -101,6 +102,11 @@ def create_app(limiter: RateLimiter, config: CheckConfig = CheckConfig()) -> Sta
             headers += [("X-Quotaflow-Event-Id", v.event_id), ("X-Quotaflow-Event-Ts", str(v.now_ms))]
         if v.allowed:
             return Response(status_code=200, headers=dict(headers + identity_headers(v)))
+        if v.outcome == RATE_LIMITED:
+            # the verified identity of a rate-limited request too, for the proxy's access log:
+            # its event (status 429, never counted) is then the key's denial, not a line without
+            # an org. Not for other refusals: an event of theirs would count as a request.
+            headers += identity_headers(v)
         as_status = deny_status if v.status == 429 else invalid_status if v.status == 400 else v.status
         return _refused(v.status, v.outcome, v.reason, headers, refusal_body(v), as_status)
 

@@ -446,7 +446,9 @@ def test_each_refusal_reaches_the_client_with_its_status_code_and_reason(live_st
         if entrance == "check":  # the same for proxies, in headers
             assert (r.headers["X-Quotaflow-Status"], r.headers["X-Quotaflow-Code"]) == (str(r.status_code),
                                                                                       r.json()["error"])
-            assert r.headers["X-Quotaflow-Error"] == r.json()["reason"] and ORG_ID_HEADER not in r.headers
+            assert r.headers["X-Quotaflow-Error"] == r.json()["reason"]
+            # the identity only with a rate limit (for the proxy's log); never with another refusal
+            assert r.headers.get(ORG_ID_HEADER) == (org if r.status_code == 429 else None)
 
 
 def test_check_maps_statuses_for_auth_request_and_refuses_a_bad_scope(live_stack, redis_client):

@@ -118,7 +118,8 @@ def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_fro
     assert refused.headers["RateLimit"].startswith('"key-60s";r=0;t=')
     assert refused.headers["X-RateLimit-Limit"] == "10" and refused.headers["X-RateLimit-Remaining"] == "0"
     # nginx's JSON log as `quotaflow ship` reads it: the admitted requests' events carry the
-    # identity the check verified and the ids of their reservations, which counting them releases
+    # identity the check verified and the ids of their reservations, which counting them
+    # releases; the refused ones the identity too, with their 429 (never counted)
     from quotaflow.collector.ship.events import EventBuilder, LineIds
     from quotaflow.collector.ship.formats import LineError, parser
     from quotaflow.collector.ship.routes import RouteMap
@@ -133,10 +134,10 @@ def test_nginx_auth_request_admits_up_to_the_limit_then_answers_429(nginx_in_fro
         except LineError as exc:
             refused_lines.append(exc.reason)
     reserved = {m.decode() for m in redis_client.zrange(reservations_key(org, rec.key_id), 0, -1)}
-    assert {e["event_id"] for e in shipped} == reserved and len(reserved) == 10
-    assert {(e["org_id"], e["api_key_id"], e["status"], e["endpoint"]) for e in shipped} == {
-        (org, rec.key_id, 200, "/index.html")}
-    assert refused_lines == ["org_id: missing (the line logs none, and no default is configured)"] * 2  # the 429s
+    assert {e["event_id"] for e in shipped if e["status"] == 200} == reserved and len(reserved) == 10
+    assert [(e["org_id"], e["api_key_id"], e["status"], e["endpoint"]) for e in shipped] == [
+        (org, rec.key_id, 200, "/index.html")] * 10 + [(org, rec.key_id, 429, "/index.html")] * 2
+    assert refused_lines == [] and len({e["event_id"] for e in shipped}) == 12
 
 
 def test_check_endpoint_answers_as_envoy_ext_authz_expects(check_endpoint, redis_client):
@@ -155,6 +156,13 @@ def test_check_endpoint_answers_as_envoy_ext_authz_expects(check_endpoint, redis
     assert (answers[0].headers["X-Quotaflow-Org-Id"], answers[0].headers["X-Quotaflow-Api-Key-Id"]) == (
         org, rec.key_id)
     assert answers[-1].json()["window"] == "key:60s"
+    # a rate-limited key's identity is in its 429 (for the proxy's log); another refusal's is not
+    assert (answers[-1].headers["X-Quotaflow-Org-Id"], answers[-1].headers["X-Quotaflow-Api-Key-Id"]) == (
+        org, rec.key_id)
+    revoked, _ = new_key(redis_client, org, state="revoked")
+    with httpx.Client(base_url=check_endpoint, timeout=10) as client:
+        refused = client.get("/check", headers={"Authorization": f"Bearer {revoked}"})
+    assert refused.status_code == 401 and "X-Quotaflow-Org-Id" not in refused.headers
     assert "Retry-After" in answers[-1].headers and "Retry-After" not in answers[0].headers
 
 
