@@ -41,11 +41,8 @@ from quotaflow.schemas.events import RequestEvent  # noqa: E402
 from quotaflow.schemas.topics import EVENTS_TOPIC  # noqa: E402
 
 GATEWAYS = 4
-# The decision-lag phase's publisher: the emitter's defaults unless BENCH_EMITTER_BATCH_MS /
-# BENCH_EMITTER_LINGER_MS say otherwise (the run prints what it used).
-LAG_EMITTER = {name: int(os.environ[var]) for name, var in (("batch_ms", "BENCH_EMITTER_BATCH_MS"),
-                                                            ("linger_ms", "BENCH_EMITTER_LINGER_MS"))
-               if var in os.environ}
+# The decision-lag phase publishes through Emitter.from_settings: its batching is
+# QUOTAFLOW_COLLECTOR_BATCH_MS / _BATCH_EVENTS / _LINGER_MS (the run prints what it used).
 KEYS = 20
 LOAD_SECONDS = 30
 
@@ -174,7 +171,7 @@ async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int
     """Background traffic at `rate` events/s over 1000 keys, plus probe events on keys of their own."""
     settings = harness.get_settings()
     probes = []
-    async with Emitter(settings.kafka_bootstrap, **LAG_EMITTER) as emitter:
+    async with Emitter.from_settings(settings) as emitter:
         start = time.monotonic()
         sent = probe_n = 0
         while (elapsed := time.monotonic() - start) < seconds:
@@ -358,9 +355,9 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
 
         if "lag" in phases:
             print("decision lag at 10k events/s...", file=sys.stderr, flush=True)
-            emitter = Emitter("127.0.0.1:1", **LAG_EMITTER)  # never started: its settings, as the phase uses them
-            harness.report("decision_lag_emitter_batch_ms", emitter.batch_s * 1000, "ms")
-            harness.report("decision_lag_emitter_batch_events", emitter.batch_events, "events")
+            harness.report("decision_lag_emitter_batch_ms", settings.collector_batch_ms, "ms")
+            harness.report("decision_lag_emitter_batch_events", settings.collector_batch_events, "events")
+            harness.report("decision_lag_emitter_linger_ms", settings.collector_linger_ms, "ms")
             batches_before = metrics.scrape(settings.processor_metrics_port)
             lags = asyncio.run(measure_lag(run, 10_000, 20))
             batches_after = metrics.scrape(settings.processor_metrics_port)

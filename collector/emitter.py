@@ -76,12 +76,15 @@ class Emitter:
 
     @classmethod
     def from_settings(cls, settings: "Settings", **options: Any) -> "Emitter":
-        """An emitter of the configured broker, spooling to QUOTAFLOW_SPOOL_DIR within
-        its bounds (QUOTAFLOW_SPOOL_MAX_BYTES, QUOTAFLOW_SPOOL_SEGMENT_BYTES)."""
+        """An emitter of the configured broker, batching as QUOTAFLOW_COLLECTOR_BATCH_MS /
+        _BATCH_EVENTS / _LINGER_MS say, spooling to QUOTAFLOW_SPOOL_DIR within its bounds
+        (QUOTAFLOW_SPOOL_MAX_BYTES, QUOTAFLOW_SPOOL_SEGMENT_BYTES)."""
         spool = dict(spool_dir=settings.spool_dir, spool_max_bytes=settings.spool_max_bytes,
                      spool_segment_bytes=settings.spool_segment_bytes,
                      memory_bytes=settings.collector_memory_bytes,
-                     delivery_timeout_s=settings.collector_delivery_timeout_s)
+                     delivery_timeout_s=settings.collector_delivery_timeout_s,
+                     batch_ms=settings.collector_batch_ms, batch_events=settings.collector_batch_events,
+                     linger_ms=settings.collector_linger_ms)
         return cls(settings.kafka_bootstrap, **{**spool, **options})
 
     @property

@@ -99,6 +99,10 @@ def test_the_example_of_the_issue_is_refused_when_the_settings_load(monkeypatch)
     ({"kafka_controller_port": 1234, "redis_port": 1234},
      "QUOTAFLOW_KAFKA_PORT, QUOTAFLOW_KAFKA_CONTROLLER_PORT and QUOTAFLOW_REDIS_PORT", "must differ"),
     ({"api_tokens": {SECRET: 5}}, "QUOTAFLOW_API_TOKENS (api_tokens): ", "valid string"),  # no place in the dict
+    ({"collector_batch_ms": 0}, "QUOTAFLOW_COLLECTOR_BATCH_MS (collector_batch_ms): ", "greater than or equal to 1"),
+    ({"collector_batch_events": 10_001}, "QUOTAFLOW_COLLECTOR_BATCH_EVENTS (collector_batch_events): ",
+     "less than or equal to 10000"),
+    ({"ingest_key_scope": "Events Write"}, "QUOTAFLOW_INGEST_KEY_SCOPE (ingest_key_scope): ", "should match pattern"),
 ])
 def test_a_bad_setting_is_named_with_the_problem_and_its_value_never_shown(given, starts, says):
     line = error_of(**given)
@@ -180,3 +184,12 @@ def test_the_effective_configuration_hides_every_secret():
 @pytest.mark.parametrize("heap", ["768m", "2g", "2G", "805306368", "1048576k"])
 def test_the_broker_heap_is_taken_as_java_takes_it(heap):
     assert Settings(kafka_heap=heap).kafka_heap == heap
+
+
+def test_the_emitter_batches_as_configured(monkeypatch):
+    from quotaflow.collector.emitter import Emitter
+
+    monkeypatch.setenv("QUOTAFLOW_COLLECTOR_BATCH_MS", "20")
+    monkeypatch.setenv("QUOTAFLOW_COLLECTOR_BATCH_EVENTS", "1")
+    emitter = Emitter.from_settings(Settings())
+    assert (emitter.batch_s, emitter.batch_events) == (0.02, 1)

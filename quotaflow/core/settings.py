@@ -218,6 +218,14 @@ class Settings(BaseSettings):
                                         "(queued, and sent but not acknowledged) before it spools")
     collector_delivery_timeout_s: float = Field(10.0, gt=0, description="how long a collector waits for Kafka to "
                                                 "acknowledge a record before it spools it")
+    # The Python emitter's batching (collector/emitter.py): an org's events go out as one
+    # record when collector_batch_events have come or the batch is collector_batch_ms old. A
+    # shorter time cuts decision lag by up to its length and sends more records, which the
+    # processor pays for one by one.
+    collector_batch_ms: int = Field(100, ge=1, le=60_000, description="longest an event waits in its org's batch")
+    collector_batch_events: int = Field(500, ge=1, le=10_000, description="events in one record at most (1: a "
+                                        "record per event)")
+    collector_linger_ms: int = Field(5, ge=0, le=60_000, description="the Kafka producer's linger before it sends")
 
     # --- HTTP ingest (`quotaflow ingest`: POST /v1/events for services in other languages) ---
     ingest_port: PortOrOff = 19150
