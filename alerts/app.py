@@ -412,8 +412,7 @@ def _same(a: AlertState, b: AlertState) -> bool:
 
 def _transition_record(rule: Rule, subject: Subject, t: Transition) -> HistoryRecord:
     nid = t.notification_id or ""
-    row_id = nid if nid else f"{t.fingerprint}_{t.episode}_{t.kind}_{t.at_ms}"
-    return HistoryRecord(record=TRANSITION, row_id=row_id, at_ms=t.at_ms, org_id=subject.org_id,
+    return HistoryRecord(record=TRANSITION, row_id=t.row_id, at_ms=t.at_ms, org_id=subject.org_id,
                          api_key_id=subject.api_key_id, fingerprint=t.fingerprint, rule_org_id=rule.org_id,
                          rule_id=rule.rule_id, rule_type=rule.type, severity=rule.severity, kind=t.kind,
                          episode=t.episode, from_status=t.from_status, to_status=t.to_status, value=t.value,
