@@ -6,8 +6,9 @@ is the one in ``run/processor.pid``. The supervisor
 
 - restarts the stage whenever it exits while nobody asked it to stop: a crash, a
   SIGKILL, the OOM killer, even exit code 0 (a worker that gave up is no better);
-- waits before each restart with exponential backoff and jitter (Backoff), and starts
-  the backoff over once the stage had stayed up for ``healthy_s``;
+- waits before each restart with exponential backoff and jitter (Backoff), and restarts
+  at once a stage that had stayed up for ``healthy_s`` (a crash after a good run is not a
+  crash loop, and whatever the stage does waits for it), starting the backoff over;
 - logs each start, exit and restart in the stage's log, and keeps its state (the
   stage's own pid, restarts, last exit, up since) in ``run/<stage>.state.json`` for
   ``quotaflow stack status`` and the tests;
@@ -55,7 +56,9 @@ class Backoff:
 
     def after_exit(self, uptime_s: float, rand: Callable[[], float] = random.random) -> float:
         if uptime_s >= self.healthy_s:
-            self.failures = 0  # it ran fine for a while: this exit starts a new series
+            self.failures = 0  # it ran fine for a while: restart at once; a quick exit next starts the series
+            if self.healthy_s > 0:  # 0: every run counts as healthy, so none is restarted at once (no hot loop)
+                return 0.0
         self.failures += 1
         ceiling = min(self.max_s, self.initial_s * 2.0 ** min(self.failures - 1, 64))
         # strictly below the ceiling, which is the next delay's fixed half: (1 + r) / 2 with r

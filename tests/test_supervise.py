@@ -37,8 +37,11 @@ from tests.pipeline import counted, event, publish, this_minute, unique, wait_fo
 def test_delays_double_up_to_the_cap_and_start_over_after_a_healthy_run():
     b = Backoff(initial_s=1.0, max_s=60.0, healthy_s=60.0)
     assert [b.after_exit(5.0, rand=lambda: 0.0) for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
-    assert b.after_exit(60.0, rand=lambda: 0.999) == pytest.approx(0.9995)  # up a minute: a new series
+    assert b.after_exit(60.0, rand=lambda: 0.999) == 0.0  # up a minute: restarted at once, a new series
+    assert b.after_exit(1.0, rand=lambda: 0.0) == 0.5
     assert b.after_exit(1.0, rand=lambda: 0.0) == 1.0
+    never = Backoff(initial_s=1.0, max_s=60.0, healthy_s=0.0)  # every exit starts a series: never at once
+    assert [never.after_exit(0.0, rand=lambda: 0.0) for _ in range(3)] == [0.5, 0.5, 0.5]
 
 
 @given(initial=st.floats(0.01, 10), cap=st.floats(1, 1000),
@@ -49,7 +52,11 @@ def test_each_delay_is_jittered_within_its_ceiling_and_grows_until_capped(initia
     in_a_row, previous = 0, None
     for uptime, r in exits:
         delay = b.after_exit(uptime, rand=lambda: r)
-        in_a_row = 1 if uptime >= 60.0 else in_a_row + 1
+        if uptime >= 60.0:  # after a healthy run: at once, and the next quick exit starts a series
+            assert delay == 0.0
+            in_a_row, previous = 0, delay
+            continue
+        in_a_row += 1
         ceiling = min(b.max_s, initial * 2 ** (in_a_row - 1))
         assert ceiling / 2 <= delay <= ceiling
         if in_a_row > 1 and previous < b.max_s / 2:  # below the cap: longer than the last, whatever the jitter
