@@ -199,7 +199,7 @@ def stage(live_stack):
 def test_usage_threshold_fires_once_signed_per_the_spec_then_resolves_when_the_window_ends(stage):
     org = unique("usage")
     stage.add_rule(org, rule_id="key-half", type="usage_threshold", window=f"{WINDOW_S}s", percent=50,
-                   scope="key", channels=["hook"], severity="high")
+                   scope="key", channels=["hook"], severity="high", group_interval_s=1)  # a group of one
     in_one_window()
     stage.send(org, "web", 8)
     stage.send(org, "web", 4)  # 12 of the key's 20: 60 %
@@ -300,7 +300,8 @@ def test_key_expiring_fires_for_a_key_of_the_registry_and_resolves_when_it_is_re
 
     try:
         put(now + 3_600_000)  # an hour left
-        stage.add_rule(org, rule_id="expiry", type="key_expiring", within_s="1d", channels=["hook"])
+        stage.add_rule(org, rule_id="expiry", type="key_expiring", within_s="1d", channels=["hook"],
+                       group_interval_s=1)  # each key, grouped: the resolved not held for the default 30 s
         (firing,) = stage.wait_kinds(org, ["firing"])
         assert firing["api_key_id"] == "key_soon" and 3000 < firing["value"] <= 3600
         put(now + 30 * 86_400_000)  # renewed for a month
@@ -478,3 +479,50 @@ def test_hostile_records_are_skipped_and_an_unconfigured_channel_is_recorded_not
     wait_for(failed_on_gone, 30, "the failed attempt on the unconfigured channel in the history")
     log = stage.pipeline.logs("alerts", lines=400)
     assert "alert rule record skipped" in log and "silence record skipped" in log, log[-3000:]
+
+
+def test_keys_crossing_together_are_one_signed_notification_and_a_later_one_waits_the_group_interval(stage):
+    """A rule about each key with a group wait: three keys of one org crossing at once are
+    one webhook listing the three alerts (each its own fingerprint and id); a fourth key
+    crossing right after is notified in a second one, group_interval_s after the first."""
+    in_one_hour()
+    org = unique("grouped")
+    stage.add_rule(org, rule_id="keys-denied", type="rate_limit_violations", window=HOUR, min_denials=1, scope="key",
+                   group_wait_s=2, group_interval_s=5, channels=["hook"])
+    now = int(time.time() * 1000)
+    asyncio.run(publish(stage.settings, [event(org, key, now, status=429) for key in ("k-a", "k-b", "k-c")]))
+    (first,) = stage.wait_kinds(org, ["firing"])
+    assert [a["api_key_id"] for a in first["alerts"]] == ["k-a", "k-b", "k-c"]
+    assert first["id"].startswith("msg_grp_") and first["api_key_id"] is None
+    assert len({a["fingerprint"] for a in first["alerts"]}) == 3 and len({a["id"] for a in first["alerts"]}) == 3
+    stage.send(org, "k-d", 1, status=429)
+    first, second = stage.wait_kinds(org, ["firing", "firing"])
+    assert [a["api_key_id"] for a in second["alerts"]] == ["k-d"] and second["id"] == second["alerts"][0]["id"]
+    (r1, _), (r2, _) = stage.hooks(org)
+    assert r2.at - r1.at >= 4.5  # group_interval_s after the first flush (r1 came a moment after it)
+    for request, _ in stage.hooks(org):
+        spec_verify(SECRET, request.headers, request.body)
+
+
+def test_a_group_in_the_outbox_is_sent_once_with_its_id_across_a_sigkill(stage):
+    """The receiver refuses while the stage is killed with a group notification in its
+    outbox; the restarted stage sends the same notification (same id, the same alerts),
+    and nothing else."""
+    in_one_hour()
+    org = unique("grpkill")
+    stage.failing.failing.add(org)
+    stage.add_rule(org, rule_id="keys-denied", type="rate_limit_violations", window=HOUR, min_denials=1, scope="key",
+                   group_wait_s=1, channels=["hook"])
+    now = int(time.time() * 1000)
+    asyncio.run(publish(stage.settings, [event(org, key, now, status=429) for key in ("k-a", "k-b")]))
+    wait_for(lambda: len(stage.hooks(org)) >= 2, 30, "attempts at the group's firing",
+             lambda: stage.pipeline.logs("alerts"))
+    stage.pipeline.kill("alerts")
+    stage.failing.failing.discard(org)
+    stage.pipeline.start("alerts")
+    wait_for(lambda: any(r.at > stage.pipeline.state("alerts").up_since for r, _ in stage.hooks(org)), 60,
+             "the group's firing sent again", lambda: stage.pipeline.logs("alerts"))
+    stage.send(org, "k-a", 1, status=429)  # still firing: nothing new
+    ids = {r.headers["webhook-id"] for r, _ in stage.hooks(org)}
+    assert len(ids) == 1, ids
+    assert all([a["api_key_id"] for a in doc["data"]["alerts"]] == ["k-a", "k-b"] for _, doc in stage.hooks(org))
