@@ -29,6 +29,7 @@ Prints `name: value unit` lines:
   missed_notifications                         crossings without a firing within MISS_AFTER_S
                                                of the last one (goal 0)
   background_events_per_s                      the background rate achieved
+  load_average_1m                              the machine's load at the end (cores are shared)
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ def main() -> None:
         harness.report("crossings", len(produced), "crossings")
         state = stack.pipeline_state(settings, "alerts")
         harness.report("alerts_stage_restarts", state.restarts if state else -1, "restarts")
+        harness.report("load_average_1m", os.getloadavg()[0], "runnable")  # a shared machine: how busy it was
     finally:
         stack.down(settings)
 
