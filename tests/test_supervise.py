@@ -86,6 +86,10 @@ CHILD = textwrap.dedent("""
     if mode == "crash-once" and not crashed.exists():  # the first run fails at once
         crashed.touch()
         sys.exit(3)
+    if mode == "standby":  # as a stage does once it has imported what it needs
+        from quotaflow.deploy.supervise import wait_if_standby
+        note("imported")
+        wait_if_standby()
     signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore-sigterm" else on_term)
     note("started")
     while True:
@@ -100,7 +104,7 @@ SUPERVISOR = textwrap.dedent("""
     child, out, mode, state, stop_timeout = sys.argv[1:]
     setup_logging("INFO", "json")
     sys.exit(run("toy", [sys.executable, child, out, mode], Path(state), Backoff(0.05, 0.2, 60.0),
-                 stop_timeout_s=float(stop_timeout)))
+                 stop_timeout_s=float(stop_timeout), standby_after_s=0.2 if mode == "standby" else None))
 """)
 
 
@@ -183,6 +187,38 @@ def test_a_crash_and_a_kill_are_restarted_and_a_sigterm_stops_without_restart(to
     assert (s.status, s.pid, s.restarts, s.last_exit) == ("stopped", None, 2, 0)
     msgs = [r["msg"] for r in toy.records()]
     assert msgs[-2:] == [f"stopping toy (pid {second}): SIGTERM", "toy stopped (code 0)"]
+
+
+def test_a_standby_takes_over_at_a_restart_a_dead_one_is_replaced_and_none_outlives_a_stop(toys):
+    toy = toys("standby")
+
+    def standby_waiting(other_than: int | None = None) -> int:
+        def ready() -> bool:
+            s = toy.state()
+            return (s is not None and s.standby_pid not in (None, other_than)
+                    and f"imported {s.standby_pid}" in toy.notes())
+        wait_for(ready, 20, "a standby waiting", toy.logs)
+        return toy.state().standby_pid
+
+    first = toy.running(restarts=0)
+    standby = standby_waiting()
+    assert f"started {standby}" not in toy.notes()  # imported, waiting to be released
+    os.kill(first, signal.SIGKILL)
+    assert toy.running(restarts=1) == standby  # the standby took over
+    assert f"toy started (pid {standby}) from its standby" in [r["msg"] for r in toy.records()]
+
+    dead = standby_waiting(other_than=standby)  # the next one, once the running one was up 0.2 s
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: not alive(dead), 10, "the standby to die")
+    os.kill(standby, signal.SIGKILL)
+    third = toy.running(restarts=2)
+    assert third != dead and f"toy started (pid {third})" in [r["msg"] for r in toy.records()]  # a fresh start
+
+    last = standby_waiting(other_than=dead)
+    toy.proc.send_signal(signal.SIGTERM)
+    assert toy.proc.wait(timeout=10) == 0
+    assert not alive(third) and not alive(last) and f"started {last}" not in toy.notes()
+    assert (toy.state().status, toy.state().standby_pid) == ("stopped", None)
 
 
 def test_a_stage_that_ignores_sigterm_is_killed_after_the_timeout(toys):
