@@ -10,8 +10,8 @@ publishes BACKGROUND_EPS events/s of admitted requests (500-event records over 2
 which the global rule makes the stage measure). Meanwhile the bench makes CROSSINGS
 crossings, one fresh org each, one every CROSSING_INTERVAL_S: it publishes the org's one
 429 event and notes the time. Halfway through it SIGKILLs the alerts stage; the
-supervisor restarts it (at once: it had been up longer than HEALTHY_S) and it recovers
-its tables; the crossings go on.
+supervisor restarts it (at once: it had been up longer than HEALTHY_S; from the standby it
+keeps, deploy/supervise.py) and it recovers its tables; the crossings go on.
 
 Prints `name: value unit` lines:
   alert_latency_p50_ms, alert_latency_p99_ms   crossing event produced -> its signed webhook
