@@ -387,6 +387,7 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
         stage.send(o, "k", 1, status=429)
     firing, resolved = stage.wait_kinds(org, ["firing", "resolved"])
     stage.wait_kinds(other, ["firing", "resolved"])
+    replayed = publish_a_replayed_pending_step(stage, org)
     ensure_sink(stage)
 
     def get(path: str, token: str) -> tuple[int, bytes]:
@@ -399,11 +400,14 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
     def kinds(rs: list[dict]) -> list[tuple]:
         return [(r["record"], r["kind"], r["outcome"]) for r in rs]
 
-    wait_for(lambda: ("delivery", "resolved", "ok") in kinds(rows()), 90, "the history in ClickHouse",
+    wait_for(lambda: ("delivery", "resolved", "ok") in kinds(rows()) and
+             any(r["rule_id"] == "held" for r in rows()), 90, "the history in ClickHouse",
              lambda: stage.pipeline.logs("sink"))
     got = rows()
     assert {r["org_id"] for r in got} == {org}  # the org's token sees its own alerts only
-    transitions = [r for r in got if r["record"] == "transition"]
+    # a pending step replayed after a crash, seconds later, wrote its row again: one row
+    assert [(r["kind"], r["at_ms"]) for r in got if r["rule_id"] == "held"] == [("pending", replayed)]
+    transitions = [r for r in got if r["record"] == "transition" and r["rule_id"] == "denials"]
     assert [r["kind"] for r in transitions] == ["firing", "resolved"]
     assert [r["notification_id"] for r in transitions] == [firing["id"], resolved["id"]]
     deliveries = [r for r in got if r["record"] == "delivery"]
@@ -416,6 +420,34 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
     assert status == 200
     table = list(csv.DictReader(io.StringIO(body.decode())))
     assert {r["org_id"] for r in table} == {other} and {"firing", "resolved"} <= {r["kind"] for r in table}
+
+
+def publish_a_replayed_pending_step(stage, org: str) -> int:
+    """The history records of a pending step, as the alerts stage writes them, then again as
+    a stage restarted from the state before that step writes them 5 s later (the crash came
+    after the history was on the broker, before the state was); the replay's time."""
+    from quotaflow.alerts.app import _transition_record
+    from quotaflow.alerts.state import Subject, step
+    from quotaflow.schemas.topics import ALERT_HISTORY_TOPIC
+
+    rule = parse_rule({"org_id": org, "rule_id": "held", "type": "error_rate", "window": HOUR, "percent": 50,
+                       "for_s": 600, "channels": ["hook"]})
+    now = int(time.time() * 1000)
+    records = [_transition_record(rule, Subject(org), t) for at in (now - 5000, now)
+               for t in step(rule, Subject(org), 90.0, at).transitions]
+    assert [r.kind for r in records] == ["pending", "pending"] and records[0].row_id == records[1].row_id
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=stage.settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for r in records:
+                await producer.send_and_wait(ALERT_HISTORY_TOPIC, r.encode(), key=r.row_id.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    return now
 
 
 def test_unusual_activity_reads_its_baseline_from_the_clickhouse_rollups(stage):
