@@ -20,6 +20,11 @@ per transition.
   in between recovers the table and sends what the outbox still holds, with the same
   id: a receiver may see one notification twice, with one id (and dedupe on it), never
   two ids for one transition.
+- **Grouping** (alerts/grouping.py): a rule with a group wait (by default a rule about
+  each key) sends its alerts about one org through the org's group, a record of the same
+  table with an outbox of its own: the notifications waiting within the group wait become
+  one notification listing them, recorded in the group's outbox (and struck from the
+  alerts') before it is sent, so across a crash it is sent once, with one id.
 - **History**: every transition and delivery attempt is a record on ALERT_HISTORY_TOPIC
   (schemas/alert_history.py), stored in ClickHouse by the sink.
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 import warnings
@@ -47,7 +53,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
-from quotaflow.alerts import evaluate, notifications, sources
+from quotaflow.alerts import evaluate, faust_start, grouping, notifications, sources
 from quotaflow.alerts.rollups import RollupBaselines
 from quotaflow.alerts.channels import Outcome, deliver, kafka_dead_letters
 from quotaflow.alerts.measures import WEEK_MS, Measures, hour_like_now, subject_key
@@ -105,7 +111,10 @@ class Stage:
         self._limits: dict[tuple[str, str | None], tuple[float, str | None, dict[str, int] | None]] = {}
         self._send_lock = asyncio.Lock()
         self._eval_lock = asyncio.Lock()
-        self._deliveries: dict[str, asyncio.Task] = {}  # fingerprint -> the task delivering its outbox
+        self._deliveries: dict[str, asyncio.Task] = {}  # fingerprint (or group) -> the task delivering its outbox
+        self._groups: dict[str, asyncio.Task] = {}  # group -> the task flushing it when due (alerts/grouping.py)
+        self._members: dict[str, set[str]] = {}  # group -> the fingerprints that have put notifications in it
+        self._unwritten: dict[str, asyncio.Event] = {}  # group -> set once its last flush is on the broker
         self._keys: dict[str, set[str]] = {}  # org -> its keys with measures
         self._registry: dict[str, tuple[float, dict[str, KeyRecord]]] = {}  # org -> (read at, its keys)
         self._next_forget = time.monotonic() + FORGET_EVERY_S
@@ -119,7 +128,7 @@ class Stage:
 
     async def stop(self) -> None:
         _stopping.set()
-        for task in list(self._deliveries.values()):
+        for task in list(self._deliveries.values()) + list(self._groups.values()):
             task.cancel()
         await self.sources.stop()
         if self.rollups is not None:
@@ -238,7 +247,8 @@ class Stage:
         or with an alert not inactive."""
         orgs = {k.split("|")[1] for k in self.measures.data}
         orgs.update(org for org, _ in self.sources.rules.records if org != GLOBAL)
-        orgs.update(rec["org"] for rec in self.states.data.values() if rec and rec["s"]["status"] != "inactive")
+        orgs.update(rec["org"] for rec in self.states.data.values()
+                    if rec and "s" in rec and rec["s"]["status"] != "inactive")  # not the groups' records
         return orgs
 
     async def evaluate(self, orgs: set[str] | None = None, now_ms: int | None = None) -> None:
@@ -288,13 +298,15 @@ class Stage:
                     if not result.transitions and _same(result.state, state or AlertState()):
                         continue  # only the value moved: nothing to remember (the history has the values)
                     outbox = list(rec["out"]) if rec else []
+                    group = grouping.group_key(rule.org_id, rule.rule_id, subject.org_id) if rule.group_wait else None
                     for t in result.transitions:
                         TRANSITIONS.labels(t.kind).inc()
                         history.append(_transition_record(rule, subject, t))
                         if t.notify and t.kind in NOTIFIED_KINDS:
                             started = state.fired_ms if (state and t.kind == "resolved") else None
                             n = notifications.for_transition(rule, subject, t, started)
-                            outbox.append({"n": msgspec.to_builtins(n), "ch": list(rule.channels)})
+                            item = {"n": msgspec.to_builtins(n), "ch": list(rule.channels)}
+                            outbox.append(item if group is None else {**item, "g": group})
                             log.info("alert transition", extra={"fingerprint": fp, "kind": t.kind,
                                                                 "notification_id": n.id, "org_id": org})
                     self.states.data[fp] = {"s": msgspec.to_builtins(result.state), "org": subject.org_id,
@@ -307,7 +319,7 @@ class Stage:
         records += [(ALERT_HISTORY_TOPIC, h.row_id.encode(), h.encode(), None) for h in history]
         await self._write(records)
         for fp in outboxes:
-            self.deliver_outbox(fp)
+            self.kick(fp)
         if time.monotonic() > self._next_forget:
             self._next_forget = time.monotonic() + FORGET_EVERY_S
             await self._forget(now_ms)
@@ -330,12 +342,104 @@ class Stage:
         if task is None or task.done():
             self._deliveries[fp] = asyncio.create_task(self._deliver(fp), name=f"alert delivery {fp}")
 
+    def kick(self, fp: str) -> None:
+        """Send what an alert's outbox holds: on its own, or through its group when the first
+        notification waiting is grouped."""
+        rec = self.states.data.get(fp)
+        if not rec or not rec.get("out"):
+            return
+        group = rec["out"][0].get("g")
+        if group is None:
+            self.deliver_outbox(fp)
+            return
+        self._members.setdefault(group, set()).add(fp)
+        task = self._groups.get(group)
+        if task is None or task.done():
+            self._groups[group] = asyncio.create_task(self._group(group), name=f"alert group {group}")
+
     def recover_outboxes(self) -> None:
         """After a restart (or a rebalance): send what recorded transitions still owe."""
-        pending = [fp for fp, rec in self.states.data.items() if rec and rec.get("out")]
-        OUTBOX.set(sum(len(self.states.data[fp]["out"]) for fp in pending))
-        for fp in pending:
-            self.deliver_outbox(fp)
+        pending = [key for key, rec in self.states.data.items() if rec and rec.get("out")]
+        OUTBOX.set(sum(len(self.states.data[key]["out"]) for key in pending))
+        task = self._deliveries.get("recovery")
+        if task is None or task.done():
+            self._deliveries["recovery"] = asyncio.create_task(self._recover(), name="alert outbox recovery")
+
+    async def _recover(self) -> None:
+        """What a flush took into its group but a crash left in the alerts' outboxes is
+        struck (on the broker) before anything of the groups is sent; then every outbox goes."""
+        try:
+            claimed: dict[str, set[str]] = {}  # org -> ids taken by its groups' last flushes
+            for key, rec in list(self.states.data.items()):
+                if rec and grouping.is_group(key):
+                    claimed.setdefault(rec["org"], set()).update(rec.get("m", ()))
+            struck = []
+            for fp, rec in list(self.states.data.items()):
+                if rec and "s" in rec and rec.get("out") and claimed.get(rec["org"]):
+                    after = grouping.strike(rec, claimed[rec["org"]])
+                    if after is not None:
+                        self.states.data[fp] = after
+                        struck.append(self._changelog(self.states, fp, self._org_partition(rec["org"])))
+            await self._write(struck)
+            for key, rec in list(self.states.data.items()):
+                if rec and rec.get("out"):
+                    self.deliver_outbox(key) if grouping.is_group(key) else self.kick(key)
+        except GaveUp:
+            pass
+
+    # --- grouping: one task per group, flushing it when due (alerts/grouping.py) ---
+
+    async def _group(self, key: str) -> None:
+        try:
+            while True:
+                group = self.states.data.get(key)
+                members = self._members.get(key, set())
+                found = grouping.heads(((fp, self.states.data.get(fp)) for fp in sorted(members)), key, group)
+                if not found:
+                    self._members.pop(key, None)  # nothing waits: its members are named again when one does
+                    return
+                _, rule_org, rule_id, org = key.split("|")
+                record = self.sources.rules.records.get((rule_org, rule_id))
+                wait_s, interval_s = (record.rule.group_wait, record.rule.group_interval_s) if record else (0, 0)
+                due = grouping.due_ms(min(h.item["n"]["at_ms"] for h in found), (group or {}).get("last_ms"), wait_s,
+                                      interval_s)
+                delay_s = due / 1000 - time.time()
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s)
+                    continue  # look again: more may have joined
+                await self._flush(key, org, [rule_org, rule_id], group, found)
+        except GaveUp:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: logged; the outboxes keep their notifications for the next restart
+            log.exception("alert group flush failed unexpectedly", extra={"group": key})
+
+    async def _flush(self, key: str, org: str, rule: list[str], group: dict | None, found: list) -> None:
+        """The group's notification(s) into its outbox, struck from the alerts' outboxes, both
+        on the broker (the group's record first, on the same partition) before any is sent."""
+        done = grouping.flush(group, key, org, rule, found, int(time.time() * 1000))
+        written = self._unwritten[key] = asyncio.Event()
+        self.states.data[key] = done.group
+        records = [self._changelog(self.states, key, self._org_partition(org))]
+        for fp in sorted({h.fingerprint for h in found}):
+            after = grouping.strike(self.states.data.get(fp) or {}, done.claimed)
+            if after is not None:
+                self.states.data[fp] = after
+                records.append(self._changelog(self.states, fp, self._org_partition(org)))
+        try:
+            await self._write(records)
+        finally:
+            written.set()
+            if self._unwritten.get(key) is written:
+                del self._unwritten[key]
+        for item in done.items:
+            log.info("alert group notification", extra={"group": key, "notification_id": item["n"]["id"],
+                                                        "kind": item["n"]["kind"], "alerts": len(item["n"]["alerts"])})
+        self.deliver_outbox(key)
+        for fp in sorted({h.fingerprint for h in found}):
+            if self.states.data.get(fp, {}).get("out") and "g" not in self.states.data[fp]["out"][0]:
+                self.kick(fp)  # an ungrouped notification behind (the rule's group wait was turned off)
 
     async def _deliver(self, fp: str) -> None:
         try:
@@ -343,7 +447,14 @@ class Stage:
                 rec = self.states.data.get(fp)
                 if not rec or not rec.get("out"):
                     return
+                written = self._unwritten.get(fp)
+                if written is not None:  # a group's flush not on the broker yet: its id may change
+                    await written.wait()
+                    continue
                 item = rec["out"][0]
+                if "g" in item:  # grouped: the group's task takes it
+                    self.kick(fp)
+                    return
                 notification = msgspec.convert(item["n"], Notification)
                 if not item["ch"]:
                     await self._strike(fp, notification.id, None)
@@ -363,18 +474,18 @@ class Stage:
         if channel is None:
             log.error("alert channel not configured; notification not sent on it",
                       extra={"channel": name, "notification_id": notification.id})
-            await self._write([_delivery_record(notification, name, 0, "failed", "channel not configured")])
+            await self._write(_delivery_records(notification, name, 0, "failed", "channel not configured"))
             return None
         attempts: list = []
 
         async def on_attempt(attempt: int, outcome: str, error: str | None) -> None:
-            attempts.append(_delivery_record(notification, name, attempt, outcome, error or ""))
+            attempts.extend(_delivery_records(notification, name, attempt, outcome, error or ""))
 
         outcome = await deliver(notification, name, channel, self.settings, dead_letters=self.dead_letters,
                                 on_attempt=on_attempt)
         if not outcome.delivered:
-            attempts.append(_delivery_record(notification, name, outcome.attempts, "dead_lettered",
-                                             outcome.error or ""))
+            attempts.extend(_delivery_records(notification, name, outcome.attempts, "dead_lettered",
+                                              outcome.error or ""))
         await self._write(attempts)
         return outcome
 
@@ -412,25 +523,45 @@ def _same(a: AlertState, b: AlertState) -> bool:
 
 def _transition_record(rule: Rule, subject: Subject, t: Transition) -> HistoryRecord:
     nid = t.notification_id or ""
-    row_id = nid if nid else f"{t.fingerprint}_{t.episode}_{t.kind}_{t.at_ms}"
-    return HistoryRecord(record=TRANSITION, row_id=row_id, at_ms=t.at_ms, org_id=subject.org_id,
+    return HistoryRecord(record=TRANSITION, row_id=t.row_id, at_ms=t.at_ms, org_id=subject.org_id,
                          api_key_id=subject.api_key_id, fingerprint=t.fingerprint, rule_org_id=rule.org_id,
                          rule_id=rule.rule_id, rule_type=rule.type, severity=rule.severity, kind=t.kind,
                          episode=t.episode, from_status=t.from_status, to_status=t.to_status, value=t.value,
                          threshold=t.threshold, notification_id=nid, muted=t.muted)
 
 
-def _delivery_record(n: Notification, channel: str, attempt: int, outcome: str, error: str) -> tuple:
+def _delivery_records(n: Notification, channel: str, attempt: int, outcome: str, error: str) -> list[tuple]:
+    """A delivery attempt's history rows: one per alert it was about (a grouped notification
+    lists several), each under its own transition's notification id."""
     at_ms = int(time.time() * 1000)
-    h = HistoryRecord(record=DELIVERY, row_id=f"{n.id}/{channel}/{attempt}/{outcome}/{at_ms}", at_ms=at_ms,
-                      org_id=n.org_id, api_key_id=n.api_key_id, fingerprint=n.fingerprint, rule_org_id=n.rule_org_id,
-                      rule_id=n.rule_id, rule_type=n.rule_type, severity=n.severity, kind=n.kind, episode=n.episode,
-                      value=n.value, threshold=n.threshold, notification_id=n.id, channel=channel, attempt=attempt,
-                      outcome=outcome, error=error[:500])
-    return (ALERT_HISTORY_TOPIC, h.row_id.encode(), h.encode(), None)
+    out = []
+    for a in n.members:
+        row_id = f"{n.id}/{channel}/{attempt}/{outcome}/{at_ms}"
+        h = HistoryRecord(record=DELIVERY, row_id=row_id if a.id == n.id else f"{a.id}/{row_id}", at_ms=at_ms,
+                          org_id=n.org_id, api_key_id=a.api_key_id, fingerprint=a.fingerprint,
+                          rule_org_id=n.rule_org_id, rule_id=n.rule_id, rule_type=n.rule_type, severity=n.severity,
+                          kind=n.kind, episode=a.episode, value=a.value, threshold=a.threshold, notification_id=a.id,
+                          channel=channel, attempt=attempt, outcome=outcome, error=error[:500])
+        out.append((ALERT_HISTORY_TOPIC, h.row_id.encode(), h.encode(), None))
+    return out
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process began (Linux /proc), for the start-up timings logged."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        return round(uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def create_app(settings: Settings) -> faust.App:
+    # Where a restart's seconds go (an alert crossing during it waits them all): the phases
+    # of the start are logged with the process's age, from assignment to the first batch.
+    first_batch, recovered = [True], []
     partitions = settings.events_partitions
     app = faust.App(
         ALERTS_APP_ID,
@@ -455,15 +586,24 @@ def create_app(settings: Settings) -> faust.App:
         consumer_group_instance_id=f"{ALERTS_APP_ID}-{socket.gethostname()}"[:200],
         broker_max_poll_records=2000,
         stream_buffer_maxsize=8000,
+        TableManager=faust_start.PromptTableManager,  # no 1 s sleep before recovery (faust_start.py)
     )
+    faust_start.prompt_transport(app)  # fetches wait 100 ms for data at most, not 1.5 s
     events_topic = app.topic(EVENTS_TOPIC, key_type=bytes, value_type=bytes, key_serializer="raw",
                              value_serializer="raw", partitions=partitions)
     measures = _table(app, MEASURES_TABLE, partitions)
     states = _table(app, STATE_TABLE, partitions)
     running: dict[str, Stage] = {}
 
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        log.info("alerts partitions assigned", extra={"process_age_s": process_age_s()})
+
     @app.on_rebalance_complete.connect
     async def _ready(sender: Any, **kwargs: Any) -> None:
+        if not recovered:
+            recovered.append(True)
+            log.info("alerts ready: tables recovered", extra={"process_age_s": process_age_s()})
         READY.set(1)
         if "stage" in running:
             running["stage"].recover_outboxes()
@@ -486,6 +626,9 @@ def create_app(settings: Settings) -> faust.App:
         stage.recover_outboxes()
         try:
             async for batch in stream.take_events(500, within=0.05):
+                if first_batch:
+                    first_batch.clear()
+                    log.info("alerts first batch", extra={"process_age_s": process_age_s(), "events": len(batch)})
                 await stage.handle(batch)
         except GaveUp:
             log.info("stopping: the batch in progress is left unacknowledged, to be read again")

@@ -20,6 +20,7 @@ Kept as JSON in the alerts stage's table (alerts/app.py), written to its changel
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -88,23 +89,32 @@ class Measures:
 
     def add(self, policy: Policy, partition: int, offset: int,
             events: Iterable[tuple[int, int, float]]) -> None:
-        """Apply one record's events of this subject: (ts_ms, status, latency_ms) each."""
+        """Apply one record's events of this subject: (ts_ms, status, latency_ms) each.
+
+        Counted per bucket first (Counter, in C), then added to each bucket once: a record's
+        events mostly share their buckets, and a stage catching up after a restart applies
+        tens of thousands a second (an event at a time cost ~12 us per subject)."""
+        denied, counted, errors = [], [], []
         for ts_ms, status, latency_ms in events:
-            denied = status == DENIED_STATUS
-            for window in policy.windows:
-                bucket = self._bucket(window, ts_ms)
-                if denied:
-                    bucket[DENIED] += 1
-                    continue
-                bucket[COUNTED] += 1
-                bucket[ERRORS] += status >= 500
-                b = latency_bin(latency_ms)
-                bucket[HIST][b] = bucket[HIST].get(b, 0) + 1
-            if not denied:
-                hour = ts_ms - ts_ms % HOUR_MS
-                self.hours[hour] = self.hours.get(hour, 0) + 1
-                minute = ts_ms - ts_ms % MINUTE_MS
-                self.minutes[minute] = self.minutes.get(minute, 0) + 1
+            if status == DENIED_STATUS:
+                denied.append(ts_ms)
+                continue
+            counted.append((ts_ms, latency_bin(latency_ms)))
+            if status >= 500:
+                errors.append(ts_ms)
+        for window in policy.windows:
+            size = window.bucket_ms
+            for start, n in Counter([ts - ts % size for ts in denied]).items():
+                self._bucket(window, start)[DENIED] += n
+            for (start, b), n in Counter([(ts - ts % size, b) for ts, b in counted]).items():
+                bucket = self._bucket(window, start)
+                bucket[COUNTED] += n
+                bucket[HIST][b] = bucket[HIST].get(b, 0) + n
+            for start, n in Counter([ts - ts % size for ts in errors]).items():
+                self._bucket(window, start)[ERRORS] += n
+        for period, kept in ((HOUR_MS, self.hours), (MINUTE_MS, self.minutes)):
+            for start, n in Counter([ts - ts % period for ts, _ in counted]).items():
+                kept[start] = kept.get(start, 0) + n
         self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
 
     def _bucket(self, window: Window, ts_ms: int) -> list:

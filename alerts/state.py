@@ -26,7 +26,10 @@ silences, and returns the new state and what happened:
   its firing was.
 - **Ids.** Each notification's id derives from the fingerprint, the firing's number
   (``episode``) and the kind, so a step replayed after a crash gives the same id (the
-  webhook-id receivers dedupe on).
+  webhook-id receivers dedupe on). Each transition's history row id (``row_id``) is
+  derived the same way, never from the clock: a pending or cancelled one from the count
+  of the alert's pending periods (``pendings``), so a replayed step writes the same row
+  (the history table keeps one row per id) and two transitions never share one.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class AlertState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     last_notified_ms: int | None = None  # the current firing's last notification (firing or repeat)
     repeats: int = 0  # repeats of the current firing so far
     value: float | None = None  # the last value measured
+    pendings: int = 0  # pending periods so far (names their history rows: row_id)
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
@@ -95,6 +99,7 @@ class Transition(msgspec.Struct, frozen=True):
     notify: bool
     notification_id: str | None = None
     muted: bool = False  # a notification a silence held back
+    row_id: str = ""  # its history row's id: the same when the step is replayed (transition_row_id)
 
 
 class Step(NamedTuple):
@@ -105,6 +110,18 @@ class Step(NamedTuple):
 def notification_id(fp: str, episode: int, kind: str, repeat: int = 0) -> str:
     """The id of a notification (webhook-id): the same for the same firing and kind."""
     return f"msg_{fp}_{episode}_{kind}" + (f"_{repeat}" if kind == "repeat" else "")
+
+
+def transition_row_id(fp: str, kind: str, episode: int, pendings: int, notification: str | None,
+                      was_muted: bool) -> str:
+    """The history row id of a transition: a notification's id for what notifies (with
+    ``_muted`` for a firing a silence held back: its later notification is a row of its own);
+    a resolved one's per firing; a pending or cancelled one's per pending period."""
+    if notification is not None:
+        return notification + ("_muted" if was_muted else "")
+    if kind in ("pending", "cancelled"):
+        return f"hist_{fp}_p{pendings}_{kind}"
+    return f"hist_{fp}_{episode}_{kind}"
 
 
 def muted(rule: Rule, subject: Subject, now_ms: int, silences: Iterable[Silence]) -> bool:
@@ -122,10 +139,12 @@ def step(rule: Rule, subject: Subject, value: float | None, now_ms: int, state: 
     out: list[Transition] = []
 
     def event(kind: Kind, to: Status, *, notify: bool = False, repeat: int = 0, was_muted: bool = False,
-              episode: int | None = None) -> None:
+              episode: int | None = None, pendings: int | None = None) -> None:
         ep = state.episode if episode is None else episode
-        out.append(Transition(fp, kind, state.status, to, now_ms, value, condition.threshold, ep, notify,
-                              notification_id(fp, ep, kind, repeat) if (notify or was_muted) else None, was_muted))
+        nid = notification_id(fp, ep, kind, repeat) if (notify or was_muted) else None
+        row = transition_row_id(fp, kind, ep, state.pendings if pendings is None else pendings, nid, was_muted)
+        out.append(Transition(fp, kind, state.status, to, now_ms, value, condition.threshold, ep, notify, nid,
+                              was_muted, row))
 
     triggered = state.triggered
     if not rule.enabled:
@@ -140,8 +159,8 @@ def step(rule: Rule, subject: Subject, value: float | None, now_ms: int, state: 
     if state.status == FIRING:
         if not triggered:
             event("resolved", INACTIVE, notify=state.notified)
-            return Step(AlertState(INACTIVE, False, None, state.episode, state.fired_ms, False, None, 0, measured),
-                        out)
+            return Step(AlertState(INACTIVE, False, None, state.episode, state.fired_ms, False, None, 0, measured,
+                                   state.pendings), out)
         if not state.notified:  # muted so far
             if quiet:
                 return Step(msgspec.structs.replace(state, value=measured), out)
@@ -158,7 +177,8 @@ def step(rule: Rule, subject: Subject, value: float | None, now_ms: int, state: 
     if not triggered:
         if state.status == PENDING:
             event("cancelled", INACTIVE)
-        return Step(AlertState(INACTIVE, False, None, state.episode, state.fired_ms, False, None, 0, measured), out)
+        return Step(AlertState(INACTIVE, False, None, state.episode, state.fired_ms, False, None, 0, measured,
+                               state.pendings), out)
 
     since = state.since_ms if state.status == PENDING and state.since_ms is not None else now_ms
     held = now_ms - since >= rule.for_s * 1000
@@ -167,10 +187,13 @@ def step(rule: Rule, subject: Subject, value: float | None, now_ms: int, state: 
         episode = state.episode + 1
         event("firing", FIRING, notify=not quiet, was_muted=quiet, episode=episode)
         return Step(AlertState(FIRING, True, now_ms, episode, now_ms, not quiet, None if quiet else now_ms, 0,
-                               measured), out)
+                               measured, state.pendings), out)
+    pendings = state.pendings
     if state.status != PENDING:
-        event("pending", PENDING)
-    return Step(AlertState(PENDING, True, since, state.episode, state.fired_ms, False, None, 0, measured), out)
+        pendings += 1
+        event("pending", PENDING, pendings=pendings)
+    return Step(AlertState(PENDING, True, since, state.episode, state.fired_ms, False, None, 0, measured, pendings),
+                out)
 
 
 class Alerts:

@@ -23,6 +23,9 @@ from quotaflow.deploy.topics import ensure_topics_sync
 PIPELINE = ("processor", "sink", "alerts")
 # What `quotaflow supervise NAME` runs: `quotaflow <argv>`.
 STAGE_ARGV = {"processor": ["processor"], "sink": ["sink"], "alerts": ["alerts", "run"]}
+# Stages their supervisor keeps a standby of (deploy/supervise.py), started once the running
+# one has been up this long: the alerts stage, whose alerts wait for its restarts.
+STANDBY_AFTER_S = {"alerts": 10.0}
 
 
 def isolated_env(port_base: int, state_dir: Path, cache_dir: Path, brokers: int = 1) -> dict[str, str]:

@@ -6,15 +6,22 @@ is the one in ``run/processor.pid``. The supervisor
 
 - restarts the stage whenever it exits while nobody asked it to stop: a crash, a
   SIGKILL, the OOM killer, even exit code 0 (a worker that gave up is no better);
-- waits before each restart with exponential backoff and jitter (Backoff), and starts
-  the backoff over once the stage had stayed up for ``healthy_s``;
+- waits before each restart with exponential backoff and jitter (Backoff), and restarts
+  at once a stage that had stayed up for ``healthy_s`` (a crash after a good run is not a
+  crash loop, and whatever the stage does waits for it), starting the backoff over;
 - logs each start, exit and restart in the stage's log, and keeps its state (the
   stage's own pid, restarts, last exit, up since) in ``run/<stage>.state.json`` for
   ``quotaflow stack status`` and the tests;
 - on SIGTERM or SIGINT passes SIGTERM to the stage, SIGKILLs it after
   ``stop_timeout_s``, and exits without restarting it;
 - has the kernel send the stage SIGTERM if the supervisor itself dies
-  (PR_SET_PDEATHSIG), so no stage runs on unsupervised and unrecorded.
+  (PR_SET_PDEATHSIG), so no stage runs on unsupervised and unrecorded;
+- with ``standby_after_s`` (a stage whose work waits for its restart: the alerts stage),
+  keeps a *standby*: a second run of the stage, started once the running one has been up
+  that long, which imports what it needs and then waits (``wait_if_standby``) until the
+  supervisor releases it, in place of a new process at the next restart. A restart then
+  costs no Python start-up and imports (a second or two of a stage's restart on a busy
+  machine). A standby that died is replaced by a fresh start.
 """
 
 from __future__ import annotations
@@ -39,6 +46,22 @@ log = logging.getLogger("quotaflow.supervise")
 # exits cleanly) before `stack down` would kill the whole process group.
 STOP_TIMEOUT_S = 20.0
 _PR_SET_PDEATHSIG = 1
+STANDBY_FD_ENV = "QUOTAFLOW_STANDBY_FD"  # a standby's end of the pipe its supervisor releases it by
+
+
+def wait_if_standby() -> None:
+    """In a stage, once it has imported what it needs: if started as a standby, wait until
+    the supervisor releases it (one byte on the pipe); exit if the pipe closes without one
+    (the supervisor stopped, or died)."""
+    fd = os.environ.pop(STANDBY_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        released = os.read(int(fd), 1)
+    finally:
+        os.close(int(fd))
+    if not released:
+        raise SystemExit(0)
 
 
 @dataclass
@@ -55,7 +78,9 @@ class Backoff:
 
     def after_exit(self, uptime_s: float, rand: Callable[[], float] = random.random) -> float:
         if uptime_s >= self.healthy_s:
-            self.failures = 0  # it ran fine for a while: this exit starts a new series
+            self.failures = 0  # it ran fine for a while: restart at once; a quick exit next starts the series
+            if self.healthy_s > 0:  # 0: every run counts as healthy, so none is restarted at once (no hot loop)
+                return 0.0
         self.failures += 1
         ceiling = min(self.max_s, self.initial_s * 2.0 ** min(self.failures - 1, 64))
         # strictly below the ceiling, which is the next delay's fixed half: (1 + r) / 2 with r
@@ -90,6 +115,7 @@ class State:
     last_exit: int | None = None  # returncode: negative is the signal that ended it
     last_exit_at: float | None = None
     next_start_at: float | None = None
+    standby_pid: int | None = None  # a standby waiting to take over at the next restart
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -121,13 +147,68 @@ def _die_with_parent() -> Callable[[], None]:
 
 class Supervisor:
     def __init__(self, name: str, argv: list[str], state_file: Path, backoff: Backoff,
-                 stop_timeout_s: float = STOP_TIMEOUT_S):
+                 stop_timeout_s: float = STOP_TIMEOUT_S, standby_after_s: float | None = None):
         self.name = name
         self.argv = argv
         self.state_file = state_file
         self.backoff = backoff
         self.stop_timeout_s = stop_timeout_s
+        self.standby_after_s = standby_after_s
         self.state = State(stage=name, supervisor_pid=os.getpid())
+        self._standby: tuple[asyncio.subprocess.Process, int] | None = None  # the process, our end of its pipe
+        self._preparing: asyncio.Future | None = None
+
+    async def _spawn(self, preexec: Callable[[], None]) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL, preexec_fn=preexec)
+
+    async def _prepare_standby(self, preexec: Callable[[], None]) -> None:
+        """A standby, once the running stage has been up standby_after_s (its imports would
+        slow the running one's start)."""
+        await asyncio.sleep(self.standby_after_s or 0.0)
+        r, w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        preexec_fn=preexec, pass_fds=(r,),
+                                                        env={**os.environ, STANDBY_FD_ENV: str(r)})
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        self._standby = (proc, w)
+        self._save(standby_pid=proc.pid)
+        log.info("%s standby started (pid %d)", self.name, proc.pid, extra={"stage": self.name, "pid": proc.pid})
+
+    def _release_standby(self) -> asyncio.subprocess.Process | None:
+        """The standby, told to go on; None if there is none alive."""
+        if self._standby is None:
+            return None
+        proc, w = self._standby
+        self._standby = None
+        try:
+            if proc.returncode is not None:
+                return None
+            os.write(w, b"1")
+            return proc
+        except OSError:  # it died meanwhile (EPIPE)
+            return None
+        finally:
+            os.close(w)
+
+    async def _stop_standby(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
+            await asyncio.gather(self._preparing, return_exceptions=True)
+        if self._standby is not None:
+            proc, w = self._standby
+            self._standby = None
+            os.close(w)  # it reads the end of the pipe and exits
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+            self._save(standby_pid=None)
 
     def _save(self, **changes) -> None:
         for key, value in changes.items():
@@ -143,16 +224,23 @@ class Supervisor:
         self._save()
         preexec = _die_with_parent()
         while True:
-            child = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL,
-                                                         preexec_fn=preexec)
+            child = self._release_standby()
+            standby = child is not None
+            if child is None:
+                child = await self._spawn(preexec)
             started = time.monotonic()
-            self._save(status="running", pid=child.pid, up_since=time.time(), next_start_at=None)
-            log.info("%s started (pid %d)", self.name, child.pid,
-                     extra={"stage": self.name, "pid": child.pid, "restart": self.state.restarts})
+            self._save(status="running", pid=child.pid, up_since=time.time(), next_start_at=None,
+                       standby_pid=None)
+            log.info("%s started (pid %d)%s", self.name, child.pid, " from its standby" if standby else "",
+                     extra={"stage": self.name, "pid": child.pid, "restart": self.state.restarts,
+                            "standby": standby})
+            if self.standby_after_s is not None and (self._preparing is None or self._preparing.done()):
+                self._preparing = asyncio.ensure_future(self._prepare_standby(preexec))
             exited = asyncio.ensure_future(child.wait())
             stopping = asyncio.ensure_future(stop.wait())
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if stop.is_set():
+                await self._stop_standby()
                 code = await self._stop(child, exited)
                 stopping.cancel()
                 self._save(status="stopped", pid=None, last_exit=code, last_exit_at=time.time())
@@ -174,7 +262,8 @@ class Supervisor:
                 await asyncio.wait_for(stop.wait(), delay)
             except TimeoutError:
                 continue
-            self._save(status="stopped", next_start_at=None)
+            await self._stop_standby()
+            self._save(status="stopped", next_start_at=None, standby_pid=None)
             log.info("%s not restarted: stop requested", self.name, extra={"stage": self.name})
             return 0
 
@@ -199,5 +288,5 @@ class Supervisor:
 
 
 def run(name: str, argv: list[str], state_file: Path, backoff: Backoff,
-        stop_timeout_s: float = STOP_TIMEOUT_S) -> int:
-    return asyncio.run(Supervisor(name, argv, state_file, backoff, stop_timeout_s).run())
+        stop_timeout_s: float = STOP_TIMEOUT_S, standby_after_s: float | None = None) -> int:
+    return asyncio.run(Supervisor(name, argv, state_file, backoff, stop_timeout_s, standby_after_s).run())

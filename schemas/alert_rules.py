@@ -36,6 +36,8 @@ CHANNEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 MAX_CHANNELS = 8
 MAX_DURATION_S = 366 * 86400
 RULE_RECORD_VERSION = 1
+DEFAULT_GROUP_WAIT_S = 2  # a rule about each key: keys crossing together are one notification
+DEFAULT_GROUP_INTERVAL_S = 30
 
 _DURATION = re.compile(r"^\s*([0-9]{1,9})\s*(ms|s|m|h|d|w)?\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
@@ -104,6 +106,16 @@ class _Rule(BaseModel):
                                                              "past before the alert resolves")
     channels: Annotated[tuple[ChannelName, ...], Field(min_length=1, max_length=MAX_CHANNELS)]
     enabled: bool = True
+    # Grouping (as Alertmanager's group_wait and group_interval, per org and rule): the
+    # alerts of this rule about one org that fire (or resolve) within group_wait_s of the
+    # first are notified together, in one notification listing them; after a group's
+    # notification, alerts joining it wait until group_interval_s has passed since.
+    group_wait_s: Duration | None = Field(None, le=3600, description="how long a group waits for more alerts before "
+                                                                     "its notification; None: DEFAULT_GROUP_WAIT_S "
+                                                                     "for a rule about each key of an org, 0 (no "
+                                                                     "wait, no grouping) for a rule about one subject")
+    group_interval_s: Duration = Field(DEFAULT_GROUP_INTERVAL_S, le=86400,
+                                       description="after a group's notification, the least time before its next")
 
     @model_validator(mode="after")
     def _distinct_channels(self) -> "_Rule":
@@ -116,6 +128,18 @@ class _Rule(BaseModel):
     @property
     def is_global(self) -> bool:
         return self.org_id == GLOBAL
+
+    @property
+    def many_subjects(self) -> bool:
+        """Whether the rule alerts about each key of an org (several alerts per org)."""
+        return getattr(self, "scope", "key") == "key" and getattr(self, "api_key_id", None) is None
+
+    @property
+    def group_wait(self) -> int:
+        """The group wait in effect (0: each alert notified on its own, at once)."""
+        if self.group_wait_s is not None:
+            return self.group_wait_s
+        return DEFAULT_GROUP_WAIT_S if self.many_subjects else 0
 
     def _above(self, threshold: float) -> Condition:
         return Condition(threshold=threshold, direction="above", clear_at=threshold * (1 - self.hysteresis))

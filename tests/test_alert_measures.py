@@ -122,3 +122,41 @@ def test_key_expiry_in_seconds_and_never_for_keys_that_will_not_expire():
     expiring = rule(type="key_expiring", within_s="1d")
     assert expiring.condition().reached(evaluate.key_expiry(soon, T0))
     assert expiring.condition().cleared(evaluate.NEVER_S)
+
+
+def _add_one_at_a_time(m: Measures, policy: Policy, partition: int, offset: int, events) -> None:
+    """Measures.add as it was written first, an event at a time: the reference for the
+    counting by bucket that replaced it."""
+    from quotaflow.alerts.measures import COUNTED, DENIED, ERRORS, HIST, HOUR_MS, MINUTE_MS, latency_bin
+
+    for ts_ms, status, latency_ms in events:
+        for window in policy.windows:
+            bucket = m._bucket(window, ts_ms - ts_ms % window.bucket_ms)
+            if status == 429:
+                bucket[DENIED] += 1
+                continue
+            bucket[COUNTED] += 1
+            bucket[ERRORS] += status >= 500
+            b = latency_bin(latency_ms)
+            bucket[HIST][b] = bucket[HIST].get(b, 0) + 1
+        if status != 429:
+            m.hours[ts_ms - ts_ms % HOUR_MS] = m.hours.get(ts_ms - ts_ms % HOUR_MS, 0) + 1
+            m.minutes[ts_ms - ts_ms % MINUTE_MS] = m.minutes.get(ts_ms - ts_ms % MINUTE_MS, 0) + 1
+    m.offsets[partition] = max(m.offsets.get(partition, 0), offset + 1)
+
+
+SLIDING = Policy(windows=(Window(60, sliding=True), Window(3600), Window(86400)), tiers={"FREE": (10, 100, 1000)})
+
+
+@given(records=st.lists(st.lists(st.tuples(st.integers(-7_200_000, 7_200_000),
+                                           st.sampled_from([200, 204, 429, 499, 500, 503]),
+                                           st.floats(0, 100_000, allow_nan=False)), max_size=40), max_size=6),
+       policy=st.sampled_from([POLICY, SLIDING]))
+@settings(max_examples=200, deadline=None)
+def test_adding_a_record_by_bucket_equals_adding_its_events_one_at_a_time(records, policy):
+    fast, slow = Measures(), Measures()
+    for offset, events in enumerate(records):
+        rows = [(T0 + dt, status, latency) for dt, status, latency in events]
+        fast.add(policy, 0, offset, rows)
+        _add_one_at_a_time(slow, policy, 0, offset, rows)
+    assert fast == slow

@@ -199,7 +199,7 @@ def stage(live_stack):
 def test_usage_threshold_fires_once_signed_per_the_spec_then_resolves_when_the_window_ends(stage):
     org = unique("usage")
     stage.add_rule(org, rule_id="key-half", type="usage_threshold", window=f"{WINDOW_S}s", percent=50,
-                   scope="key", channels=["hook"], severity="high")
+                   scope="key", channels=["hook"], severity="high", group_interval_s=1)  # a group of one
     in_one_window()
     stage.send(org, "web", 8)
     stage.send(org, "web", 4)  # 12 of the key's 20: 60 %
@@ -300,7 +300,8 @@ def test_key_expiring_fires_for_a_key_of_the_registry_and_resolves_when_it_is_re
 
     try:
         put(now + 3_600_000)  # an hour left
-        stage.add_rule(org, rule_id="expiry", type="key_expiring", within_s="1d", channels=["hook"])
+        stage.add_rule(org, rule_id="expiry", type="key_expiring", within_s="1d", channels=["hook"],
+                       group_interval_s=1)  # each key, grouped: the resolved not held for the default 30 s
         (firing,) = stage.wait_kinds(org, ["firing"])
         assert firing["api_key_id"] == "key_soon" and 3000 < firing["value"] <= 3600
         put(now + 30 * 86_400_000)  # renewed for a month
@@ -386,6 +387,7 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
         stage.send(o, "k", 1, status=429)
     firing, resolved = stage.wait_kinds(org, ["firing", "resolved"])
     stage.wait_kinds(other, ["firing", "resolved"])
+    replayed = publish_a_replayed_pending_step(stage, org)
     ensure_sink(stage)
 
     def get(path: str, token: str) -> tuple[int, bytes]:
@@ -398,11 +400,14 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
     def kinds(rs: list[dict]) -> list[tuple]:
         return [(r["record"], r["kind"], r["outcome"]) for r in rs]
 
-    wait_for(lambda: ("delivery", "resolved", "ok") in kinds(rows()), 90, "the history in ClickHouse",
+    wait_for(lambda: ("delivery", "resolved", "ok") in kinds(rows()) and
+             any(r["rule_id"] == "held" for r in rows()), 90, "the history in ClickHouse",
              lambda: stage.pipeline.logs("sink"))
     got = rows()
     assert {r["org_id"] for r in got} == {org}  # the org's token sees its own alerts only
-    transitions = [r for r in got if r["record"] == "transition"]
+    # a pending step replayed after a crash, seconds later, wrote its row again: one row
+    assert [(r["kind"], r["at_ms"]) for r in got if r["rule_id"] == "held"] == [("pending", replayed)]
+    transitions = [r for r in got if r["record"] == "transition" and r["rule_id"] == "denials"]
     assert [r["kind"] for r in transitions] == ["firing", "resolved"]
     assert [r["notification_id"] for r in transitions] == [firing["id"], resolved["id"]]
     deliveries = [r for r in got if r["record"] == "delivery"]
@@ -415,6 +420,34 @@ def test_history_is_queryable_per_org_as_json_and_csv(stage):
     assert status == 200
     table = list(csv.DictReader(io.StringIO(body.decode())))
     assert {r["org_id"] for r in table} == {other} and {"firing", "resolved"} <= {r["kind"] for r in table}
+
+
+def publish_a_replayed_pending_step(stage, org: str) -> int:
+    """The history records of a pending step, as the alerts stage writes them, then again as
+    a stage restarted from the state before that step writes them 5 s later (the crash came
+    after the history was on the broker, before the state was); the replay's time."""
+    from quotaflow.alerts.app import _transition_record
+    from quotaflow.alerts.state import Subject, step
+    from quotaflow.schemas.topics import ALERT_HISTORY_TOPIC
+
+    rule = parse_rule({"org_id": org, "rule_id": "held", "type": "error_rate", "window": HOUR, "percent": 50,
+                       "for_s": 600, "channels": ["hook"]})
+    now = int(time.time() * 1000)
+    records = [_transition_record(rule, Subject(org), t) for at in (now - 5000, now)
+               for t in step(rule, Subject(org), 90.0, at).transitions]
+    assert [r.kind for r in records] == ["pending", "pending"] and records[0].row_id == records[1].row_id
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=stage.settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for r in records:
+                await producer.send_and_wait(ALERT_HISTORY_TOPIC, r.encode(), key=r.row_id.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    return now
 
 
 def test_unusual_activity_reads_its_baseline_from_the_clickhouse_rollups(stage):
@@ -478,3 +511,50 @@ def test_hostile_records_are_skipped_and_an_unconfigured_channel_is_recorded_not
     wait_for(failed_on_gone, 30, "the failed attempt on the unconfigured channel in the history")
     log = stage.pipeline.logs("alerts", lines=400)
     assert "alert rule record skipped" in log and "silence record skipped" in log, log[-3000:]
+
+
+def test_keys_crossing_together_are_one_signed_notification_and_a_later_one_waits_the_group_interval(stage):
+    """A rule about each key with a group wait: three keys of one org crossing at once are
+    one webhook listing the three alerts (each its own fingerprint and id); a fourth key
+    crossing right after is notified in a second one, group_interval_s after the first."""
+    in_one_hour()
+    org = unique("grouped")
+    stage.add_rule(org, rule_id="keys-denied", type="rate_limit_violations", window=HOUR, min_denials=1, scope="key",
+                   group_wait_s=2, group_interval_s=5, channels=["hook"])
+    now = int(time.time() * 1000)
+    asyncio.run(publish(stage.settings, [event(org, key, now, status=429) for key in ("k-a", "k-b", "k-c")]))
+    (first,) = stage.wait_kinds(org, ["firing"])
+    assert [a["api_key_id"] for a in first["alerts"]] == ["k-a", "k-b", "k-c"]
+    assert first["id"].startswith("msg_grp_") and first["api_key_id"] is None
+    assert len({a["fingerprint"] for a in first["alerts"]}) == 3 and len({a["id"] for a in first["alerts"]}) == 3
+    stage.send(org, "k-d", 1, status=429)
+    first, second = stage.wait_kinds(org, ["firing", "firing"])
+    assert [a["api_key_id"] for a in second["alerts"]] == ["k-d"] and second["id"] == second["alerts"][0]["id"]
+    (r1, _), (r2, _) = stage.hooks(org)
+    assert r2.at - r1.at >= 4.5  # group_interval_s after the first flush (r1 came a moment after it)
+    for request, _ in stage.hooks(org):
+        spec_verify(SECRET, request.headers, request.body)
+
+
+def test_a_group_in_the_outbox_is_sent_once_with_its_id_across_a_sigkill(stage):
+    """The receiver refuses while the stage is killed with a group notification in its
+    outbox; the restarted stage sends the same notification (same id, the same alerts),
+    and nothing else."""
+    in_one_hour()
+    org = unique("grpkill")
+    stage.failing.failing.add(org)
+    stage.add_rule(org, rule_id="keys-denied", type="rate_limit_violations", window=HOUR, min_denials=1, scope="key",
+                   group_wait_s=1, channels=["hook"])
+    now = int(time.time() * 1000)
+    asyncio.run(publish(stage.settings, [event(org, key, now, status=429) for key in ("k-a", "k-b")]))
+    wait_for(lambda: len(stage.hooks(org)) >= 2, 30, "attempts at the group's firing",
+             lambda: stage.pipeline.logs("alerts"))
+    stage.pipeline.kill("alerts")
+    stage.failing.failing.discard(org)
+    stage.pipeline.start("alerts")
+    wait_for(lambda: any(r.at > stage.pipeline.state("alerts").up_since for r, _ in stage.hooks(org)), 60,
+             "the group's firing sent again", lambda: stage.pipeline.logs("alerts"))
+    stage.send(org, "k-a", 1, status=429)  # still firing: nothing new
+    ids = {r.headers["webhook-id"] for r, _ in stage.hooks(org)}
+    assert len(ids) == 1, ids
+    assert all([a["api_key_id"] for a in doc["data"]["alerts"]] == ["k-a", "k-b"] for _, doc in stage.hooks(org))

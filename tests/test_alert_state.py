@@ -252,3 +252,50 @@ def test_a_step_replayed_from_the_stored_state_gives_the_same_transitions(obs, c
         again = step(rule, ACME, value, now, AlertState.decode(state.encode()) if state else None)
         assert replay == again
         state = replay.state
+
+
+@settings(max_examples=300, deadline=None)
+@given(obs=observations, for_s=st.integers(0, 900), cooldown_s=st.integers(0, 1800),
+       repeat=st.one_of(st.none(), st.integers(60, 3600)), silence_end=st.integers(0, 3000 * S),
+       late=st.integers(1, 5000))
+def test_history_row_ids_are_distinct_and_the_same_when_a_step_is_replayed_later(obs, for_s, cooldown_s, repeat,
+                                                                                 silence_end, late):
+    """Every transition has a row id of its own (the history table keeps one row per id: a
+    shared one would drop a transition), and a step replayed from the stored state after a
+    crash, some ms later, writes a transition of the same kind under the same id (a second
+    row for a pending or cancelled one was the bug: its id held the time)."""
+    rule = usage_rule(for_s=for_s, cooldown_s=cooldown_s, repeat_interval_s=repeat)
+    silences = [Silence(silence_id="s", org_id="acme", ends_ms=silence_end)]
+    state, now, rows = None, 0, []
+    for value, gap in obs:
+        now += gap
+        done = step(rule, ACME, value, now, state, silences)
+        stored = AlertState.decode(state.encode()) if state else None
+        replayed = step(rule, ACME, value, now + late, stored, silences)
+        for t, r in zip(done.transitions, replayed.transitions):
+            assert t.row_id
+            if (t.kind, t.notify, t.muted) == (r.kind, r.notify, r.muted):
+                assert r.row_id == t.row_id, (t, r)
+        rows += [t.row_id for t in done.transitions]
+        state = done.state
+    assert len(rows) == len(set(rows)), rows
+
+
+def test_a_muted_firing_and_its_notification_after_the_silence_are_two_rows():
+    rule, alerts = usage_rule(), Alerts()
+    silence = Silence(silence_id="maint", org_id="acme", rule_id="daily-80", ends_ms=100 * S)
+    (held,) = alerts.observe(rule, ACME, 90, 0, [silence])
+    (late,) = alerts.observe(rule, ACME, None, 100 * S, [silence])
+    assert held.notification_id == late.notification_id and held.row_id != late.row_id
+
+
+def test_pending_and_cancelled_rows_are_named_by_the_pending_period_not_the_clock():
+    rule = usage_rule(for_s="5m")
+    first = step(rule, ACME, 90, 1_000)
+    again = step(rule, ACME, 90, 9_000)  # the same step replayed 8 s later
+    assert [t.kind for t in first.transitions] == ["pending"] and first.transitions[0].row_id == \
+        again.transitions[0].row_id
+    (cancelled,) = step(rule, ACME, 10, 20_000, first.state).transitions
+    (pending2,) = step(rule, ACME, 95, 30_000, step(rule, ACME, 10, 20_000, first.state).state).transitions
+    assert cancelled.kind == "cancelled" and pending2.kind == "pending"
+    assert len({first.transitions[0].row_id, cancelled.row_id, pending2.row_id}) == 3

@@ -37,8 +37,11 @@ from tests.pipeline import counted, event, publish, this_minute, unique, wait_fo
 def test_delays_double_up_to_the_cap_and_start_over_after_a_healthy_run():
     b = Backoff(initial_s=1.0, max_s=60.0, healthy_s=60.0)
     assert [b.after_exit(5.0, rand=lambda: 0.0) for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
-    assert b.after_exit(60.0, rand=lambda: 0.999) == pytest.approx(0.9995)  # up a minute: a new series
+    assert b.after_exit(60.0, rand=lambda: 0.999) == 0.0  # up a minute: restarted at once, a new series
+    assert b.after_exit(1.0, rand=lambda: 0.0) == 0.5
     assert b.after_exit(1.0, rand=lambda: 0.0) == 1.0
+    never = Backoff(initial_s=1.0, max_s=60.0, healthy_s=0.0)  # every exit starts a series: never at once
+    assert [never.after_exit(0.0, rand=lambda: 0.0) for _ in range(3)] == [0.5, 0.5, 0.5]
 
 
 @given(initial=st.floats(0.01, 10), cap=st.floats(1, 1000),
@@ -49,7 +52,11 @@ def test_each_delay_is_jittered_within_its_ceiling_and_grows_until_capped(initia
     in_a_row, previous = 0, None
     for uptime, r in exits:
         delay = b.after_exit(uptime, rand=lambda: r)
-        in_a_row = 1 if uptime >= 60.0 else in_a_row + 1
+        if uptime >= 60.0:  # after a healthy run: at once, and the next quick exit starts a series
+            assert delay == 0.0
+            in_a_row, previous = 0, delay
+            continue
+        in_a_row += 1
         ceiling = min(b.max_s, initial * 2 ** (in_a_row - 1))
         assert ceiling / 2 <= delay <= ceiling
         if in_a_row > 1 and previous < b.max_s / 2:  # below the cap: longer than the last, whatever the jitter
@@ -79,6 +86,10 @@ CHILD = textwrap.dedent("""
     if mode == "crash-once" and not crashed.exists():  # the first run fails at once
         crashed.touch()
         sys.exit(3)
+    if mode == "standby":  # as a stage does once it has imported what it needs
+        from quotaflow.deploy.supervise import wait_if_standby
+        note("imported")
+        wait_if_standby()
     signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore-sigterm" else on_term)
     note("started")
     while True:
@@ -93,7 +104,7 @@ SUPERVISOR = textwrap.dedent("""
     child, out, mode, state, stop_timeout = sys.argv[1:]
     setup_logging("INFO", "json")
     sys.exit(run("toy", [sys.executable, child, out, mode], Path(state), Backoff(0.05, 0.2, 60.0),
-                 stop_timeout_s=float(stop_timeout)))
+                 stop_timeout_s=float(stop_timeout), standby_after_s=0.2 if mode == "standby" else None))
 """)
 
 
@@ -176,6 +187,38 @@ def test_a_crash_and_a_kill_are_restarted_and_a_sigterm_stops_without_restart(to
     assert (s.status, s.pid, s.restarts, s.last_exit) == ("stopped", None, 2, 0)
     msgs = [r["msg"] for r in toy.records()]
     assert msgs[-2:] == [f"stopping toy (pid {second}): SIGTERM", "toy stopped (code 0)"]
+
+
+def test_a_standby_takes_over_at_a_restart_a_dead_one_is_replaced_and_none_outlives_a_stop(toys):
+    toy = toys("standby")
+
+    def standby_waiting(other_than: int | None = None) -> int:
+        def ready() -> bool:
+            s = toy.state()
+            return (s is not None and s.standby_pid not in (None, other_than)
+                    and f"imported {s.standby_pid}" in toy.notes())
+        wait_for(ready, 20, "a standby waiting", toy.logs)
+        return toy.state().standby_pid
+
+    first = toy.running(restarts=0)
+    standby = standby_waiting()
+    assert f"started {standby}" not in toy.notes()  # imported, waiting to be released
+    os.kill(first, signal.SIGKILL)
+    assert toy.running(restarts=1) == standby  # the standby took over
+    assert f"toy started (pid {standby}) from its standby" in [r["msg"] for r in toy.records()]
+
+    dead = standby_waiting(other_than=standby)  # the next one, once the running one was up 0.2 s
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: not alive(dead), 10, "the standby to die")
+    os.kill(standby, signal.SIGKILL)
+    third = toy.running(restarts=2)
+    assert third != dead and f"toy started (pid {third})" in [r["msg"] for r in toy.records()]  # a fresh start
+
+    last = standby_waiting(other_than=dead)
+    toy.proc.send_signal(signal.SIGTERM)
+    assert toy.proc.wait(timeout=10) == 0
+    assert not alive(third) and not alive(last) and f"started {last}" not in toy.notes()
+    assert (toy.state().status, toy.state().standby_pid) == ("stopped", None)
 
 
 def test_a_stage_that_ignores_sigterm_is_killed_after_the_timeout(toys):

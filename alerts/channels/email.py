@@ -59,7 +59,7 @@ def message(notification: Notification, channel: EmailChannel, sender: str) -> E
     msg["Date"] = format_datetime(dt.datetime.fromtimestamp(n.at_ms / 1000, tz=dt.timezone.utc))
     msg["X-Quotaflow-Notification-Id"] = n.id
     msg["X-Quotaflow-Fingerprint"] = n.fingerprint
-    if n.kind in ("resolved", "repeat"):
+    if n.kind in ("resolved", "repeat") and len(n.alerts) <= 1:  # a group's threads are its alerts' own
         firing = message_id(f"msg_{n.fingerprint}_{n.episode}_firing")
         msg["In-Reply-To"] = firing
         msg["References"] = firing
@@ -67,6 +67,10 @@ def message(notification: Notification, channel: EmailChannel, sender: str) -> E
     lines = [n.summary(), "", f"Org:        {n.org_id}"]
     if n.api_key_id:
         lines.append(f"API key:    {n.api_key_id}")
+    if len(n.alerts) > 1:
+        lines.append(f"Alerts:     {len(n.alerts)}")
+        lines += [f"  - {a.subject}: {'none' if a.value is None else f'{a.value:g}'} (alert {a.fingerprint}, "
+                  f"notification {a.id})" for a in n.alerts]
     lines += [f"Rule:       {n.rule_id} ({n.rule_type}, {'global' if n.rule_org_id == '*' else n.rule_org_id})",
               f"Severity:   {n.severity}", f"Value:      {'none' if n.value is None else f'{n.value:g}'}",
               f"Threshold:  {n.threshold:g}", f"When:       {when}", f"State:      {n.kind}"]

@@ -35,6 +35,12 @@ def payload(notification: Notification) -> dict:
         {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{name}*\n{escape(value)}"[:FIELD_MAX]}
                                        for name, value in fields]},
     ]
+    if len(n.alerts) > 1:  # a group: one line per alert, as many as a section holds
+        lines = [f"• {escape(a.subject)}: {'none' if a.value is None else f'{a.value:g}'}" for a in n.alerts]
+        text = "\n".join(lines)
+        if len(text) > FIELD_MAX:
+            text = text[:FIELD_MAX - 20].rsplit("\n", 1)[0] + "\n• ..."
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text}})
     if n.description:
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": escape(n.description)[:FIELD_MAX]}})
     blocks.append({"type": "context", "elements": [

@@ -233,7 +233,9 @@ def run_stage(args: argparse.Namespace, settings: Settings) -> int:
     """The alerts stage in the foreground (alerts/app.py); `quotaflow stack start` runs it supervised."""
     from quotaflow.alerts.app import Worker, create_app
     from quotaflow.cli.stages import run_faust_worker
+    from quotaflow.deploy.supervise import wait_if_standby
 
+    wait_if_standby()  # a supervisor's standby (deploy/supervise.py): imported, waits until it takes over
     return run_faust_worker(settings, create_app, Worker, "alerts_metrics_port")
 
 

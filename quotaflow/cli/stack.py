@@ -101,7 +101,7 @@ def run_supervise(args: argparse.Namespace, settings: Settings) -> int:
     backoff = supervise.Backoff(settings.supervise_backoff_initial_s, settings.supervise_backoff_max_s,
                                 settings.supervise_healthy_s)
     return supervise.run(args.stage, [sys.executable, "-m", "quotaflow", *stack.STAGE_ARGV[args.stage]], state_file,
-                         backoff)
+                         backoff, standby_after_s=stack.STANDBY_AFTER_S.get(args.stage))
 
 
 def _stack_arguments(p: argparse.ArgumentParser) -> None:

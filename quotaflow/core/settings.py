@@ -295,7 +295,7 @@ class Settings(BaseSettings):
                                                "exited; doubled with each exit in a row")
     supervise_backoff_max_s: float = Field(60.0, gt=0, description="longest delay before a restart")
     supervise_healthy_s: float = Field(60.0, ge=0, description="a stage up this long before it exits "
-                                       "starts the backoff over")
+                                       "is restarted at once, and starts the backoff over")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
