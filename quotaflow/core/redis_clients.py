@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from quotaflow.core.settings import Settings
 
@@ -30,27 +31,71 @@ AsyncClient = aioredis.Redis | AsyncRedisCluster
 SyncClient = redis.Redis | RedisCluster
 
 
-def async_client(settings: Settings, *, fail_fast: bool = False, **kwargs: Any) -> AsyncClient:
+def async_client(settings: Settings, **kwargs: Any) -> AsyncClient:
     """An asyncio client of QUOTAFLOW_REDIS_URL: a RedisCluster one in cluster mode."""
-    if not settings.redis_cluster:
-        return aioredis.Redis.from_url(settings.redis_url, **kwargs)
-    if fail_fast:
-        from redis.asyncio.retry import Retry
-
-        kwargs["retry"] = Retry(NoBackoff(), 0)
-    return AsyncRedisCluster.from_url(settings.redis_url, **kwargs)
+    return async_from_url(settings.redis_url, cluster=settings.redis_cluster, nodes=settings.redis_cluster_nodes,
+                          **kwargs)
 
 
-def sync_client(settings: Settings, *, fail_fast: bool = False, **kwargs: Any) -> SyncClient:
+def sync_client(settings: Settings, **kwargs: Any) -> SyncClient:
     """A blocking client of QUOTAFLOW_REDIS_URL: a RedisCluster one in cluster mode."""
-    if not settings.redis_cluster:
-        return redis.Redis.from_url(settings.redis_url, **kwargs)
-    if fail_fast:
-        from redis.retry import Retry
+    return sync_from_url(settings.redis_url, cluster=settings.redis_cluster, nodes=settings.redis_cluster_nodes,
+                         **kwargs)
 
+
+def async_from_url(url: str, *, cluster: bool = False, nodes: str | None = None, fail_fast: bool = False,
+                   **kwargs: Any) -> AsyncClient:
+    """``nodes``: host:port,... of more nodes to start from (QUOTAFLOW_REDIS_CLUSTER_NODES)."""
+    if not cluster:
+        return aioredis.Redis.from_url(url, **kwargs)
+    from redis.asyncio.cluster import ClusterNode
+    from redis.asyncio.retry import Retry
+
+    if fail_fast:
         kwargs["retry"] = Retry(NoBackoff(), 0)
-    return RedisCluster.from_url(settings.redis_url, **kwargs)
+    return AsyncRedisCluster.from_url(url, startup_nodes=[ClusterNode(h, p) for h, p in _nodes(nodes)], **kwargs)
+
+
+def sync_from_url(url: str, *, cluster: bool = False, nodes: str | None = None, fail_fast: bool = False,
+                  **kwargs: Any) -> SyncClient:
+    if not cluster:
+        return redis.Redis.from_url(url, **kwargs)
+    from redis.cluster import ClusterNode
+    from redis.retry import Retry
+
+    if fail_fast:
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+    return RedisCluster.from_url(url, startup_nodes=[ClusterNode(h, p) for h, p in _nodes(nodes)], **kwargs)
+
+
+def _nodes(nodes: str | None) -> list[tuple[str, int]]:
+    """The URL's node is one to start from; a cluster client that knows no other cannot
+    start (or find the cluster's new shape) while that node is down."""
+    if not nodes:
+        return []
+    return [(host, int(port)) for host, port in (item.strip().rsplit(":", 1) for item in nodes.split(","))]
 
 
 def is_cluster(client: object) -> bool:
     return isinstance(client, (AsyncRedisCluster, RedisCluster))
+
+
+async def evalsha_pipelined(client: AsyncClient, script: str, sha: str, calls: list[tuple[list, list]]) -> list:
+    """One script's calls, ``(keys, args)`` each, pipelined in one round trip (on a cluster,
+    to each call's node in parallel: a call's keys must share a slot), their answers in
+    order. A Redis lacking the script (restarted, flushed, a replica just promoted) gets it
+    loaded and the calls sent again, so the script must give the same answers when run
+    twice; any other error is raised. EVALSHA as a plain command: redis-py's cluster
+    pipeline refuses its evalsha (and so Script objects), not knowing the keys share a slot."""
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        replies = await pipe.execute(raise_on_error=False)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if not errors:
+            return replies
+        if attempt or not all(isinstance(e, NoScriptError) for e in errors):
+            raise errors[0]
+        await client.script_load(script)
+    raise AssertionError("unreachable")

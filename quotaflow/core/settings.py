@@ -127,6 +127,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="default: the local stack's redis-server")
     redis_cluster: bool = Field(False, description="QUOTAFLOW_REDIS_URL is a Redis Cluster (any node of it; the "
                                 "clients find the others); the local stack then runs one of 3 masters and 3 replicas")
+    redis_cluster_nodes: str | None = Field(None, description="host:port[,host:port] of more nodes of the cluster "
+                                            "to start from, should the URL's be down; default: the local cluster's")
     redis_cluster_node_timeout_ms: int = Field(5000, ge=100, le=600_000, description="the local Redis Cluster's "
                                                "cluster-node-timeout: a master silent this long is failed over")
 
@@ -404,7 +406,7 @@ class Settings(BaseSettings):
             raise ValueError("Authorization is read anyway (as 'Bearer <key>'): name another header, e.g. X-Api-Key")
         return name
 
-    @field_validator("kafka_bootstrap")
+    @field_validator("kafka_bootstrap", "redis_cluster_nodes")
     @classmethod
     def _bootstrap(cls, bootstrap: str | None) -> str | None:
         if bootstrap is None:
@@ -495,6 +497,8 @@ class Settings(BaseSettings):
             self.kafka_bootstrap = self._local_bootstrap()
         if self.redis_url is None:  # a cluster has database 0 only, named by no path
             self.redis_url = f"redis://127.0.0.1:{self.redis_port}" + ("" if self.redis_cluster else "/0")
+        if self.redis_cluster and self.redis_cluster_nodes is None and self.redis_is_local:
+            self.redis_cluster_nodes = ",".join(f"127.0.0.1:{port}" for port, _ in self.redis_cluster_ports)
         if self.clickhouse_url is None:
             self.clickhouse_url = f"chdb://{self.state_dir / 'clickhouse'}"
         ports = [self.kafka_port, self.kafka_controller_port, self.redis_port]
