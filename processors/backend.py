@@ -55,6 +55,11 @@ class SubjectWrite:
 
 
 WRITE_SCRIPT = resources.files("quotaflow.processors").joinpath("write.lua").read_text()
+# On a Redis Cluster a batch's counts are acknowledged to Kafka once a replica of each master
+# written to holds them too (WAIT), so a master's failover loses none of them; a replica
+# slower than this (or down) is waited for no longer: the batch goes on, counted as
+# unreplicated (core/redis_clients.py). Not sent to a single Redis.
+REPLICA_WAIT_MS = 100
 
 
 class RedisBackend:
@@ -126,5 +131,6 @@ class RedisBackend:
             by_org.setdefault(w.org_id, []).append([usage_key(w.org_id, w.api_key_id),
                                                     reservations_key(w.org_id, w.api_key_id), fields, w.released])
         calls = [([usage_key(org)], [self.usage_ttl_ms, orjson.dumps(batch)]) for org, batch in by_org.items()]
-        await until_ok(lambda: evalsha_pipelined(self.redis, WRITE_SCRIPT, self._write.sha, calls),
+        await until_ok(lambda: evalsha_pipelined(self.redis, WRITE_SCRIPT, self._write.sha, calls,
+                                                 replicated_within_ms=REPLICA_WAIT_MS, what="processor_counts"),
                        "write counts and decisions")

@@ -172,6 +172,10 @@ def test_gateways_admit_exactly_the_limit_and_the_processor_counts_on_the_cluste
             d = decision(client, org, key)
             assert (d.allowed, d.denied_by, d.limit) == (False, "key:60s", 30)
         assert pipeline.state("processor").restarts == 0
+        # each batch was acknowledged by a replica before Kafka (WAIT on the masters written to)
+        assert sum(node.client().info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+                   for node in masters(cluster)) > 0
+        assert pipeline.metric("processor", 'quotaflow_redis_unreplicated_calls_total{what="processor_counts"}') == 0
     finally:
         pipeline.stop_all()
 
@@ -189,11 +193,14 @@ def test_a_master_killed_mid_run_fails_over_and_checks_resume_with_counts_whole(
     replica = redis_cluster.replica_of(cluster, victim)
     other_port = next(node.port for node in masters(cluster) if node.port != switch_port)
     org, other = org_on(client, switch_port, "victim"), org_on(client, other_port, "other")
+    quiet = org_on(client, switch_port, "quiet")  # counted before the kill, no event after it
     key = unique("key")
     ts = this_minute()
     pipeline = Pipeline(cluster)
     try:
         pipeline.start("processor", **cluster_env)
+        asyncio.run(publish(cluster, [event(quiet, key, ts) for _ in range(300)]))
+        wait_for(lambda: counted(client, quiet, key, ts, "86400s") == 300, 60, "the quiet org's 300", pipeline.logs)
         client.hset(org_key(other), ORG_TIER_FIELD, "ENTERPRISE")  # checked every 20 ms: 500 a minute
         publisher = subprocess.Popen([sys.executable, "-c", PUBLISH, org, key, str(ts), str(STREAMED)],
                                      env={**os.environ, **cluster_env})
@@ -237,6 +244,9 @@ def test_a_master_killed_mid_run_fails_over_and_checks_resume_with_counts_whole(
         seen = asyncio.run(checks())
         assert victim.proc.pid() is None
         redis_cluster.wait_promoted(cluster, victim, replica, 30)
+        # what the processor had acknowledged before the kill is on the promoted replica,
+        # without being written again (each batch waits for a replica: processors/backend.py)
+        assert counted(client, quiet, key, ts, "86400s") == 300
         down = [(at, d) for at, d in seen["victim_open"] if not d.enforced]
         assert down, "the killed master's org was never unavailable: the kill did not land"
         outage_s = down[-1][0]

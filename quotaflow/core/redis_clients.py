@@ -16,16 +16,23 @@ before either way.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from quotaflow.core.settings import Settings
+
+log = logging.getLogger(__name__)
+UNREPLICATED = Counter("quotaflow_redis_unreplicated_calls_total",
+                       "Script calls on a Redis Cluster master whose replica had not acknowledged them within the "
+                       "wait (they are lost if the master dies before it does)", ["what"])
 
 AsyncClient = aioredis.Redis | AsyncRedisCluster
 SyncClient = redis.Redis | RedisCluster
@@ -80,20 +87,44 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, (AsyncRedisCluster, RedisCluster))
 
 
-async def evalsha_pipelined(client: AsyncClient, script: str, sha: str, calls: list[tuple[list, list]]) -> list:
+async def evalsha_pipelined(client: AsyncClient, script: str, sha: str, calls: list[tuple[list, list]], *,
+                            replicated_within_ms: int | None = None, what: str = "") -> list:
     """One script's calls, ``(keys, args)`` each, pipelined in one round trip (on a cluster,
     to each call's node in parallel: a call's keys must share a slot), their answers in
     order. A Redis lacking the script (restarted, flushed, a replica just promoted) gets it
     loaded and the calls sent again, so the script must give the same answers when run
     twice; any other error is raised. EVALSHA as a plain command: redis-py's cluster
-    pipeline refuses its evalsha (and so Script objects), not knowing the keys share a slot."""
+    pipeline refuses its evalsha (and so Script objects), not knowing the keys share a slot.
+
+    ``replicated_within_ms`` (cluster only): each master written to that has a replica is
+    sent WAIT 1 on the same connection after the calls, so the answer comes once a replica
+    holds them too (what a failover promotes), or after that many ms: then it goes on, and
+    counts the calls in quotaflow_redis_unreplicated_calls_total{what} (a replica that is
+    down, or slow; stopping would stall the caller for as long as the replica is away)."""
+    wait = replicated_within_ms is not None and is_cluster(client)
+    if wait:
+        await client.initialize()  # the slots' nodes known (a no-op once they are)
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        waited: dict[str, int] = {}  # node -> calls sent to it
+        if wait:
+            for keys, _ in calls:
+                if client.get_node_from_key(keys[0], replica=True) is not None:
+                    node = client.get_node_from_key(keys[0])
+                    waited[node.name] = waited.get(node.name, 0) + 1
+            for name in waited:
+                pipe.execute_command("WAIT", 1, replicated_within_ms, target_nodes=client.get_node(node_name=name))
         replies = await pipe.execute(raise_on_error=False)
+        replies, acks = replies[:len(calls)], replies[len(calls):]
         errors = [r for r in replies if isinstance(r, Exception)]
         if not errors:
+            for (name, n), ack in zip(waited.items(), acks, strict=True):
+                if isinstance(ack, Exception) or int(ack) < 1:
+                    UNREPLICATED.labels(what).inc(n)
+                    log.warning("a Redis Cluster master's replica did not acknowledge writes in time",
+                                extra={"node": name, "calls": n, "within_ms": replicated_within_ms, "what": what})
             return replies
         if attempt or not all(isinstance(e, NoScriptError) for e in errors):
             raise errors[0]
