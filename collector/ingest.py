@@ -2,6 +2,8 @@
 
     POST /v1/events     Authorization: Bearer <ingest token> (QUOTAFLOW_INGEST_TOKENS: token ->
                         org id, whose events alone it may publish, or "*" for any org's)
+                        or Bearer <an org's API key> holding QUOTAFLOW_INGEST_KEY_SCOPE
+                        (events:write): that org's events alone
                         Content-Type: application/json (a JSON array of events) or
                         application/x-ndjson (one event per line); Content-Encoding: gzip accepted
       -> 202 {"accepted": n, "rejected": m, "errors": [{"index", "line", "reasons"}, ...]}: the
@@ -9,20 +11,23 @@
              each refused one is named with the schema's reasons (or the org it may not publish)
       -> 400 the body is not what the Content-Type says (bad JSON, bad gzip, empty), or no
              event in it is valid (the same errors as above)
-      -> 401 no token, or not one of QUOTAFLOW_INGEST_TOKENS
+      -> 401 no token, or not one of QUOTAFLOW_INGEST_TOKENS nor a valid API key (the error
+             names why: unknown_token, malformed_key, unknown_key, revoked_key, expired_key)
+      -> 403 insufficient_scope: an API key without QUOTAFLOW_INGEST_KEY_SCOPE
       -> 413 the body, as sent or decompressed, is over QUOTAFLOW_INGEST_MAX_BODY_BYTES
              (checked while it arrives), or holds more than QUOTAFLOW_INGEST_MAX_EVENTS events
       -> 415 another Content-Type or Content-Encoding
       -> 429 + Retry-After: the producer's memory is full (Kafka or the disk is behind)
-      -> 503 + Retry-After: Kafka is unreachable and the spool has no room left
+      -> 503 + Retry-After: Kafka is unreachable and the spool has no room left, or an API
+             key cannot be verified (Redis unreachable)
     GET /metrics, GET /healthz, GET /openapi.json
 
 Every refusal is JSON {"error": code, "reason": words}. Events are published through the
 producer core (collector/producer.py): a request is answered once its events are
 acknowledged by Kafka or in the spool, so a 202 loses nothing; one answered 503 after
 some of its events were published may be sent again whole: the processor and the sink
-count and store an event id once. Tokens are never logged: a log line names a token by
-its position in the setting (``ingest:token#2``).
+count and store an event id once. Tokens and keys are never logged: a log line names a
+token by its position in the setting (``ingest:token#2``), a key by its id (``key:key_...``).
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ import logging
 import time
 from typing import Any, AsyncIterator
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
@@ -48,6 +55,7 @@ from quotaflow.collector.spool import Record
 from quotaflow.core import metrics
 from quotaflow.core.settings import Settings
 from quotaflow.core.tokens import ALL_ORGS, bearer, owner
+from quotaflow.schemas import api_keys
 from quotaflow.schemas.events import (
     RequestEvent,
     SchemaError,
@@ -57,6 +65,7 @@ from quotaflow.schemas.events import (
     time_bounds_from_settings,
     validate,
 )
+from quotaflow.schemas.redis_keys import api_key_record
 from quotaflow.schemas.topics import EVENTS_TOPIC
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,8 @@ RECORD_EVENTS = 500  # events of one org per Kafka record, as the Python emitter
 MAX_ERRORS_SHOWN = 100
 RETRY_AFTER_FULL_S = 1
 RETRY_AFTER_UNREACHABLE_S = 5
+KEY_CHECK_TIMEOUT_S = 2
+_UNAUTHORIZED = {"www-authenticate": 'Bearer realm="quotaflow"'}
 
 
 class EventError(BaseModel):
@@ -91,7 +102,8 @@ class Refusal(BaseModel):
 
 
 _REFUSALS = {status: {"model": Refusal, "description": words} for status, words in (
-    (400, "bad JSON or gzip, or no valid event"), (401, "no or an unknown token"), (413, "body too large"),
+    (400, "bad JSON or gzip, or no valid event"), (401, "no or an unknown token, or an invalid API key"),
+    (403, "an API key without the ingest scope"), (413, "body too large"),
     (415, "unsupported Content-Type or Content-Encoding"), (429, "producer memory full: retry after"),
     (503, "Kafka unreachable and the spool full: retry after"))}
 
@@ -114,6 +126,8 @@ def core_from_settings(settings: Settings) -> ProducerCore:
 def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
     """The app; it starts (and stops) its own producer core unless given one."""
     tokens = settings.ingest_tokens
+    key_secrets = tuple(secret.encode() for secret in settings.key_hash_secrets.values())
+    key_scope = settings.ingest_key_scope
     bounds = time_bounds_from_settings(settings)
     limit, max_events, max_line = settings.ingest_max_body_bytes, settings.ingest_max_events, \
         settings.ingest_max_line_bytes
@@ -122,6 +136,8 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = core is None
         app.state.core = core_from_settings(settings) if own else core
+        # the key registry, read when a caller presents an API key
+        app.state.redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True) if key_secrets else None
         if own:
             await app.state.core.start()
         try:
@@ -129,6 +145,8 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
         finally:
             if own:
                 await app.state.core.stop()
+            if app.state.redis is not None:
+                await app.state.redis.aclose()
 
     app = FastAPI(title="quotaflow ingest", version="1", lifespan=lifespan, description=__doc__.split("\n\n")[0],
                   docs_url=None, redoc_url=None)
@@ -146,15 +164,43 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
 
     app.router.routes.append(Route("/metrics", metrics.asgi_app))  # at /metrics itself (a mount redirects there)
 
-    def who(request: Request) -> tuple[int, str]:
+    async def who(request: Request) -> tuple[str, str]:
+        """(the caller as logs may name it, the org whose events it may publish or ALL_ORGS)"""
         try:
             token = bearer(request.headers.getlist("authorization"))
         except ValueError as exc:
-            raise _Refused(401, "missing_token", str(exc), {"www-authenticate": 'Bearer realm="quotaflow"'}) from None
+            raise _Refused(401, "missing_token", str(exc), _UNAUTHORIZED) from None
         found = owner(token, tokens)
-        if found is None:
-            raise _Refused(401, "unknown_token", "unknown bearer token", {"www-authenticate": 'Bearer realm="quotaflow"'})
-        return found
+        if found is not None:
+            return f"ingest:token#{found[0]}", found[1]
+        if not (key_secrets and token.startswith(api_keys.PREFIX + "_")):
+            raise _Refused(401, "unknown_token", "unknown bearer token", _UNAUTHORIZED)
+        identity = await key_owner(request.app.state.redis, token)
+        if identity.outcome == api_keys.INSUFFICIENT_SCOPE:
+            raise _Refused(403, identity.outcome, f"this API key lacks the scope {key_scope}")
+        if identity.outcome != api_keys.ACTIVE:
+            raise _Refused(401, identity.outcome, api_keys.KEY_REASONS[identity.outcome], _UNAUTHORIZED)
+        return f"key:{identity.key_id}", identity.org_id
+
+    async def key_owner(redis: aioredis.Redis, presented: str) -> api_keys.KeyIdentity:
+        """The presented key's record, judged as the gateway's check judges it: a bad shape or
+        checksum refused offline, then one round trip for its record under each secret."""
+        try:
+            hint = api_keys.parse(presented).slot_hint
+        except api_keys.InvalidKey as exc:
+            raise _Refused(401, api_keys.MALFORMED_KEY, str(exc), _UNAUTHORIZED) from None
+        try:
+            async with asyncio.timeout(KEY_CHECK_TIMEOUT_S):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for secret in key_secrets:
+                        pipe.hgetall(api_key_record(hint, api_keys.key_hash(presented, secret)))
+                    records = await pipe.execute()
+        except (RedisError, TimeoutError) as exc:
+            log.warning("API key registry unreachable", extra={"error": type(exc).__name__})
+            raise _Refused(503, "key_check_unavailable", "API keys cannot be verified now (the key registry is "
+                                                         "unreachable); retry later",
+                           {"retry-after": str(RETRY_AFTER_UNREACHABLE_S)}) from None
+        return api_keys.record_outcome(next((r for r in records if r), None), int(time.time() * 1000), key_scope)
 
     def judge(items: list[ingest_body.Item], org: str) -> tuple[list[RequestEvent], list[dict]]:
         received = int(time.time() * 1000)
@@ -168,7 +214,7 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
                     reasons = exc.errors
                 else:
                     if org != ALL_ORGS and event.org_id != org:
-                        reasons = ["org_id: this token publishes the events of its own org only"]
+                        reasons = ["org_id: this token or key publishes the events of its own org only"]
                     elif problem := bounds.error(event.ts_ms, received):
                         reasons = [problem.replace("the broker received the record", "the ingest received it")]
                     else:
@@ -217,9 +263,9 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
     async def post_events(request: Request) -> JSONResponse:
         """Publish request events: a JSON array, or NDJSON; gzip accepted."""
         started = time.perf_counter()
-        token_n = None
+        caller = None
         try:
-            token_n, org = who(request)
+            caller, org = await who(request)
             ndjson, gzip = ingest_body.media(request.headers.get("content-type"),
                                              request.headers.get("content-encoding"))
             ingest_body.declared_length(request.headers.get("content-length"), limit)
@@ -235,32 +281,32 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
                 raise _Refused(400, "no_valid_events", "no event in the body is valid: see errors", extra=answer)
             await publish(request.app.state.core, accepted)
         except BodyError as exc:
-            return _refuse(exc.status, exc.code, exc.reason, None, None, token_n, started)
+            return _refuse(exc.status, exc.code, exc.reason, None, None, caller, started)
         except ClientDisconnect:  # gone before its body arrived: nothing was published, no one reads an answer
             return _refuse(400, "client_disconnected", "the client closed the connection before the body's end",
-                           None, None, token_n, started)
+                           None, None, caller, started)
         except _Refused as exc:
-            return _refuse(exc.status, exc.code, exc.reason, exc.headers, exc.extra, token_n, started)
+            return _refuse(exc.status, exc.code, exc.reason, exc.headers, exc.extra, caller, started)
         EVENTS.labels("accepted").inc(len(accepted))
         EVENTS.labels("rejected").inc(len(errors))
         REQUESTS.labels("202").inc()
         SECONDS.labels("202").observe(time.perf_counter() - started)
         log.debug("events ingested", extra={"accepted": len(accepted), "rejected": len(errors),
-                                            "token": f"ingest:token#{token_n}"})
+                                            "caller": caller})
         return JSONResponse(answer, status_code=202)
 
     return app
 
 
 def _refuse(status: int, code: str, reason: str, headers: dict[str, str] | None, extra: dict | None,
-            token_n: int | None, started: float) -> JSONResponse:
+            caller: str | None, started: float) -> JSONResponse:
     REQUESTS.labels(str(status)).inc()
     SECONDS.labels(str(status)).observe(time.perf_counter() - started)
     if extra:
         EVENTS.labels("rejected").inc(extra["rejected"])
     level = logging.WARNING if status in (429, 503) else logging.INFO
     log.log(level, "ingest request refused", extra={"status": status, "error": code, "reason": reason[:300],
-                                                   "token": f"ingest:token#{token_n}" if token_n else None})
+                                                   "caller": caller})
     return JSONResponse({"error": code, "reason": reason, **(extra or {})}, status_code=status, headers=headers)
 
 

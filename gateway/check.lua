@@ -12,8 +12,10 @@
 --          Redis's clock) and the required scope are checked; a key that passes is rate-limited
 --          as the key id and org its record names. The org's keys are named here from the
 --          record's org_id with the policy's layout (from schemas/redis_keys.py): they
---          share the record's hash slot by construction (schemas/api_keys.py slot_hint), so
---          the whole call stays in one slot, as Redis Cluster requires.
+--          share the record's hash slot, so the whole call stays in one slot, as Redis
+--          Cluster requires. That a record's org is of its slot hint's slot is checked once,
+--          where records are made and written (schemas/key_records.problem_of), not here on
+--          every call; a Redis Cluster refuses a call that would leave the slot anyway.
 --   'ids': the caller names the key id and the org (trusted mode: an auth layer in front
 --          verified the caller); KEYS are that org's six keys.
 -- Then: admits when, in every limited window of the key and of its org, the counts the
@@ -25,14 +27,12 @@
 --             6 key overrides: all of one org, in its hash slot.
 --      The emergency switch (one key for all orgs) is read beside this call, in the same
 --      pipeline, and applied by the gateway (gateway/limiter.py).
--- ARGV: 1 event_id, 2 the mode: 'ids'; or 'key', then 3 the required scope ('' for none) and
---       4 the hash slot of the records (of the key's slot hint, computed by the gateway)
+-- ARGV: 1 event_id, 2 the mode: 'ids'; or 'key', then 3 the required scope ('' for none)
 -- Returns: {outcome, now_ms, tier, key id, org id, then per limited window:
 --           scope, label, length s, limit, used (including this request if admitted), reset ms}
 --   outcome 'allowed' or 'rate_limited'; or, with nothing after the ids, 'unknown_key',
 --   'revoked_key', 'expired_key', 'insufficient_scope', 'bad_record' (a record naming an id
---   that breaks the id rule, or an org outside the record's hash slot: refused, never used
---   to build a key name)
+--   that breaks the id rule: refused, never used to build a key name)
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -47,22 +47,6 @@ local function valid_id(s)
   return s and #s >= 1 and #s <= 64 and string.find(s, '^[A-Za-z0-9][A-Za-z0-9_.:%-]*$') ~= nil
 end
 
--- The Redis Cluster hash slot of a hash tag (CRC16/XMODEM mod 16384, as the server computes
--- it, a byte at a time): a record's org must be in the records' slot, the key's hint's
--- (schemas/api_keys.slot_hint). A record naming an org of another slot is never used: its
--- org's keys would be outside this call's slot (refused by a cluster, and on a single
--- server a key of one org counted as another's).
-local band, bxor, lshift, rshift, byte = bit.band, bit.bxor, bit.lshift, bit.rshift, string.byte
-local function slot(s)
-  local crc = 0
-  for c = 1, #s do
-    local x = band(bxor(rshift(crc, 8), byte(s, c)), 0xFF)
-    x = bxor(x, rshift(x, 4))
-    crc = band(bxor(lshift(crc, 8), lshift(x, 12), lshift(x, 5), x), 0xFFFF)
-  end
-  return crc % 16384
-end
-
 local K = KEYS
 local key_id, org_id = '', ''
 local record_limits = {}
@@ -74,7 +58,7 @@ if ARGV[2] == 'key' then
     if r[1] then rec = r; break end
   end
   if not rec then return {'unknown_key', now, '', '', ''} end
-  if not valid_id(rec[1]) or not valid_id(rec[2]) or slot(rec[2]) ~= tonumber(ARGV[4]) then
+  if not valid_id(rec[1]) or not valid_id(rec[2]) then
     return {'bad_record', now, '', '', ''}
   end
   key_id, org_id = rec[1], rec[2]

@@ -56,12 +56,22 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from quotaflow.core.redis_clients import async_client, is_cluster, sync_client
 from quotaflow.core.settings import ConfigError, Settings, env_var
-from quotaflow.schemas.api_keys import SCOPE_PATTERN, InvalidKey, key_hash, parse
+from quotaflow.schemas.api_keys import (
+    EXPIRED_KEY,
+    INSUFFICIENT_SCOPE,
+    KEY_REASONS,
+    MALFORMED_KEY,
+    REVOKED_KEY,
+    SCOPE_PATTERN,
+    UNKNOWN_KEY,
+    InvalidKey,
+    key_hash,
+    parse,
+)
 from quotaflow.schemas.ids import InvalidId, check_id
 from quotaflow.schemas.limits import Policy, policy_from_settings
 from quotaflow.schemas.redis_keys import (
@@ -85,19 +95,14 @@ CHECKS = Counter("quotaflow_gateway_checks_total", "Checks by result", ["result"
 ALLOWED = "allowed"
 RATE_LIMITED = "rate_limited"
 MISSING_KEY = "missing_key"  # no key presented
-MALFORMED_KEY = "malformed_key"  # not a key's shape or checksum: refused offline
-UNKNOWN_KEY = "unknown_key"
-REVOKED_KEY = "revoked_key"
-EXPIRED_KEY = "expired_key"
-INSUFFICIENT_SCOPE = "insufficient_scope"
+# and the outcomes that refuse a presented key (schemas/api_keys.py): MALFORMED_KEY, UNKNOWN_KEY,
+# REVOKED_KEY, EXPIRED_KEY, INSUFFICIENT_SCOPE
 UNAVAILABLE = "unavailable"  # Redis could not answer and the limiter fails closed (also a Decision's denied_by)
 STATUS = {ALLOWED: 200, RATE_LIMITED: 429, MISSING_KEY: 401, MALFORMED_KEY: 401, UNKNOWN_KEY: 401,
           REVOKED_KEY: 401, EXPIRED_KEY: 401, INSUFFICIENT_SCOPE: 403, UNAVAILABLE: 429}
 REASONS = {  # for the client: never the key
     MISSING_KEY: "no API key: send it as Authorization: Bearer <key>",
-    UNKNOWN_KEY: "unknown API key",
-    REVOKED_KEY: "this API key has been revoked",
-    EXPIRED_KEY: "this API key has expired",
+    **KEY_REASONS,
     UNAVAILABLE: "the rate limiter is unavailable; try again shortly",
 }
 _BAD_RECORD = "bad_record"  # the script's answer for a record naming an id that breaks the rule
@@ -208,7 +213,10 @@ def policy_script(policy: Policy) -> str:
         "tiers": {name: [-1 if limit is None else limit for limit in limits] for name, limits in policy.tiers.items()},
         "layout": [[layout[i], layout[i + 1], bool(layout[i + 2])] for i in range(0, len(layout), 3)],
     }
-    return f"local POLICY = {_lua(prelude)}\n{SCRIPT}"
+    # The shebang (no flags) has Redis Cluster hold the whole call to the slot of its
+    # declared keys, even for keys it names itself on the same node (a script without one
+    # may reach any slot of its node): a record naming an org of another slot fails there.
+    return f"#!lua\nlocal POLICY = {_lua(prelude)}\n{SCRIPT}"
 
 
 class _Check:
@@ -246,18 +254,17 @@ class _Check:
             raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
         return required
 
-    def candidates(self, presented: str) -> tuple[list[str], int]:
+    def candidates(self, presented: str) -> list[str]:
         """The names the key's record may have, one per configured secret, all in the slot
-        of the key's hint (so of its org), and that slot. InvalidKey, offline, for what is
-        not a key."""
+        of the key's hint (so of its org). InvalidKey, offline, for what is not a key."""
         if not self.secrets:
             raise ConfigError(f"{env_var('key_hash_secrets')} is empty: API keys cannot be verified")
         hint = parse(presented).slot_hint  # shape and checksum first: a fake costs no HMAC and no Redis call
-        return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets], key_slot(hint.encode())
+        return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets]
 
     @staticmethod
-    def key_args(event_id: str, scope: str, slot: int) -> list:
-        return [event_id, "key", scope, slot]
+    def key_args(event_id: str, scope: str) -> list:
+        return [event_id, "key", scope]
 
     @staticmethod
     def replies(switch: object, reply: object) -> tuple[object, list]:
@@ -381,13 +388,13 @@ class RateLimiter:
         if not presented_key:
             return self._check.missing()
         try:
-            keys, slot = self._check.candidates(presented_key)
+            keys = self._check.candidates(presented_key)
         except InvalidKey as exc:
             return self._check.malformed(exc)
         event_id = str(uuid.uuid4())
         try:
             async with asyncio.timeout(self.timeout_s):  # no task of its own, unlike wait_for
-                switch, reply = await self._round_trip(keys, self._check.key_args(event_id, scope, slot))
+                switch, reply = await self._round_trip(keys, self._check.key_args(event_id, scope))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             return self._check.unavailable_verdict(exc)
         return self._check.verdict(switch, reply, event_id, scope)
@@ -466,12 +473,12 @@ class SyncRateLimiter:
         if not presented_key:
             return self._check.missing()
         try:
-            keys, slot = self._check.candidates(presented_key)
+            keys = self._check.candidates(presented_key)
         except InvalidKey as exc:
             return self._check.malformed(exc)
         event_id = str(uuid.uuid4())
         try:
-            switch, reply = self._round_trip(keys, self._check.key_args(event_id, scope, slot))
+            switch, reply = self._round_trip(keys, self._check.key_args(event_id, scope))
         except (RedisError, OSError) as exc:
             return self._check.unavailable_verdict(exc)
         return self._check.verdict(switch, reply, event_id, scope)

@@ -22,8 +22,9 @@ loop and thread of its own, spooling to disk when Kafka is away).
                                                      route=flask_route(app))
 
 The route template: ``route`` is a function of the environ naming the template of the
-request (Flask's ``flask_route(app)`` matches the app's URL map, refused requests
-included); without one, the path with id-like segments replaced by {id}.
+request (Flask's ``flask_route(app)`` matches the app's URL map, Django's
+``django_route()`` resolves the path with its URLconf, refused requests included);
+without one, the path with id-like segments replaced by {id}.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from quotaflow.gateway.headers import refusal_body
 from quotaflow.gateway.identity import DEFAULT_PRESENTED_KEY_HEADER, header_identity
 from quotaflow.gateway.limiter import SyncRateLimiter, Verdict
 
-__all__ = ["RateLimitMiddleware", "Identity", "flask_route", "header_identity", "scope_of"]
+__all__ = ["RateLimitMiddleware", "Identity", "django_route", "flask_route", "header_identity", "scope_of"]
 
 Route = Callable[[dict], "str | None"]  # environ -> the request's route template, None: unknown
 
@@ -92,6 +93,29 @@ def flask_route(app) -> Route:
                 return None
             rule = matched.rule
         return template_of(rule)
+
+    return route
+
+
+# A regular-expression route (Django's re_path) is not a template: the path stands in for it
+_REGEX = re.compile(r"[\\^$()\[\]?*+|]")
+
+
+def django_route(urlconf: str | None = None) -> Route:
+    """The template of the URL pattern Django's URLconf (``urlconf``, or the project's
+    ROOT_URLCONF) resolves a request's path to, includes joined: ``items/<int:item_id>``
+    -> /items/{item_id}. None when no pattern matches or the pattern is a regular
+    expression (the path then stands in, ids replaced). Resolved from PATH_INFO, so a
+    refused request, which never reached Django, has its template too."""
+    from django.urls import Resolver404, resolve
+
+    def route(environ: dict) -> str | None:
+        try:
+            match = resolve(environ.get("PATH_INFO") or "/", urlconf)
+        except Resolver404:
+            return None
+        pattern = match.route
+        return template_of(pattern) if pattern is not None and not _REGEX.search(pattern) else None
 
     return route
 

@@ -37,6 +37,8 @@ from typing import NamedTuple
 import msgspec
 from redis.crc import key_slot
 
+from quotaflow.schemas.ids import is_valid_id
+
 PREFIX = "qf"
 ENVIRONMENTS = ("live", "test")
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -189,3 +191,47 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "limits": ",".join(f"{label}={limit}" for label, limit in sorted(self.limits.items())),
             "version": str(self.version),
         }
+
+
+# --- verifying a presented key against its record ----------------------------------
+# The gateway's check (gateway/check.lua) does this inside its one Redis call, beside the
+# rate limit; services that only need to know whose a key is (the HTTP ingest) use
+# record_outcome on the record's Redis fields. Both answer with these outcomes, which are
+# what a refused caller reads as its error code.
+
+MALFORMED_KEY = "malformed_key"  # not a key's shape or checksum: refused offline
+UNKNOWN_KEY = "unknown_key"
+REVOKED_KEY = "revoked_key"
+EXPIRED_KEY = "expired_key"
+INSUFFICIENT_SCOPE = "insufficient_scope"
+KEY_REASONS = {  # for the caller: never the key
+    UNKNOWN_KEY: "unknown API key",
+    REVOKED_KEY: "this API key has been revoked",
+    EXPIRED_KEY: "this API key has expired",
+}
+
+
+class KeyIdentity(NamedTuple):
+    outcome: str  # ACTIVE, or why the key is refused (one of the outcomes above)
+    key_id: str = ""
+    org_id: str = ""
+
+
+def record_outcome(fields: dict[str, str] | None, now_ms: int, scope: str = "") -> KeyIdentity:
+    """Whose a key is, from its record's Redis fields (KeyRecord.to_redis; None or empty:
+    no record), as the gateway's check judges it: refused unless active, not expired at
+    ``now_ms`` and holding ``scope`` (when one is required). A record whose ids break the
+    id rule is refused as unknown."""
+    if not fields:
+        return KeyIdentity(UNKNOWN_KEY)
+    key_id, org_id = fields.get("key_id", ""), fields.get("org_id", "")
+    if not (is_valid_id(key_id) and is_valid_id(org_id)):
+        return KeyIdentity(UNKNOWN_KEY)
+    expires = fields.get("expires_ms") or ""
+    if fields.get("state") != ACTIVE:
+        return KeyIdentity(EXPIRED_KEY if fields.get("state") == EXPIRED else REVOKED_KEY, key_id, org_id)
+    if expires and (not expires.isdigit() or now_ms >= int(expires)):
+        return KeyIdentity(EXPIRED_KEY, key_id, org_id)
+    if scope and scope not in fields.get("scopes", "").split():
+        return KeyIdentity(INSUFFICIENT_SCOPE, key_id, org_id)
+    return KeyIdentity(ACTIVE, key_id, org_id)

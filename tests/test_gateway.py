@@ -225,7 +225,7 @@ def test_the_policy_is_compiled_into_the_script_and_strings_cannot_break_out(red
     hostile = 'X"] = 1 } redis.call("FLUSHALL") --\n\\]]\x00é'
     p1 = Policy(windows=WINDOWS, tiers={"FREE": (1, 2, 3), hostile: (4, 5, None)})
     p2 = Policy(windows=WINDOWS, tiers={"FREE": (1, 2, 4), hostile: (4, 5, None)})
-    prelude = policy_script(p1).split("\n", 1)[0]
+    prelude = policy_script(p1).split("\n", 2)[1]
     redis_client.set("canary", "1")
     read = redis_client.eval(prelude + "\nlocal out = {} for name, l in pairs(POLICY.tiers) do "
                              "table.insert(out, {name, l[1], l[2], l[3]}) end return out", 0)

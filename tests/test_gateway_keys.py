@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from urllib.parse import parse_qs
 
 import httpx
@@ -19,7 +20,6 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from redis.crc import key_slot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
@@ -249,37 +249,39 @@ def test_a_record_naming_a_hostile_id_is_refused_not_used(live_stack, redis_clie
     assert set(redis_client.scan_iter(b"qf:v1:*")) == before
 
 
-def test_a_record_naming_an_org_of_another_slot_is_refused_not_used(live_stack, redis_client):
-    """A record found under one org's slot hint that names an org of another hash slot (a
-    registry's mistake, or a record planted there): the check would count the key as that
-    other org's, and on Redis Cluster touch keys outside its call's slot. It is refused as
-    unknown, and nothing of either org is written."""
-    org, other = unique("org"), unique("other")
-    while key_slot(other.encode()) == key_slot(org.encode()):
-        other = unique("other")
-    key, rec = new_key(redis_client, org)
-    redis_client.hset(key_records.record_name(rec), "org_id", other)
-    same_slot, same_rec = new_key(redis_client, org)  # control: the same check with the org's own record
-    before = set(redis_client.scan_iter(b"qf:v1:*"))
-    before_bad = _checks("bad_record")
-    (v,) = verify_all(live_stack, [(key, None)])
-    assert (v.outcome, v.status, v.org_id, v.api_key_id) == (UNKNOWN_KEY, 401, "", "")
-    assert _checks("bad_record") - before_bad == 1
-    assert set(redis_client.scan_iter(b"qf:v1:*")) == before
-    (ok,) = verify_all(live_stack, [(same_slot, None)])
-    assert (ok.outcome, ok.org_id, ok.api_key_id) == (ALLOWED, org, same_rec.key_id)
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(org=st.from_regex(ID_PATTERN, fullmatch=True))
-def test_the_scripts_slot_of_any_org_is_redis_clusters(live_stack, redis_client, org):
-    """check.lua computes an org's hash slot itself (to refuse a record outside its slot):
-    for any org id, a key of that org verifies, so the script's slot is the one Redis
-    Cluster computes (redis.crc.key_slot, which slot_hint matched)."""
+def test_a_key_of_any_valid_org_id_verifies(live_stack, redis_client, org):
+    """For any org id the id rule allows, a key of that org verifies: its slot hint is
+    found (redis.crc.key_slot, Redis Cluster's slot), and the script names the org's keys
+    from the record's org id."""
     key, rec = new_key(redis_client, org)
     sync = SyncRateLimiter(redis.Redis.from_url(live_stack.redis_url), POLICY, key_secrets=SECRETS)
     v = sync.verify(key)
     assert (v.outcome, v.org_id, v.api_key_id) == (ALLOWED, org, rec.key_id)
+    redis_client.delete(key_records.record_name(rec))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(state=st.sampled_from(["active", "revoked", "expired", "suspended"]),
+       expires=st.sampled_from([None, -3_600_000, 3_600_000]),
+       scopes=st.lists(st.sampled_from(["orders:read", "orders:write", "events:write"]), max_size=3, unique=True),
+       required=st.sampled_from(["", "orders:read", "events:write"]))
+def test_the_record_judgement_outside_the_gateway_is_the_check_scripts(live_stack, redis_client, state, expires,
+                                                                       scopes, required):
+    """schemas/api_keys.record_outcome (what the HTTP ingest uses) refuses and admits a key
+    exactly as check.lua does, for any state, expiry and scopes (expiries an hour away, so
+    the two clocks cannot disagree)."""
+    org = unique("org")
+    now = int(time.time() * 1000)
+    key, rec = new_key(redis_client, org, scopes=tuple(scopes), expires_ms=None if expires is None else now + expires)
+    redis_client.hset(key_records.record_name(rec), "state", state)
+    sync = SyncRateLimiter(redis.Redis.from_url(live_stack.redis_url), POLICY, key_secrets=SECRETS)
+    verdict = sync.verify(key, required or None)
+    fields = {k.decode(): v.decode() for k, v in redis_client.hgetall(key_records.record_name(rec)).items()}
+    judged = api_keys.record_outcome(fields, int(time.time() * 1000), required)
+    assert (ALLOWED if judged.outcome == api_keys.ACTIVE else judged.outcome) == verdict.outcome
+    assert (judged.key_id, judged.org_id) == ((verdict.api_key_id, verdict.org_id) if verdict.api_key_id else ("", ""))
     redis_client.delete(key_records.record_name(rec))
 
 

@@ -236,8 +236,12 @@ class Settings(BaseSettings):
     # --- HTTP ingest (`quotaflow ingest`: POST /v1/events for services in other languages) ---
     ingest_port: PortOrOff = 19150
     # Who may publish: a JSON object of bearer token -> org id (publishes that org's events
-    # only), or "*" (any org's). Without tokens every request is refused.
+    # only), or "*" (any org's); or an org's API key (verified against the registry in
+    # Redis, with QUOTAFLOW_KEY_HASH_SECRETS) holding ingest_key_scope, for its org's events.
+    # Without tokens or hash secrets every request is refused.
     ingest_tokens: dict[str, str] = Field(default_factory=dict)
+    ingest_key_scope: str = Field("events:write", pattern=r"^[a-z][a-z0-9_.:-]{0,63}$",
+                                  description="the scope an API key needs to publish its org's events")
     ingest_max_body_bytes: int = Field(4 * 1024 ** 2, ge=1024, le=256 * 1024 ** 2, description="largest request "
                                        "body, as sent and after gzip decompression; larger: 413")
     ingest_max_events: int = Field(10_000, ge=1, le=100_000, description="events in one request at most")
