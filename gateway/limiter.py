@@ -512,8 +512,8 @@ class SyncRateLimiter:
 
     def _script(self, keys: list[str], args: list, command: str) -> object:
         try:
-            return self._client.execute_command(command, self._check.sha if command == "EVALSHA" else self._check.script,
-                                                len(keys), *keys, *args)
+            script = self._check.sha if command == "EVALSHA" else self._check.script
+            return self._client.execute_command(command, script, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             return exc
 

@@ -204,7 +204,8 @@ def test_a_master_killed_mid_run_fails_over_and_checks_resume_with_counts_whole(
         client.hset(org_key(other), ORG_TIER_FIELD, "ENTERPRISE")  # checked every 20 ms: 500 a minute
         publisher = subprocess.Popen([sys.executable, "-c", PUBLISH, org, key, str(ts), str(STREAMED)],
                                      env={**os.environ, **cluster_env})
-        wait_for(lambda: (counted(client, org, key, ts, "86400s") or 0) > 0, 60, "the processor to count", pipeline.logs)
+        wait_for(lambda: (counted(client, org, key, ts, "86400s") or 0) > 0, 60, "the processor to count",
+                 pipeline.logs)
 
         async def checks() -> dict:
             # A budget of 1 s, not 50 ms: during the outage each check after one that found the

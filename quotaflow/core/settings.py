@@ -596,7 +596,8 @@ class Settings(BaseSettings):
     @property
     def redis_cluster_ports(self) -> list[tuple[int, int]]:
         """(client port, cluster bus port) of each node of the local Redis Cluster, node 1 first."""
-        return [(self.redis_port + n, self.redis_port + REDIS_CLUSTER_BUS_OFFSET + n) for n in range(REDIS_CLUSTER_NODES)]
+        bus = self.redis_port + REDIS_CLUSTER_BUS_OFFSET
+        return [(self.redis_port + n, bus + n) for n in range(REDIS_CLUSTER_NODES)]
 
     @property
     def redis_is_local(self) -> bool:
