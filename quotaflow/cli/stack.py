@@ -23,8 +23,9 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if args.brokers is not None or args.redis_cluster:
         if args.action not in ("up", "start"):
-            print(f"quotaflow: --brokers and --redis-cluster are for 'stack up' and 'stack start'; "
-                  f"'stack {args.action}' finds the servers that run", file=sys.stderr)
+            flag, what = ("--brokers", "brokers") if args.brokers is not None else ("--redis-cluster", "Redis nodes")
+            print(f"quotaflow: {flag} is for 'stack up' and 'stack start'; 'stack {args.action}' finds the "
+                  f"{what} that run", file=sys.stderr)
             return 2
         settings = with_servers(args.brokers, args.redis_cluster)
     status = 0
