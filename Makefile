@@ -21,8 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The cluster tests (pytest marker `cluster`, left out of `make test`): each runs servers of
-# several nodes, so one at a time (-n 0).
+# The cluster tests (pytest marker `cluster`, left out of `make test`: three Kafka brokers,
+# a Redis Cluster): each runs servers of several nodes, so one at a time (-n 0).
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster -n 0
 

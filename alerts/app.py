@@ -58,6 +58,7 @@ from quotaflow.alerts.rollups import RollupBaselines
 from quotaflow.alerts.channels import Outcome, deliver, kafka_dead_letters
 from quotaflow.alerts.measures import WEEK_MS, Measures, hour_like_now, subject_key
 from quotaflow.alerts.state import NOTIFIED_KINDS, AlertState, Subject, Transition, fingerprint, step
+from quotaflow.core.redis_clients import async_client
 from quotaflow.core.retry import GaveUp, pause_until, retry
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.alert_history import DELIVERY, TRANSITION, HistoryRecord
@@ -104,7 +105,7 @@ class Stage:
         self.measures, self.states = measures, states
         self.partitions = partitions
         self.sources = sources.Sources(settings.kafka_bootstrap)
-        self.redis = aioredis.Redis.from_url(settings.redis_url)
+        self.redis = async_client(settings)
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True,
                                          acks="all", linger_ms=2)
         self.dead_letters = kafka_dead_letters(self.producer)

@@ -18,11 +18,10 @@ import time
 import urllib.error
 from dataclasses import dataclass, field
 
-import redis
-
 from quotaflow.collector.emitter import Emitter
 from quotaflow.core import metrics
 from quotaflow.core.errors import OperatorError
+from quotaflow.core.redis_clients import SyncClient, sync_client
 from quotaflow.core.settings import Settings
 from quotaflow.deploy import stack
 from quotaflow.deploy.demo_traffic import DEMO_ORGS, TrafficStats, drive
@@ -75,7 +74,7 @@ async def _dead_letter_total(settings: Settings) -> int:
 class Watcher:
     """Reads the pipeline's progress from its metrics, Redis and Kafka."""
 
-    def __init__(self, settings: Settings, r: redis.Redis):
+    def __init__(self, settings: Settings, r: SyncClient):
         self.settings = settings
         self.redis = r
         self.base_processed = 0
@@ -109,7 +108,7 @@ def _line(elapsed: float, stats: TrafficStats, t: Tally) -> str:
 
 
 async def _run(settings: Settings, seconds: float) -> tuple[TrafficStats, Tally, int]:
-    r = redis.Redis.from_url(settings.redis_url)
+    r = sync_client(settings)
     for org, tier in DEMO_ORGS.items():
         r.hset(org_key(org), ORG_TIER_FIELD, tier.value)
     print("waiting for the processor and the sink to catch up with earlier events...", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from quotaflow.core.errors import OperatorError
 from quotaflow.core.redact import redact
 from quotaflow.core.settings import Settings
-from quotaflow.deploy import clickhouse, kafka, redis, supervise
+from quotaflow.deploy import clickhouse, kafka, redis, redis_cluster, supervise
 from quotaflow.deploy.procs import Proc, port_open, running_as, started_at, stop_pid, tail, wait_until
 from quotaflow.deploy.topics import ensure_topics_sync
 
@@ -28,7 +28,8 @@ STAGE_ARGV = {"processor": ["processor"], "sink": ["sink"], "alerts": ["alerts",
 STANDBY_AFTER_S = {"alerts": 10.0}
 
 
-def isolated_env(port_base: int, state_dir: Path, cache_dir: Path, brokers: int = 1) -> dict[str, str]:
+def isolated_env(port_base: int, state_dir: Path, cache_dir: Path, brokers: int = 1,
+                 redis_cluster: bool = False) -> dict[str, str]:
     """QUOTAFLOW_* variables for a stack of its own (tests, benchmarks) on ports
     port_base+N, sharing the download cache. With ``brokers`` > 1, broker n listens on
     port_base + 92 + 100*(n-1), its controller on port_base + 93 + 100*(n-1) (+ 192/193,
@@ -49,6 +50,8 @@ def isolated_env(port_base: int, state_dir: Path, cache_dir: Path, brokers: int 
     }
     if brokers != 1:
         env["QUOTAFLOW_KAFKA_BROKERS"] = str(brokers)
+    if redis_cluster:
+        env["QUOTAFLOW_REDIS_CLUSTER"] = "true"
     return env
 
 
@@ -151,13 +154,27 @@ def up(settings: Settings) -> list[str]:
     """Start what is not running; return the names of the services started now."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     started = []
-    if settings.redis_is_local and redis.start(settings):
+    if settings.redis_is_local and _start_redis(settings):
         started.append("redis")
     if settings.kafka_is_local and kafka.start(settings):
         started.append("kafka")
     ensure_topics_sync(settings)
     clickhouse.prepare(settings)
     return started
+
+
+def _start_redis(settings: Settings) -> bool:
+    """The single redis-server, or the Redis Cluster's nodes: not both (node 1 takes the
+    single one's port)."""
+    if settings.redis_cluster:
+        if redis.proc(settings).pid() is not None:
+            raise OperatorError(f"a single redis-server runs in {settings.state_dir}, not the Redis Cluster of "
+                                f"QUOTAFLOW_REDIS_CLUSTER; stop it first with 'quotaflow stack down'")
+        return redis_cluster.start(settings)
+    if redis_cluster.running_nodes(settings):
+        raise OperatorError(f"a Redis Cluster runs in {settings.state_dir}; set QUOTAFLOW_REDIS_CLUSTER=true "
+                            f"to use it, or stop it first with 'quotaflow stack down'")
+    return redis.start(settings)
 
 
 def down(settings: Settings, only: list[str] | None = None) -> list[str]:
@@ -168,7 +185,7 @@ def down(settings: Settings, only: list[str] | None = None) -> list[str]:
             stopped.append(name)
     if (only is None or "kafka" in only) and kafka.stop(settings):
         stopped.append("kafka")
-    if (only is None or "redis" in only) and redis.stop(settings):
+    if (only is None or "redis" in only) and any([redis.stop(settings), redis_cluster.stop(settings)]):
         stopped.append("redis")
     return stopped
 
@@ -195,7 +212,17 @@ def status(settings: Settings) -> list[tuple[str, bool, str]]:
         reachable = all(port_open(int(h.rsplit(":", 1)[1]), h.rsplit(":", 1)[0])
                         for h in settings.kafka_bootstrap.split(","))
         out.append(("kafka", reachable, f"external broker {settings.kafka_bootstrap}"))
-    if settings.redis_is_local:
+    if settings.redis_is_local and (settings.redis_cluster or redis_cluster.running_nodes(settings)):
+        everyone = redis_cluster.nodes(settings)
+        role = redis_cluster.roles(everyone)
+        for node in everyone:
+            pid = node.proc.pid()
+            r = role.get(node.n)
+            kind = ("master" if r[0] == "master" else f"replica of 127.0.0.1:{r[1]}") if r else "not answering"
+            where = (f"redis-server Redis Cluster node {node.n} on 127.0.0.1:{node.port} (bus :{node.bus_port}), "
+                     f"{kind}, data in {node.data}")
+            out.append((f"redis-{node.n}", pid is not None, f"{where}, pid {pid}" if pid else where))
+    elif settings.redis_is_local:
         pid = redis.proc(settings).pid()
         where = f"redis-server on 127.0.0.1:{settings.redis_port}, data in {settings.state_dir / 'redis'}"
         out.append(("redis", pid is not None, f"{where}, pid {pid}" if pid else where))

@@ -17,6 +17,21 @@ then the check falls open). Read beside it, it is still exact and read per check
 script touches only keys of one slot. The switch turns rate limiting off, not
 authentication: an unknown, revoked or expired key is refused whatever it says.
 
+On a Redis Cluster (QUOTAFLOW_REDIS_CLUSTER) the switch's slot is on one master and the
+org's on another (or the same, for a third of the orgs). The asyncio limiter sends the two
+commands as two requests at once, each to its node, and waits for both: one round trip of
+time, and each fails alone, so a dead master holding the switch's slot costs no org its
+check (the switch then reads as "not off", as any failed read of it does); only the orgs of
+a dead master's slots go unchecked (open or closed, as configured) until its replica takes
+over. The blocking limiter sends them as redis-py's cluster pipeline (written to both
+nodes, then read: one round trip) and, if that fails as a whole (a node refusing the
+connection), the script alone. Kept as one key rather than a copy in every slot: a copy
+per slot is 16,384 writes per switch and a failover can lose some of them (replication is
+asynchronous), leaving some orgs enforced after `enforcement off` succeeded. A script a
+node lacks (a replica just promoted holds none) is sent whole (EVAL, which also caches
+it there) rather than loaded on every master. The cluster client fails fast
+(core/redis_clients.py): the check's budget is the only retry.
+
 Ids are checked with the one rule (schemas/ids.py) before anything is sent: an id
 holding ``}`` (which ends the hash tag) could otherwise alias another tenant's keys.
 
@@ -39,8 +54,11 @@ from typing import Mapping, NamedTuple
 import redis
 import redis.asyncio as aioredis
 from prometheus_client import Counter
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from quotaflow.core.redis_clients import async_client, is_cluster, sync_client
 from quotaflow.core.settings import ConfigError, Settings, env_var
 from quotaflow.schemas.api_keys import (
     EXPIRED_KEY,
@@ -341,18 +359,19 @@ def malformed_key(reason: str) -> Verdict:
 class RateLimiter:
     """For asyncio services and gateways."""
 
-    def __init__(self, client: aioredis.Redis, policy: Policy, *, timeout_ms: int = 50, fail_open: bool = True,
-                 key_secrets: Mapping[str, str] | None = None):
+    def __init__(self, client: aioredis.Redis | AsyncRedisCluster, policy: Policy, *, timeout_ms: int = 50,
+                 fail_open: bool = True, key_secrets: Mapping[str, str] | None = None):
         self._client = client
         self._check = _Check(policy, fail_open, key_secrets)
         self.timeout_s = timeout_ms / 1000
         self.policy = policy
+        if is_cluster(client):
+            self._round_trip = self._cluster_round_trip  # type: ignore[method-assign]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RateLimiter":
         timeout_s = settings.gateway_timeout_ms / 1000
-        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
-                                         socket_connect_timeout=timeout_s)
+        client = async_client(settings, fail_fast=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return cls(client, policy_from_settings(settings), timeout_ms=settings.gateway_timeout_ms,
                    fail_open=settings.gateway_fail_open, key_secrets=settings.key_hash_secrets)
 
@@ -403,6 +422,18 @@ class RateLimiter:
             switch, reply = await self._pipeline(keys, args)
         return _Check.replies(switch, reply)
 
+    async def _cluster_round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
+        """On a Redis Cluster: GET switch and EVALSHA as two requests at once, each to its
+        node, each failing alone (see the module's docstring); a node lacking the script
+        gets it whole (EVAL)."""
+        switch, reply = await asyncio.gather(self._client.get(ENFORCEMENT_KEY),
+                                             self._client.execute_command("EVALSHA", self._check.sha, len(keys),
+                                                                          *keys, *args),
+                                             return_exceptions=True)
+        if isinstance(reply, NoScriptError):
+            reply = await self._client.execute_command("EVAL", self._check.script, len(keys), *keys, *args)
+        return _Check.replies(switch, reply)
+
     async def _pipeline(self, keys: list[str], args: list) -> list:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.get(ENFORCEMENT_KEY)
@@ -418,16 +449,18 @@ class RateLimiter:
 class SyncRateLimiter:
     """For threaded (WSGI) services: the same checks, blocking for at most the budget."""
 
-    def __init__(self, client: redis.Redis, policy: Policy, *, fail_open: bool = True,
+    def __init__(self, client: redis.Redis | RedisCluster, policy: Policy, *, fail_open: bool = True,
                  key_secrets: Mapping[str, str] | None = None):
         self._client = client
         self._check = _Check(policy, fail_open, key_secrets)
         self.policy = policy
+        if is_cluster(client):
+            self._round_trip = self._cluster_round_trip  # type: ignore[method-assign]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SyncRateLimiter":
         timeout_s = settings.gateway_timeout_ms / 1000
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = sync_client(settings, fail_fast=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return cls(client, policy_from_settings(settings), fail_open=settings.gateway_fail_open,
                    key_secrets=settings.key_hash_secrets)
 
@@ -465,6 +498,24 @@ class SyncRateLimiter:
             self._client.script_load(self._check.script)
             switch, reply = self._pipeline(keys, args)
         return _Check.replies(switch, reply)
+
+    def _cluster_round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
+        """The cluster pipeline; failing as a whole (a node refusing the connection), the
+        script alone, the switch then read as not off (see the module's docstring)."""
+        try:
+            switch, reply = self._pipeline(keys, args)
+        except (RedisError, OSError) as exc:
+            switch, reply = exc, self._script(keys, args, "EVALSHA")
+        if isinstance(reply, NoScriptError):
+            reply = self._script(keys, args, "EVAL")
+        return _Check.replies(switch, reply)
+
+    def _script(self, keys: list[str], args: list, command: str) -> object:
+        try:
+            script = self._check.sha if command == "EVALSHA" else self._check.script
+            return self._client.execute_command(command, script, len(keys), *keys, *args)
+        except (RedisError, OSError) as exc:
+            return exc
 
     def _pipeline(self, keys: list[str], args: list) -> list:
         with self._client.pipeline(transaction=False) as pipe:

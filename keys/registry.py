@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import LockError
 
 from quotaflow.core.errors import OperatorError
+from quotaflow.core.redis_clients import AsyncClient, async_client
 from quotaflow.core.settings import ConfigError, Settings, env_var
 from quotaflow.keys import changes
 from quotaflow.keys.changes import KEEP, InvalidChange, check_env, check_id
@@ -108,7 +108,7 @@ def public(rec: KeyRecord, at_ms: int) -> dict:
 class KeyStore:
     """The registry as the materializer wrote it to Redis (the org's index of records)."""
 
-    def __init__(self, redis: aioredis.Redis):
+    def __init__(self, redis: AsyncClient):
         self.redis = redis
 
     async def list(self, org_id: str) -> list[KeyRecord]:
@@ -159,7 +159,7 @@ class Registry:
         self.settings = settings
         self.wait_s = wait_s
         self.policy = policy_from_settings(settings)
-        self.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0)
+        self.redis = async_client(settings, socket_timeout=10.0, socket_connect_timeout=5.0)
         self.store = KeyStore(self.redis)
         self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True,
                                           acks="all", request_timeout_ms=10_000)

@@ -20,10 +20,10 @@ import warnings
 from typing import Any
 
 import faust
-import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 from faust.types import TP
 
+from quotaflow.core.redis_clients import async_client
 from quotaflow.core.settings import Settings
 from quotaflow.processors import key_registry, stopping
 from quotaflow.processors.backend import RedisBackend
@@ -109,7 +109,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(events_topic)
     async def count_requests(stream: faust.StreamT) -> None:
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = async_client(settings)
         probe = OffsetProbe(settings.kafka_bootstrap, EVENTS_TOPIC)
         await probe.start()
         output = Output(settings.kafka_bootstrap, table.changelog_topic.get_topic_name(), DEAD_LETTER_TOPIC,

@@ -15,9 +15,9 @@ from importlib import resources
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
+from quotaflow.core.redis_clients import AsyncClient, evalsha_pipelined
 from quotaflow.core.retry import retry
 from quotaflow.processors import stopping
 from quotaflow.schemas.dedup import DuplicateCheck
@@ -55,10 +55,15 @@ class SubjectWrite:
 
 
 WRITE_SCRIPT = resources.files("quotaflow.processors").joinpath("write.lua").read_text()
+# On a Redis Cluster a batch's counts are acknowledged to Kafka once a replica of each master
+# written to holds them too (WAIT), so a master's failover loses none of them; a replica
+# slower than this (or down) is waited for no longer: the batch goes on, counted as
+# unreplicated (core/redis_clients.py). Not sent to a single Redis.
+REPLICA_WAIT_MS = 100
 
 
 class RedisBackend:
-    def __init__(self, redis: aioredis.Redis, policy: Policy, *, dedup_window_s: float = 600.0,
+    def __init__(self, redis: AsyncClient, policy: Policy, *, dedup_window_s: float = 600.0,
                  config_ttl_s: float = 5.0):
         self.redis = redis
         self.policy = policy
@@ -125,19 +130,7 @@ class RedisBackend:
                     fields += ["api_key_id", w.api_key_id]
             by_org.setdefault(w.org_id, []).append([usage_key(w.org_id, w.api_key_id),
                                                     reservations_key(w.org_id, w.api_key_id), fields, w.released])
-        calls = [(usage_key(org), orjson.dumps(batch)) for org, batch in by_org.items()]
-
-        async def send() -> None:
-            for attempt in range(2):
-                pipe = self.redis.pipeline(transaction=False)
-                for slot_key, payload in calls:  # queued as plain commands: a coroutine each cost more
-                    pipe.execute_command("EVALSHA", self._write.sha, 1, slot_key, self.usage_ttl_ms, payload)
-                replies = await pipe.execute(raise_on_error=False)
-                errors = [r for r in replies if isinstance(r, Exception)]
-                if not errors:
-                    return
-                if attempt or not all(isinstance(e, NoScriptError) for e in errors):
-                    raise errors[0]
-                await self.redis.script_load(WRITE_SCRIPT)  # a restarted or flushed Redis: load it, send again
-
-        await until_ok(send, "write counts and decisions")
+        calls = [([usage_key(org)], [self.usage_ttl_ms, orjson.dumps(batch)]) for org, batch in by_org.items()]
+        await until_ok(lambda: evalsha_pipelined(self.redis, WRITE_SCRIPT, self._write.sha, calls,
+                                                 replicated_within_ms=REPLICA_WAIT_MS, what="processor_counts"),
+                       "write counts and decisions")

@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass
 
 import faust
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
+from quotaflow.core.redis_clients import AsyncClient, async_client
 from quotaflow.core.retry import retry
 from quotaflow.core.settings import Settings
 from quotaflow.processors import stopping
@@ -148,7 +148,7 @@ class Rebuilt:
 
 
 class KeyMaterializer:
-    def __init__(self, redis: aioredis.Redis, bootstrap: str):
+    def __init__(self, redis: AsyncClient, bootstrap: str):
         self.redis = redis
         self.bootstrap = bootstrap
         self._apply = redis.register_script(APPLY)
@@ -310,7 +310,7 @@ def wire(app: faust.App, settings: Settings) -> None:
 
     @app.agent(topic)
     async def materialize_keys(stream: faust.StreamT) -> None:
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = async_client(settings)
         materializer = running["materializer"] = KeyMaterializer(redis, settings.kafka_bootstrap)
         try:
             async for event in stream.events():

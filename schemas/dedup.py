@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple, Sequence
 import orjson
 import redis.asyncio as aioredis
 
+from quotaflow.core.redis_clients import evalsha_pipelined
 from quotaflow.schemas.redis_keys import SEEN_BUCKET_MS
 
 SCRIPT = resources.files("quotaflow.schemas").joinpath("dedup.lua").read_text()
@@ -134,12 +135,10 @@ class DuplicateCheck:
         if not calls:
             return [False] * n
         if len(calls) == 1:
-            results = [await self._call(calls[0], None)]
+            results = [await self._call(calls[0])]
         else:
-            pipe = self.redis.pipeline(transaction=False)
-            for call in calls:
-                await self._call(call, pipe)
-            results = await pipe.execute()
+            results = await evalsha_pipelined(self.redis, SCRIPT, self._script.sha,
+                                              [(list(c.keys), [self._ttl_ms, orjson.dumps(c.entries)]) for c in calls])
         out = [False] * n
         for call, result in zip(calls, results, strict=True):
             i = 0
@@ -151,8 +150,8 @@ class DuplicateCheck:
                 raise RuntimeError(f"the duplicate check answered for {len(result)} events, {i} asked")
         return out
 
-    def _call(self, call: _Call, pipe):
-        return self._script(keys=list(call.keys), args=[self._ttl_ms, orjson.dumps(call.entries)], client=pipe)
+    def _call(self, call: _Call):
+        return self._script(keys=list(call.keys), args=[self._ttl_ms, orjson.dumps(call.entries)])
 
 
 def _runs(ts_ms: Sequence[int], bucket_ms: int) -> list[tuple[int, int, int]]:

@@ -144,9 +144,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     action = args.action
     if action in ("list", "show"):
-        import redis.asyncio as aioredis
+        from quotaflow.core.redis_clients import async_client
 
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = async_client(settings)
         try:
             store = KeyStore(client)
             at = now_ms()
@@ -232,11 +232,10 @@ def _update_attrs(args: argparse.Namespace, settings: Settings, expires: object)
 
 
 async def _rebuild(settings: Settings) -> int:
-    import redis.asyncio as aioredis
-
+    from quotaflow.core.redis_clients import async_client
     from quotaflow.processors.key_registry import KeyMaterializer
 
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = async_client(settings)
     materializer = KeyMaterializer(client, settings.kafka_bootstrap)
     try:
         done = await materializer.rebuild("cli")

@@ -11,8 +11,7 @@ from quotaflow.core.settings import Settings
 
 
 def run_org(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-
+    from quotaflow.core.redis_clients import sync_client
     from quotaflow.schemas.ids import id_error
     from quotaflow.schemas.limits import policy_from_settings
     from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
@@ -22,7 +21,7 @@ def run_org(args: argparse.Namespace, settings: Settings) -> int:
         print(f"quotaflow: {problem}", file=sys.stderr)
         return 2
     policy = policy_from_settings(settings)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_client(settings)
     if args.action == "set-tier":
         if args.tier not in policy.tiers:
             print(f"quotaflow: unknown tier {args.tier}; configured: {', '.join(policy.tiers)}", file=sys.stderr)
@@ -36,8 +35,7 @@ def run_org(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_key(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-
+    from quotaflow.core.redis_clients import sync_client
     from quotaflow.schemas.ids import id_error
     from quotaflow.schemas.limits import parse_overrides, policy_from_settings
     from quotaflow.schemas.redis_keys import Decision, overrides_key, usage_key
@@ -47,7 +45,7 @@ def run_key(args: argparse.Namespace, settings: Settings) -> int:
         print(f"quotaflow: {problem}", file=sys.stderr)
         return 2
     policy = policy_from_settings(settings)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_client(settings)
     key = overrides_key(args.org_id, args.api_key_id)
     if args.action == "set-limit":
         if args.window not in policy.labels:
@@ -65,11 +63,10 @@ def run_key(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_enforcement(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-
+    from quotaflow.core.redis_clients import sync_client
     from quotaflow.schemas.redis_keys import ENFORCEMENT_KEY, ENFORCEMENT_OFF
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_client(settings)
     if args.action == "off":
         client.set(ENFORCEMENT_KEY, ENFORCEMENT_OFF)
     elif args.action == "on":

@@ -21,12 +21,13 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
     if unknown := [name for name in args.stages if name not in stack.PIPELINE]:
         print(f"quotaflow: unknown stage {unknown[0]!r}; stages: {', '.join(stack.PIPELINE)}", file=sys.stderr)
         return 2
-    if args.brokers is not None:
+    if args.brokers is not None or args.redis_cluster:
         if args.action not in ("up", "start"):
-            print(f"quotaflow: --brokers is for 'stack up' and 'stack start'; 'stack {args.action}' finds the "
-                  f"brokers that run", file=sys.stderr)
+            flag, what = ("--brokers", "brokers") if args.brokers is not None else ("--redis-cluster", "Redis nodes")
+            print(f"quotaflow: {flag} is for 'stack up' and 'stack start'; 'stack {args.action}' finds the "
+                  f"{what} that run", file=sys.stderr)
             return 2
-        settings = with_brokers(args.brokers)
+        settings = with_servers(args.brokers, args.redis_cluster)
     status = 0
     if args.action == "up":
         started = stack.up(settings)
@@ -50,6 +51,9 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
     if args.brokers is not None and args.brokers > 1 and args.action in ("up", "start"):
         print(f"Kafka: {args.brokers} brokers, bootstrap {settings.kafka_bootstrap}; other quotaflow commands "
               f"use them all with QUOTAFLOW_KAFKA_BROKERS={args.brokers} set")
+    if args.redis_cluster and args.action in ("up", "start"):
+        print(f"Redis: a cluster of 3 masters and 3 replicas at {settings.redis_url} (and the next 5 ports); other "
+              f"quotaflow commands use it with QUOTAFLOW_REDIS_CLUSTER=true set")
     if args.action in ("up", "start", "status"):
         for name, running, where in stack.status(settings):
             if not running and name in stack.PIPELINE and started_by_hand(settings, name):
@@ -59,12 +63,16 @@ def run_stack(args: argparse.Namespace, settings: Settings) -> int:
     return status
 
 
-def with_brokers(brokers: int) -> Settings:
-    """The settings with QUOTAFLOW_KAFKA_BROKERS=brokers, checked as at start; set in the
-    environment too, so the stages 'stack start' runs use every broker."""
+def with_servers(brokers: int | None, redis_cluster: bool) -> Settings:
+    """The settings with QUOTAFLOW_KAFKA_BROKERS=brokers (if given) and
+    QUOTAFLOW_REDIS_CLUSTER=true (if asked), checked as at start; set in the environment
+    too, so the stages 'stack start' runs use every broker and the cluster."""
     from quotaflow.core.settings import ConfigError, describe_error, get_settings
 
-    os.environ["QUOTAFLOW_KAFKA_BROKERS"] = str(brokers)
+    if brokers is not None:
+        os.environ["QUOTAFLOW_KAFKA_BROKERS"] = str(brokers)
+    if redis_cluster:
+        os.environ["QUOTAFLOW_REDIS_CLUSTER"] = "true"
     get_settings.cache_clear()
     try:
         return get_settings()
@@ -110,6 +118,9 @@ def _stack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--brokers", type=int, metavar="N",
                    help="with 'up' or 'start': run N Kafka brokers (as QUOTAFLOW_KAFKA_BROKERS=N; 3 gives quotaflow's "
                         "topics 3 replicas and min.insync.replicas=2); set the variable for the other commands too")
+    p.add_argument("--redis-cluster", action="store_true",
+                   help="with 'up' or 'start': run a Redis Cluster of 3 masters and 3 replicas instead of one "
+                        "redis-server (as QUOTAFLOW_REDIS_CLUSTER=true); set the variable for the other commands too")
 
 
 def _supervise_arguments(p: argparse.ArgumentParser) -> None:

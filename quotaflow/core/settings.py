@@ -69,6 +69,14 @@ KAFKA_BROKERS_MAX = 5
 # several sharing a small machine gets less (the local stack's load is light).
 KAFKA_HEAP_SINGLE = "768m"
 KAFKA_HEAP_CLUSTER = "320m"
+# With QUOTAFLOW_REDIS_CLUSTER the local stack runs a Redis Cluster of REDIS_CLUSTER_MASTERS
+# masters, each with one replica: node n (1..6) on redis_port + n-1, its cluster bus on
+# redis_port + REDIS_CLUSTER_BUS_OFFSET + n-1 (16379..16384 and 16389..16394 by default; a
+# test stack's base + 379.. and + 389..: no other port of the base, deploy/stack.py
+# isolated_env), rather than Redis's default of port + 10000, outside the base's range.
+REDIS_CLUSTER_MASTERS = 3
+REDIS_CLUSTER_NODES = 2 * REDIS_CLUSTER_MASTERS
+REDIS_CLUSTER_BUS_OFFSET = 10
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortOrOff = Annotated[int, Field(ge=0, le=65535, description="0: off")]
 Limit = Annotated[int | None, Field(strict=True, ge=0, le=LIMIT_MAX)]
@@ -117,6 +125,12 @@ class Settings(BaseSettings):
 
     redis_port: Port = 16379
     redis_url: str | None = Field(None, description="default: the local stack's redis-server")
+    redis_cluster: bool = Field(False, description="QUOTAFLOW_REDIS_URL is a Redis Cluster (any node of it; the "
+                                "clients find the others); the local stack then runs one of 3 masters and 3 replicas")
+    redis_cluster_nodes: str | None = Field(None, description="host:port[,host:port] of more nodes of the cluster "
+                                            "to start from, should the URL's be down; default: the local cluster's")
+    redis_cluster_node_timeout_ms: int = Field(5000, ge=100, le=600_000, description="the local Redis Cluster's "
+                                               "cluster-node-timeout: a master silent this long is failed over")
 
     clickhouse_url: str | None = Field(
         None, description="chdb://PATH for the embedded engine (default, under state_dir) or http(s)://user:pass@host:port/db"
@@ -404,7 +418,7 @@ class Settings(BaseSettings):
             raise ValueError("Authorization is read anyway (as 'Bearer <key>'): name another header, e.g. X-Api-Key")
         return name
 
-    @field_validator("kafka_bootstrap")
+    @field_validator("kafka_bootstrap", "redis_cluster_nodes")
     @classmethod
     def _bootstrap(cls, bootstrap: str | None) -> str | None:
         if bootstrap is None:
@@ -493,8 +507,10 @@ class Settings(BaseSettings):
             self.kafka_heap = KAFKA_HEAP_SINGLE if self.kafka_brokers == 1 else KAFKA_HEAP_CLUSTER
         if self.kafka_bootstrap is None:
             self.kafka_bootstrap = self._local_bootstrap()
-        if self.redis_url is None:
-            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.redis_url is None:  # a cluster has database 0 only, named by no path
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}" + ("" if self.redis_cluster else "/0")
+        if self.redis_cluster and self.redis_cluster_nodes is None and self.redis_is_local:
+            self.redis_cluster_nodes = ",".join(f"127.0.0.1:{port}" for port, _ in self.redis_cluster_ports)
         if self.clickhouse_url is None:
             self.clickhouse_url = f"chdb://{self.state_dir / 'clickhouse'}"
         ports = [self.kafka_port, self.kafka_controller_port, self.redis_port]
@@ -509,6 +525,14 @@ class Settings(BaseSettings):
                                  f"{env_var('kafka_controller_port')} + {KAFKA_BROKER_PORT_STEP}*(n-1); these ports "
                                  f"must be at most 65535 and differ from each other and from "
                                  f"{env_var('redis_port')}, got {sorted(cluster)}")
+        if self.redis_cluster:
+            redis_ports = [port for pair in self.redis_cluster_ports for port in pair]
+            kafka_ports = [port for pair in self.kafka_broker_ports for port in pair]
+            if max(redis_ports) > 65535 or set(redis_ports) & set(kafka_ports):
+                raise ValueError(f"{env_var('redis_cluster')}: the local cluster's node n listens on "
+                                 f"{env_var('redis_port')} + n-1 (n = 1..{REDIS_CLUSTER_NODES}), its bus on "
+                                 f"{env_var('redis_port')} + {REDIS_CLUSTER_BUS_OFFSET} + n-1; these ports must be "
+                                 f"at most 65535 and differ from Kafka's, got {sorted(redis_ports)}")
         self._check_limits()
         if self.smtp_url is None and any(isinstance(c, EmailChannel) for c in self.alert_channels.values()):
             raise ValueError(f"{env_var('alert_channels')} (alert_channels) has email channels: set "
@@ -576,6 +600,12 @@ class Settings(BaseSettings):
     def kafka_is_local(self) -> bool:
         """True when clients talk to the broker(s) the local stack runs."""
         return self.kafka_bootstrap == self._local_bootstrap()
+
+    @property
+    def redis_cluster_ports(self) -> list[tuple[int, int]]:
+        """(client port, cluster bus port) of each node of the local Redis Cluster, node 1 first."""
+        bus = self.redis_port + REDIS_CLUSTER_BUS_OFFSET
+        return [(self.redis_port + n, bus + n) for n in range(REDIS_CLUSTER_NODES)]
 
     @property
     def redis_is_local(self) -> bool:

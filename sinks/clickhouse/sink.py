@@ -41,9 +41,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
 from clickhouse_connect.driver.client import Client
 
+from quotaflow.core.redis_clients import async_client
 from quotaflow.core.retry import GaveUp, pause_until
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import retention
@@ -89,8 +89,8 @@ class ClickHouseSink:
             await self.open()
         settings = self.settings
         pause = pause_until(self._stop)  # retries give up (GaveUp) once the sink is asked to stop
-        tiers = TierCache(settings.redis_url, policy_from_settings(settings).tier_of)
-        redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10.0, socket_connect_timeout=2.0)
+        tiers = TierCache(settings.redis_url, policy_from_settings(settings).tier_of, cluster=settings.redis_cluster)
+        redis = async_client(settings, socket_timeout=10.0, socket_connect_timeout=2.0)
         kafka = KafkaSide(settings, pause)
         inserter = Inserter(Writer(self.client, partitions_bound(settings.retention_raw_days)), kafka.dead_letter, pause)
         pipeline = Pipeline(settings, self.client, kafka, inserter, tiers,

@@ -17,10 +17,10 @@ import logging
 import time
 from typing import Callable
 
-import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from quotaflow.core.redis_clients import async_from_url
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,10 @@ LOOKUP_FAILURES = Counter("quotaflow_sink_tier_lookup_failures_total",
 
 
 class TierCache:
-    def __init__(self, redis_url: str, tier_of: Callable[[bytes | None], str], cache_seconds: float = CACHE_SECONDS):
+    def __init__(self, redis_url: str, tier_of: Callable[[bytes | None], str], cache_seconds: float = CACHE_SECONDS,
+                 cluster: bool = False):
         self._tier_of = tier_of
-        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self._redis = async_from_url(redis_url, cluster=cluster, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._cache_seconds = cache_seconds
         self._tiers: dict[str, tuple[str, float]] = {}  # org -> (tier, read at, monotonic)
         self._retry_at = 0.0  # after a failure, Redis is left alone for a while: no timeout per batch
