@@ -211,8 +211,11 @@ class KeyMaterializer:
         started = time.monotonic()
         while True:
             status = API_KEYS_REBUILDING + secrets.token_hex(8)
-            await self.redis.hset(API_KEYS_STATE, mapping={API_KEYS_STATUS_FIELD: status, API_KEYS_BEAT_FIELD: now_ms()})
             try:
+                # in the try: a stop landing while this write is under way (applied, its answer
+                # not yet read) must give the status up too
+                await self.redis.hset(API_KEYS_STATE, mapping={API_KEYS_STATUS_FIELD: status,
+                                                               API_KEYS_BEAT_FIELD: now_ms()})
                 records, applied, invalid, end = await self._read_all()
                 done = await self._finish(keys=[API_KEYS_STATE], args=[status, end])
             except BaseException:  # stopped (the processor's stop cancels it) or failed: not done
