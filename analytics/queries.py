@@ -23,6 +23,7 @@ from clickhouse_connect.driver.client import Client
 
 from quotaflow.analytics.scope import Scope
 from quotaflow.analytics.window import TimeRange
+from quotaflow.schemas.clickhouse import latency
 from quotaflow.schemas.clickhouse.tables import (
     ALERT_HISTORY,
     DAY_MS,
@@ -84,8 +85,7 @@ class _Source:
         self.count_if = "countIf({})" if raw else "sumIf(requests, {})"  # requests whose row meets a condition
         self.request_bytes = "sum(request_bytes)"
         self.response_bytes = "sum(response_bytes)"
-        self.latency = ("quantilesTDigest(0.5, 0.95, 0.99)(latency_ms)" if raw
-                        else "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms)")
+        self.latency = latency.quantiles_sql(raw)  # [p50, p95, p99] in ms, the same way from any table
         self.bucket = f"{_BUCKET_FN[step_ms]}({self.time})"
 
 
@@ -121,7 +121,7 @@ def _where(table: Table, time_range: TimeRange, org_id: str | None, filters: Fil
 
 
 def _summary(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
-    # No requests: no latency (NULL), rather than the NaN of an empty t-digest.
+    # No requests: no latency (NULL), rather than the figure of an empty state.
     sql = f"""
 SELECT n, n_errors, if(n = 0, 0, n_errors / n), n_denials, bytes_in, bytes_out,
        if(n = 0, NULL, lat[1]), if(n = 0, NULL, lat[2]), if(n = 0, NULL, lat[3])

@@ -8,6 +8,8 @@ tests/conftest.py)."""
 
 from __future__ import annotations
 
+import math
+import random
 import time
 import uuid
 
@@ -15,8 +17,8 @@ import orjson
 import pytest
 
 from quotaflow.core.settings import Settings
-from quotaflow.schemas.clickhouse import retention
-from quotaflow.schemas.clickhouse.migrate import available, migrate, statements
+from quotaflow.schemas.clickhouse import latency, retention
+from quotaflow.schemas.clickhouse.migrate import MIGRATIONS_TABLE_DDL, available, migrate, statements
 from quotaflow.schemas.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
 from quotaflow.schemas.events import RequestEvent
 from quotaflow.sinks.clickhouse.rows import to_rows
@@ -24,10 +26,14 @@ from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import event
 from tests.storage import (
     DAY_S,
+    check_latencies,
     events,
     expected_groups,
     expected_org_groups,
-    rank_bounds,
+    float32,
+    insert_latencies,
+    latency_answers,
+    latency_bounds,
     records,
     store,
     stored_groups,
@@ -88,14 +94,14 @@ def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
         assert rolled == raw, table.name
         denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
         assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
-        # Latency states merge to the same quantiles as the raw latencies, in every rollup.
-        q_raw = engine.query("SELECT quantilesTDigest(0.5, 0.95, 0.99)(latency_ms) FROM requests").result_rows[0][0]
-        q_rolled = engine.query(f"SELECT quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms) "
-                                f"FROM {table.name}").result_rows[0][0]
-        lat = sorted(e.latency_ms for e in evs)
-        for level, got_raw, got in zip((0.5, 0.95, 0.99), q_raw, q_rolled, strict=True):
-            lo, hi = rank_bounds(lat, level)
-            assert lo <= got_raw <= hi and lo <= got <= hi, (table.name, level, got_raw, got, lo, hi)
+        # Latency states merge to the same bucket counts as the raw latencies give, in every
+        # rollup: the same quantiles, within the buckets' error of the exact ones.
+        q_raw = engine.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM requests").result_rows[0][0]
+        q_rolled = engine.query(f"SELECT {latency.quantiles_sql(raw=False)} FROM {table.name}").result_rows[0][0]
+        assert q_rolled == q_raw, table.name
+        for level, got in zip((0.5, 0.95, 0.99), q_rolled, strict=True):
+            lo, hi = latency_bounds([e.latency_ms for e in evs], level)
+            assert lo <= got <= hi, (table.name, level, got, lo, hi)
 
 
 def test_the_ingest_table_takes_the_sinks_columns_with_the_raw_tables_types(engine):
@@ -198,3 +204,42 @@ def test_a_block_over_the_partition_bound_is_refused_as_data_and_its_halves_go_i
     for half in (rows.slice(0, 4), rows.slice(4, 8)):
         writer.insert(half, None)
     assert engine.query("SELECT count() FROM requests WHERE org_id = 'bound-org'").result_rows == [(8,)]
+
+
+def test_rows_stored_with_t_digest_states_are_converted_to_latency_buckets(engine):
+    # A database as 0006 left it, with rows whose latency is a t-digest state.
+    engine.command(MIGRATIONS_TABLE_DDL)
+    for version, name, sql in available():
+        if version < 7:
+            for stmt in statements(sql):
+                engine.command(stmt)
+            engine.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+    rnd = random.Random(7)
+    small = [rnd.uniform(0.05, 900) for _ in range(3000)]  # one or two a minute: one centroid per request
+    big = [rnd.lognormvariate(4, 1.5) for _ in range(30_000)]  # a day rolled into few rows
+    now = int(time.time() * 1000)
+    insert_latencies(engine, "small", small, now, 2 * 86_400_000, 1)
+    insert_latencies(engine, "big", big, now, 3_600_000, 2)
+    # A first run that failed after the conversion of the first rollup: the migration runs again.
+    for stmt in statements(dict((v, s) for v, _, s in available())[7])[:2]:
+        engine.command(stmt)
+    assert migrate(engine) == [7, 8]
+    for table in (*ROLLUPS, *ORG_ROLLUPS):
+        columns = {n for (n,) in engine.query("SELECT name FROM system.columns WHERE table = {t:String}",
+                                              parameters={"t": table.name}).result_rows}
+        assert latency.COLUMN in columns and "latency_ms" not in columns, table.name
+    # Few requests a row: the centroids are the requests, the counts exact.
+    check_latencies(latency_answers(engine, "small"), small)
+    # Many: the t-digest's centroids stand for neighbouring latencies (rank within 1 %).
+    ordered = sorted(map(float32, big))
+    for level, i in zip((0.5, 0.95, 0.99), range(3), strict=True):
+        lo = ordered[math.ceil((level - 0.01) * len(ordered)) - 1] * (1 - latency.RELATIVE_ERROR)
+        hi = ordered[math.ceil((level + 0.01) * len(ordered)) - 1] * (1 + latency.RELATIVE_ERROR)
+        for table, got in latency_answers(engine, "big").items():
+            assert lo <= got[i] <= hi, (table, level, got[i], lo, hi)
+    # Rows stored from now on go into the buckets through the new views.
+    fresh = [rnd.uniform(1, 50) for _ in range(500)]
+    insert_latencies(engine, "fresh", fresh, now, 86_400_000, 3)
+    answers = latency_answers(engine, "fresh")
+    assert all(a == answers[RAW] for a in answers.values())
+    check_latencies(answers, fresh)

@@ -41,7 +41,8 @@ ALERT_HISTORY_COLUMNS = (
 )
 
 # Rollups keep, per time bucket and their dimensions: requests, errors (status >= 500),
-# request/response bytes and a t-digest state of latency (quantiles below).
+# request/response bytes and the latency as counts per latency bucket (latency.py), from
+# which these quantiles are read.
 LATENCY_QUANTILES = (0.5, 0.95, 0.99)
 ERROR_MIN_STATUS = 500  # "errors" are server errors; 4xx (and 429 denials) are reported by status class/code
 DENIAL_STATUS = 429  # a request refused by rate limiting
