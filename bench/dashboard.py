@@ -17,6 +17,14 @@ events (default 10M), from navigation to every panel drawn.
    request to last byte, ``panel_query_p50_ms`` / ``panel_query_p95_ms``; and the baseline
    of the browser alone, the page without a token (the sign-in form, no query):
    ``page_only_load_p50_ms``.
+4. Before the page is served, an A/B of the rollups' latency state on the same rows: the
+   events rolled up by API key, endpoint, method and status per day over 30 days (as
+   requests_1d) and per hour over the last 24 hours (as requests_1h), once with the
+   t-digest states the rollups had before migration 0007 and once with the latency bucket
+   counts they have now (schemas/clickhouse/latency.py), in two tables of identical rows;
+   then the endpoints question over every org (p95 per endpoint: the widest merge a panel
+   asks for) on each, alternately: ``latency_merge_tdigest_{30d,24h}_p50_ms`` and
+   ``latency_merge_buckets_{30d,24h}_p50_ms``.
 
 Run: QUOTAFLOW_BENCH_PORT_BASE=35000 .venv/bin/python bench/dashboard.py
 """
@@ -37,6 +45,7 @@ from clickhouse import ENDPOINTS, GENERATE
 from quotaflow.deploy import redis as redis_service
 from quotaflow.deploy import stack
 from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.schemas.clickhouse import latency
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import migrate
 
@@ -64,6 +73,44 @@ def generate(url: str, n: int) -> None:
                                                  "count": min(chunk, n - lo), "endpoints": list(ENDPOINTS)},
                            settings={"max_partitions_per_insert_block": 0})
         harness.report("generate_events_s", time.perf_counter() - started, "s")
+    finally:
+        client.close()
+
+
+AB_ROUNDS = 7
+_AB_KEYS = "org_id, tier, api_key_id, endpoint, method, status"
+
+
+def ab_latency_merge(url: str) -> None:
+    """The old and the new latency state merged over the same rows (step 4 above)."""
+    client = connect(url)
+    try:
+        for name, grain, since in (("30d", "toStartOfDay", "toStartOfDay(now()) - INTERVAL 29 DAY"),
+                                   ("24h", "toStartOfHour", "toStartOfHour(now()) - INTERVAL 23 HOUR")):
+            states = {"tdigest": "quantilesTDigestState(0.5, 0.95, 0.99)(latency_ms)",
+                      "buckets": f"quantilesExactWeightedState(0.5, 0.95, 0.99)({latency.BUCKET_SQL}, toUInt64(1))"}
+            for kind, state in states.items():
+                client.command(f"DROP TABLE IF EXISTS ab_{kind}")
+                client.command(f"CREATE TABLE ab_{kind} ENGINE = MergeTree ORDER BY (org_id, bucket) AS "
+                               f"SELECT {grain}(toDateTime(event_time)) AS bucket, {_AB_KEYS}, count() AS requests, "
+                               f"{state} AS {'latency_tdigest' if kind == 'tdigest' else latency.COLUMN} FROM requests "
+                               f"WHERE event_time >= {since} GROUP BY bucket, {_AB_KEYS}")
+            rows = [client.query(f"SELECT count() FROM ab_{kind}").result_rows[0][0] for kind in states]
+            assert rows[0] == rows[1], rows
+            merge = {"tdigest": "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_tdigest)",
+                     "buckets": latency.quantiles_sql(raw=False)}
+            timed: dict[str, list[float]] = {kind: [] for kind in states}
+            for _ in range(AB_ROUNDS):
+                for kind in states:
+                    started = time.perf_counter()
+                    client.query(f"SELECT method, endpoint, sum(requests), {merge[kind]} FROM ab_{kind} "
+                                 "GROUP BY method, endpoint")
+                    timed[kind].append((time.perf_counter() - started) * 1000)
+            for kind in states:
+                harness.report(f"latency_merge_{kind}_{name}_p50_ms", statistics.median(timed[kind]), "ms")
+            log(f"A/B {name}: {rows[0]} rows in each table, {AB_ROUNDS} rounds each, alternately")
+            for kind in states:
+                client.command(f"DROP TABLE ab_{kind}")
     finally:
         client.close()
 
@@ -135,6 +182,7 @@ def measure(base: str) -> None:
     harness.report("page_only_load_p50_ms", percentile(page_only, 0.50), "ms")
     log(f"{len(every)} loads ({ROUNDS} rounds x 24h/30d x org-0/every org), {len(queries)} API requests, "
         f"{EVENTS} events")
+    log(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main() -> None:
@@ -147,6 +195,7 @@ def main() -> None:
     try:
         log(f"generating {EVENTS} events")
         generate(settings.clickhouse_url, EVENTS)
+        ab_latency_merge(settings.clickhouse_url)
         api = serve_api(settings)
         measure(f"http://127.0.0.1:{settings.api_port}")
     finally:
