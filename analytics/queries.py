@@ -28,6 +28,7 @@ from quotaflow.schemas.clickhouse.tables import (
     ALERT_HISTORY,
     DAY_MS,
     DENIAL_STATUS,
+    ENDPOINT_ROLLUP_OF,
     ERROR_MIN_STATUS,
     HOUR_MS,
     MINUTE_MS,
@@ -57,13 +58,16 @@ class Query:
     parameters: dict[str, Any]
     columns: tuple[str, ...]
     time_range: TimeRange
-    table: Table  # where the answer is read: the time range's table, or the org-level rollup of its grain
+    table: Table  # where the answer is read: the time range's table, or the org- or endpoint-level rollup of its grain
     org_id: str | None  # the org the answer is restricted to (None: every org)
 
 
 # Questions about orgs as a whole: without an API key or endpoint filter, the org-level
 # rollup of the time range's grain answers them.
 ORG_LEVEL = frozenset({"summary", "volume", "latency", "orgs", "tiers"})
+# Questions per endpoint: without an API key filter, the endpoint-level rollup of the time
+# range's grain answers them (an endpoint filter is one of its columns).
+ENDPOINT_LEVEL = frozenset({"endpoints"})
 
 
 class _Source:
@@ -293,6 +297,8 @@ def build(question: str, scope: Scope, time_range: TimeRange, filters: Filters =
     table = time_range.table
     if question in ORG_LEVEL and filters.api_key_id is None and filters.endpoint is None and table.name in ORG_ROLLUP_OF:
         table = ORG_ROLLUP_OF[table.name]
+    elif question in ENDPOINT_LEVEL and filters.api_key_id is None and table.name in ENDPOINT_ROLLUP_OF:
+        table = ENDPOINT_ROLLUP_OF[table.name]
     where, params = _where(table, time_range, org_id, filters)
     sql, columns = make(_Source(table, time_range.step_ms), table.name, where)
     params.update(limit=limit, step_s=time_range.step_ms // 1000,

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from quotaflow.schemas.clickhouse.latency import ABSOLUTE_ERROR_MS, RELATIVE_ERROR
 from quotaflow.schemas.clickhouse import latency
-from quotaflow.schemas.clickhouse.tables import LATENCY_QUANTILES, ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, LATENCY_QUANTILES, RAW
 from quotaflow.schemas.events import RequestEvent
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
@@ -82,6 +82,16 @@ def expected_org_groups(evs: list[RequestEvent], grain_s: int, tier: dict[str, s
     return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, tier[e.org_id]) for e in evs)
 
 
+def expected_endpoint_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
+    """Requests per (bucket, org, endpoint, method), computed here from the events."""
+    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.endpoint, e.method) for e in evs)
+
+
+def stored_endpoint_groups(client, table: str) -> Counter:
+    sql = f"SELECT toUnixTimestamp(bucket), org_id, endpoint, method, sum(requests) FROM {table} GROUP BY ALL"
+    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
+
+
 def stored_org_groups(client, table: str) -> Counter:
     sql = f"SELECT toUnixTimestamp(bucket), org_id, tier, sum(requests) FROM {table} GROUP BY ALL"
     return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
@@ -132,7 +142,7 @@ def latency_answers(client, org: str) -> dict[str, list[float]]:
     """An org's p50, p95 and p99 from the raw table and from every rollup."""
     out = {RAW: client.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM {RAW} WHERE org_id = {{o:String}}",
                              parameters={"o": org}).result_rows[0][0]}
-    for table in (*ROLLUPS, *ORG_ROLLUPS):
+    for table in ALL_ROLLUPS:
         out[table.name] = client.query(f"SELECT {latency.quantiles_sql(raw=False)} FROM {table.name} "
                                        "WHERE org_id = {o:String}", parameters={"o": org}).result_rows[0][0]
     return out

@@ -184,6 +184,7 @@ def test_answers_for_an_org_match_what_its_events_say(data, frozen, timeframe, s
         end = ms(a["to"])  # the end of the step the clock is in
         assert end == (data.now_ms // step + 1) * step and ms(a["from"]) == end - span
         want = source.replace("requests_", "requests_org_") if q in org_level else source
+        want = source.replace("requests_", "requests_endpoint_") if q == "endpoints" else want  # endpoint-level
         assert (a["source"], a["org"]) == (want, org)
     evs = in_range(data.events, answers["summary"], org)
     assert len(evs) > 0

@@ -19,7 +19,16 @@ import pytest
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import latency, retention
 from quotaflow.schemas.clickhouse.migrate import MIGRATIONS_TABLE_DDL, available, migrate, statements
-from quotaflow.schemas.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
+from quotaflow.schemas.clickhouse.tables import (
+    ALL_ROLLUPS,
+    ENDPOINT_ROLLUPS,
+    INGEST,
+    ORG_ROLLUPS,
+    RAW,
+    RAW_COLUMNS,
+    ROLLUPS,
+    TABLES,
+)
 from quotaflow.schemas.events import RequestEvent
 from quotaflow.sinks.clickhouse.rows import to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
@@ -28,6 +37,7 @@ from tests.storage import (
     DAY_S,
     check_latencies,
     events,
+    expected_endpoint_groups,
     expected_groups,
     expected_org_groups,
     float32,
@@ -36,6 +46,7 @@ from tests.storage import (
     latency_bounds,
     records,
     store,
+    stored_endpoint_groups,
     stored_groups,
     stored_org_groups,
 )
@@ -63,6 +74,8 @@ def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engi
     for table in ORG_ROLLUPS:
         assert stored_org_groups(engine, table.name) == expected_org_groups(old, table.grain_ms // 1000,
                                                                             {"old-org": ""}), table.name
+    for table in ENDPOINT_ROLLUPS:  # rolled up from the API-key-level rollups by 0009
+        assert stored_endpoint_groups(engine, table.name) == expected_endpoint_groups(old, table.grain_ms // 1000)
     assert engine.query("SELECT groupUniqArray(tier) FROM requests").result_rows[0][0] == [""]
 
     # New rows go through the views into every rollup, with their tier.
@@ -75,6 +88,8 @@ def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engi
     for table in ORG_ROLLUPS:
         assert stored_org_groups(engine, table.name) == expected_org_groups(
             both, table.grain_ms // 1000, {"old-org": "", "new-org": "SCALE"}), table.name
+    for table in ENDPOINT_ROLLUPS:
+        assert stored_endpoint_groups(engine, table.name) == expected_endpoint_groups(both, table.grain_ms // 1000)
 
 
 def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
@@ -88,12 +103,13 @@ def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
     assert raw == (len(evs), sum(e.status >= 500 for e in evs), sum(e.request_bytes for e in evs),
                    sum(e.response_bytes for e in evs))
     denials = sum(e.status == 429 for e in evs)
-    for table in ROLLUPS + ORG_ROLLUPS:
+    for table in ALL_ROLLUPS:
         rolled = engine.query(f"SELECT sum(requests), sum(errors), sum(request_bytes), sum(response_bytes) "
                               f"FROM {table.name}").result_rows[0]
         assert rolled == raw, table.name
-        denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
-        assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
+        if table not in ENDPOINT_ROLLUPS:  # no status there
+            denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
+            assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
         # Latency states merge to the same bucket counts as the raw latencies give, in every
         # rollup: the same quantiles, within the buckets' error of the exact ones.
         q_raw = engine.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM requests").result_rows[0][0]
@@ -158,7 +174,8 @@ def test_ttls_follow_the_retention_settings_and_are_set_idempotently(engine):
 
     def by_grain(raw: int, minute: int, hour: int, day: int) -> dict[str, int]:
         return {"requests": raw, "requests_1m": minute, "requests_1h": hour, "requests_1d": day,
-                "requests_org_1m": minute, "requests_org_1h": hour, "requests_org_1d": day}
+                "requests_org_1m": minute, "requests_org_1h": hour, "requests_org_1d": day,
+                "requests_endpoint_1m": minute, "requests_endpoint_1h": hour, "requests_endpoint_1d": day}
 
     assert ttl_days() == by_grain(defaults.retention_raw_days, defaults.retention_minute_days,
                                   defaults.retention_hour_days, defaults.retention_day_days)
@@ -223,8 +240,8 @@ def test_rows_stored_with_t_digest_states_are_converted_to_latency_buckets(engin
     # A first run that failed after the conversion of the first rollup: the migration runs again.
     for stmt in statements(dict((v, s) for v, _, s in available())[7])[:2]:
         engine.command(stmt)
-    assert migrate(engine) == [7, 8]
-    for table in (*ROLLUPS, *ORG_ROLLUPS):
+    assert migrate(engine) == [v for v, _, _ in available() if v >= 7]
+    for table in ALL_ROLLUPS:
         columns = {n for (n,) in engine.query("SELECT name FROM system.columns WHERE table = {t:String}",
                                               parameters={"t": table.name}).result_rows}
         assert latency.COLUMN in columns and "latency_ms" not in columns, table.name

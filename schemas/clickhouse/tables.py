@@ -76,7 +76,16 @@ ORG_ROLLUPS = (
     Table("requests_org_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
 )
 ORG_ROLLUP_OF = {wide.name: org for wide, org in zip(ROLLUPS, ORG_ROLLUPS, strict=True)}  # same grain
-TABLES = (RAW_TABLE, *ROLLUPS, *ORG_ROLLUPS)
+# By org, endpoint and method (schemas/clickhouse/0009_endpoint_rollups.sql): requests,
+# errors, bytes and latency per endpoint, for questions without an API key filter.
+ENDPOINT_ROLLUPS = (
+    Table("requests_endpoint_1m", "bucket", "bucket", MINUTE_MS, "retention_minute_days"),
+    Table("requests_endpoint_1h", "bucket", "bucket", HOUR_MS, "retention_hour_days"),
+    Table("requests_endpoint_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
+)
+ENDPOINT_ROLLUP_OF = {wide.name: ep for wide, ep in zip(ROLLUPS, ENDPOINT_ROLLUPS, strict=True)}  # same grain
+ALL_ROLLUPS = (*ROLLUPS, *ORG_ROLLUPS, *ENDPOINT_ROLLUPS)  # every table the views fill from RAW
+TABLES = (RAW_TABLE, *ALL_ROLLUPS)
 
 
 def view_of(rollup: Table) -> str:
