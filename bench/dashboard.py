@@ -3,8 +3,8 @@ events (default 10M), from navigation to every panel drawn.
 
 1. The events are generated inside ClickHouse as bench/clickhouse.py does (100 orgs over
    30 days, org-0 a fifth of them; INSERT ... SELECT FROM numbers(), through the rollup
-   views), in an embedded engine of this run's own; Redis is started for the live limit
-   panel.
+   views), in an embedded engine of this run's own; Redis and Kafka are started for the
+   live limit panel and the dead letters panel.
 2. `quotaflow api` serves the query API and the page (a real subprocess, the engine
    opened there alone). Debian's chromium (installed when missing), driven by Playwright,
    opens the page BENCH_DASHBOARD_ROUNDS times (default 20) for org-0 and for every org,
@@ -24,7 +24,8 @@ events (default 10M), from navigation to every panel drawn.
    counts they have now (schemas/clickhouse/latency.py), in two tables of identical rows;
    then the endpoints question over every org (p95 per endpoint: the widest merge a panel
    asks for) on each, alternately: ``latency_merge_tdigest_{30d,24h}_p50_ms`` and
-   ``latency_merge_buckets_{30d,24h}_p50_ms``.
+   ``latency_merge_buckets_{30d,24h}_p50_ms``; beside them the same question on the
+   endpoint-level rollup the API reads for it (``latency_merge_buckets_endpoint_rollup_...``).
 
 Run: QUOTAFLOW_BENCH_PORT_BASE=35000 .venv/bin/python bench/dashboard.py
 """
@@ -42,7 +43,6 @@ import harness  # sets the isolated environment; settings are read later
 import orjson
 from clickhouse import ENDPOINTS, GENERATE
 
-from quotaflow.deploy import redis as redis_service
 from quotaflow.deploy import stack
 from quotaflow.deploy.system_packages import ensure_command
 from quotaflow.schemas.clickhouse import latency
@@ -99,16 +99,20 @@ def ab_latency_merge(url: str) -> None:
             assert rows[0] == rows[1], rows
             merge = {"tdigest": "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_tdigest)",
                      "buckets": latency.quantiles_sql(raw=False)}
-            timed: dict[str, list[float]] = {kind: [] for kind in states}
+            endpoint_level = f"requests_endpoint_1{name[-1]}"  # what the API reads for this question now
+            sources = {"tdigest": "ab_tdigest", "buckets": "ab_buckets", "buckets_endpoint_rollup": endpoint_level}
+            timed: dict[str, list[float]] = {kind: [] for kind in sources}
             for _ in range(AB_ROUNDS):
-                for kind in states:
+                for kind, table in sources.items():
                     started = time.perf_counter()
-                    client.query(f"SELECT method, endpoint, sum(requests), {merge[kind]} FROM ab_{kind} "
-                                 "GROUP BY method, endpoint")
+                    client.query(f"SELECT method, endpoint, sum(requests), {merge[kind.split('_')[0]]} FROM {table} "
+                                 f"WHERE bucket >= {since} GROUP BY method, endpoint")
                     timed[kind].append((time.perf_counter() - started) * 1000)
-            for kind in states:
+            for kind in sources:
                 harness.report(f"latency_merge_{kind}_{name}_p50_ms", statistics.median(timed[kind]), "ms")
-            log(f"A/B {name}: {rows[0]} rows in each table, {AB_ROUNDS} rounds each, alternately")
+            ep_rows = client.query(f"SELECT count() FROM {endpoint_level} WHERE bucket >= {since}").result_rows[0][0]
+            log(f"A/B {name}: {rows[0]} rows in each table, {AB_ROUNDS} rounds each, alternately; "
+                f"{ep_rows} rows of {endpoint_level} (after its merges so far)")
             for kind in states:
                 client.command(f"DROP TABLE ab_{kind}")
     finally:
@@ -190,7 +194,7 @@ def main() -> None:
     stack.down(settings)
     shutil.rmtree(settings.state_dir, ignore_errors=True)
     settings.state_dir.mkdir(parents=True)
-    redis_service.start(settings)
+    stack.up(settings)  # Redis (limits) and Kafka (dead letters): panels of the page too
     api = None
     try:
         log(f"generating {EVENTS} events")
