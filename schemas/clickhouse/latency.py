@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 
-from quotaflow.schemas.event_fields import LATENCY_MAX_MS
 from quotaflow.schemas.clickhouse.tables import LATENCY_QUANTILES
+from quotaflow.schemas.event_fields import LATENCY_MAX_MS
 
 LOWEST_MS = 0.1
 PER_OCTAVE = 16
