@@ -23,10 +23,12 @@ from clickhouse_connect.driver.client import Client
 
 from quotaflow.analytics.scope import Scope
 from quotaflow.analytics.window import TimeRange
+from quotaflow.schemas.clickhouse import latency
 from quotaflow.schemas.clickhouse.tables import (
     ALERT_HISTORY,
     DAY_MS,
     DENIAL_STATUS,
+    ENDPOINT_ROLLUP_OF,
     ERROR_MIN_STATUS,
     HOUR_MS,
     MINUTE_MS,
@@ -56,13 +58,16 @@ class Query:
     parameters: dict[str, Any]
     columns: tuple[str, ...]
     time_range: TimeRange
-    table: Table  # where the answer is read: the time range's table, or the org-level rollup of its grain
+    table: Table  # where the answer is read: the time range's table, or the org- or endpoint-level rollup of its grain
     org_id: str | None  # the org the answer is restricted to (None: every org)
 
 
 # Questions about orgs as a whole: without an API key or endpoint filter, the org-level
 # rollup of the time range's grain answers them.
 ORG_LEVEL = frozenset({"summary", "volume", "latency", "orgs", "tiers"})
+# Questions per endpoint: without an API key filter, the endpoint-level rollup of the time
+# range's grain answers them (an endpoint filter is one of its columns).
+ENDPOINT_LEVEL = frozenset({"endpoints"})
 
 
 class _Source:
@@ -84,8 +89,7 @@ class _Source:
         self.count_if = "countIf({})" if raw else "sumIf(requests, {})"  # requests whose row meets a condition
         self.request_bytes = "sum(request_bytes)"
         self.response_bytes = "sum(response_bytes)"
-        self.latency = ("quantilesTDigest(0.5, 0.95, 0.99)(latency_ms)" if raw
-                        else "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms)")
+        self.latency = latency.quantiles_sql(raw)  # [p50, p95, p99] in ms, the same way from any table
         self.bucket = f"{_BUCKET_FN[step_ms]}({self.time})"
 
 
@@ -121,7 +125,7 @@ def _where(table: Table, time_range: TimeRange, org_id: str | None, filters: Fil
 
 
 def _summary(s: _Source, table: str, where: str) -> tuple[str, tuple[str, ...]]:
-    # No requests: no latency (NULL), rather than the NaN of an empty t-digest.
+    # No requests: no latency (NULL), rather than the figure of an empty state.
     sql = f"""
 SELECT n, n_errors, if(n = 0, 0, n_errors / n), n_denials, bytes_in, bytes_out,
        if(n = 0, NULL, lat[1]), if(n = 0, NULL, lat[2]), if(n = 0, NULL, lat[3])
@@ -293,6 +297,8 @@ def build(question: str, scope: Scope, time_range: TimeRange, filters: Filters =
     table = time_range.table
     if question in ORG_LEVEL and filters.api_key_id is None and filters.endpoint is None and table.name in ORG_ROLLUP_OF:
         table = ORG_ROLLUP_OF[table.name]
+    elif question in ENDPOINT_LEVEL and filters.api_key_id is None and table.name in ENDPOINT_ROLLUP_OF:
+        table = ENDPOINT_ROLLUP_OF[table.name]
     where, params = _where(table, time_range, org_id, filters)
     sql, columns = make(_Source(table, time_range.step_ms), table.name, where)
     params.update(limit=limit, step_s=time_range.step_ms // 1000,

@@ -34,7 +34,7 @@ import harness
 
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import migrate
-from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, RAW
 from quotaflow.schemas.events import FIELD_NAMES
 from quotaflow.sinks.clickhouse import repair
 from quotaflow.sinks.clickhouse.plans import Range
@@ -94,7 +94,7 @@ def replay(path: str, t0_ms: int, b: int) -> None:
     expected = (b + 1) * BATCH
     raw, ids, offsets = client.query(f"SELECT count(), uniqExact(event_id), uniqExact(kafka_offset) FROM {RAW}").result_rows[0]
     whole = raw == ids == offsets == expected  # offsets are 0..expected-1: each once
-    for table in (*ROLLUPS, *ORG_ROLLUPS):
+    for table in ALL_ROLLUPS:
         whole &= client.query(f"SELECT sum(requests) FROM {table.name}").result_rows[0][0] == expected
     completed = [table for table, found in outcome.findings() if found == "added"]
     print(f"result {int(bool(outcome))} {int(whole)} {','.join(completed)}", flush=True)

@@ -3,8 +3,8 @@ events (default 10M), from navigation to every panel drawn.
 
 1. The events are generated inside ClickHouse as bench/clickhouse.py does (100 orgs over
    30 days, org-0 a fifth of them; INSERT ... SELECT FROM numbers(), through the rollup
-   views), in an embedded engine of this run's own; Redis is started for the live limit
-   panel.
+   views), in an embedded engine of this run's own; Redis and Kafka are started for the
+   live limit panel and the dead letters panel.
 2. `quotaflow api` serves the query API and the page (a real subprocess, the engine
    opened there alone). Debian's chromium (installed when missing), driven by Playwright,
    opens the page BENCH_DASHBOARD_ROUNDS times (default 20) for org-0 and for every org,
@@ -17,6 +17,15 @@ events (default 10M), from navigation to every panel drawn.
    request to last byte, ``panel_query_p50_ms`` / ``panel_query_p95_ms``; and the baseline
    of the browser alone, the page without a token (the sign-in form, no query):
    ``page_only_load_p50_ms``.
+4. Before the page is served, an A/B of the rollups' latency state on the same rows: the
+   events rolled up by API key, endpoint, method and status per day over 30 days (as
+   requests_1d) and per hour over the last 24 hours (as requests_1h), once with the
+   t-digest states the rollups had before migration 0007 and once with the latency bucket
+   counts they have now (schemas/clickhouse/latency.py), in two tables of identical rows;
+   then the endpoints question over every org (p95 per endpoint: the widest merge a panel
+   asks for) on each, alternately: ``latency_merge_tdigest_{30d,24h}_p50_ms`` and
+   ``latency_merge_buckets_{30d,24h}_p50_ms``; beside them the same question on the
+   endpoint-level rollup the API reads for it (``latency_merge_buckets_endpoint_rollup_...``).
 
 Run: QUOTAFLOW_BENCH_PORT_BASE=35000 .venv/bin/python bench/dashboard.py
 """
@@ -34,9 +43,9 @@ import harness  # sets the isolated environment; settings are read later
 import orjson
 from clickhouse import ENDPOINTS, GENERATE
 
-from quotaflow.deploy import redis as redis_service
 from quotaflow.deploy import stack
 from quotaflow.deploy.system_packages import ensure_command
+from quotaflow.schemas.clickhouse import latency
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import migrate
 
@@ -64,6 +73,48 @@ def generate(url: str, n: int) -> None:
                                                  "count": min(chunk, n - lo), "endpoints": list(ENDPOINTS)},
                            settings={"max_partitions_per_insert_block": 0})
         harness.report("generate_events_s", time.perf_counter() - started, "s")
+    finally:
+        client.close()
+
+
+AB_ROUNDS = 7
+_AB_KEYS = "org_id, tier, api_key_id, endpoint, method, status"
+
+
+def ab_latency_merge(url: str) -> None:
+    """The old and the new latency state merged over the same rows (step 4 above)."""
+    client = connect(url)
+    try:
+        for name, grain, since in (("30d", "toStartOfDay", "toStartOfDay(now()) - INTERVAL 29 DAY"),
+                                   ("24h", "toStartOfHour", "toStartOfHour(now()) - INTERVAL 23 HOUR")):
+            states = {"tdigest": "quantilesTDigestState(0.5, 0.95, 0.99)(latency_ms)",
+                      "buckets": f"quantilesExactWeightedState(0.5, 0.95, 0.99)({latency.BUCKET_SQL}, toUInt64(1))"}
+            for kind, state in states.items():
+                client.command(f"DROP TABLE IF EXISTS ab_{kind}")
+                client.command(f"CREATE TABLE ab_{kind} ENGINE = MergeTree ORDER BY (org_id, bucket) AS "
+                               f"SELECT {grain}(toDateTime(event_time)) AS bucket, {_AB_KEYS}, count() AS requests, "
+                               f"{state} AS {'latency_tdigest' if kind == 'tdigest' else latency.COLUMN} FROM requests "
+                               f"WHERE event_time >= {since} GROUP BY bucket, {_AB_KEYS}")
+            rows = [client.query(f"SELECT count() FROM ab_{kind}").result_rows[0][0] for kind in states]
+            assert rows[0] == rows[1], rows
+            merge = {"tdigest": "quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_tdigest)",
+                     "buckets": latency.quantiles_sql(raw=False)}
+            endpoint_level = f"requests_endpoint_1{name[-1]}"  # what the API reads for this question now
+            sources = {"tdigest": "ab_tdigest", "buckets": "ab_buckets", "buckets_endpoint_rollup": endpoint_level}
+            timed: dict[str, list[float]] = {kind: [] for kind in sources}
+            for _ in range(AB_ROUNDS):
+                for kind, table in sources.items():
+                    started = time.perf_counter()
+                    client.query(f"SELECT method, endpoint, sum(requests), {merge[kind.split('_')[0]]} FROM {table} "
+                                 f"WHERE bucket >= {since} GROUP BY method, endpoint")
+                    timed[kind].append((time.perf_counter() - started) * 1000)
+            for kind in sources:
+                harness.report(f"latency_merge_{kind}_{name}_p50_ms", statistics.median(timed[kind]), "ms")
+            ep_rows = client.query(f"SELECT count() FROM {endpoint_level} WHERE bucket >= {since}").result_rows[0][0]
+            log(f"A/B {name}: {rows[0]} rows in each table, {AB_ROUNDS} rounds each, alternately; "
+                f"{ep_rows} rows of {endpoint_level} (after its merges so far)")
+            for kind in states:
+                client.command(f"DROP TABLE ab_{kind}")
     finally:
         client.close()
 
@@ -135,6 +186,7 @@ def measure(base: str) -> None:
     harness.report("page_only_load_p50_ms", percentile(page_only, 0.50), "ms")
     log(f"{len(every)} loads ({ROUNDS} rounds x 24h/30d x org-0/every org), {len(queries)} API requests, "
         f"{EVENTS} events")
+    log(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main() -> None:
@@ -142,11 +194,12 @@ def main() -> None:
     stack.down(settings)
     shutil.rmtree(settings.state_dir, ignore_errors=True)
     settings.state_dir.mkdir(parents=True)
-    redis_service.start(settings)
+    stack.up(settings)  # Redis (limits) and Kafka (dead letters): panels of the page too
     api = None
     try:
         log(f"generating {EVENTS} events")
         generate(settings.clickhouse_url, EVENTS)
+        ab_latency_merge(settings.clickhouse_url)
         api = serve_api(settings)
         measure(f"http://127.0.0.1:{settings.api_port}")
     finally:

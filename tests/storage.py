@@ -5,12 +5,18 @@ rows for questions heavy enough to hit the query bounds."""
 
 from __future__ import annotations
 
+import math
 import random
+import struct
 import time
+import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from quotaflow.schemas.clickhouse.tables import RAW
+from quotaflow.schemas.clickhouse.latency import ABSOLUTE_ERROR_MS, RELATIVE_ERROR
+from quotaflow.schemas.clickhouse import latency
+from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, LATENCY_QUANTILES, RAW
 from quotaflow.schemas.events import RequestEvent
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
@@ -49,14 +55,20 @@ def store(writer: Writer, evs: list[RequestEvent], tiers: dict[str, str], first_
     return batch
 
 
-def rank_bounds(ordered: list[float], level: float, rank_error: float = 0.01) -> tuple[float, float]:
-    """The values a quantile estimate may take: t-digest is approximate in rank, so the
-    estimate of ``level`` lies between the exact values ranked ``rank_error`` below and
-    above it (plus one for interpolation between neighbours)."""
-    n = len(ordered)
-    slack = int(rank_error * n) + 1
-    rank = level * (n - 1)
-    return ordered[max(int(rank) - slack, 0)], ordered[min(int(rank) + 1 + slack, n - 1)]
+def float32(x: float) -> float:
+    """``x`` as ClickHouse stores it in a Float32 column (latency_ms)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def latency_bounds(latencies: list[float], level: float) -> tuple[float, float]:
+    """The values a latency quantile may take (schemas/clickhouse/latency.py): within
+    RELATIVE_ERROR (ABSOLUTE_ERROR_MS below LOWEST_MS) of the exact nearest-rank quantile of
+    the latencies as stored (Float32), the request of rank ceil(level * n); 1e-9 for the
+    rounding of the bucket's bounds."""
+    ordered = sorted(map(float32, latencies))
+    exact = ordered[max(math.ceil(level * len(ordered)), 1) - 1]
+    slack = max(RELATIVE_ERROR * exact, ABSOLUTE_ERROR_MS) + 1e-9 * exact
+    return exact - slack, exact + slack
 
 
 def expected_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
@@ -68,6 +80,16 @@ def expected_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
 def expected_org_groups(evs: list[RequestEvent], grain_s: int, tier: dict[str, str]) -> Counter:
     """Requests per (bucket, org, tier), computed here from the events and the tier of each org."""
     return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, tier[e.org_id]) for e in evs)
+
+
+def expected_endpoint_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
+    """Requests per (bucket, org, endpoint, method), computed here from the events."""
+    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.endpoint, e.method) for e in evs)
+
+
+def stored_endpoint_groups(client, table: str) -> Counter:
+    sql = f"SELECT toUnixTimestamp(bucket), org_id, endpoint, method, sum(requests) FROM {table} GROUP BY ALL"
+    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
 
 
 def stored_org_groups(client, table: str) -> Counter:
@@ -99,3 +121,36 @@ def insert_bulk(client, org: str, rows: int, now_ms: int, every_1000th: str | No
                's', concat('/v1/e', toString(number % 1000)), 'GET', if(number % 7 = 0, 429, 200), number % 1000, 1, 1,
                toIPv6('::1'), 'ua', 1, 999999, number, 'FREE'
         FROM numbers({rows})""", parameters={"org": org, "other": other})
+
+
+def insert_latencies(client, org: str, latencies: list[float], now_ms: int, span_ms: int, seed: int) -> None:
+    """Rows straight into the raw table, spread over span_ms before now_ms (the views fill
+    the rollups), in three blocks: states merged across rows and parts."""
+    rnd = random.Random(seed)
+    columns = ["event_id", "event_time", "org_id", "api_key_id", "service", "endpoint", "method", "status",
+               "latency_ms", "request_bytes", "response_bytes", "client_ip", "user_agent", "schema_version",
+               "kafka_partition", "kafka_offset", "tier"]
+    rows = [[uuid.UUID(int=i), datetime.fromtimestamp((now_ms - rnd.randrange(span_ms)) / 1000, timezone.utc), org,
+             f"k{rnd.randrange(3)}", "s", rnd.choice(["/a", "/b"]), "GET", rnd.choice([200, 500]), x, 0, 0, "::1", "ua",
+             1, 999999, i, "FREE"] for i, x in enumerate(latencies)]
+    for part in (rows[: len(rows) // 3], rows[len(rows) // 3: 2 * len(rows) // 3], rows[2 * len(rows) // 3:]):
+        if part:
+            client.insert(RAW, part, column_names=columns, settings={"max_partitions_per_insert_block": 0})
+
+
+def latency_answers(client, org: str) -> dict[str, list[float]]:
+    """An org's p50, p95 and p99 from the raw table and from every rollup."""
+    out = {RAW: client.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM {RAW} WHERE org_id = {{o:String}}",
+                             parameters={"o": org}).result_rows[0][0]}
+    for table in ALL_ROLLUPS:
+        out[table.name] = client.query(f"SELECT {latency.quantiles_sql(raw=False)} FROM {table.name} "
+                                       "WHERE org_id = {o:String}", parameters={"o": org}).result_rows[0][0]
+    return out
+
+
+def check_latencies(answers: dict[str, list[float]], latencies: list[float]) -> None:
+    """Every answer within the stated bound of the exact quantile."""
+    for level, i in zip(LATENCY_QUANTILES, range(3), strict=True):
+        lo, hi = latency_bounds(latencies, level)
+        for table, got in answers.items():
+            assert lo <= got[i] <= hi, (table, level, got[i], lo, hi)

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from quotaflow.deploy import redis as redis_service
 from quotaflow.deploy.observe import end_offsets
 from quotaflow.schemas.clickhouse.client import connect
-from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, RAW
 from quotaflow.schemas.dedup import DuplicateCheck, position
 from quotaflow.schemas.redis_keys import stored_key
 from quotaflow.schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
@@ -53,14 +53,14 @@ def stored_per_table(pipeline, org: str) -> dict[str, tuple[int, ...]]:
     p = {"o": org}
     out = {RAW: tuple(pipeline.query_clickhouse(
         f"SELECT count(), uniqExact(event_id) FROM {RAW} WHERE org_id = {{o:String}}", p)[0])}
-    for table in (*ROLLUPS, *ORG_ROLLUPS):
+    for table in ALL_ROLLUPS:
         out[table.name] = (pipeline.query_clickhouse(
             f"SELECT sum(requests) FROM {table.name} WHERE org_id = {{o:String}}", p)[0][0],)
     return out
 
 
 def once_each(n: int) -> dict[str, tuple[int, ...]]:
-    return {RAW: (n, n), **{t.name: (n,) for t in (*ROLLUPS, *ORG_ROLLUPS)}}
+    return {RAW: (n, n), **{t.name: (n,) for t in ALL_ROLLUPS}}
 
 
 def test_events_published_twice_are_counted_once_and_stored_once(live_stack, redis_client, pipeline):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from quotaflow.schemas.clickhouse.migrate import migrate
-from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, ROLLUPS
+from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, ENDPOINT_ROLLUPS, ORG_ROLLUPS, RAW, ROLLUPS
 from quotaflow.sinks.clickhouse import repair
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import Rows, to_rows
@@ -19,9 +19,11 @@ from quotaflow.sinks.clickhouse.writer import Writer
 from tests.storage import (
     DAY_S,
     events,
+    expected_endpoint_groups,
     expected_groups,
     expected_org_groups,
     records,
+    stored_endpoint_groups,
     stored_groups,
     stored_org_groups,
 )
@@ -48,6 +50,9 @@ def assert_whole(client, evs) -> None:
     for table in ORG_ROLLUPS:
         assert stored_org_groups(client, table.name) == expected_org_groups(evs, table.grain_ms // 1000, TIERS), \
             table.name
+    for table in ENDPOINT_ROLLUPS:
+        assert stored_endpoint_groups(client, table.name) == expected_endpoint_groups(evs, table.grain_ms // 1000), \
+            table.name
 
 
 def test_a_retry_that_landed_everywhere_is_left_as_it_is(engine):
@@ -73,7 +78,7 @@ def test_rows_the_raw_table_lost_are_added_to_it_alone(engine):
     assert not repair.complete(engine, rows, batch)  # checked again: nothing left to do
 
 
-@pytest.mark.parametrize("table", [t.name for t in (*ROLLUPS, *ORG_ROLLUPS)])
+@pytest.mark.parametrize("table", [t.name for t in ALL_ROLLUPS])
 def test_groups_a_rollup_lost_are_added_to_it_alone(engine, table):
     migrate(engine)
     evs = events(2000, seed=13)
@@ -102,12 +107,12 @@ def test_groups_off_by_anything_but_the_batch_are_reported_not_guessed(engine):
 
     outcome = repair.complete(engine, rows, batch, reads=2, pause_s=0.01)
     assert outcome.raw_added == outcome.raw_extra == 0 and not outcome.groups_added
-    assert set(outcome.undecided) == {t.name for t in (*ROLLUPS, *ORG_ROLLUPS)}
+    assert set(outcome.undecided) == {t.name for t in ALL_ROLLUPS}
     assert before == {t.name: engine.query(f"SELECT sum(requests) FROM {t.name}").result_rows[0][0] for t in ROLLUPS}
 
 
 def _grain(table: str) -> int:
-    return next(t.grain_ms for t in (*ROLLUPS, *ORG_ROLLUPS) if t.name == table)
+    return next(t.grain_ms for t in ALL_ROLLUPS if t.name == table)
 
 
 def _tiered(evs):

@@ -8,6 +8,8 @@ tests/conftest.py)."""
 
 from __future__ import annotations
 
+import math
+import random
 import time
 import uuid
 
@@ -15,21 +17,36 @@ import orjson
 import pytest
 
 from quotaflow.core.settings import Settings
-from quotaflow.schemas.clickhouse import retention
-from quotaflow.schemas.clickhouse.migrate import available, migrate, statements
-from quotaflow.schemas.clickhouse.tables import INGEST, ORG_ROLLUPS, RAW, RAW_COLUMNS, ROLLUPS, TABLES
+from quotaflow.schemas.clickhouse import latency, retention
+from quotaflow.schemas.clickhouse.migrate import MIGRATIONS_TABLE_DDL, available, migrate, statements
+from quotaflow.schemas.clickhouse.tables import (
+    ALL_ROLLUPS,
+    ENDPOINT_ROLLUPS,
+    INGEST,
+    ORG_ROLLUPS,
+    RAW,
+    RAW_COLUMNS,
+    ROLLUPS,
+    TABLES,
+)
 from quotaflow.schemas.events import RequestEvent
 from quotaflow.sinks.clickhouse.rows import to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import event
 from tests.storage import (
     DAY_S,
+    check_latencies,
     events,
+    expected_endpoint_groups,
     expected_groups,
     expected_org_groups,
-    rank_bounds,
+    float32,
+    insert_latencies,
+    latency_answers,
+    latency_bounds,
     records,
     store,
+    stored_endpoint_groups,
     stored_groups,
     stored_org_groups,
 )
@@ -57,6 +74,8 @@ def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engi
     for table in ORG_ROLLUPS:
         assert stored_org_groups(engine, table.name) == expected_org_groups(old, table.grain_ms // 1000,
                                                                             {"old-org": ""}), table.name
+    for table in ENDPOINT_ROLLUPS:  # rolled up from the API-key-level rollups by 0009
+        assert stored_endpoint_groups(engine, table.name) == expected_endpoint_groups(old, table.grain_ms // 1000)
     assert engine.query("SELECT groupUniqArray(tier) FROM requests").result_rows[0][0] == [""]
 
     # New rows go through the views into every rollup, with their tier.
@@ -69,6 +88,8 @@ def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engi
     for table in ORG_ROLLUPS:
         assert stored_org_groups(engine, table.name) == expected_org_groups(
             both, table.grain_ms // 1000, {"old-org": "", "new-org": "SCALE"}), table.name
+    for table in ENDPOINT_ROLLUPS:
+        assert stored_endpoint_groups(engine, table.name) == expected_endpoint_groups(both, table.grain_ms // 1000)
 
 
 def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
@@ -82,20 +103,21 @@ def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
     assert raw == (len(evs), sum(e.status >= 500 for e in evs), sum(e.request_bytes for e in evs),
                    sum(e.response_bytes for e in evs))
     denials = sum(e.status == 429 for e in evs)
-    for table in ROLLUPS + ORG_ROLLUPS:
+    for table in ALL_ROLLUPS:
         rolled = engine.query(f"SELECT sum(requests), sum(errors), sum(request_bytes), sum(response_bytes) "
                               f"FROM {table.name}").result_rows[0]
         assert rolled == raw, table.name
-        denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
-        assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
-        # Latency states merge to the same quantiles as the raw latencies, in every rollup.
-        q_raw = engine.query("SELECT quantilesTDigest(0.5, 0.95, 0.99)(latency_ms) FROM requests").result_rows[0][0]
-        q_rolled = engine.query(f"SELECT quantilesTDigestMerge(0.5, 0.95, 0.99)(latency_ms) "
-                                f"FROM {table.name}").result_rows[0][0]
-        lat = sorted(e.latency_ms for e in evs)
-        for level, got_raw, got in zip((0.5, 0.95, 0.99), q_raw, q_rolled, strict=True):
-            lo, hi = rank_bounds(lat, level)
-            assert lo <= got_raw <= hi and lo <= got <= hi, (table.name, level, got_raw, got, lo, hi)
+        if table not in ENDPOINT_ROLLUPS:  # no status there
+            denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
+            assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
+        # Latency states merge to the same bucket counts as the raw latencies give, in every
+        # rollup: the same quantiles, within the buckets' error of the exact ones.
+        q_raw = engine.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM requests").result_rows[0][0]
+        q_rolled = engine.query(f"SELECT {latency.quantiles_sql(raw=False)} FROM {table.name}").result_rows[0][0]
+        assert q_rolled == q_raw, table.name
+        for level, got in zip((0.5, 0.95, 0.99), q_rolled, strict=True):
+            lo, hi = latency_bounds([e.latency_ms for e in evs], level)
+            assert lo <= got <= hi, (table.name, level, got, lo, hi)
 
 
 def test_the_ingest_table_takes_the_sinks_columns_with_the_raw_tables_types(engine):
@@ -152,7 +174,8 @@ def test_ttls_follow_the_retention_settings_and_are_set_idempotently(engine):
 
     def by_grain(raw: int, minute: int, hour: int, day: int) -> dict[str, int]:
         return {"requests": raw, "requests_1m": minute, "requests_1h": hour, "requests_1d": day,
-                "requests_org_1m": minute, "requests_org_1h": hour, "requests_org_1d": day}
+                "requests_org_1m": minute, "requests_org_1h": hour, "requests_org_1d": day,
+                "requests_endpoint_1m": minute, "requests_endpoint_1h": hour, "requests_endpoint_1d": day}
 
     assert ttl_days() == by_grain(defaults.retention_raw_days, defaults.retention_minute_days,
                                   defaults.retention_hour_days, defaults.retention_day_days)
@@ -198,3 +221,42 @@ def test_a_block_over_the_partition_bound_is_refused_as_data_and_its_halves_go_i
     for half in (rows.slice(0, 4), rows.slice(4, 8)):
         writer.insert(half, None)
     assert engine.query("SELECT count() FROM requests WHERE org_id = 'bound-org'").result_rows == [(8,)]
+
+
+def test_rows_stored_with_t_digest_states_are_converted_to_latency_buckets(engine):
+    # A database as 0006 left it, with rows whose latency is a t-digest state.
+    engine.command(MIGRATIONS_TABLE_DDL)
+    for version, name, sql in available():
+        if version < 7:
+            for stmt in statements(sql):
+                engine.command(stmt)
+            engine.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+    rnd = random.Random(7)
+    small = [rnd.uniform(0.05, 900) for _ in range(3000)]  # one or two a minute: one centroid per request
+    big = [rnd.lognormvariate(4, 1.5) for _ in range(30_000)]  # a day rolled into few rows
+    now = int(time.time() * 1000)
+    insert_latencies(engine, "small", small, now, 2 * 86_400_000, 1)
+    insert_latencies(engine, "big", big, now, 3_600_000, 2)
+    # A first run that failed after the conversion of the first rollup: the migration runs again.
+    for stmt in statements(dict((v, s) for v, _, s in available())[7])[:2]:
+        engine.command(stmt)
+    assert migrate(engine) == [v for v, _, _ in available() if v >= 7]
+    for table in ALL_ROLLUPS:
+        columns = {n for (n,) in engine.query("SELECT name FROM system.columns WHERE table = {t:String}",
+                                              parameters={"t": table.name}).result_rows}
+        assert latency.COLUMN in columns and "latency_ms" not in columns, table.name
+    # Few requests a row: the centroids are the requests, the counts exact.
+    check_latencies(latency_answers(engine, "small"), small)
+    # Many: the t-digest's centroids stand for neighbouring latencies (rank within 1 %).
+    ordered = sorted(map(float32, big))
+    for level, i in zip((0.5, 0.95, 0.99), range(3), strict=True):
+        lo = ordered[math.ceil((level - 0.01) * len(ordered)) - 1] * (1 - latency.RELATIVE_ERROR)
+        hi = ordered[math.ceil((level + 0.01) * len(ordered)) - 1] * (1 + latency.RELATIVE_ERROR)
+        for table, got in latency_answers(engine, "big").items():
+            assert lo <= got[i] <= hi, (table, level, got[i], lo, hi)
+    # Rows stored from now on go into the buckets through the new views.
+    fresh = [rnd.uniform(1, 50) for _ in range(500)]
+    insert_latencies(engine, "fresh", fresh, now, 86_400_000, 3)
+    answers = latency_answers(engine, "fresh")
+    assert all(a == answers[RAW] for a in answers.values())
+    check_latencies(answers, fresh)

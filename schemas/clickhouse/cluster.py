@@ -38,6 +38,8 @@ _ALTER = re.compile(r"^ALTER TABLE (\w+)\s+(.*)$", re.S)
 _MATERIALIZED = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\s+TO\s+(\w+)\s+AS\s+(.*)$", re.S)
 _VIEW = re.compile(r"^CREATE VIEW IF NOT EXISTS (\w+)\s+AS\s+(.*)$", re.S)
 _INSERT = re.compile(r"^INSERT INTO (\w+)")
+_UPDATE = re.compile(r"^ALTER TABLE (\w+)\s+UPDATE\b")
+_DROP_VIEW = re.compile(r"^DROP VIEW IF EXISTS (\w+)$")
 
 
 class UnknownStatement(ValueError):
@@ -95,6 +97,8 @@ def _convert(stmt: str, cluster: str, tables: set[str]) -> list[str]:
         return [f"CREATE TABLE IF NOT EXISTS {local} ON CLUSTER {cluster} (" + body,
                 f"CREATE TABLE IF NOT EXISTS {name} ON CLUSTER {cluster} AS {local}\n"
                 f"ENGINE = Distributed({cluster}, currentDatabase(), {local}, {SHARDING_KEY})"]
+    if m := _UPDATE.match(stmt):  # rows stored before the migration rewritten: a backfill too
+        return [f"-- left out: the backfill of {m.group(1)} (a new cluster has no rows stored before it)"]
     if m := _ALTER.match(stmt):
         name, rest = m.groups()
         if name not in tables:
@@ -107,6 +111,8 @@ def _convert(stmt: str, cluster: str, tables: set[str]) -> list[str]:
             raise UnknownStatement(f"materialized view {view}: its target {target} is not a table of the migrations")
         return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS {view} ON CLUSTER {cluster} TO {target}{LOCAL} AS "
                 + _local_names(select, tables)]
+    if m := _DROP_VIEW.match(stmt):  # a view replaced by a later migration
+        return [f"DROP VIEW IF EXISTS {m.group(1)} ON CLUSTER {cluster}"]
     if m := _VIEW.match(stmt):
         view, select = m.groups()
         return [f"CREATE VIEW IF NOT EXISTS {view} ON CLUSTER {cluster} AS {select}"]

@@ -41,7 +41,8 @@ ALERT_HISTORY_COLUMNS = (
 )
 
 # Rollups keep, per time bucket and their dimensions: requests, errors (status >= 500),
-# request/response bytes and a t-digest state of latency (quantiles below).
+# request/response bytes and the latency as counts per latency bucket (latency.py), from
+# which these quantiles are read.
 LATENCY_QUANTILES = (0.5, 0.95, 0.99)
 ERROR_MIN_STATUS = 500  # "errors" are server errors; 4xx (and 429 denials) are reported by status class/code
 DENIAL_STATUS = 429  # a request refused by rate limiting
@@ -75,7 +76,16 @@ ORG_ROLLUPS = (
     Table("requests_org_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
 )
 ORG_ROLLUP_OF = {wide.name: org for wide, org in zip(ROLLUPS, ORG_ROLLUPS, strict=True)}  # same grain
-TABLES = (RAW_TABLE, *ROLLUPS, *ORG_ROLLUPS)
+# By org, endpoint and method (schemas/clickhouse/0009_endpoint_rollups.sql): requests,
+# errors, bytes and latency per endpoint, for questions without an API key filter.
+ENDPOINT_ROLLUPS = (
+    Table("requests_endpoint_1m", "bucket", "bucket", MINUTE_MS, "retention_minute_days"),
+    Table("requests_endpoint_1h", "bucket", "bucket", HOUR_MS, "retention_hour_days"),
+    Table("requests_endpoint_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
+)
+ENDPOINT_ROLLUP_OF = {wide.name: ep for wide, ep in zip(ROLLUPS, ENDPOINT_ROLLUPS, strict=True)}  # same grain
+ALL_ROLLUPS = (*ROLLUPS, *ORG_ROLLUPS, *ENDPOINT_ROLLUPS)  # every table the views fill from RAW
+TABLES = (RAW_TABLE, *ALL_ROLLUPS)
 
 
 def view_of(rollup: Table) -> str:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
 
-from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS, RAW, REPAIR_STAGE, ROLLUPS, Table, view_of
+from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, RAW, REPAIR_STAGE, Table, view_of
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import Rows
 from quotaflow.sinks.clickhouse.writer import Writer
@@ -84,7 +84,7 @@ def complete(client: Client, rows: Rows, batch: Range, reads: int = 5, pause_s: 
     if missing:
         _add_raw(client, rows.take(missing))
         outcome.raw_added = len(missing)
-    for table in (*ROLLUPS, *ORG_ROLLUPS):
+    for table in ALL_ROLLUPS:
         added, undecided = _complete_rollup(client, table, rows, params, batch, reads, pause_s)
         if added:
             outcome.groups_added[table.name] = added
