@@ -242,12 +242,14 @@ class RequestCounter:
         for (org, key), _ in touched.items():
             kstate = data.get(key_subject(org, key))
             decision = decide(kstate, windows[org], policy, tiers[org], overrides[(org, key)], now)
-            writes.append(SubjectWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)]))
+            writes.append(SubjectWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)],
+                                       (kstate["p"], kstate["o"]) if kstate else None))
             orgs.setdefault(org, []).extend(released[(org, key)])
         for org, ids in orgs.items():
             ostate = data.get(org_subject(org))
             decision = decide_org(windows[org], policy, tiers[org], now)
-            writes.append(SubjectWrite(org, None, ostate["b"] if ostate else None, decision, ids))
+            writes.append(SubjectWrite(org, None, ostate["b"] if ostate else None, decision, ids,
+                                       (ostate["p"], ostate["o"]) if ostate else None))
         return writes
 
     async def _forget_idle_subjects(self) -> list[Sent]:
