@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -47,6 +48,14 @@ def create_app(settings: Settings) -> faust.App:
         PROCESSOR_APP_ID,
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         store="memory://",
+        # Faust's own directory: one per process, so several processors run side by side on
+        # one host (each has a metrics port of its own), none in the working directory.
+        datadir=str(data_dir(settings)),
+        # A standby copy is useless to the memory store: it drops what it holds of partitions
+        # it is not active for after every recovery, and a partition it takes over is read
+        # from the changelog's start anyway. Reading the other processors' changelogs would
+        # only cost each of them.
+        table_standby_replicas=0,
         topic_partitions=settings.events_partitions,
         topic_replication_factor=settings.kafka_replication_factor,  # its changelog: 3 replicas on 3 brokers
         web_enabled=False,
@@ -81,6 +90,10 @@ def create_app(settings: Settings) -> faust.App:
     async def _ready(sender: Any, **kwargs: Any) -> None:
         if "counter" in running:
             running["counter"].guard.reset()
+            # What this process counted on partitions now another's is out of date from now
+            # on: forget it (a partition that comes back is recovered from its changelog).
+            running["counter"].keep_partitions({tp.partition for tp in app.consumer.assignment()
+                                                if tp.topic == EVENTS_TOPIC})
         READY.set(1)
 
     @app.timer(1.0)
@@ -140,6 +153,12 @@ def create_app(settings: Settings) -> faust.App:
 
     key_registry.wire(app, settings)
     return app
+
+
+def data_dir(settings: Settings) -> Path:
+    """Faust's directory for this process: in the state dir, named after its metrics port."""
+    port = settings.processor_metrics_port
+    return settings.state_dir / (f"processor-data-{port}" if port else "processor-data")
 
 
 class Worker(faust.Worker):

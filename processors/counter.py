@@ -34,7 +34,7 @@ from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.processors.decisions import decide, decide_org, org_windows
 from quotaflow.processors.duplicate_checks import BatchDuplicateChecks
 from quotaflow.processors.metrics import BATCH_SECONDS, DECISIONS, EVENTS
-from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
+from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key, partition_of_next_offset
 from quotaflow.processors.output import Output, Sent
 from quotaflow.processors.records import EVENT_ID, KEY, ORG, STATUS, TS, Record
 from quotaflow.processors.subjects import is_key_subject, key_subject, org_subject
@@ -251,6 +251,19 @@ class RequestCounter:
             writes.append(SubjectWrite(org, None, ostate["b"] if ostate else None, decision, ids,
                                        (ostate["p"], ostate["o"]) if ostate else None))
         return writes
+
+    def keep_partitions(self, assigned: set[int]) -> None:
+        """Forget the subjects and next offsets of every partition but ``assigned`` (after a
+        rebalance). Another processor counts them now: kept here, they would go stale, and
+        the idle sweep would delete from the changelog a subject its owner still counts."""
+        data = self.table.data
+        gone = [key for key, value in list(data.items())
+                if (partition_of_next_offset(key) if key.startswith("__") else value["p"]) not in assigned]
+        for key in gone:
+            del data[key]
+        if gone:
+            log.info("state of partitions no longer assigned forgotten",
+                     extra={"entries": len(gone), "assigned": sorted(assigned)})
 
     async def _forget_idle_subjects(self) -> list[Sent]:
         """Drop subjects idle for longer than their longest window and the grace after it:

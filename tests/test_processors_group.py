@@ -9,11 +9,15 @@ with a SIGKILL and a join, takes a couple of minutes: marked `cluster` (make tes
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
 
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
+from quotaflow.processors.counter import RequestCounter
+from quotaflow.processors.offset_guard import next_offset_key
+from quotaflow.processors.subjects import key_subject, org_subject
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import APPLIED_FIELD, reservations_key, usage_key
 from tests.pipeline import counted, this_minute, unique
@@ -71,3 +75,16 @@ def test_counts_older_than_those_stored_are_not_written_but_their_reservations_a
     assert state()[:2] == (1, 1)
     assert redis_client.hget(usage_key(org, key), APPLIED_FIELD) == b"0:" + b"5".rjust(20, b"0")
 
+
+
+def test_a_rebalance_forgets_what_was_counted_on_partitions_now_another_processors():
+    """Kept, such state went stale while another processor counted on; the idle sweep then
+    deleted from the changelog subjects their owner still counted (lost on its next recovery)."""
+    state = {"p": 0, "o": 7, "m": 1, "b": [[]]}
+    table = SimpleNamespace(data={key_subject("a", "k"): dict(state), org_subject("a"): dict(state),
+                                  key_subject("b", "k"): {**state, "p": 2}, org_subject("b"): {**state, "p": 2},
+                                  next_offset_key(0): 8, next_offset_key(2): 3, next_offset_key(11): 5})
+    counter = RequestCounter(table, None, SimpleNamespace(policy=None), None, None, 12)
+    counter.keep_partitions({2, 11})
+    assert table.data == {key_subject("b", "k"): {**state, "p": 2}, org_subject("b"): {**state, "p": 2},
+                          next_offset_key(2): 3, next_offset_key(11): 5}
