@@ -9,18 +9,25 @@ with a SIGKILL and a join, takes a couple of minutes: marked `cluster` (make tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
 
+from quotaflow.core.settings import Settings
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.processors.counter import RequestCounter
 from quotaflow.processors.offset_guard import next_offset_key
 from quotaflow.processors.subjects import key_subject, org_subject
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import APPLIED_FIELD, reservations_key, usage_key
-from tests.pipeline import counted, this_minute, unique
+from tests.broker_drill import Stream, reckon, spread_orgs
+from tests.pipeline import counted, this_minute, unique, wait_for
+from tests.rebalance_drill import COUNTED, GatewayLoad, Processor, admitted_per_day, scrape, worst_ratio
+
+FENCED = "quotaflow_processor_writes_fenced_total"
 
 pytestmark = pytest.mark.stack
 
@@ -88,3 +95,91 @@ def test_a_rebalance_forgets_what_was_counted_on_partitions_now_another_processo
     counter.keep_partitions({2, 11})
     assert table.data == {key_subject("b", "k"): {**state, "p": 2}, org_subject("b"): {**state, "p": 2},
                           next_offset_key(2): 3, next_offset_key(11): 5}
+
+
+# The policy of the processors and gateways below: a 10 s window, so several fill and pass
+# while partitions move; the day's window only keeps every count for the reckoning (60 s
+# too, for Pipeline.wait_processor_applied's markers).
+LIMIT = 8
+POLICY_ENV = {"QUOTAFLOW_WINDOWS": "10,60,86400", "QUOTAFLOW_TIER_LIMITS": json.dumps({"FREE": [LIMIT, None, None]}),
+              "QUOTAFLOW_GATEWAY_TIMEOUT_MS": "2000"}
+
+
+@pytest.mark.cluster
+def test_a_processor_killed_and_one_joining_mid_stream_lose_no_count_and_admit_no_more_than_the_limits(
+        live_stack, redis_client, pipeline, port_base, tmp_path):
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in POLICY_ENV.items():
+            env.setenv(name, value)
+        settings = Settings()
+    policy = policy_from_settings(settings)
+    partitions = settings.events_partitions
+    first_pid = pipeline.start("processor", **POLICY_ENV)
+    second, third = (Processor(port_base + 112 + i, tmp_path / f"processor-{i + 2}.log", POLICY_ENV)
+                     for i in range(2))
+    second.start()
+
+    def logs() -> str:
+        return "\n".join([pipeline.logs("processor"), second.tail(), third.tail()])
+
+    stream = gateways = None
+    try:
+        wait_for(second.ready, 90, "the second processor to join the group", logs)
+        # Gateways at their orgs' limits (two keys of each org share its limit), and a stream of
+        # plain events beside them, both to orgs on every partition.
+        gateway_orgs = spread_orgs(partitions, 2)
+        gateways = GatewayLoad(settings, [(org, f"key-{k}") for org in gateway_orgs for k in range(2)],
+                               rate_per_key=3.0).start()
+        stream = Stream(settings.kafka_bootstrap, tmp_path / "spool", spread_orgs(partitions, 1), this_minute(),
+                        records_per_s=40).start()
+
+        def stream_counts() -> dict[str, int]:
+            return {org: sum(counted(redis_client, org, f"key-{k}", stream.ts_ms) or 0 for k in range(2))
+                    for org in stream.orgs}
+
+        def every_partition_moves(before: dict[str, int], by: int = 30) -> bool:
+            """Every partition's org counted ``by`` more events since ``before``: some processor holds it."""
+            now = stream_counts()
+            return all(now[org] >= before[org] + by for org in stream.orgs)
+
+        wait_for(lambda: second.counted() > 0 and pipeline.metric("processor", COUNTED) > 0, 60,
+                 "both processors counting", logs)
+        second.kill()  # mid-stream: its partitions wait for its session to end (15 s), then move
+        at_kill = stream_counts()
+        wait_for(lambda: every_partition_moves(at_kill), 90, "the killed processor's partitions counted again", logs)
+        third.start()  # mid-stream again: partitions move from a live processor to the newcomer
+        wait_for(lambda: third.counted() > 0, 90, "the third processor to count its partitions", logs)
+        at_join = stream_counts()
+        wait_for(lambda: every_partition_moves(at_join), 60, "every partition counted after the join", logs)
+        gateways.stop()
+        stream.stop()
+        assert stream.lost == 0 and stream.spool_drained
+        pipeline.wait_processor_applied(redis_client, timeout_s=90)
+
+        # Gateways: every check enforced, every event delivered, no window over its limit,
+        # and the limits reached (1.000: not exactness by refusing everything).
+        assert gateways.unenforced == 0 and gateways.failed_events == 0
+        ratio = worst_ratio(gateways.decisions, policy, "FREE")
+        assert ratio == 1.0, (ratio, len(gateways.decisions))
+        # Every admitted request counted once, by key and by org.
+        want = admitted_per_day(gateways.decisions)
+        got = {(org, key, day): counted(redis_client, org, key, day, label="86400s") for org, key, day in want}
+        assert got == want
+        # Every acknowledged event of the stream counted once.
+        result = reckon(stream, redis_client, rows={})
+        submitted = sum(len(ids) for ids in stream.submitted.values())
+        assert result.acknowledged == submitted > 1000, result
+        assert (result.lost_counted, result.double_counted, result.counted) == (0, 0, submitted), result
+        # The first processor went through both rebalances without a restart.
+        state = pipeline.state("processor")
+        assert (state.pid, state.restarts) == (first_pid, 0), state
+        print(f"{len(gateways.decisions)} checks, {gateways.admitted()} admitted, worst window {ratio:.3f} of its "
+              f"limit; {submitted} stream events counted once; "
+              f"writes fenced: {[scrape(p).get(FENCED, 0) for p in (live_stack.processor_metrics_port, third.port)]}")
+    finally:
+        for load in (gateways, stream):
+            if load is not None:
+                with contextlib.suppress(Exception):  # stopped already, or failed: the test says why
+                    load.stop()
+        second.stop()
+        third.stop()
