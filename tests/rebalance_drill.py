@@ -24,10 +24,11 @@ from pathlib import Path
 
 from quotaflow.core import metrics
 from quotaflow.core.settings import Settings
-from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy, policy_from_settings
+from quotaflow.schemas.limits import SUBJECT_KEY, SUBJECT_ORG, Policy
 
 COUNTED = 'quotaflow_processor_events_total{outcome="counted"}'
 READY = "quotaflow_processor_ready"
+FENCED = "quotaflow_processor_writes_fenced_total"
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -186,5 +187,22 @@ def admitted_per_day(decisions: list[tuple[str, str, int, bool]]) -> dict[tuple[
     return dict(out)
 
 
-def policy_of(settings: Settings) -> Policy:
-    return policy_from_settings(settings)
+async def group_state(bootstrap: str) -> tuple[str, int]:
+    """The processors' consumer group: its state ("Stable", "PreparingRebalance", ...) and members
+    (("", 0) while the broker names no coordinator for it)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from quotaflow.schemas.topics import PROCESSOR_APP_ID
+
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([PROCESSOR_APP_ID])
+        _, _, state, _, _, members, *_ = response.groups[0]
+        return state, len(members)
+    except KafkaError:  # no coordinator yet (the group's first member still joining): no group yet
+        return "", 0
+    finally:
+        await admin.close()

@@ -25,9 +25,7 @@ from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import APPLIED_FIELD, reservations_key, usage_key
 from tests.broker_drill import Stream, reckon, spread_orgs
 from tests.pipeline import counted, this_minute, unique, wait_for
-from tests.rebalance_drill import COUNTED, GatewayLoad, Processor, admitted_per_day, scrape, worst_ratio
-
-FENCED = "quotaflow_processor_writes_fenced_total"
+from tests.rebalance_drill import COUNTED, FENCED, GatewayLoad, Processor, admitted_per_day, scrape, worst_ratio
 
 pytestmark = pytest.mark.stack
 
