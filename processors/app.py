@@ -7,7 +7,8 @@ The processor's modules, one job each: counter.py (a batch), records.py (a recor
 events as columns), duplicate_checks.py (a batch's duplicate check), subjects.py
 (what is counted, and its table keys), window_counts.py and decisions.py (pure
 logic), offset_guard.py and offset_probe.py (gap-free input), backend.py (Redis),
-output.py (the processor's producer), stopping.py (giving up on a stop), metrics.py;
+output.py (the processor's producer), stopping.py (giving up on a stop), stall_watch.py
+(ending a process frozen past its session), metrics.py;
 key_registry.py (the API key registry's materializer: the keys topic into Redis, its agent
 and watch wired here too).
 """
@@ -33,6 +34,7 @@ from quotaflow.processors.metrics import BACKLOG, READY
 from quotaflow.processors.offset_guard import OffsetGuard
 from quotaflow.processors.offset_probe import OffsetProbe
 from quotaflow.processors.output import Output
+from quotaflow.processors.stall_watch import StallWatch
 from quotaflow.schemas.events import time_bounds_from_settings
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
@@ -40,6 +42,7 @@ from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "window-counts"
+SESSION_TIMEOUT_S = 15.0
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -68,7 +71,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_metadata_max_age_ms=5000,
         # A worker killed without leaving the group holds its partitions until
         # its session times out; Faust's default of 60 s stalls a restart that long.
-        broker_session_timeout=15.0,
+        broker_session_timeout=SESSION_TIMEOUT_S,
         # Batches of thousands: fetch and buffer that much at a time.
         broker_max_poll_records=settings.processor_batch_size * 2,
         stream_buffer_maxsize=settings.processor_batch_size * 4,
@@ -135,10 +138,14 @@ def create_app(settings: Settings) -> faust.App:
 
         running["probe"], running["output"] = probe, output
         backend = RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s)
+        # Frozen for half a session, this process may have lost its partitions to another
+        # without knowing it yet: it ends rather than write a batch its successor counted on.
+        watch = StallWatch(SESSION_TIMEOUT_S / 2)
+        watch.start()
         counter = running["counter"] = RequestCounter(table, output, backend,
                                                       OffsetGuard(table.data, probe.first_offset, seek),
                                                       time_bounds_from_settings(settings),
-                                                      await output.events_partitions())
+                                                      await output.events_partitions(), before_writes=watch.check)
         try:
             async for batch in stream.take_events(settings.processor_batch_size,
                                                   within=settings.processor_batch_seconds):
@@ -146,6 +153,7 @@ def create_app(settings: Settings) -> faust.App:
         except stopping.Stopped:
             log.info("stopping: the batch in progress is left unacknowledged, to be read again")
         finally:
+            watch.stop()
             running.clear()
             await output.stop()
             await probe.stop()

@@ -64,10 +64,12 @@ Run = tuple[int, list[int], list[int], list[int]]  # a subject's events in a bat
 
 class RequestCounter:
     """Handles one batch of events. ``clock``: the wall clock, in seconds, that decisions
-    are taken at and idle subjects judged by (event times are the events' own)."""
+    are taken at and idle subjects judged by (event times are the events' own).
+    ``before_writes``: called before the batch writes counts or changelog records."""
 
     def __init__(self, table: faust.Table, output: Output, backend: RedisBackend, guard: OffsetGuard,
-                 bounds: TimeBounds, partitions: int, clock: Callable[[], float] = time.time):
+                 bounds: TimeBounds, partitions: int, clock: Callable[[], float] = time.time,
+                 before_writes: Callable[[], None] = lambda: None):
         self.table = table
         self.output = output
         self.backend = backend
@@ -76,6 +78,7 @@ class RequestCounter:
         self.bounds = bounds
         self.partitions = partitions  # of the events topic: where each org is counted
         self.clock = clock
+        self.before_writes = before_writes  # the stall watch's check (stall_watch.py): none on a frozen batch
         self._warned_create_time = False
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
 
@@ -145,6 +148,7 @@ class RequestCounter:
         # their records are applied: a crash in between redelivers those records, which
         # are then handled again, never skipped.
         await self.output.deliver(sent)
+        self.before_writes()
 
         # One changelog record per changed subject per batch, not per event, written to
         # the partition of the events that changed it (so it recovers with them); each

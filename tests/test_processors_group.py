@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ from quotaflow.core.settings import Settings
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.processors.counter import RequestCounter
 from quotaflow.processors.offset_guard import next_offset_key
+from quotaflow.processors.stall_watch import EXIT_STALLED, StallWatch
 from quotaflow.processors.subjects import key_subject, org_subject
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import APPLIED_FIELD, reservations_key, usage_key
@@ -181,3 +184,85 @@ def test_a_processor_killed_and_one_joining_mid_stream_lose_no_count_and_admit_n
                     load.stop()
         second.stop()
         third.stop()
+
+
+def test_the_stall_watch_ends_a_process_frozen_for_half_a_session():
+    """Gaps between ticks are time the whole process stood still (the thread is not held up
+    by a busy event loop); the batch looks too, as it may resume before the thread ticks."""
+    now, stalls = [100.0], []
+    watch = StallWatch(7.5, stalls.append, clock=lambda: now[0])
+    now[0] += 7.0
+    watch.check()
+    watch.tick()
+    assert stalls == []
+    now[0] += 8.0
+    watch.check()  # the batch, before the thread ticked
+    assert stalls == [8.0]
+    watch.tick()
+    now[0] += 1.0
+    watch.tick()
+    assert stalls == [8.0, 8.0]
+
+
+@pytest.mark.cluster
+def test_a_processor_frozen_mid_batch_past_its_session_exits_without_writing_its_batch(
+        live_stack, redis_client, pipeline, port_base, tmp_path):
+    """Frozen (SIGSTOP) in the middle of a batch until the group gave its partitions to the
+    other processor, which counted on from them: resumed, it would write counts and changelog
+    records behind its successor's. It exits instead, and every event is counted once."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in POLICY_ENV.items():
+            env.setenv(name, value)
+        settings = Settings()
+    first_pid = pipeline.start("processor", **POLICY_ENV)
+    second = Processor(port_base + 112, tmp_path / "processor-2.log", POLICY_ENV).start()
+
+    def logs() -> str:
+        return "\n".join([pipeline.logs("processor"), second.tail()])
+
+    stream = None
+    try:
+        wait_for(second.ready, 90, "the second processor to join the group", logs)
+        stream = Stream(settings.kafka_bootstrap, tmp_path / "spool", spread_orgs(settings.events_partitions, 1),
+                        this_minute(), records_per_s=40).start()
+
+        def stream_counts() -> dict[str, int]:
+            return {org: sum(counted(redis_client, org, f"key-{k}", stream.ts_ms) or 0 for k in range(2))
+                    for org in stream.orgs}
+
+        wait_for(lambda: second.counted() > 0 and pipeline.metric("processor", COUNTED) > 0, 60,
+                 "both processors counting", logs)
+        # Writes held (scripts included): each processor stops in its next batch, at the duplicate
+        # check, its first write. Frozen there, the second resumes mid-batch.
+        redis_client.client_pause(120_000, all=False)
+        try:
+            sent = stream.delivered_count()
+            wait_for(lambda: stream.delivered_count() >= sent + 200, 30, "events on every partition meanwhile", logs)
+            os.kill(second.proc.pid, signal.SIGSTOP)
+        finally:
+            redis_client.client_unpause()
+        try:
+            at = stream_counts()
+            wait_for(lambda: all(n >= at[org] + 30 for org, n in stream_counts().items()), 90,
+                     "the first processor to count the frozen one's partitions", logs)
+        finally:
+            os.kill(second.proc.pid, signal.SIGCONT)
+        wait_for(lambda: second.proc.poll() is not None, 30, "the frozen processor to exit", logs)
+        assert second.proc.returncode == EXIT_STALLED, logs()
+        assert "the processor was frozen for" in second.log.read_text()
+        stream.stop()
+        assert stream.lost == 0 and stream.spool_drained
+        pipeline.wait_processor_applied(redis_client, timeout_s=90)
+        result = reckon(stream, redis_client, rows={})
+        submitted = sum(len(ids) for ids in stream.submitted.values())
+        assert result.acknowledged == submitted > 500, result
+        assert (result.lost_counted, result.double_counted, result.counted) == (0, 0, submitted), result
+        state = pipeline.state("processor")
+        assert (state.pid, state.restarts) == (first_pid, 0), state
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.stop()
+        if second.proc is not None and second.proc.poll() is None:
+            os.kill(second.proc.pid, signal.SIGCONT)
+        second.stop()
