@@ -24,6 +24,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
+from faust.exceptions import ConsumerNotStarted
 from faust.types import TP
 
 from quotaflow.core.settings import Settings
@@ -34,7 +35,7 @@ from quotaflow.processors.metrics import BACKLOG, READY
 from quotaflow.processors.offset_guard import OffsetGuard
 from quotaflow.processors.offset_probe import OffsetProbe
 from quotaflow.processors.output import Output
-from quotaflow.processors.stall_watch import StallWatch
+from quotaflow.processors.stall_watch import StallWatch, check_membership
 from quotaflow.schemas.events import time_bounds_from_settings
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
@@ -142,10 +143,15 @@ def create_app(settings: Settings) -> faust.App:
         # without knowing it yet: it ends rather than write a batch its successor counted on.
         watch = StallWatch(SESSION_TIMEOUT_S / 2)
         watch.start()
+
+        def before_writes() -> None:
+            watch.check()
+            check_membership(group_generation(app), app.consumer_generation_id)
+
         counter = running["counter"] = RequestCounter(table, output, backend,
                                                       OffsetGuard(table.data, probe.first_offset, seek),
                                                       time_bounds_from_settings(settings),
-                                                      await output.events_partitions(), before_writes=watch.check)
+                                                      await output.events_partitions(), before_writes=before_writes)
         try:
             async for batch in stream.take_events(settings.processor_batch_size,
                                                   within=settings.processor_batch_seconds):
@@ -161,6 +167,15 @@ def create_app(settings: Settings) -> faust.App:
 
     key_registry.wire(app, settings)
     return app
+
+
+def group_generation(app: faust.App) -> int | None:
+    """The group generation the consumer is in now, from aiokafka's coordinator as Faust reads
+    it on an assignment (-1 once the group expelled it); None where that is not at hand."""
+    try:
+        return app.consumer._thread._ensure_consumer()._coordinator.generation
+    except (AttributeError, ConsumerNotStarted):
+        return None
 
 
 def data_dir(settings: Settings) -> Path:

@@ -1,5 +1,6 @@
 """Ends a processor that was itself frozen (SIGSTOP, a paused VM, a host starved of CPU) long
-enough that its group may have handed its partitions to another processor.
+enough that its group may have handed its partitions to another processor, or that its group
+expelled while a batch was held up (``check_membership``).
 
 The group takes a member's partitions once its heartbeats have stopped for its session
 (processors/app.py SESSION_TIMEOUT_S). A processor frozen that long mid-batch resumes where
@@ -29,14 +30,30 @@ TICK_S = 0.25
 EXIT_STALLED = 75  # EX_TEMPFAIL: start it again
 
 
-def exit_stalled(gap_s: float) -> None:
-    """Leave now, without acknowledging or flushing anything (what is in flight is stale)."""
-    log.error("the processor was frozen for %.1f s, long enough for its group to hand its partitions to "
-              "another processor: exiting without writing what it has in flight (a supervisor starts it again: "
-              "quotaflow stack start)", gap_s, extra={"gap_s": round(gap_s, 1), "exit_code": EXIT_STALLED})
+def leave(why: str, **extra: object) -> None:
+    """Exit now, without acknowledging or flushing anything: what is in flight may be stale."""
+    log.error("%s: exiting without writing what it has in flight (a supervisor starts it again: "
+              "quotaflow stack start)", why, extra={**extra, "exit_code": EXIT_STALLED})
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(EXIT_STALLED)
+
+
+def exit_stalled(gap_s: float) -> None:
+    leave(f"the processor was frozen for {gap_s:.1f} s, long enough for its group to hand its partitions to "
+          "another processor", gap_s=round(gap_s, 1))
+
+
+def check_membership(live: int | None, assigned: int) -> None:
+    """Before a batch writes: the group generation the consumer is in now (``live``, None when
+    unknown) against the one its partitions were assigned in. Within a rebalance the batch
+    in flight ends before the consumer rejoins (Faust waits for it), so it never sees the
+    generation move; it moves under a batch only when the group expelled the consumer (-1:
+    a batch held up, by a Redis it alone cannot reach say, past the rebalance timeout while
+    the others rebalanced), and then its partitions are another's."""
+    if live is not None and live != assigned:
+        leave(f"the processor's group moved on without it (generation {assigned}, now {live}): its "
+              "partitions are another processor's", generation=assigned, now=live)
 
 
 class StallWatch:

@@ -28,7 +28,16 @@ from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import APPLIED_FIELD, reservations_key, usage_key
 from tests.broker_drill import Stream, reckon, spread_orgs
 from tests.pipeline import counted, this_minute, unique, wait_for
-from tests.rebalance_drill import COUNTED, FENCED, GatewayLoad, Processor, admitted_per_day, scrape, worst_ratio
+from tests.rebalance_drill import (
+    COUNTED,
+    FENCED,
+    GatewayLoad,
+    Processor,
+    admitted_per_day,
+    group_state,
+    scrape,
+    worst_ratio,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -266,3 +275,60 @@ def test_a_processor_frozen_mid_batch_past_its_session_exits_without_writing_its
         if second.proc is not None and second.proc.poll() is None:
             os.kill(second.proc.pid, signal.SIGCONT)
         second.stop()
+
+
+@pytest.mark.cluster
+def test_processors_the_group_expelled_while_their_batches_were_held_up_exit_without_writing_them(
+        live_stack, redis_client, pipeline, port_base, tmp_path):
+    """Two processors held mid-batch (Redis writes paused, as a Redis only they cannot reach
+    would) while a third joins: they cannot hand their partitions over, and once the
+    rebalance timeout has passed the group goes on without them (the third takes everything).
+    When their batches can go on, those partitions are the third's: they exit instead of
+    writing, and every event counts once."""
+    env = {**POLICY_ENV, "BROKER_REBALANCE_TIMEOUT": "20"}  # Faust's, 60 s by default: the test waits it out
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in POLICY_ENV.items():
+            patch.setenv(name, value)
+        settings = Settings()
+    pipeline.start("processor", **env)
+    second, third = (Processor(port_base + 112 + i, tmp_path / f"processor-{i + 2}.log", env) for i in range(2))
+    second.start()
+
+    def logs() -> str:
+        return "\n".join([pipeline.logs("processor"), second.tail(), third.tail()])
+
+    stream = None
+    try:
+        wait_for(second.ready, 90, "the second processor to join the group", logs)
+        stream = Stream(settings.kafka_bootstrap, tmp_path / "spool", spread_orgs(settings.events_partitions, 1),
+                        this_minute(), records_per_s=40).start()
+        wait_for(lambda: second.counted() > 0 and pipeline.metric("processor", COUNTED) > 0, 60,
+                 "both processors counting", logs)
+        redis_client.client_pause(180_000, all=False)
+        try:
+            sent = stream.delivered_count()
+            wait_for(lambda: stream.delivered_count() >= sent + 200, 30, "events on every partition meanwhile", logs)
+            third.start()
+            wait_for(lambda: third.ready() and asyncio.run(group_state(settings.kafka_bootstrap)) == ("Stable", 1),
+                     90, "the group to go on with the third processor alone", logs)
+        finally:
+            redis_client.client_unpause()
+        wait_for(lambda: second.proc.poll() is not None, 30, "the expelled second processor to exit", logs)
+        assert second.proc.returncode == EXIT_STALLED, logs()
+        assert "group moved on without it" in second.log.read_text()
+        wait_for(lambda: "group moved on without it" in pipeline.logs("processor", lines=10_000), 30,
+                 "the expelled first processor to exit", logs)
+        stream.stop()
+        assert stream.lost == 0 and stream.spool_drained
+        pipeline.wait_processor_applied(redis_client, timeout_s=120)
+        result = reckon(stream, redis_client, rows={})
+        submitted = sum(len(ids) for ids in stream.submitted.values())
+        assert result.acknowledged == submitted > 500, result
+        assert (result.lost_counted, result.double_counted, result.counted) == (0, 0, submitted), result
+        assert pipeline.state("processor").restarts == 1  # its supervisor started it again
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.stop()
+        second.stop()
+        third.stop()
