@@ -70,9 +70,13 @@ REBALANCE_SECONDS = float(os.environ.get("BENCH_REBALANCE_SECONDS", "45"))
 
 
 async def publish_backlog(bootstrap: str, run: str, n: int) -> None:
+    """n events as the emitter publishes them, flushed every 20,000 (within the emitter's
+    memory bound, and patient with a broker slowed by a shared machine)."""
     now = int(time.time() * 1000)
-    async with Emitter(bootstrap, batch_events=500, linger_ms=50) as emitter:
+    async with Emitter(bootstrap, batch_events=500, linger_ms=50, delivery_timeout_s=120) as emitter:
         for i in range(n):
+            if i and i % 20_000 == 0:
+                await emitter.flush()
             await emitter.emit(RequestEvent.new(
                 event_id=str(uuid.uuid4()), ts_ms=now + i % 1000, org_id=f"{run}-o{i % 200}",
                 api_key_id=f"{run}-k{i % 5000}", service="bench", endpoint="/v1/bench", method="GET", status=200,

@@ -78,7 +78,7 @@ class RequestCounter:
         self.bounds = bounds
         self.partitions = partitions  # of the events topic: where each org is counted
         self.clock = clock
-        self.before_writes = before_writes  # the stall watch's check (stall_watch.py): none on a frozen batch
+        self.before_writes = before_writes  # stall_watch.py: no writes from a batch frozen or expelled past its session
         self._warned_create_time = False
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
 

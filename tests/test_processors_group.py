@@ -2,8 +2,9 @@
 to another (a processor killed, one joining) loses no count and counts nothing twice, and
 gateways checking meanwhile admit no more than the limits.
 
-The write fence is tested against the real Redis alone (seconds); the group under a stream,
-with a SIGKILL and a join, takes a couple of minutes: marked `cluster` (make test-cluster).
+The write fence, the stall watch and the forgetting of lost partitions are tested alone (seconds);
+the groups under a stream (a SIGKILL and a join; a freeze; an expulsion) take 40 to 80 s each:
+marked `cluster` (make test-cluster).
 """
 
 from __future__ import annotations
