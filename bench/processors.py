@@ -115,7 +115,11 @@ def throughput(settings, procs: list[Processor], run: str) -> float:
             if time.monotonic() > deadline or any(p.proc.poll() is not None for p in procs):
                 raise RuntimeError("the processors did not count the backlog:\n" + "\n".join(p.tail() for p in procs))
             time.sleep(0.05)
-        return EVENTS / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if len(procs) > 1:  # how the group split the backlog (by partitions: by orgs)
+            print(f"# {len(procs)} processes counted {' + '.join(f'{p.counted():.0f}' for p in procs)} events "
+                  f"(before the backlog: {before:.0f})", flush=True)
+        return EVENTS / elapsed
     finally:
         for p in procs:
             p.stop()
