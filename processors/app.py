@@ -7,7 +7,8 @@ The processor's modules, one job each: counter.py (a batch), records.py (a recor
 events as columns), duplicate_checks.py (a batch's duplicate check), subjects.py
 (what is counted, and its table keys), window_counts.py and decisions.py (pure
 logic), offset_guard.py and offset_probe.py (gap-free input), backend.py (Redis),
-output.py (the processor's producer), stopping.py (giving up on a stop), metrics.py;
+output.py (the processor's producer), stopping.py (giving up on a stop), stall_watch.py
+(ending a process frozen past its session), metrics.py;
 key_registry.py (the API key registry's materializer: the keys topic into Redis, its agent
 and watch wired here too).
 """
@@ -17,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
+from faust.exceptions import ConsumerNotStarted
 from faust.types import TP
 
 from quotaflow.core.redis_clients import async_client
@@ -32,6 +35,7 @@ from quotaflow.processors.metrics import BACKLOG, READY
 from quotaflow.processors.offset_guard import OffsetGuard
 from quotaflow.processors.offset_probe import OffsetProbe
 from quotaflow.processors.output import Output
+from quotaflow.processors.stall_watch import StallWatch, check_membership
 from quotaflow.schemas.events import time_bounds_from_settings
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_APP_ID
@@ -39,6 +43,7 @@ from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC, PROCESSOR_
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "window-counts"
+SESSION_TIMEOUT_S = 15.0
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -47,6 +52,14 @@ def create_app(settings: Settings) -> faust.App:
         PROCESSOR_APP_ID,
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
         store="memory://",
+        # Faust's own directory: one per process, so several processors run side by side on
+        # one host (each has a metrics port of its own), none in the working directory.
+        datadir=str(data_dir(settings)),
+        # A standby copy is useless to the memory store: it drops what it holds of partitions
+        # it is not active for after every recovery, and a partition it takes over is read
+        # from the changelog's start anyway. Reading the other processors' changelogs would
+        # only cost each of them.
+        table_standby_replicas=0,
         topic_partitions=settings.events_partitions,
         topic_replication_factor=settings.kafka_replication_factor,  # its changelog: 3 replicas on 3 brokers
         web_enabled=False,
@@ -59,7 +72,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_metadata_max_age_ms=5000,
         # A worker killed without leaving the group holds its partitions until
         # its session times out; Faust's default of 60 s stalls a restart that long.
-        broker_session_timeout=15.0,
+        broker_session_timeout=SESSION_TIMEOUT_S,
         # Batches of thousands: fetch and buffer that much at a time.
         broker_max_poll_records=settings.processor_batch_size * 2,
         stream_buffer_maxsize=settings.processor_batch_size * 4,
@@ -81,6 +94,10 @@ def create_app(settings: Settings) -> faust.App:
     async def _ready(sender: Any, **kwargs: Any) -> None:
         if "counter" in running:
             running["counter"].guard.reset()
+            # What this process counted on partitions now another's is out of date from now
+            # on: forget it (a partition that comes back is recovered from its changelog).
+            running["counter"].keep_partitions({tp.partition for tp in app.consumer.assignment()
+                                                if tp.topic == EVENTS_TOPIC})
         READY.set(1)
 
     @app.timer(1.0)
@@ -122,10 +139,19 @@ def create_app(settings: Settings) -> faust.App:
 
         running["probe"], running["output"] = probe, output
         backend = RedisBackend(redis, policy, dedup_window_s=settings.dedup_window_s)
+        # Frozen for half a session, this process may have lost its partitions to another
+        # without knowing it yet: it ends rather than write a batch its successor counted on.
+        watch = StallWatch(SESSION_TIMEOUT_S / 2)
+        watch.start()
+
+        def before_writes() -> None:
+            watch.check()
+            check_membership(group_generation(app), app.consumer_generation_id)
+
         counter = running["counter"] = RequestCounter(table, output, backend,
                                                       OffsetGuard(table.data, probe.first_offset, seek),
                                                       time_bounds_from_settings(settings),
-                                                      await output.events_partitions())
+                                                      await output.events_partitions(), before_writes=before_writes)
         try:
             async for batch in stream.take_events(settings.processor_batch_size,
                                                   within=settings.processor_batch_seconds):
@@ -133,6 +159,7 @@ def create_app(settings: Settings) -> faust.App:
         except stopping.Stopped:
             log.info("stopping: the batch in progress is left unacknowledged, to be read again")
         finally:
+            watch.stop()
             running.clear()
             await output.stop()
             await probe.stop()
@@ -140,6 +167,21 @@ def create_app(settings: Settings) -> faust.App:
 
     key_registry.wire(app, settings)
     return app
+
+
+def group_generation(app: faust.App) -> int | None:
+    """The group generation the consumer is in now, from aiokafka's coordinator as Faust reads
+    it on an assignment (-1 once the group expelled it); None where that is not at hand."""
+    try:
+        return app.consumer._thread._ensure_consumer()._coordinator.generation
+    except (AttributeError, ConsumerNotStarted):
+        return None
+
+
+def data_dir(settings: Settings) -> Path:
+    """Faust's directory for this process: in the state dir, named after its metrics port."""
+    port = settings.processor_metrics_port
+    return settings.state_dir / (f"processor-data-{port}" if port else "processor-data")
 
 
 class Worker(faust.Worker):

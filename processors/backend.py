@@ -20,11 +20,13 @@ from redis.exceptions import RedisError
 from quotaflow.core.redis_clients import AsyncClient, evalsha_pipelined
 from quotaflow.core.retry import retry
 from quotaflow.processors import stopping
+from quotaflow.processors.metrics import FENCED
 from quotaflow.schemas.dedup import DuplicateCheck
 from quotaflow.schemas.limits import Policy, parse_overrides
 from quotaflow.schemas.redis_keys import (
     ORG_TIER_FIELD,
     Decision,
+    applied_place,
     encode_buckets,
     org_key,
     overrides_key,
@@ -52,6 +54,7 @@ class SubjectWrite:
     buckets: list | None = None  # per window, when the counts changed
     decision: Decision | None = None
     released: list[str] = field(default_factory=list)  # reservations whose events are now counted
+    applied: tuple[int, int] | None = None  # (partition, position) of the last event the buckets include
 
 
 WRITE_SCRIPT = resources.files("quotaflow.processors").joinpath("write.lua").read_text()
@@ -110,12 +113,13 @@ class RedisBackend:
         prepared = self._duplicates.prepare(groups)
         return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
-    async def write(self, writes: list[SubjectWrite]) -> None:
+    async def write(self, writes: list[SubjectWrite]) -> int:
         """All of a batch in one round trip: one script call (write.lua) per org, each
         atomic like MULTI/EXEC and touching that org's keys only (one hash slot, as on a
-        Redis Cluster), pipelined."""
+        Redis Cluster), pipelined. Counts older than those stored (another processor of the
+        group counted further) are not written (write.lua); returns how many were not."""
         if not writes:
-            return
+            return 0
         by_org: dict[str, list] = {}
         for w in writes:
             fields: list[str] = []
@@ -128,9 +132,16 @@ class RedisBackend:
                 fields += ["org_id", w.org_id]
                 if w.api_key_id is not None:
                     fields += ["api_key_id", w.api_key_id]
+            applied = "" if w.buckets is None or w.applied is None else applied_place(*w.applied)
             by_org.setdefault(w.org_id, []).append([usage_key(w.org_id, w.api_key_id),
-                                                    reservations_key(w.org_id, w.api_key_id), fields, w.released])
+                                                    reservations_key(w.org_id, w.api_key_id), fields, w.released,
+                                                    applied])
         calls = [([usage_key(org)], [self.usage_ttl_ms, orjson.dumps(batch)]) for org, batch in by_org.items()]
-        await until_ok(lambda: evalsha_pipelined(self.redis, WRITE_SCRIPT, self._write.sha, calls,
-                                                 replicated_within_ms=REPLICA_WAIT_MS, what="processor_counts"),
-                       "write counts and decisions")
+        replies = await until_ok(lambda: evalsha_pipelined(self.redis, WRITE_SCRIPT, self._write.sha, calls,
+                                                           replicated_within_ms=REPLICA_WAIT_MS,
+                                                           what="processor_counts"),
+                                 "write counts and decisions")
+        fenced = sum(replies)
+        if fenced:
+            FENCED.inc(fenced)
+        return fenced

@@ -34,7 +34,7 @@ from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.processors.decisions import decide, decide_org, org_windows
 from quotaflow.processors.duplicate_checks import BatchDuplicateChecks
 from quotaflow.processors.metrics import BATCH_SECONDS, DECISIONS, EVENTS
-from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
+from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key, partition_of_next_offset
 from quotaflow.processors.output import Output, Sent
 from quotaflow.processors.records import EVENT_ID, KEY, ORG, STATUS, TS, Record
 from quotaflow.processors.subjects import is_key_subject, key_subject, org_subject
@@ -64,10 +64,12 @@ Run = tuple[int, list[int], list[int], list[int]]  # a subject's events in a bat
 
 class RequestCounter:
     """Handles one batch of events. ``clock``: the wall clock, in seconds, that decisions
-    are taken at and idle subjects judged by (event times are the events' own)."""
+    are taken at and idle subjects judged by (event times are the events' own).
+    ``before_writes``: called before the batch writes counts or changelog records."""
 
     def __init__(self, table: faust.Table, output: Output, backend: RedisBackend, guard: OffsetGuard,
-                 bounds: TimeBounds, partitions: int, clock: Callable[[], float] = time.time):
+                 bounds: TimeBounds, partitions: int, clock: Callable[[], float] = time.time,
+                 before_writes: Callable[[], None] = lambda: None):
         self.table = table
         self.output = output
         self.backend = backend
@@ -76,6 +78,7 @@ class RequestCounter:
         self.bounds = bounds
         self.partitions = partitions  # of the events topic: where each org is counted
         self.clock = clock
+        self.before_writes = before_writes  # stall_watch.py: no writes from a batch frozen or expelled past its session
         self._warned_create_time = False
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
 
@@ -145,6 +148,7 @@ class RequestCounter:
         # their records are applied: a crash in between redelivers those records, which
         # are then handled again, never skipped.
         await self.output.deliver(sent)
+        self.before_writes()
 
         # One changelog record per changed subject per batch, not per event, written to
         # the partition of the events that changed it (so it recovers with them); each
@@ -242,13 +246,28 @@ class RequestCounter:
         for (org, key), _ in touched.items():
             kstate = data.get(key_subject(org, key))
             decision = decide(kstate, windows[org], policy, tiers[org], overrides[(org, key)], now)
-            writes.append(SubjectWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)]))
+            writes.append(SubjectWrite(org, key, kstate["b"] if kstate else None, decision, released[(org, key)],
+                                       (kstate["p"], kstate["o"]) if kstate else None))
             orgs.setdefault(org, []).extend(released[(org, key)])
         for org, ids in orgs.items():
             ostate = data.get(org_subject(org))
             decision = decide_org(windows[org], policy, tiers[org], now)
-            writes.append(SubjectWrite(org, None, ostate["b"] if ostate else None, decision, ids))
+            writes.append(SubjectWrite(org, None, ostate["b"] if ostate else None, decision, ids,
+                                       (ostate["p"], ostate["o"]) if ostate else None))
         return writes
+
+    def keep_partitions(self, assigned: set[int]) -> None:
+        """Forget the subjects and next offsets of every partition but ``assigned`` (after a
+        rebalance). Another processor counts them now: kept here, they would go stale, and
+        the idle sweep would delete from the changelog a subject its owner still counts."""
+        data = self.table.data
+        gone = [key for key, value in list(data.items())
+                if (partition_of_next_offset(key) if key.startswith("__") else value["p"]) not in assigned]
+        for key in gone:
+            del data[key]
+        if gone:
+            log.info("state of partitions no longer assigned forgotten",
+                     extra={"entries": len(gone), "assigned": sorted(assigned)})
 
     async def _forget_idle_subjects(self) -> list[Sent]:
         """Drop subjects idle for longer than their longest window and the grace after it:

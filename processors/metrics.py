@@ -13,3 +13,6 @@ BACKLOG = Gauge("quotaflow_processor_backlog_records",
                 "Records of the assigned partitions not applied yet, skipped ones included (NaN until the "
                 "processor has its partitions)")
 BACKLOG.set(float("nan"))
+FENCED = Counter("quotaflow_processor_writes_fenced_total",
+                 "Counts not written to Redis because newer ones were there (another processor of the group "
+                 "counted further: a partition taken over, or a stalled owner's late batch)")

@@ -32,6 +32,12 @@ def next_offset_key(partition: int) -> str:
     return f"__next_offset__/{partition}"
 
 
+def partition_of_next_offset(key: str) -> int | None:
+    """The partition of a next_offset_key (None for any other key)."""
+    prefix = next_offset_key(0)[:-1]
+    return int(key[len(prefix):]) if key.startswith(prefix) else None
+
+
 class OffsetGuard:
     def __init__(self, data: MutableMapping, probe: Probe, seek: Seek, clock: Callable[[], float] = time.monotonic):
         self.data = data

@@ -6,10 +6,13 @@ call touches a single slot:
     qf:v1:{org}:org                  HASH  tier                     operators (quotaflow org set-tier)
     qf:v1:{org}:overrides:{key}      HASH  <window label> -> limit  operators (quotaflow key set-limit)
     qf:v1:{org}:usage:key:{key}      HASH  w:<label> counts + the key's Decision summary
-                                           (Decision.to_redis) + org_id, api_key_id
-    qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary + org_id
+                                           (Decision.to_redis) + org_id, api_key_id + applied
+    qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary + org_id + applied
                                            (processors write them, gateways check the counts;
-                                           expire after the longest window)
+                                           expire after the longest window; applied: the place,
+                                           partition:position, of the last event the counts
+                                           include, so a processor behind it never writes older
+                                           counts over them: processors/write.lua)
     qf:v1:{org}:resv:key:{key}       ZSET  event_id -> reservation time (ms)
     qf:v1:{org}:resv:org             ZSET  event_id -> reservation time (ms)
                                            (gateways add one per admitted request; processors remove
@@ -57,6 +60,7 @@ ENFORCEMENT_OFF = "off"
 
 ORG_TIER_FIELD = "tier"
 WINDOW_FIELD_PREFIX = "w:"
+APPLIED_FIELD = "applied"  # of a usage hash: "partition:position" (zero-padded) of the counts' last event
 USAGE_KEY_PATTERN = PREFIX + "{*}:usage:key:*"
 
 
@@ -111,6 +115,12 @@ def seen_key(org_id: str, ts_ms: int) -> str:
 
 def stored_key(org_id: str, ts_ms: int) -> str:
     return _org(org_id) + "stored:" + str(ts_ms // SEEN_BUCKET_MS)
+
+
+def applied_place(partition: int, position: int) -> str:
+    """A usage hash's APPLIED_FIELD: fixed width, so places of one partition compare as strings
+    (positions can exceed what a Lua number holds exactly)."""
+    return f"{partition}:{position:020d}"
 
 
 def window_field(label: str) -> str:
