@@ -115,14 +115,20 @@ def test_every_query_binds_caller_input_and_always_filters_a_scoped_callers_org(
     assert "org_id = {org:String}" in q.sql and q.parameters["org"] == "globex"
 
 
-def test_questions_about_a_whole_org_read_the_org_level_rollup_unless_filtered_by_key_or_endpoint():
+def test_questions_read_the_narrowest_rollup_their_filters_allow():
+    """About a whole org: the org-level rollup; about endpoints without an API key filter:
+    the endpoint-level one (an endpoint filter too); anything filtered by key: the widest."""
     for timeframe, grain in (("1h", "1m"), ("24h", "1h"), ("30d", "1d")):
         time_range = for_timeframe(timeframe, NOW, RETENTION)
         for question in set(queries.QUESTIONS) - queries.OWN_TABLE:
-            whole = queries.build(question, Scope.org("acme"), time_range).table.name
-            assert whole == (f"requests_org_{grain}" if question in queries.ORG_LEVEL else f"requests_{grain}")
-            for filters in (queries.Filters(api_key_id="k"), queries.Filters(endpoint="/e")):
-                assert queries.build(question, Scope.org("acme"), time_range, filters).table.name == f"requests_{grain}"
+            level = ("org_" if question in queries.ORG_LEVEL else
+                     "endpoint_" if question in queries.ENDPOINT_LEVEL else "")
+            by_endpoint = "endpoint_" if question in queries.ENDPOINT_LEVEL else ""
+            for filters, table in ((queries.Filters(), f"requests_{level}{grain}"),
+                                   (queries.Filters(api_key_id="k"), f"requests_{grain}"),
+                                   (queries.Filters(endpoint="/e"), f"requests_{by_endpoint}{grain}")):
+                assert queries.build(question, Scope.org("acme"), time_range, filters).table.name == table, (
+                    question, filters)
     raw = for_range(NOW - HOUR_MS - 1, NOW, NOW, RETENTION)
     assert {queries.build(q, Scope.operator(), raw).table.name
             for q in set(queries.QUESTIONS) - queries.OWN_TABLE} == {"requests"}
