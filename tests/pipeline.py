@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
+
+import pytest
 
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -21,6 +25,23 @@ from quotaflow.schemas.ids import is_valid_id
 from quotaflow.schemas.redis_keys import org_key, overrides_key, reservations_key, usage_key
 from quotaflow.schemas.topics import EVENTS_TOPIC, SINK_CLICKHOUSE_GROUP
 from quotaflow.sinks.clickhouse.plans import Range, parse_plan
+
+
+@contextlib.contextmanager
+def stack_of_its_own(env: dict[str, str]) -> Iterator[Settings]:
+    """A stack started afresh from these variables (stack.isolated_env's, and more), set
+    meanwhile, so the stages and workers a test starts inherit them; stopped at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        settings = Settings()
+        stack.down(settings)
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
+        try:
+            stack.up(settings)
+            yield settings
+        finally:
+            stack.down(settings)
 
 
 def unique(prefix: str) -> str:

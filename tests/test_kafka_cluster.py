@@ -10,7 +10,6 @@ run by `make test-cluster`.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 
 import pytest
@@ -21,7 +20,7 @@ from quotaflow.deploy import kafka, stack
 from quotaflow.deploy.procs import port_open
 from quotaflow.schemas.topics import ALERT_RULES_TOPIC, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KEYS_TOPIC, PROCESSOR_APP_ID
 from tests.broker_drill import Stream, kafka_copies, kill_busiest_broker, reckon, spread_orgs, stored_rows
-from tests.pipeline import Pipeline, counted, this_minute, wait_for
+from tests.pipeline import Pipeline, counted, stack_of_its_own, this_minute, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.stack]
 BROKERS = 3
@@ -37,17 +36,8 @@ def cluster_env(port_base, settings, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(cluster_env) -> Settings:
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in cluster_env.items():
-            env.setenv(name, value)
-        settings = Settings()
-    stack.down(settings)
-    shutil.rmtree(settings.state_dir, ignore_errors=True)
-    try:
-        stack.up(settings)
+    with stack_of_its_own(cluster_env) as settings:
         yield settings
-    finally:
-        stack.down(settings)
 
 
 async def describe(settings: Settings, topics: list[str]) -> dict[str, tuple[list[dict], dict[str, str]]]:

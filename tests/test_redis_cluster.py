@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import redis
 from redis.cluster import RedisCluster
 
 from quotaflow.core.redis_clients import sync_client
@@ -28,7 +26,8 @@ from quotaflow.deploy import redis_cluster, stack
 from quotaflow.gateway.limiter import ALLOWED, RATE_LIMITED, UNAVAILABLE, RateLimiter, SyncRateLimiter
 from quotaflow.schemas.redis_keys import ENFORCEMENT_KEY, ENFORCEMENT_OFF, ORG_TIER_FIELD, org_key, reservations_key
 from tests.key_records import SECRETS_ENV, new_key
-from tests.pipeline import Pipeline, counted, decision, event, minute_start, publish, this_minute, unique, wait_for
+from tests.pipeline import (Pipeline, counted, decision, event, minute_start, publish, stack_of_its_own, this_minute,
+                            unique, wait_for)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.stack]
 NODE_TIMEOUT_MS = 1500
@@ -45,19 +44,8 @@ def cluster_env(port_base, settings, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(cluster_env) -> Settings:
-    """The stack, its variables set for the module (the stages and gateway workers it
-    starts inherit them)."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in cluster_env.items():
-            env.setenv(name, value)
-        settings = Settings()
-        stack.down(settings)
-        shutil.rmtree(settings.state_dir, ignore_errors=True)
-        try:
-            stack.up(settings)
-            yield settings
-        finally:
-            stack.down(settings)
+    with stack_of_its_own(cluster_env) as settings:
+        yield settings
 
 
 @pytest.fixture()
