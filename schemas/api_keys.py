@@ -68,18 +68,21 @@ class ParsedKey(NamedTuple):
         return self.slot_hint
 
 
-def _base62(n: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        n, digit = divmod(n, 62)
-        out.append(BASE62[digit])
-    if n:
-        raise ValueError("does not fit")
-    return "".join(reversed(out))
+# Two base62 digits per entry: a checksum in three lookups, not six divisions (every
+# presented key is checked; this was most of its offline cost)
+_PAIRS = tuple(a + b for a in BASE62 for b in BASE62)
+_PAIR = len(_PAIRS)  # 62 ** 2; the CRC32 needs three pairs, since 62 ** 6 > 2 ** 32
+
+
+def _base62_6(n: int) -> str:
+    """A number below 2**32 as 6 base62 digits, most significant first."""
+    rest, low = divmod(n, _PAIR)
+    high, mid = divmod(rest, _PAIR)
+    return _PAIRS[high] + _PAIRS[mid] + _PAIRS[low]
 
 
 def _check(head: str) -> str:
-    return _base62(zlib.crc32(head.encode()), CHECK_CHARS)
+    return _base62_6(zlib.crc32(head.encode()))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -64,3 +64,15 @@ def test_the_display_prefix_tells_keys_apart_and_the_hash_needs_the_secret():
     assert key_hash(key, b"one") != key_hash(key, b"two")
     assert key_hash(key, b"one") == key_hash(key, b"one") and len(key_hash(key, b"one")) == 64
     assert key not in key_hash(key, b"one")
+
+
+@given(st.one_of(st.integers(0, 2 ** 32 - 1), st.sampled_from([0, 61, 62, 3843, 3844, 2 ** 32 - 1])))
+def test_the_checksum_digits_are_the_numbers_base62_form(n):
+    """The checksum's six digits (three table lookups) are the CRC32 in base62, most
+    significant first, as keys made before have them."""
+    digits = api_keys._base62_6(n)
+    assert len(digits) == api_keys.CHECK_CHARS
+    value = 0
+    for c in digits:
+        value = value * 62 + api_keys.BASE62.index(c)
+    assert value == n
