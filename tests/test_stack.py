@@ -53,8 +53,15 @@ def test_broker_supports_what_faust_needs(live_stack):
         await admin.start()
         await admin.create_topics([NewTopic(topic, 1, 1),
                                    NewTopic(compacted, 1, 1, topic_configs={"cleanup.policy": "compact"})])
-        configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, compacted)])
-        entries = {e[0]: e[1] for e in configs[0].resources[0][4]}
+        # The controller has the topic once create_topics answers; the broker may learn of it a
+        # moment later (its configs are described empty until then): ask until it has.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            configs = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, compacted)])
+            entries = {e[0]: e[1] for e in configs[0].resources[0][4]}
+            if entries or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
         assert entries["cleanup.policy"] == "compact"
 
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{topic}",
