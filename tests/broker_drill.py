@@ -73,6 +73,16 @@ class Stream:
         self._thread = threading.Thread(target=self._run, name="drill-stream", daemon=True)
         self.core: ProducerCore | None = None
 
+    def keys(self) -> list[tuple[str, str]]:
+        return [(org, f"key-{k}") for org in self.orgs for k in range(self.keys_per_org)]
+
+    def counted_by_org(self, redis_client) -> dict[str, int]:
+        """What the processor has counted of the stream so far, per org (in its window)."""
+        out = dict.fromkeys(self.orgs, 0)
+        for org, key in self.keys():
+            out[org] += counted(redis_client, org, key, self.ts_ms) or 0
+        return out
+
     def start(self) -> "Stream":
         self._thread.start()
         return self
@@ -112,7 +122,7 @@ class Stream:
         core = self.core = ProducerCore(self.bootstrap, spool_dir=self.spool_dir,
                                         delivery_timeout_s=self.delivery_timeout_s, stop_timeout_s=0)
         await core.start()
-        keys = [(org, f"key-{k}") for org in self.orgs for k in range(self.keys_per_org)]
+        keys = self.keys()
         pending = []
         n = 0
         started = time.monotonic()

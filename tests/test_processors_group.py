@@ -145,8 +145,7 @@ def test_a_processor_killed_and_one_joining_mid_stream_lose_no_count_and_admit_n
                         records_per_s=40).start()
 
         def stream_counts() -> dict[str, int]:
-            return {org: sum(counted(redis_client, org, f"key-{k}", stream.ts_ms) or 0 for k in range(2))
-                    for org in stream.orgs}
+            return stream.counted_by_org(redis_client)
 
         def every_partition_moves(before: dict[str, int], by: int = 30) -> bool:
             """Every partition's org counted ``by`` more events since ``before``: some processor holds it."""
@@ -237,8 +236,7 @@ def test_a_processor_frozen_mid_batch_past_its_session_exits_without_writing_its
                         this_minute(), records_per_s=40).start()
 
         def stream_counts() -> dict[str, int]:
-            return {org: sum(counted(redis_client, org, f"key-{k}", stream.ts_ms) or 0 for k in range(2))
-                    for org in stream.orgs}
+            return stream.counted_by_org(redis_client)
 
         wait_for(lambda: second.counted() > 0 and pipeline.metric("processor", COUNTED) > 0, 60,
                  "both processors counting", logs)
