@@ -65,7 +65,6 @@ from quotaflow.schemas.events import (
     time_bounds_from_settings,
     validate,
 )
-from quotaflow.schemas.redis_keys import api_key_record
 from quotaflow.schemas.topics import EVENTS_TOPIC
 
 log = logging.getLogger(__name__)
@@ -186,14 +185,14 @@ def create_app(settings: Settings, core: ProducerCore | None = None) -> FastAPI:
         """The presented key's record, judged as the gateway's check judges it: a bad shape or
         checksum refused offline, then one round trip for its record under each secret."""
         try:
-            hint = api_keys.parse(presented).slot_hint
+            names = api_keys.record_names(presented, key_secrets)
         except api_keys.InvalidKey as exc:
             raise _Refused(401, api_keys.MALFORMED_KEY, str(exc), _UNAUTHORIZED) from None
         try:
             async with asyncio.timeout(KEY_CHECK_TIMEOUT_S):
                 async with redis.pipeline(transaction=False) as pipe:
-                    for secret in key_secrets:
-                        pipe.hgetall(api_key_record(hint, api_keys.key_hash(presented, secret)))
+                    for name in names:
+                        pipe.hgetall(name)
                     records = await pipe.execute()
         except (RedisError, TimeoutError) as exc:
             log.warning("API key registry unreachable", extra={"error": type(exc).__name__})

@@ -69,8 +69,7 @@ from quotaflow.schemas.api_keys import (
     SCOPE_PATTERN,
     UNKNOWN_KEY,
     InvalidKey,
-    key_hash,
-    parse,
+    record_names,
 )
 from quotaflow.schemas.ids import InvalidId, check_id
 from quotaflow.schemas.limits import Policy, policy_from_settings
@@ -79,7 +78,6 @@ from quotaflow.schemas.redis_keys import (
     ENFORCEMENT_OFF,
     Decision,
     WindowUsage,
-    api_key_record,
     org_key,
     overrides_key,
     reservations_key,
@@ -259,8 +257,7 @@ class _Check:
         of the key's hint (so of its org). InvalidKey, offline, for what is not a key."""
         if not self.secrets:
             raise ConfigError(f"{env_var('key_hash_secrets')} is empty: API keys cannot be verified")
-        hint = parse(presented).slot_hint  # shape and checksum first: a fake costs no HMAC and no Redis call
-        return [api_key_record(hint, key_hash(presented, secret)) for secret in self.secrets]
+        return record_names(presented, self.secrets)
 
     @staticmethod
     def key_args(event_id: str, scope: str) -> list:

@@ -32,12 +32,13 @@ import secrets
 import string
 import zlib
 from itertools import product
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import msgspec
 from redis.crc import key_slot
 
 from quotaflow.schemas.ids import is_valid_id
+from quotaflow.schemas.redis_keys import api_key_record
 
 PREFIX = "qf"
 ENVIRONMENTS = ("live", "test")
@@ -128,6 +129,14 @@ def display_prefix(key: str) -> str:
 def key_hash(key: str, secret: bytes) -> str:
     """The stored form of a key: HMAC-SHA-256 under the server secret, hex."""
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
+
+
+def record_names(presented: str, secrets: Iterable[bytes]) -> list[str]:
+    """Where a presented key's record may be in Redis, one name per hash secret, all in the
+    slot of the key's hint (so of its org). InvalidKey, offline, for what is not a key: its
+    shape and checksum come first, so a fake costs no HMAC and no Redis call."""
+    hint = parse(presented).slot_hint
+    return [api_key_record(hint, key_hash(presented, secret)) for secret in secrets]
 
 
 # --- what the registry keeps of a key (the keys topic, Redis, the audit table) ---------
