@@ -33,5 +33,29 @@ def up() -> Settings:
     return settings
 
 
+async def publish_backlog(bootstrap: str, run: str, n: int, batch_events: int = 500) -> None:
+    """n events of 200 orgs and 5,000 keys, ``batch_events`` to a record (1: one event a record,
+    as kcat or Kafka Connect publish), flushed every 20,000: within the emitter's memory
+    bound, and patient with a broker slowed by a shared machine. Every one is delivered."""
+    import time
+    import uuid
+
+    from quotaflow.collector.emitter import Emitter
+    from quotaflow.schemas.events import RequestEvent
+
+    now = int(time.time() * 1000)
+    async with Emitter(bootstrap, batch_events=batch_events, linger_ms=50, delivery_timeout_s=120) as emitter:
+        for i in range(n):
+            if i and i % 20_000 == 0:
+                await emitter.flush()
+            await emitter.emit(RequestEvent.new(
+                event_id=str(uuid.uuid4()), ts_ms=now + i % 1000, org_id=f"{run}-o{i % 200}",
+                api_key_id=f"{run}-k{i % 5000}", service="bench", endpoint="/v1/bench", method="GET", status=200,
+                latency_ms=1.0, request_bytes=0, response_bytes=100, client_ip="192.0.2.9", user_agent="bench"))
+        await emitter.flush()
+    if emitter.failed:
+        raise RuntimeError(f"{emitter.failed} of the backlog's {n} events were not delivered")
+
+
 def report(name: str, value: float, unit: str) -> None:
     print(f"{name}: {value:.3f} {unit}", flush=True)

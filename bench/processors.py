@@ -49,9 +49,7 @@ os.environ.update(POLICY_ENV)
 
 import redis  # noqa: E402
 
-from quotaflow.collector.emitter import Emitter  # noqa: E402
 from quotaflow.deploy import stack  # noqa: E402
-from quotaflow.schemas.events import RequestEvent  # noqa: E402
 from quotaflow.schemas.limits import policy_from_settings  # noqa: E402
 from tests.broker_drill import spread_orgs  # noqa: E402
 from tests.pipeline import Pipeline, counted, wait_for  # noqa: E402
@@ -67,22 +65,6 @@ from tests.rebalance_drill import (  # noqa: E402
 
 EVENTS = int(os.environ.get("BENCH_PROCESSOR_EVENTS", "400000"))
 REBALANCE_SECONDS = float(os.environ.get("BENCH_REBALANCE_SECONDS", "45"))
-
-
-async def publish_backlog(bootstrap: str, run: str, n: int) -> None:
-    """n events as the emitter publishes them, flushed every 20,000 (within the emitter's
-    memory bound, and patient with a broker slowed by a shared machine)."""
-    now = int(time.time() * 1000)
-    async with Emitter(bootstrap, batch_events=500, linger_ms=50, delivery_timeout_s=120) as emitter:
-        for i in range(n):
-            if i and i % 20_000 == 0:
-                await emitter.flush()
-            await emitter.emit(RequestEvent.new(
-                event_id=str(uuid.uuid4()), ts_ms=now + i % 1000, org_id=f"{run}-o{i % 200}",
-                api_key_id=f"{run}-k{i % 5000}", service="bench", endpoint="/v1/bench", method="GET", status=200,
-                latency_ms=1.0, request_bytes=0, response_bytes=100, client_ip="192.0.2.9", user_agent="bench"))
-        await emitter.flush()
-        assert emitter.failed == 0
 
 
 def settle(settings, procs: list[Processor], timeout_s: float = 180) -> None:
@@ -105,7 +87,7 @@ def throughput(settings, procs: list[Processor], run: str) -> float:
         settle(settings, procs)
         client.client_pause(600_000, all=False)  # writes (scripts included) wait; reads go on
         try:
-            asyncio.run(publish_backlog(settings.kafka_bootstrap, run, EVENTS))
+            asyncio.run(harness.publish_backlog(settings.kafka_bootstrap, run, EVENTS))
             before = sum(p.counted() for p in procs)
         finally:
             client.client_unpause()

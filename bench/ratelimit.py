@@ -267,15 +267,6 @@ async def append_times(orgs: set[str]) -> dict[str, float]:
 
 # --- processor throughput -------------------------------------------------------------------
 
-async def publish_backlog(run: str, n: int, batch_events: int = 500) -> None:
-    settings = harness.get_settings()
-    now = int(time.time() * 1000)
-    async with Emitter(settings.kafka_bootstrap, batch_events=batch_events, linger_ms=50) as emitter:
-        for i in range(n):
-            await emitter.emit(event(f"{run}-o{i % 200}", f"{run}-k{i % 5000}", now + i % 1000))
-        await emitter.flush()
-
-
 async def baseline_consume(n: int) -> float:
     """Events/s of a bare consumer that only reads and decodes: what Python gets out of Kafka."""
     from aiokafka import AIOKafkaConsumer
@@ -304,7 +295,7 @@ def processor_throughput(settings, run: str, n: int, batch_events: int = 500) ->
     ``batch_events`` to a record (1: one event per record, as kcat or Kafka Connect publish)."""
     name = "processor"
     stack.pipeline_proc(settings, name).stop()
-    asyncio.run(publish_backlog(run, n, batch_events))
+    asyncio.run(harness.publish_backlog(settings.kafka_bootstrap, run, n, batch_events))
     port = settings.processor_metrics_port
     stack.start_pipeline_process(settings, name)
 
