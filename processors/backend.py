@@ -127,8 +127,7 @@ class RedisBackend:
                 for label, b in zip(self.policy.labels, w.buckets, strict=True):
                     fields += [window_field(label), encode_buckets(b)]
             if w.decision is not None:
-                for item in w.decision.to_redis().items():
-                    fields += item
+                fields += w.decision.redis_fields()
                 fields += ["org_id", w.org_id]
                 if w.api_key_id is not None:
                     fields += ["api_key_id", w.api_key_id]

@@ -154,8 +154,10 @@ class RequestCounter:
         # the partition of the events that changed it (so it recovers with them); each
         # partition's next offset last, as it is only valid once those are in.
         data = self.table.data
-        changelog = [await self.output.changelog(subject, data[subject], partition)
-                     for subject, partition in sorted(changed.items(), key=lambda item: item[0].startswith("__"))]
+        records = [(subject, data[subject], partition) for subject, partition in changed.items()
+                   if not subject.startswith("__")]
+        records += [(key, data[key], partition) for key, partition in changed.items() if key.startswith("__")]
+        changelog = await self.output.changelogs(records)
 
         if touched:
             await self.backend.write(await self.writes(touched, released))
@@ -278,10 +280,9 @@ class RequestCounter:
         cutoff = self._now_ms() - horizon
         data = self.table.data
         idle = [(k, v["p"]) for k, v in list(data.items()) if not k.startswith("__") and v["m"] < cutoff]
-        sent = []
-        for key, partition in idle:
+        for key, _ in idle:
             del data[key]
-            sent.append(await self.output.changelog(key, None, partition))
+        sent = await self.output.changelogs([(key, None, partition) for key, partition in idle])
         if idle:
             log.info("idle subjects forgotten", extra={"subjects": len(idle)})
         return sent

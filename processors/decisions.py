@@ -15,17 +15,23 @@ def subject_windows(subject: str, state: SubjectState | None, limits: tuple[int 
                     now_ms: int) -> tuple[WindowUsage, ...]:
     """The limited windows of one subject (SUBJECT_KEY or SUBJECT_ORG) as its state counts them at now_ms."""
     out = []
-    for i, (window, limit) in enumerate(zip(policy.windows, limits, strict=True)):
+    counted = state["b"] if state is not None else None
+    for i, window in enumerate(policy.windows):
+        limit = limits[i]
         if limit is None:
             continue
-        buckets = state["b"][i] if state is not None else []
+        buckets = counted[i] if counted is not None else []
         out.append(WindowUsage(subject, window.label, window.length_s, limit, window_count(buckets, window, now_ms),
                                window_reset(buckets, window, now_ms)))
     return tuple(out)
 
 
 def _decision(windows: tuple[WindowUsage, ...], policy: Policy, tier: str, now_ms: int) -> Decision:
-    allowed = all(w.used < w.limit for w in windows)
+    allowed = True
+    for w in windows:
+        if w.used >= w.limit:
+            allowed = False
+            break
     return Decision.from_windows(windows, allowed=allowed, tier=policy.tier_of(tier), now_ms=now_ms)
 
 

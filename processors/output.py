@@ -39,7 +39,7 @@ class Sent:
     value: bytes | None
     partition: int | None
     headers: list | None
-    future: asyncio.Future
+    future: asyncio.Future | None  # None only while its batch is being filled (changelogs)
 
 
 class NotDelivered(Exception):
@@ -103,11 +103,38 @@ class Output:
     async def stop(self) -> None:
         await self._stop(self._producer)
 
-    async def changelog(self, key: str, state: dict | int | None, partition: int) -> Sent:
-        """A table record, encoded as Faust reads its changelog back (key and value both
-        JSON: a raw key fails its recovery, which then skips the record); None deletes the key."""
-        value = None if state is None else orjson.dumps(state)
-        return await self._send(self.changelog_topic, orjson.dumps(key), value, partition, None)
+    async def changelogs(self, records: list[tuple[str, dict | int | None, int]]) -> list[Sent]:
+        """Table records (key, state, partition), encoded as Faust reads its changelog back (key
+        and value both JSON: a raw key fails its recovery, which then skips the record; None
+        deletes the key), in their order per partition. Appended to one record batch per partition and sent as such: a batch
+        changes thousands of subjects, and a send per record cost more than the rest of the
+        batch's work on them."""
+        sent: list[Sent] = []
+        open_batches: dict[int, tuple[object, list[Sent]]] = {}  # partition -> (its batch, its records)
+        for key, state, partition in records:
+            key_bytes, value = orjson.dumps(key), None if state is None else orjson.dumps(state)
+            entry = open_batches.get(partition)
+            if entry is None or entry[0].append(timestamp=None, key=key_bytes, value=value) is None:
+                if entry is not None:  # full: on its way, and a new one for the rest
+                    await self._send_batch(*entry, partition)
+                entry = open_batches[partition] = (self._producer.create_batch(), [])
+                if entry[0].append(timestamp=None, key=key_bytes, value=value) is None:
+                    raise ValueError(f"a table record of {len(value or b'')} bytes exceeds the producer's batch size")
+            record = Sent(self.changelog_topic, key_bytes, value, partition, None, None)  # its future: its batch's
+            entry[1].append(record)
+            sent.append(record)
+        for partition, entry in open_batches.items():
+            await self._send_batch(*entry, partition)
+        return sent
+
+    async def _send_batch(self, batch: object, records: list[Sent], partition: int) -> None:
+        try:
+            future = await self._producer.send_batch(batch, self.changelog_topic, partition=partition)
+        except KafkaError as exc:  # sent again one by one by deliver, as any failed record
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        for record in records:
+            record.future = future
 
     async def dead_letter(self, key: bytes | None, value: bytes | None, headers: list) -> Sent:
         return await self._send(self.dead_letter_topic, key, value, None, headers)

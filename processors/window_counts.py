@@ -100,23 +100,30 @@ def apply_events(state: SubjectState | None, ts_ms: Sequence[int], partition: in
     if not ts_ms:
         return outcomes, None
     fresh = state is None or len(state["b"]) != len(policy.windows)  # apply_event starts such a state anew
-    oldest, newest, latest = min(ts_ms), max(ts_ms), max(clocks)
-    clock = latest if fresh else max(state["m"], latest)
-    if any(oldest - oldest % bucket_ms + bucket_ms <= clock - retained for bucket_ms, retained in policy.buckets):
-        for ts, position, moved in zip(ts_ms, positions, clocks, strict=True):  # some may be late: the exact way
-            outcome, changed = apply_event(state, ts, partition, position, policy, moved)
-            state = changed if changed is not None else state
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        return outcomes, state
+    if len(ts_ms) == 1:
+        oldest = newest = ts_ms[0]
+        latest = clocks[0]
+    else:
+        oldest, newest, latest = min(ts_ms), max(ts_ms), max(clocks)
+    clock = latest if fresh or latest > state["m"] else state["m"]
+    for bucket_ms, retained in policy.buckets:
+        if oldest - oldest % bucket_ms + bucket_ms <= clock - retained:  # some may be late: the exact way
+            for ts, position, moved in zip(ts_ms, positions, clocks, strict=True):
+                outcome, changed = apply_event(state, ts, partition, position, policy, moved)
+                state = changed if changed is not None else state
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            return outcomes, state
     if fresh:
         state = {"p": partition, "o": positions[0], "m": clock, "b": [[] for _ in policy.windows]}
-    for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"], strict=True):
-        _drop_closed(buckets, bucket_ms, clock - retained)
+    for (bucket_ms, retained), buckets in zip(policy.buckets, state["b"]):
+        if buckets and buckets[0][0] + bucket_ms <= clock - retained:
+            _drop_closed(buckets, bucket_ms, clock - retained)
         first, last = oldest - oldest % bucket_ms, newest - newest % bucket_ms
-        per_bucket = [(first, len(ts_ms))] if first == last else \
-            sorted(Counter([ts - ts % bucket_ms for ts in ts_ms]).items())
-        for start, n in per_bucket:
-            _add(buckets, start, n)
+        if first == last:
+            _add(buckets, first, len(ts_ms))
+        else:
+            for start, n in sorted(Counter([ts - ts % bucket_ms for ts in ts_ms]).items()):
+                _add(buckets, start, n)
     state["p"], state["o"], state["m"] = partition, positions[-1], clock
     outcomes[COUNTED] = len(ts_ms)
     return outcomes, state

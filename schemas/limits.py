@@ -26,18 +26,16 @@ SUBJECT_ORG = "org"
 class Window:
     length_s: int
     sliding: bool = False
+    # Derived once: read for every subject of every batch.
+    length_ms: int = field(init=False, repr=False, compare=False)
+    bucket_ms: int = field(init=False, repr=False, compare=False)
+    label: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def length_ms(self) -> int:
-        return self.length_s * 1000
-
-    @property
-    def bucket_ms(self) -> int:
-        return self.length_ms // SLIDING_BUCKETS if self.sliding else self.length_ms
-
-    @property
-    def label(self) -> str:
-        return f"{self.length_s}s"
+    def __post_init__(self) -> None:
+        length_ms = self.length_s * 1000
+        object.__setattr__(self, "length_ms", length_ms)
+        object.__setattr__(self, "bucket_ms", length_ms // SLIDING_BUCKETS if self.sliding else length_ms)
+        object.__setattr__(self, "label", f"{self.length_s}s")
 
 
 @dataclass(frozen=True)
@@ -104,6 +102,8 @@ def window_count(buckets: list[list[int]], window: Window, now_ms: int) -> int:
     if window.sliding:
         return sum(c for s, c in buckets if s + window.bucket_ms > now_ms - window.length_ms)
     current = now_ms - now_ms % window.length_ms
+    if buckets and buckets[-1][0] == current:  # the usual case: buckets ascend, the current one last
+        return buckets[-1][1]
     return sum(c for s, c in buckets if s == current)
 
 

@@ -6,7 +6,7 @@ call touches a single slot:
     qf:v1:{org}:org                  HASH  tier                     operators (quotaflow org set-tier)
     qf:v1:{org}:overrides:{key}      HASH  <window label> -> limit  operators (quotaflow key set-limit)
     qf:v1:{org}:usage:key:{key}      HASH  w:<label> counts + the key's Decision summary
-                                           (Decision.to_redis) + org_id, api_key_id + applied
+                                           (Decision.redis_fields) + org_id, api_key_id + applied
     qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary + org_id + applied
                                            (processors write them, gateways check the counts;
                                            expire after the longest window; applied: the place,
@@ -128,7 +128,10 @@ def window_field(label: str) -> str:
 
 
 def encode_buckets(buckets: list[list[int]] | list[tuple[int, int]]) -> str:
-    return ",".join(f"{start}:{count}" for start, count in buckets)
+    if len(buckets) == 1:  # the usual case, written for every subject of every batch
+        start, count = buckets[0]
+        return f"{start}:{count}"
+    return ",".join([f"{start}:{count}" for start, count in buckets])
 
 
 def decode_buckets(text: str | bytes | None) -> list[tuple[int, int]]:
@@ -164,7 +167,7 @@ class Decision(NamedTuple):
 
     Gateways get one from ``gateway.RateLimiter.check`` (with the reservation's
     ``event_id``/``ts_ms``, to publish the request's event with); processors
-    store the durable view of each key in its usage hash (``to_redis``)."""
+    store the durable view of each key in its usage hash (``redis_fields``)."""
 
     allowed: bool
     tier: str
@@ -181,9 +184,21 @@ class Decision(NamedTuple):
     @classmethod
     def from_windows(cls, windows: tuple[WindowUsage, ...], *, allowed: bool, tier: str, now_ms: int,
                      event_id: str = "", enforced: bool = True) -> "Decision":
-        denying = [w for w in windows if w.used >= w.limit] if not allowed else []
-        binding = (max(denying, key=lambda w: w.reset_ms) if denying
-                   else min(windows, key=lambda w: (w.remaining, w.reset_ms)) if windows else None)
+        # The binding window: of those denying, the one that frees last; else the one with least
+        # remaining, then soonest reset (the first such). Loops, not min/max with keys: this
+        # runs for every key of every batch of the processors.
+        binding, denying = None, False
+        if not allowed:
+            for w in windows:
+                if w.used >= w.limit and (binding is None or w.reset_ms > binding.reset_ms):
+                    binding = w
+            denying = binding is not None
+        if binding is None:
+            best = None
+            for w in windows:
+                rank = (w.limit - w.used if w.limit > w.used else 0, w.reset_ms)
+                if best is None or rank < best:
+                    binding, best = w, rank
         return cls(
             allowed=allowed, tier=tier, now_ms=now_ms, windows=windows, event_id=event_id, enforced=enforced,
             limit=binding.limit if binding else 0,
@@ -200,17 +215,11 @@ class Decision(NamedTuple):
             return 0
         return max(1, -(-(self.reset_ms - self.now_ms) // 1000))
 
-    def to_redis(self) -> dict[str, str]:
-        return {
-            "allowed": "1" if self.allowed else "0",
-            "tier": self.tier,
-            "limit": str(self.limit),
-            "remaining": str(self.remaining),
-            "reset_ms": str(self.reset_ms),
-            "window": self.window,
-            "denied_by": self.denied_by,
-            "updated_ms": str(self.now_ms),
-        }
+    def redis_fields(self) -> list[str]:
+        """Field, value, field, value, ... as the usage hash holds them (from_redis reads them)."""
+        return ["allowed", "1" if self.allowed else "0", "tier", self.tier, "limit", str(self.limit),
+                "remaining", str(self.remaining), "reset_ms", str(self.reset_ms), "window", self.window,
+                "denied_by", self.denied_by, "updated_ms", str(self.now_ms)]
 
     @classmethod
     def from_redis(cls, raw: dict[bytes | str, bytes | str]) -> "Decision":

@@ -1,9 +1,13 @@
 """Counting per subject (a key or an org) in every window, and the durable decision (pure logic, no servers)."""
 
+import hypothesis
+from hypothesis import strategies as st
+
 from quotaflow.processors.decisions import decide, org_windows
 from quotaflow.processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event
 from quotaflow.schemas.limits import window_count, window_reset
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, SUBJECT_KEY, SUBJECT_ORG, Policy, Window, policy_from_settings
+from quotaflow.schemas.redis_keys import Decision, WindowUsage
 from quotaflow.schemas.tiers import Tier
 
 MIN, HOUR, DAY = Window(60), Window(3600), Window(86400)
@@ -80,6 +84,25 @@ def test_the_durable_decision_denies_at_exactly_the_limit_of_the_key_or_its_org(
     _, org = run([(D + i, 0, i) for i in range(30)])
     d = decide(key, org_windows(org, POLICY, "STARTER", D + 1_000), POLICY, "STARTER", {}, now_ms=D + 1_000)
     assert (d.allowed, d.denied_by) == (False, "org:60s")
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.sampled_from(["key", "org"]), st.integers(1, 5), st.integers(0, 7),
+                                     st.integers(0, 3)), max_size=6),
+                  st.booleans())
+def test_the_binding_window_is_the_last_to_free_of_those_denying_else_the_nearest_its_limit(spec, allowed):
+    # The rule as stated (Decision.from_windows computes it with loops, for speed)
+    now = D
+    windows = tuple(WindowUsage(subject, f"{i}s", 60, limit, used, now + 1_000 * reset)
+                    for i, (subject, limit, used, reset) in enumerate(spec))
+    d = Decision.from_windows(windows, allowed=allowed, tier="FREE", now_ms=now)
+    denying = [w for w in windows if w.used >= w.limit] if not allowed else []
+    binding = (max(denying, key=lambda w: w.reset_ms) if denying
+               else min(windows, key=lambda w: (w.remaining, w.reset_ms)) if windows else None)
+    assert d.window == (binding.name if binding else "")
+    assert d.denied_by == (binding.name if denying else "")
+    assert (d.limit, d.reset_ms) == ((binding.limit, binding.reset_ms) if binding else (0, now))
+    assert d.remaining == (0 if not allowed or binding is None else binding.remaining)
 
 
 def test_overrides_replace_the_tier_limit_of_the_key_only():
