@@ -164,18 +164,18 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _layout() -> list[str | int]:
+def _layout() -> list[tuple[str, str, bool]]:
     """The names of an org's six keys as check.lua builds them from a record's org and key
-    ids: (head, middle, 1 if the key id ends it) each, taken from schemas/redis_keys.py
+    ids: (head, middle, whether the key id ends it) each, taken from schemas/redis_keys.py
     so that the layout is defined there only."""
     org, key = "\x00org\x00", "\x00key\x00"
-    out: list[str | int] = []
-    for name, keyed in ((usage_key(org, key), 1), (usage_key(org), 0), (reservations_key(org, key), 1),
-                        (reservations_key(org), 0), (org_key(org), 0), (overrides_key(org, key), 1)):
+    out = []
+    for name, keyed in ((usage_key(org, key), True), (usage_key(org), False), (reservations_key(org, key), True),
+                        (reservations_key(org), False), (org_key(org), False), (overrides_key(org, key), True)):
         head, rest = name.split(org)
         middle = rest.removesuffix(key) if keyed else rest
         assert key not in middle and (not keyed or rest.endswith(key)), name
-        out += [head, middle, keyed]
+        out.append((head, middle, keyed))
     return out
 
 
@@ -200,8 +200,7 @@ def _lua(value: object) -> str:
 
 
 def policy_script(policy: Policy) -> str:
-    """check.lua behind a prelude that defines the policy (see the script's header)."""
-    layout = _layout()
+    """check.lua behind a prelude that defines the policy and ORG_KEYS (see the script's header)."""
     prelude = {
         "ttl": policy.reservation_ttl_ms,
         "default_tier": policy.default_tier,
@@ -209,12 +208,16 @@ def policy_script(policy: Policy) -> str:
                     for w in policy.windows],
         "fields": [f"w:{w.label}" for w in policy.windows],
         "tiers": {name: [-1 if limit is None else limit for limit in limits] for name, limits in policy.tiers.items()},
-        "layout": [[layout[i], layout[i + 1], bool(layout[i + 2])] for i in range(0, len(layout), 3)],
     }
+    # Written out as code, one concatenation per name: a key check names the org's keys on
+    # every call, and a loop over a layout table cost it about twice as much.
+    names = ", ".join(f"{_lua(head)} .. o .. {_lua(middle)}" + (" .. k" if keyed else "")
+                      for head, middle, keyed in _layout())
     # The shebang (no flags) has Redis Cluster hold the whole call to the slot of its
     # declared keys, even for keys it names itself on the same node (a script without one
     # may reach any slot of its node): a record naming an org of another slot fails there.
-    return f"#!lua\nlocal POLICY = {_lua(prelude)}\n{SCRIPT}"
+    return (f"#!lua\nlocal POLICY = {_lua(prelude)}\n"
+            f"local function ORG_KEYS(o, k) return {{{names}}} end\n{SCRIPT}")
 
 
 class _Check:
