@@ -6,7 +6,10 @@ registry's materializer writes them (KeyRecord.to_redis at redis_keys.api_key_re
 then runs GATEWAYS processes that each, per key and tick, make one id-based check
 (RateLimiter.check, the reference: trusted mode) and one verified check (RateLimiter.verify:
 the key's HMAC, its record, state, expiry, scope, then the same limits), in alternating
-order, on the same keys and orgs, under the same load. Prints `name: value unit` lines:
+order, on the same keys and orgs, under the same load. Each process presents its keys over and
+over, as a gateway's clients do: after the warm-up, a key's HMAC comes from the process's cache
+(gateway/key_names.py; a key seen for the first time costs its parse and HMAC, a few us more),
+while its record is read from Redis on every call. Prints `name: value unit` lines:
   check_p50_ms, check_p99_ms                 RateLimiter.check(key_id, org_id)
   verify_check_p50_ms, verify_check_p99_ms   RateLimiter.verify(key, scope): one round trip too
   verify_vs_check_p50_ratio, _p99_ratio      goal: at most 1.10

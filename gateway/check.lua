@@ -2,16 +2,18 @@
 --
 -- The gateway sends this file after a prelude it writes from its policy (gateway/limiter.py
 -- policy_script), which defines POLICY: the reservation ttl (ms), the default tier, the
--- windows (label, len, bucket ms, sliding), the limits per tier (-1: unlimited) and the
--- layout of an org's keys. A policy is thus one script, cached by Redis under its SHA:
--- nothing of it is sent or parsed per call, and a changed policy is another SHA.
+-- windows (label, len, bucket ms, sliding) and the limits per tier (-1: unlimited); and
+-- ORG_KEYS(org_id, key_id), the names of an org's six keys (the layout of
+-- schemas/redis_keys.py, written out as one concatenation per name). A policy is thus one
+-- script, cached by Redis under its SHA: nothing of it is sent or parsed per call, and a
+-- changed policy is another SHA.
 --
 -- Two modes, named by ARGV[2]:
 --   'key': the caller presented an API key. Its record is looked up by the key's HMAC (one
 --          candidate per configured hash secret, KEYS), then its state, its expiry (by this
 --          Redis's clock) and the required scope are checked; a key that passes is rate-limited
 --          as the key id and org its record names. The org's keys are named here from the
---          record's org_id with the policy's layout (from schemas/redis_keys.py): they
+--          record's ids (ORG_KEYS, the layout of schemas/redis_keys.py): they
 --          share the record's hash slot, so the whole call stays in one slot, as Redis
 --          Cluster requires. That a record's org is of its slot hint's slot is checked once,
 --          where records are made and written (schemas/key_records.problem_of), not here on
@@ -42,35 +44,34 @@ local ttl, default_tier, windows, tiers = POLICY.ttl, POLICY.default_tier, POLIC
 local nw = #windows
 local fields = POLICY.fields
 
--- The id rule of schemas/ids.py: what may go between the braces of a hash tag.
-local function valid_id(s)
-  return s and #s >= 1 and #s <= 64 and string.find(s, '^[A-Za-z0-9][A-Za-z0-9_.:%-]*$') ~= nil
-end
+-- The id rule of schemas/ids.py: what may go between the braces of a hash tag (1 to 64 characters).
+local ID = '^[A-Za-z0-9][A-Za-z0-9_.:%-]*$'
 
 local K = KEYS
 local key_id, org_id = '', ''
-local record_limits = {}
+local record_limits  -- the key's own limits (its record), when it has any
 if ARGV[2] == 'key' then
-  local scope = ARGV[3]
   local rec
   for k = 1, #KEYS do
     local r = redis.call('HMGET', KEYS[k], 'key_id', 'org_id', 'state', 'expires_ms', 'scopes', 'limits')
     if r[1] then rec = r; break end
   end
   if not rec then return {'unknown_key', now, '', '', ''} end
-  if not valid_id(rec[1]) or not valid_id(rec[2]) then
+  key_id, org_id = rec[1], rec[2]  -- key_id a string (found), org_id false when missing
+  if not (org_id and #key_id <= 64 and #org_id <= 64 and string.find(key_id, ID) and string.find(org_id, ID)) then
     return {'bad_record', now, '', '', ''}
   end
-  key_id, org_id = rec[1], rec[2]
   -- any state but active refuses: 'expired' as expired, anything else as revoked
   if rec[3] ~= 'active' then
     return {rec[3] == 'expired' and 'expired_key' or 'revoked_key', now, '', key_id, org_id}
   end
-  if rec[4] and rec[4] ~= '' then
-    local expires = tonumber(rec[4])
+  local expires = rec[4]
+  if expires and expires ~= '' then
+    expires = tonumber(expires)
     -- expired from expires_ms on (KeyRecord.state_at), by this server's clock: every gateway alike
     if not expires or now >= expires then return {'expired_key', now, '', key_id, org_id} end
   end
+  local scope = ARGV[3]
   if scope ~= '' then
     local has = false
     for s in string.gmatch(rec[5] or '', '%S+') do
@@ -78,11 +79,12 @@ if ARGV[2] == 'key' then
     end
     if not has then return {'insufficient_scope', now, '', key_id, org_id} end
   end
-  for label, limit in string.gmatch(rec[6] or '', '([^,=]+)=(%d+)') do record_limits[label] = tonumber(limit) end
-  K = {}
-  for n, part in ipairs(POLICY.layout) do
-    K[n] = part[1] .. org_id .. part[2] .. (part[3] and key_id or '')
+  local limits = rec[6]
+  if limits and limits ~= '' then  -- most keys have none: no table, no pattern
+    record_limits = {}
+    for label, limit in string.gmatch(limits, '([^,=]+)=(%d+)') do record_limits[label] = tonumber(limit) end
   end
+  K = ORG_KEYS(org_id, key_id)
 end
 
 local tier = redis.call('HGET', K[5], 'tier')
@@ -95,7 +97,7 @@ for j = 1, #raw, 2 do overrides[raw[j]] = tonumber(raw[j + 1]) end
 for w = 1, nw do
   local limit = overrides[windows[w].label] or org_limits[w]
   -- a key's own limit (its record) only ever lowers what it would have
-  local own = record_limits[windows[w].label]
+  local own = record_limits and record_limits[windows[w].label]
   if own and (limit < 0 or own < limit) then limit = own end
   key_limits[w] = limit
 end

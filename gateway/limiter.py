@@ -4,9 +4,10 @@ rate limits of that key and its org.
 - ``verify(presented_key, required_scope) -> Verdict``: what gateways use. A key whose
   shape or checksum is wrong is refused offline (schemas/api_keys.parse), with no Redis
   call. Otherwise one script call looks its record up by HMAC (one candidate name per
-  configured hash secret, QUOTAFLOW_KEY_HASH_SECRETS), checks its state, its expiry (by
-  Redis's clock) and the scope, then does the rate-limit check of the key id and org the
-  record names. The key itself is never sent, logged or put in a name: only its HMAC is.
+  configured hash secret, QUOTAFLOW_KEY_HASH_SECRETS; cached for keys presented again,
+  gateway/key_names.py, while the record itself is read on every call), checks its state,
+  its expiry (by Redis's clock) and the scope, then does the rate-limit check of the key
+  id and org the record names. The key itself is never sent, logged or put in a name: only its HMAC is.
 - ``check(api_key_id, org_id) -> Decision``: the rate-limit check alone, for callers whose
   auth layer already verified who is calling (the trusted mode).
 
@@ -49,7 +50,7 @@ import re
 import time
 import uuid
 from importlib import resources
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import redis
 import redis.asyncio as aioredis
@@ -60,6 +61,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from quotaflow.core.redis_clients import async_client, is_cluster, sync_client
 from quotaflow.core.settings import ConfigError, Settings, env_var
+from quotaflow.gateway.key_names import RecordNames
 from quotaflow.schemas.api_keys import (
     EXPIRED_KEY,
     INSUFFICIENT_SCOPE,
@@ -69,7 +71,6 @@ from quotaflow.schemas.api_keys import (
     SCOPE_PATTERN,
     UNKNOWN_KEY,
     InvalidKey,
-    record_names,
 )
 from quotaflow.schemas.ids import InvalidId, check_id
 from quotaflow.schemas.limits import Policy, policy_from_settings
@@ -105,6 +106,8 @@ REASONS = {  # for the client: never the key
 }
 _BAD_RECORD = "bad_record"  # the script's answer for a record naming an id that breaks the rule
 _SCOPE = re.compile(SCOPE_PATTERN)
+_VALID_SCOPES: set[str] = set()  # required scopes found valid, so not matched again (bounded: from configuration)
+_VALID_SCOPES_MAX = 1024
 # Redis Cluster's errors for a script reaching a key outside its call's slot (or node)
 _SLOT_ERROR = re.compile(r"do not hash to the same slot|non local key", re.IGNORECASE)
 
@@ -164,18 +167,18 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _layout() -> list[str | int]:
+def _layout() -> list[tuple[str, str, bool]]:
     """The names of an org's six keys as check.lua builds them from a record's org and key
-    ids: (head, middle, 1 if the key id ends it) each, taken from schemas/redis_keys.py
+    ids: (head, middle, whether the key id ends it) each, taken from schemas/redis_keys.py
     so that the layout is defined there only."""
     org, key = "\x00org\x00", "\x00key\x00"
-    out: list[str | int] = []
-    for name, keyed in ((usage_key(org, key), 1), (usage_key(org), 0), (reservations_key(org, key), 1),
-                        (reservations_key(org), 0), (org_key(org), 0), (overrides_key(org, key), 1)):
+    out = []
+    for name, keyed in ((usage_key(org, key), True), (usage_key(org), False), (reservations_key(org, key), True),
+                        (reservations_key(org), False), (org_key(org), False), (overrides_key(org, key), True)):
         head, rest = name.split(org)
         middle = rest.removesuffix(key) if keyed else rest
         assert key not in middle and (not keyed or rest.endswith(key)), name
-        out += [head, middle, keyed]
+        out.append((head, middle, keyed))
     return out
 
 
@@ -200,8 +203,7 @@ def _lua(value: object) -> str:
 
 
 def policy_script(policy: Policy) -> str:
-    """check.lua behind a prelude that defines the policy (see the script's header)."""
-    layout = _layout()
+    """check.lua behind a prelude that defines the policy and ORG_KEYS (see the script's header)."""
     prelude = {
         "ttl": policy.reservation_ttl_ms,
         "default_tier": policy.default_tier,
@@ -209,12 +211,16 @@ def policy_script(policy: Policy) -> str:
                     for w in policy.windows],
         "fields": [f"w:{w.label}" for w in policy.windows],
         "tiers": {name: [-1 if limit is None else limit for limit in limits] for name, limits in policy.tiers.items()},
-        "layout": [[layout[i], layout[i + 1], bool(layout[i + 2])] for i in range(0, len(layout), 3)],
     }
+    # Written out as code, one concatenation per name: a key check names the org's keys on
+    # every call, and a loop over a layout table cost it about twice as much.
+    names = ", ".join(f"{_lua(head)} .. o .. {_lua(middle)}" + (" .. k" if keyed else "")
+                      for head, middle, keyed in _layout())
     # The shebang (no flags) has Redis Cluster hold the whole call to the slot of its
     # declared keys, even for keys it names itself on the same node (a script without one
     # may reach any slot of its node): a record naming an org of another slot fails there.
-    return f"#!lua\nlocal POLICY = {_lua(prelude)}\n{SCRIPT}"
+    return (f"#!lua\nlocal POLICY = {_lua(prelude)}\n"
+            f"local function ORG_KEYS(o, k) return {{{names}}} end\n{SCRIPT}")
 
 
 class _Check:
@@ -224,6 +230,7 @@ class _Check:
         self.policy = policy
         self.fail_open = fail_open
         self.secrets = tuple(secret.encode() for secret in (key_secrets or {}).values())
+        self._record_names = RecordNames(self.secrets)
         self.script = policy_script(policy)
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
 
@@ -248,16 +255,23 @@ class _Check:
     def scope(required: str | None) -> str:
         if required is None or required == "":
             return ""
-        if not (isinstance(required, str) and _SCOPE.fullmatch(required)):
+        if not isinstance(required, str):
             raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
+        if required in _VALID_SCOPES:  # a gateway requires the same few scopes on every call
+            return required
+        if not _SCOPE.fullmatch(required):
+            raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
+        if len(_VALID_SCOPES) < _VALID_SCOPES_MAX:
+            _VALID_SCOPES.add(required)
         return required
 
-    def candidates(self, presented: str) -> list[str]:
+    def candidates(self, presented: str) -> tuple[str, ...]:
         """The names the key's record may have, one per configured secret, all in the slot
-        of the key's hint (so of its org). InvalidKey, offline, for what is not a key."""
+        of the key's hint (so of its org); cached for keys presented again (gateway/key_names.py).
+        InvalidKey, offline, for what is not a key."""
         if not self.secrets:
             raise ConfigError(f"{env_var('key_hash_secrets')} is empty: API keys cannot be verified")
-        return record_names(presented, self.secrets)
+        return self._record_names(presented)
 
     @staticmethod
     def key_args(event_id: str, scope: str) -> list:
@@ -409,7 +423,7 @@ class RateLimiter:
             return self._check.unavailable(exc)
         return _Check.parse(switch, reply, event_id)
 
-    async def _round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
+    async def _round_trip(self, keys: Sequence[str], args: list) -> tuple[object, list]:
         """GET switch + EVALSHA, one pipeline (on a Redis Cluster, one request per node, sent
         together); a Redis that lost the script (restarted, flushed) gets it loaded (on
         every primary of a cluster) and the pair sent again."""
@@ -419,7 +433,7 @@ class RateLimiter:
             switch, reply = await self._pipeline(keys, args)
         return _Check.replies(switch, reply)
 
-    async def _cluster_round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
+    async def _cluster_round_trip(self, keys: Sequence[str], args: list) -> tuple[object, list]:
         """On a Redis Cluster: GET switch and EVALSHA as two requests at once, each to its
         node, each failing alone (see the module's docstring); a node lacking the script
         gets it whole (EVAL)."""
@@ -431,7 +445,7 @@ class RateLimiter:
             reply = await self._client.execute_command("EVAL", self._check.script, len(keys), *keys, *args)
         return _Check.replies(switch, reply)
 
-    async def _pipeline(self, keys: list[str], args: list) -> list:
+    async def _pipeline(self, keys: Sequence[str], args: list) -> list:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.get(ENFORCEMENT_KEY)
             # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the latter
@@ -489,14 +503,14 @@ class SyncRateLimiter:
             return self._check.unavailable(exc)
         return _Check.parse(switch, reply, event_id)
 
-    def _round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
+    def _round_trip(self, keys: Sequence[str], args: list) -> tuple[object, list]:
         switch, reply = self._pipeline(keys, args)
         if isinstance(reply, NoScriptError):
             self._client.script_load(self._check.script)
             switch, reply = self._pipeline(keys, args)
         return _Check.replies(switch, reply)
 
-    def _cluster_round_trip(self, keys: list[str], args: list) -> tuple[object, list]:
+    def _cluster_round_trip(self, keys: Sequence[str], args: list) -> tuple[object, list]:
         """The cluster pipeline; failing as a whole (a node refusing the connection), the
         script alone, the switch then read as not off (see the module's docstring)."""
         try:
@@ -507,14 +521,14 @@ class SyncRateLimiter:
             reply = self._script(keys, args, "EVAL")
         return _Check.replies(switch, reply)
 
-    def _script(self, keys: list[str], args: list, command: str) -> object:
+    def _script(self, keys: Sequence[str], args: list, command: str) -> object:
         try:
             script = self._check.sha if command == "EVALSHA" else self._check.script
             return self._client.execute_command(command, script, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             return exc
 
-    def _pipeline(self, keys: list[str], args: list) -> list:
+    def _pipeline(self, keys: Sequence[str], args: list) -> list:
         with self._client.pipeline(transaction=False) as pipe:
             pipe.get(ENFORCEMENT_KEY)
             pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)  # as in RateLimiter._pipeline
