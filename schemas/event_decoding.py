@@ -53,7 +53,10 @@ def decode_record(data: bytes | None, received_ms: int = 0,
     (that item alone) so it can be dead-lettered by itself. A record refused as a whole
     is a single SchemaError without index or payload. With ``bounds``, events whose time
     is too far from ``received_ms`` (the record's timestamp) are refused."""
-    return _decoded(data, received_ms, bounds)[0]
+    checked = _fast(data, received_ms, bounds)
+    if checked is not None:
+        return list(map(make_event, checked[0]))
+    return _slow(data, received_ms, bounds)
 
 
 class RecordColumns(NamedTuple):
@@ -68,28 +71,35 @@ class RecordColumns(NamedTuple):
 def decode_columns(data: bytes | None, received_ms: int = 0, bounds: TimeBounds | None = None) -> RecordColumns:
     """decode_record's answer as columns: a record whose events are all valid (the usual
     case) is never turned into events one by one."""
-    items, checked = _decoded(data, received_ms, bounds)
-    if checked is not None:
-        return RecordColumns(checked, range(len(checked[0])), [])
+    checked = _fast(data, received_ms, bounds)
+    if checked is not None:  # never turned into events: the columns are all the caller wants
+        return RecordColumns(checked[1], range(len(checked[0])), [])
+    items = _slow(data, received_ms, bounds)
     valid = [(i, ev) for i, ev in enumerate(items) if not isinstance(ev, SchemaError)]
     refused = [(ev.index, ev) for ev in items if isinstance(ev, SchemaError)]
     return RecordColumns(tuple(zip(*(ev for _, ev in valid), strict=True)), [i for i, _ in valid], refused)
 
 
-def _decoded(data: bytes | None, received_ms: int, bounds: TimeBounds | None
-             ) -> tuple[list[RequestEvent | SchemaError], tuple[tuple, ...] | None]:
-    """(items, None) item by item, or (events, columns) when the fast path took the record."""
+def _fast(data: bytes | None, received_ms: int, bounds: TimeBounds | None
+          ) -> tuple[list[tuple], tuple[tuple, ...]] | None:
+    """(rows, columns) when the fast path takes the record (decode_batch_fast, every event in
+    time); None: it goes item by item (_slow)."""
     checked = decode_batch_fast(data) if data is not None else None
     if checked is not None:
-        rows, cols = checked
+        cols = checked[1]
         if bounds is None or (bounds.error(min(cols[_TS_MS]), received_ms) is None
                               and bounds.error(max(cols[_TS_MS]), received_ms) is None):
-            return list(map(make_event, rows)), cols
+            return checked
+    return None
+
+
+def _slow(data: bytes | None, received_ms: int, bounds: TimeBounds | None) -> list[RequestEvent | SchemaError]:
+    """The record item by item: each event, or why it is refused."""
     try:
         doc = _load(data)
     except SchemaError as exc:
-        return [exc.with_traceback(None)], None
-    return _items(doc, bounds, received_ms), None
+        return [exc.with_traceback(None)]
+    return _items(doc, bounds, received_ms)
 
 
 def decode_batch_fast(data: bytes) -> tuple[list[tuple], tuple[tuple, ...]] | None:
