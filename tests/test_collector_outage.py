@@ -11,21 +11,18 @@ import threading
 import time
 
 import pytest
-from flask import Flask, jsonify
 
-from quotaflow.collector.background import BackgroundEmitter
-from quotaflow.collector.emitter import Emitter
 from quotaflow.collector.producer import ProducerCore
 from quotaflow.collector.ship.checkpoints import CheckpointFile
 from quotaflow.collector.ship.shipper import ShipConfig, Shipper
 from quotaflow.deploy import kafka
-from quotaflow.gateway.limiter import SyncRateLimiter
-from quotaflow.gateway.wsgi import RateLimitMiddleware, flask_route
+from quotaflow.gateway.wsgi import flask_route
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
 from quotaflow.schemas.topics import DEAD_LETTER_TOPIC, EVENTS_TOPIC
 from tests.key_records import SECRETS, new_key
 from tests.pipeline import counted, unique, wait_for
 from tests.test_ship_files import append, expected_ids, shipped_ids
+from tests.wsgi_apps import behind_middleware, flask_shop
 
 OUTAGE_S = 30
 
@@ -75,17 +72,10 @@ def test_broker_stopped_30s_the_middlewares_and_the_shippers_events_all_arrive_o
     presented, record = new_key(redis_client, served_org)
     key = record.key_id
 
-    app = Flask("shop")
-
-    @app.get("/items/<int:item_id>")
-    def item(item_id: int):
-        return jsonify(id=item_id)
-
+    app = flask_shop()
     settings = live_stack.model_copy(update={"key_hash_secrets": SECRETS, "gateway_timeout_ms": 5000})
-    emitter = BackgroundEmitter(Emitter.from_settings(settings, spool_dir=tmp_path / "spool",
-                                                      delivery_timeout_s=3)).start()
-    app.wsgi_app = RateLimitMiddleware.from_settings(app.wsgi_app, SyncRateLimiter.from_settings(settings), emitter,
-                                                     settings, service="shop", route=flask_route(app))
+    app.wsgi_app, emitter = behind_middleware(app.wsgi_app, settings, flask_route(app), tmp_path / "spool",
+                                              delivery_timeout_s=3)
     log = tmp_path / "access.log"
     written = [0]
     shipper = ShipperThread(live_stack, log, tmp_path / "ship")

@@ -5,23 +5,19 @@ enforced, and each request published under its Django route's template."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import httpx
 import pytest
 from django.http import JsonResponse
 from django.urls import include, path, re_path
-from werkzeug.serving import make_server
 
-from quotaflow.collector.background import BackgroundEmitter
-from quotaflow.collector.emitter import Emitter
-from quotaflow.gateway.limiter import SyncRateLimiter
-from quotaflow.gateway.wsgi import ENVIRON_KEY, RateLimitMiddleware, django_route
+from quotaflow.gateway.wsgi import ENVIRON_KEY, django_route
 from quotaflow.schemas.events import decode_record
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key
 from quotaflow.schemas.topics import EVENTS_TOPIC
 from tests.key_records import SECRETS, new_key
 from tests.pipeline import minute_start, read_all, unique
+from tests.wsgi_apps import behind_middleware, served
 
 
 def item(request, item_id: int):
@@ -64,22 +60,17 @@ def test_django_project_is_limited_and_each_request_published_under_its_route(li
     redis_client.hset(org_key(org), ORG_TIER_FIELD, "FREE")
     presented, record = new_key(redis_client, org)
     settings = live_stack.model_copy(update={"key_hash_secrets": SECRETS, "gateway_timeout_ms": 5000})
-    emitter = BackgroundEmitter(Emitter.from_settings(settings, spool_dir=settings.state_dir / f"spool-{org}")).start()
-    app = RateLimitMiddleware.from_settings(django_app(), SyncRateLimiter.from_settings(settings), emitter, settings,
-                                            service="shop", route=django_route())
-    server = make_server("127.0.0.1", port_base + 152, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    minute_start(need_s=20)
+    app, emitter = behind_middleware(django_app(), settings, django_route(), settings.state_dir / f"spool-{org}")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port_base + 152}", timeout=10) as client:
-            anonymous = client.get("/shop/items/1")
-            auth = {"Authorization": f"Bearer {presented}"}
-            responses = [client.get(f"/shop/items/{i}", headers=auth) for i in range(11)]
-            legacy_one = client.get("/legacy/12345", headers=auth)
+        with served(app, port_base + 152) as url:
+            minute_start(need_s=20)
+            with httpx.Client(base_url=url, timeout=10) as client:
+                anonymous = client.get("/shop/items/1")
+                auth = {"Authorization": f"Bearer {presented}"}
+                responses = [client.get(f"/shop/items/{i}", headers=auth) for i in range(11)]
+                legacy_one = client.get("/legacy/12345", headers=auth)
         emitter.flush(30)
     finally:
-        server.shutdown()
         emitter.close()
     assert anonymous.status_code == 401 and anonymous.json()["error"] == "missing_key"
     assert [r.status_code for r in responses] == [200] * 10 + [429]

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import threading
 
 import httpx
 import pytest
-from flask import Flask, jsonify, request
 from hypothesis import given
 from hypothesis import strategies as st
-from werkzeug.serving import make_server
 
 from quotaflow.collector.background import BackgroundEmitter
 from quotaflow.collector.emitter import Emitter
 from quotaflow.gateway.request_event import client_host, trusted_networks
-from quotaflow.gateway.wsgi import RateLimitMiddleware, flask_route, template_of
-from quotaflow.gateway.limiter import SyncRateLimiter
+from quotaflow.gateway.wsgi import flask_route, template_of
 from quotaflow.schemas.events import decode_record
 from quotaflow.schemas.redis_keys import ORG_TIER_FIELD, org_key, reservations_key
 from quotaflow.schemas.topics import EVENTS_TOPIC
 from tests.key_records import SECRETS, new_key
 from tests.pipeline import counted, minute_start, read_all, unique, wait_for
+from tests.wsgi_apps import behind_middleware, flask_shop, served
 
 
 def test_route_rules_become_templates():
@@ -80,36 +77,25 @@ def test_flask_app_is_limited_and_each_request_published_and_counted(live_stack,
     presented, record = new_key(redis_client, org)
     key = record.key_id
 
-    app = Flask("shop")
-
-    @app.get("/items/<int:item_id>")
-    def item(item_id: int):
-        who = request.environ["quotaflow"]
-        return jsonify(id=item_id, org=who.org_id, key=who.api_key_id)
-
+    app = flask_shop()
     # a 5 s Redis budget: under a full run's load 50 ms ran out and the check failed open
     settings = live_stack.model_copy(update={"key_hash_secrets": SECRETS, "gateway_timeout_ms": 5000,
                                              "gateway_trusted_proxies": ("127.0.0.1/32",)})
-    limiter = SyncRateLimiter.from_settings(settings)
-    emitter = BackgroundEmitter(Emitter.from_settings(settings, spool_dir=settings.state_dir / f"spool-{org}")).start()
-    app.wsgi_app = RateLimitMiddleware.from_settings(app.wsgi_app, limiter, emitter, settings, service="shop",
-                                                     route=flask_route(app))
-    server = make_server("127.0.0.1", port_base + 151, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    minute_start(need_s=25)
+    app.wsgi_app, emitter = behind_middleware(app.wsgi_app, settings, flask_route(app),
+                                              settings.state_dir / f"spool-{org}")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port_base + 151}", timeout=10) as client:
-            anonymous = client.get("/items/1")
-            assert anonymous.status_code == 401 and anonymous.json()["error"] == "missing_key"
-            assert anonymous.headers["WWW-Authenticate"] == "Bearer"
-            responses = [client.get(f"/items/{i}", headers={
-                "Authorization": f"Bearer {presented}", "X-Forwarded-For": "198.51.100.1, 203.0.113.9",
-                "User-Agent": "pytest"}) for i in range(12)]
+        with served(app, port_base + 151) as url:
+            minute_start(need_s=25)
+            with httpx.Client(base_url=url, timeout=10) as client:
+                anonymous = client.get("/items/1")
+                assert anonymous.status_code == 401 and anonymous.json()["error"] == "missing_key"
+                assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+                responses = [client.get(f"/items/{i}", headers={
+                    "Authorization": f"Bearer {presented}", "X-Forwarded-For": "198.51.100.1, 203.0.113.9",
+                    "User-Agent": "pytest"}) for i in range(12)]
         emitter.flush(30)
         reserved = {m.decode() for m in redis_client.zrange(reservations_key(org, key), 0, -1)}
     finally:
-        server.shutdown()
         emitter.close()
     assert [r.status_code for r in responses] == [200] * 10 + [429] * 2
     assert responses[3].json() == {"id": 3, "org": org, "key": key}
