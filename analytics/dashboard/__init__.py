@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from quotaflow.analytics.dashboard import limits as live_limits
 from quotaflow.analytics.scope import Forbidden, Scope
+from quotaflow.analytics.timing import server_timing
 from quotaflow.core.redact import redact
 from quotaflow.schemas.ids import id_error, show
 
@@ -105,7 +107,10 @@ def routes(authorize: Callable[[Request], Scope | str], live: live_limits.LiveLi
         if live is None:
             return _json_error(503, "live limit state is not available in this process (no Redis configured)")
         try:
-            return await live.read(org, p.get("api_key"))
+            started = time.perf_counter()
+            found = await live.read(org, p.get("api_key"))
+            request.state.timing = server_timing(redis=time.perf_counter() - started)
+            return found
         except Exception as exc:  # the driver raises several types; to the caller they all mean the same
             log.warning("live limit state failed", extra={"error": redact(str(exc)[:500])})
             return _json_error(503, "Redis did not answer; live limit state is not available right now")
@@ -120,7 +125,8 @@ def routes(authorize: Callable[[Request], Scope | str], live: live_limits.LiveLi
         rows = [row(r) for r in s.rows]
         return JSONResponse({"question": "limits", "source": "redis", "now": _iso(s.now_ms), "enforcement": "on" if s.enforcement else "off",
                              "complete": s.complete, "limited_now": len(s.limited),
-                             "columns": list(live_limits.COLUMNS), "rows": rows})
+                             "columns": list(live_limits.COLUMNS), "rows": rows},
+                            headers={"server-timing": request.state.timing})
 
     async def limits_csv(request: Request) -> Response:
         s = await state(request)

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from quotaflow.analytics.scope import Scope
+from quotaflow.analytics.timing import server_timing
 from quotaflow.analytics.window import TIMEFRAMES
 from quotaflow.schemas import deadletter
 from quotaflow.schemas.ids import show
@@ -170,7 +171,10 @@ def routes(authorize: Callable[[Request], Scope | str], reader: DeadLetters | No
             return error(503, "dead letters are not available in this process (no Kafka configured)")
         now_ms = int(clock() * 1000)
         try:
-            return await reader.read(now_ms - TIMEFRAMES[timeframe]), now_ms - TIMEFRAMES[timeframe], now_ms
+            started = time.perf_counter()
+            found = await reader.read(now_ms - TIMEFRAMES[timeframe])
+            request.state.timing = server_timing(kafka=time.perf_counter() - started)
+            return found, now_ms - TIMEFRAMES[timeframe], now_ms
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             log.warning("dead letters not read", extra={"error": repr(exc)[:300]})
             return error(503, "Kafka did not answer; dead letters are not available right now")
@@ -184,7 +188,8 @@ def routes(authorize: Callable[[Request], Scope | str], reader: DeadLetters | No
         return JSONResponse({"question": "dead_letters", "source": DEAD_LETTER_TOPIC, "from": _iso(start),
                              "to": _iso(end), "complete": r.complete, "total": len(r.rows),
                              "by_reason": [{"stage": s, "field": f, "count": n} for (s, f), n in by.most_common()],
-                             "columns": list(COLUMNS), "rows": r.rows[:1000]})
+                             "columns": list(COLUMNS), "rows": r.rows[:1000]},
+                            headers={"server-timing": request.state.timing})
 
     async def as_csv(request: Request) -> Response:
         got = await recent(request)

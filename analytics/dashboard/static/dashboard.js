@@ -316,11 +316,17 @@ function ranking(id, key, label, rows) {
 
 const QUESTIONS = ["summary", "status_series", "latency", "status", "endpoints", "orgs", "tiers", "api_keys", "denials", "alerts"];
 
+// Marks of the first load only (a refresh every 10 s would pile them up): when each answer
+// came and when it was drawn, for bench/dashboard.py's breakdown of a load.
+const mark = (name) => { if (state.loads === 0) performance.mark("qf:" + name); };
+
 async function loadPanel(question, view) {
   const panels = $$(`.panel[data-question="${question}"]`);
   try {
     const data = await ask(question, view);
+    mark("data:" + question);
     PANELS[question](data);
+    mark("drawn:" + question);
     panels.forEach((p) => { p.dataset.state = "ok"; p.querySelector(".problem")?.remove(); });
     return data;
   } catch (err) {
@@ -341,6 +347,7 @@ async function refresh() {
   clearTimeout(state.timer);
   const view = state.view;
   const started = performance.now();
+  mark("refresh");
   try {
     const operator = ["dead_letters"].filter(() => state.org === null); // operators' panels
     const results = await Promise.all(["limits", ...QUESTIONS, ...operator].map((q) => loadPanel(q, view)));
@@ -373,6 +380,7 @@ function schedule() {
 
 async function signIn(token) {
   const who = await (await request("/v1/whoami", token)).json();
+  mark("signed-in");
   state.token = token;
   state.org = who.org; // null: an operator, who picks the org
   sessionStorage.setItem(TOKEN_KEY, token);
@@ -461,6 +469,7 @@ async function download(question) {
 // ---- wiring -------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
+  mark("start");
   if (window.Chart) {
     window.Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
     window.Chart.defaults.color = "#1b1f24";
