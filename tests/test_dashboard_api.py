@@ -181,3 +181,45 @@ def test_the_build_step_refuses_a_file_that_does_not_match_its_pin(tmp_path, mon
     lock.write_text(f"{'0' * 64}  {tarball}\n{digests[member]}  {member}\n")
     with pytest.raises(vendor.VendorError, match=f"checksum mismatch for {tarball}"):
         vendor.fetch()
+
+
+def test_the_served_api_answers_each_request_of_a_connection_at_once(live_stack, port_base, tmp_path):
+    """Served for real (analytics/server.py), on a keep-alive connection as the page's
+    requests come: the accepted socket has TCP_NODELAY. Without it every answer after the
+    connection's first waited for the client's delayed ACK (~40 ms; headers and body are two
+    writes). Each answer says where its time went (Server-Timing)."""
+    import socket
+
+    from quotaflow.analytics.server import ApiServer
+    from quotaflow.schemas.clickhouse.client import connect
+    from quotaflow.schemas.clickhouse.migrate import migrate
+
+    settings = live_stack.model_copy(update={"clickhouse_url": f"chdb://{tmp_path / 'clickhouse'}",
+                                             "api_port": port_base + 397, "api_tokens": {"tok-ops": "*"}})
+
+    async def go() -> None:
+        engine = connect(settings.clickhouse_url)
+        migrate(engine)
+        server = ApiServer(settings)
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
+                                         headers={"authorization": "Bearer tok-ops"}) as client:
+                answers = [await client.get(path) for path in ("/healthz", "/v1/summary?timeframe=1h", "/v1/limits",
+                                                               "/v1/dead_letters?timeframe=1h")]
+                assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+                connections = server._server.server_state.connections
+                assert len(connections) == 1  # one connection, kept alive
+                for protocol in connections:
+                    sock = protocol.transport.get_extra_info("socket")
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            timing = [r.headers.get("server-timing", "") for r in answers]
+            assert timing[0] == ""
+            assert timing[1].startswith("slot;dur=") and ", query;dur=" in timing[1], timing
+            assert timing[2].startswith("redis;dur=") and timing[3].startswith("kafka;dur="), timing
+        finally:
+            await server.stop()
+            engine.close()
+
+    asyncio.run(go())
+
