@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SCAN_PER_PARTITION = 2000
 READ_TIMEOUT_S = 5.0
+FETCH_MAX_WAIT_MS = 50  # a fetch left in flight after a read delays the next read's offset requests this long at most
 REASON_CHARS = 300
 COLUMNS = ("at", "stage", "field", "reason", "source_topic", "source_partition", "source_offset", "source_index",
            "source_file", "source_file_offset")
@@ -90,7 +91,8 @@ class DeadLetters:
             timeout_ms = int(READ_TIMEOUT_S * 1000)
             self._admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=timeout_ms)
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
-                                              enable_auto_commit=False, request_timeout_ms=timeout_ms)
+                                              enable_auto_commit=False, request_timeout_ms=timeout_ms,
+                                              fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
             await self._admin.start()
             await self._consumer.start()
         return self._consumer, self._admin
@@ -110,7 +112,11 @@ class DeadLetters:
         out = Recent()
         if not tps:
             return out
+        # Paused but while a read needs them: an assigned partition is fetched in the background,
+        # a fetch waits at the broker for records (fetch_max_wait_ms), and the offset requests
+        # of the next read, on the same connection, would wait behind it.
         consumer.assign(tps)
+        consumer.pause(*tps)
         ends = await consumer.end_offsets(tps)
         found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
         pending = {}
@@ -120,6 +126,7 @@ class DeadLetters:
                 start, out.complete = ends[tp] - SCAN_PER_PARTITION, False
             if start < ends[tp]:
                 consumer.seek(tp, start)
+                consumer.resume(tp)
                 pending[tp] = ends[tp]
         deadline = time.monotonic() + READ_TIMEOUT_S
         while pending:
@@ -133,7 +140,9 @@ class DeadLetters:
                         out.rows.append(_row(r.timestamp, r.headers))
             for tp in list(pending):
                 if await consumer.position(tp) >= pending[tp]:
+                    consumer.pause(tp)
                     del pending[tp]
+        consumer.pause(*tps)
         out.rows.sort(key=lambda r: r["at"], reverse=True)
         return out
 
