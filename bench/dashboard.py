@@ -226,14 +226,15 @@ class Breakdown:
     def add(self, timeframe: str, rendered_ms: float, t: dict) -> None:
         marks = t["marks"]
         self._put("phase_html_ms", t["html"])  # navigation start to the page's HTML received
-        self._put("phase_script_start_ms", marks["start"])  # ... to dashboard.js running (DOMContentLoaded)
-        self._put("phase_signin_ms", marks["signed-in"] - marks["start"])  # the whoami round trip
-        self._put("phase_panels_ms", rendered_ms - marks["refresh"])  # every panel asked, answered and drawn
-        drawn = [v for k, v in marks.items() if k.startswith("drawn:")]
-        data = [v for k, v in marks.items() if k.startswith("data:")]
-        self._put("phase_last_answer_to_rendered_ms", rendered_ms - max(data))
-        self._put("phase_draw_total_ms", sum(marks["drawn:" + k[5:]] - v for k, v in marks.items()
-                                             if k.startswith("data:") and "drawn:" + k[5:] in marks))
+        self._put("phase_dom_content_loaded_ms", t["dom"])  # ... to the HTML parsed and its scripts run
+        if marks:  # a page without the marks (an older dashboard.js, for an A/B) has the rest only
+            self._put("phase_script_start_ms", marks["start"])  # ... to dashboard.js running (DOMContentLoaded)
+            self._put("phase_signin_ms", marks["signed-in"] - marks["start"])  # the whoami round trip
+            self._put("phase_panels_ms", rendered_ms - marks["refresh"])  # every panel asked, answered and drawn
+            data = [v for k, v in marks.items() if k.startswith("data:")]
+            self._put("phase_last_answer_to_rendered_ms", rendered_ms - max(data))
+            self._put("phase_draw_total_ms", sum(marks["drawn:" + k[5:]] - v for k, v in marks.items()
+                                                 if k.startswith("data:") and "drawn:" + k[5:] in marks))
         static = [r for r in t["resources"] if "/static/" in r["name"]]
         self._put("static_files", len(static))
         self._put("static_files_revalidated", sum(1 for r in static if 0 < r["transfer"] and r["body"] == 0)
