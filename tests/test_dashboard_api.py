@@ -258,3 +258,33 @@ def test_dead_letters_read_back_leave_nothing_fetching_between_reads(live_stack)
             await producer.stop()
 
     asyncio.run(go())
+
+
+def test_the_pages_files_are_asked_for_by_version_and_kept_by_the_browser(engine, live_stack):
+    """The page names each of its files with its content's version; asked for so, a file is
+    immutable for the browser (no revalidation on every load); asked for otherwise (no or an
+    old version), it is revalidated as before. The page itself is always asked again."""
+    import re
+
+    from quotaflow.analytics.dashboard import STATIC
+
+    app = create_app({"tok": "*"}, retention.wanted_days(live_stack), engine, lambda: engine)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            page = await client.get("/")
+            assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+            named = dict(re.findall(r'(?:src|href)="/static/([^"?]+)\?v=([0-9a-f]{16})"', page.text))
+            assert {"dashboard.js", "dashboard.css"} <= set(named), page.text[:1000]
+            for name, version in named.items():
+                assert version == hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:16], name
+                kept = await client.get(f"/static/{name}?v={version}")
+                assert kept.status_code == 200 and kept.content == (STATIC / name).read_bytes()
+                assert kept.headers["cache-control"] == "public, max-age=31536000, immutable"
+                assert kept.headers["content-security-policy"].startswith("default-src 'none'")
+                for other in (f"/static/{name}", f"/static/{name}?v=0000000000000000"):
+                    asked = await client.get(other)
+                    assert asked.status_code == 200 and asked.headers["cache-control"] == "no-cache", other
+            assert (await client.get("/static/nothing.js?v=0")).status_code == 404
+
+    asyncio.run(go())
