@@ -26,6 +26,18 @@ events (default 10M), from navigation to every panel drawn.
    asks for) on each, alternately: ``latency_merge_tdigest_{30d,24h}_p50_ms`` and
    ``latency_merge_buckets_{30d,24h}_p50_ms``; beside them the same question on the
    endpoint-level rollup the API reads for it (``latency_merge_buckets_endpoint_rollup_...``).
+5. The org-level hour rollup in granules of 8192 rows (as before migration 0010) and of 64
+   (as now), two copies of the same rows: the page's 24-hour summary and latency questions
+   on each, for org-0 and every org, alternately: ``org_rollup_granule_{8192,64}_24h_...``.
+6. Where each load's time went (Breakdown, from the page's marks and the API's
+   Server-Timing headers): the page's phases (``phase_*``), each panel's request and its
+   server phases (``panel_<question>_<timeframe>_...``: ``server_slot`` waiting for a
+   query slot, ``server_query`` the ClickHouse query, ``server_redis``, ``server_kafka``),
+   the static files (revalidated or fetched), the API requests per load and the most in
+   flight at once (``api_parallel_peak``).
+
+BENCH_DASHBOARD_KEEP_DATA=1 keeps the generated events for the next run (migrations added
+since are applied to them; the latency A/B, step 4, is left out then).
 
 Run: QUOTAFLOW_BENCH_PORT_BASE=35000 .venv/bin/python bench/dashboard.py
 """
@@ -52,6 +64,9 @@ from quotaflow.schemas.clickhouse.migrate import migrate
 EVENTS = int(os.environ.get("BENCH_DASHBOARD_EVENTS", 10_000_000))
 ROUNDS = int(os.environ.get("BENCH_DASHBOARD_ROUNDS", 20))
 TOKEN = "bench-dashboard-token"
+# Keep the generated events for the next run (its time goes to the page, not to generating
+# them again); migrations added since are applied to them. Off by default: every run alike.
+KEEP_DATA = os.environ.get("BENCH_DASHBOARD_KEEP_DATA") == "1"
 
 
 def log(msg: str) -> None:
@@ -119,6 +134,51 @@ def ab_latency_merge(url: str) -> None:
         client.close()
 
 
+def ab_org_granules(url: str) -> None:
+    """The org-level hour rollup in granules of 8192 rows (before migration 0010) and of 64
+    (after it), two copies of the same rows: the 24-hour summary and latency questions the
+    page asks, for org-0 and for every org, on each, alternately (step 5 above)."""
+    from quotaflow.analytics import queries
+    from quotaflow.analytics.scope import Scope
+    from quotaflow.analytics.window import for_timeframe
+    from quotaflow.schemas.clickhouse.tables import ORG_ROLLUPS
+
+    hour = ORG_ROLLUPS[1].name
+    client = connect(url)
+    try:
+        ddl = client.query(f"SHOW CREATE TABLE {hour}").result_rows[0][0]
+        assert "index_granularity = 64" in ddl, ddl  # migration 0010
+        tables = {}
+        for granule in (8192, 64):
+            copy = f"ab_org_{granule}"
+            client.command(f"DROP TABLE IF EXISTS {copy}")
+            client.command(ddl.replace(f".{hour}", f".{copy}", 1).replace(f"TABLE {hour}", f"TABLE {copy}", 1)
+                           .replace("index_granularity = 64", f"index_granularity = {granule}"))
+            client.command(f"INSERT INTO {copy} SELECT * FROM {hour}")
+            tables[granule] = copy
+        now_ms = int(time.time() * 1000)
+        time_range = for_timeframe("24h", now_ms, {t: 3650 for t in ("requests", "requests_1m", "requests_1h")})
+        timed: dict[str, list[float]] = {}
+        for _ in range(AB_ROUNDS):
+            for granule, copy in tables.items():
+                for org in ("org-0", None):
+                    for question in ("summary", "latency"):
+                        query = queries.build(question, Scope.operator(), time_range, queries.Filters(org_id=org))
+                        assert query.table.name == hour, query.table.name
+                        started = time.perf_counter()
+                        client.query(query.sql.replace(f"FROM {hour} ", f"FROM {copy} "), parameters=query.parameters)
+                        name = f"org_rollup_granule_{granule}_24h_{'org0' if org else 'every_org'}_{question}_p50_ms"
+                        timed.setdefault(name, []).append((time.perf_counter() - started) * 1000)
+        for name, values in timed.items():
+            harness.report(name, statistics.median(values), "ms")
+        log(f"A/B org rollup granules: {client.query(f'SELECT count() FROM {hour}').result_rows[0][0]} rows of "
+            f"{hour} in each copy, {AB_ROUNDS} rounds each, alternately")
+        for copy in tables.values():
+            client.command(f"DROP TABLE {copy}")
+    finally:
+        client.close()
+
+
 def serve_api(settings) -> subprocess.Popen:
     env = {**os.environ, "QUOTAFLOW_API_TOKENS": orjson.dumps({TOKEN: "*"}).decode()}
     log_file = open(settings.state_dir / "api.log", "wb")
@@ -137,12 +197,84 @@ def serve_api(settings) -> subprocess.Popen:
         time.sleep(0.1)
 
 
+# What one load left in the page's performance timeline: the navigation, the page's own
+# marks (dashboard.js mark(): start, signed-in, refresh, data:Q and drawn:Q per panel), and
+# every resource with its Server-Timing phases.
+LOAD_ENTRIES = """(() => {
+  const nav = performance.getEntriesByType('navigation')[0];
+  const marks = Object.fromEntries(performance.getEntriesByType('mark')
+    .filter(m => m.name.startsWith('qf:')).map(m => [m.name.slice(3), m.startTime]));
+  const resources = performance.getEntriesByType('resource').map(e => ({
+    name: e.name, start: e.startTime, requestStart: e.requestStart, responseStart: e.responseStart,
+    end: e.responseEnd, transfer: e.transferSize, body: e.encodedBodySize,
+    server: Object.fromEntries((e.serverTiming || []).map(t => [t.name, t.duration]))}));
+  return {html: nav.responseEnd, dom: nav.domContentLoadedEventEnd, marks, resources};
+})()"""
+
+
+class Breakdown:
+    """Where each load's time went (the extra ``name: value unit`` lines): the page's
+    phases, each panel's request (browser to last byte) and its server phases, the
+    static files (fetched, revalidated or cached), and how many API requests ran at once."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def _put(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def add(self, timeframe: str, rendered_ms: float, t: dict) -> None:
+        marks = t["marks"]
+        self._put("phase_html_ms", t["html"])  # navigation start to the page's HTML received
+        self._put("phase_dom_content_loaded_ms", t["dom"])  # ... to the HTML parsed and its scripts run
+        if marks:  # a page without the marks (an older dashboard.js, for an A/B) has the rest only
+            self._put("phase_script_start_ms", marks["start"])  # ... to dashboard.js running (DOMContentLoaded)
+            self._put("phase_signin_ms", marks["signed-in"] - marks["start"])  # the whoami round trip
+            self._put("phase_panels_ms", rendered_ms - marks["refresh"])  # every panel asked, answered and drawn
+            data = [v for k, v in marks.items() if k.startswith("data:")]
+            self._put("phase_last_answer_to_rendered_ms", rendered_ms - max(data))
+            self._put("phase_draw_total_ms", sum(marks["drawn:" + k[5:]] - v for k, v in marks.items()
+                                                 if k.startswith("data:") and "drawn:" + k[5:] in marks))
+        static = [r for r in t["resources"] if "/static/" in r["name"]]
+        self._put("static_files", len(static))
+        self._put("static_files_revalidated", sum(1 for r in static if 0 < r["transfer"] and r["body"] == 0)
+                  + sum(1 for r in static if r["transfer"] > 0 and r["body"] > 0 and r["transfer"] < 1000))
+        self._put("static_files_fetched", sum(1 for r in static if r["transfer"] >= 1000))
+        self._put("static_last_end_ms", max((r["end"] for r in static), default=0))
+        api = [r for r in t["resources"] if "/v1/" in r["name"] and r["end"] <= rendered_ms + 1]
+        self._put("api_requests", len(api))
+        # The most API requests in flight at once (browser side: fetch start to last byte).
+        edges = sorted([(r["start"], 1) for r in api] + [(r["end"], -1) for r in api])
+        peak = now = 0
+        for _, step in edges:
+            now += step
+            peak = max(peak, now)
+        self._put("api_parallel_peak", peak)
+        for r in api:
+            path = r["name"].split("/v1/", 1)[1].split("?", 1)[0]
+            self._put(f"panel_{path}_{timeframe}_ms", r["end"] - r["start"])
+            for phase, ms in r["server"].items():
+                self._put(f"panel_{path}_{timeframe}_server_{phase}_ms", ms)
+
+    def report(self) -> None:
+        for name in sorted(self.values):
+            values = self.values[name]
+            if len(values) < 2:
+                continue
+            unit = "ms" if name.endswith("_ms") else "count"
+            base = name.removesuffix("_ms")
+            harness.report(f"{base}_p50" + ("_ms" if unit == "ms" else ""), percentile(values, 0.50), unit)
+            if unit == "ms":
+                harness.report(f"{base}_p95_ms", percentile(values, 0.95), unit)
+
+
 def measure(base: str) -> None:
     from playwright.sync_api import sync_playwright
 
     chromium = ensure_command("chromium", "chromium")
     loads: dict[str, list[float]] = {"24h": [], "30d": []}
     queries: list[float] = []
+    breakdown = Breakdown()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -172,6 +304,7 @@ def measure(base: str) -> None:
                         loads[timeframe].append(float(ms))
                         queries += page.evaluate("""performance.getEntriesByType('resource')
                             .filter(e => e.name.includes('/v1/')).map(e => e.responseEnd - e.requestStart)""")
+                        breakdown.add(timeframe, float(ms), page.evaluate(LOAD_ENTRIES))
         finally:
             browser.close()
     every = loads["24h"] + loads["30d"]
@@ -184,22 +317,41 @@ def measure(base: str) -> None:
     harness.report("panel_query_p50_ms", percentile(queries, 0.50), "ms")
     harness.report("panel_query_p95_ms", percentile(queries, 0.95), "ms")
     harness.report("page_only_load_p50_ms", percentile(page_only, 0.50), "ms")
+    breakdown.report()
     log(f"{len(every)} loads ({ROUNDS} rounds x 24h/30d x org-0/every org), {len(queries)} API requests, "
         f"{EVENTS} events")
     log(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
+def stored_events(url: str) -> int:
+    client = connect(url)
+    try:
+        started = time.perf_counter()
+        if applied := migrate(client):  # what is new since the events were generated, applied to them as to a live store
+            log(f"migrations {applied} applied to the stored events in {time.perf_counter() - started:.1f} s")
+        return client.query("SELECT count() FROM requests").result_rows[0][0]
+    finally:
+        client.close()
+
+
 def main() -> None:
     settings = harness.get_settings()
     stack.down(settings)
-    shutil.rmtree(settings.state_dir, ignore_errors=True)
-    settings.state_dir.mkdir(parents=True)
+    keep = KEEP_DATA and (settings.state_dir / "clickhouse").is_dir()
+    if not keep:
+        shutil.rmtree(settings.state_dir, ignore_errors=True)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     stack.up(settings)  # Redis (limits) and Kafka (dead letters): panels of the page too
     api = None
     try:
-        log(f"generating {EVENTS} events")
-        generate(settings.clickhouse_url, EVENTS)
-        ab_latency_merge(settings.clickhouse_url)
+        if keep and stored_events(settings.clickhouse_url) == EVENTS:
+            log(f"reusing the {EVENTS} events of an earlier run (BENCH_DASHBOARD_KEEP_DATA)")
+        else:
+            shutil.rmtree(settings.state_dir / "clickhouse", ignore_errors=True)
+            log(f"generating {EVENTS} events")
+            generate(settings.clickhouse_url, EVENTS)
+            ab_latency_merge(settings.clickhouse_url)
+        ab_org_granules(settings.clickhouse_url)
         api = serve_api(settings)
         measure(f"http://127.0.0.1:{settings.api_port}")
     finally:

@@ -181,3 +181,110 @@ def test_the_build_step_refuses_a_file_that_does_not_match_its_pin(tmp_path, mon
     lock.write_text(f"{'0' * 64}  {tarball}\n{digests[member]}  {member}\n")
     with pytest.raises(vendor.VendorError, match=f"checksum mismatch for {tarball}"):
         vendor.fetch()
+
+
+def test_the_served_api_answers_each_request_of_a_connection_at_once(live_stack, port_base, tmp_path):
+    """Served for real (analytics/server.py), on a keep-alive connection as the page's
+    requests come: the accepted socket has TCP_NODELAY. Without it every answer after the
+    connection's first waited for the client's delayed ACK (~40 ms; headers and body are two
+    writes). Each answer says where its time went (Server-Timing)."""
+    import socket
+
+    from quotaflow.analytics.server import ApiServer
+    from quotaflow.schemas.clickhouse.client import connect
+    from quotaflow.schemas.clickhouse.migrate import migrate
+
+    settings = live_stack.model_copy(update={"clickhouse_url": f"chdb://{tmp_path / 'clickhouse'}",
+                                             "api_port": port_base + 397, "api_tokens": {"tok-ops": "*"}})
+
+    async def go() -> None:
+        engine = connect(settings.clickhouse_url)
+        migrate(engine)
+        server = ApiServer(settings)
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}",
+                                         headers={"authorization": "Bearer tok-ops"}) as client:
+                answers = [await client.get(path) for path in ("/healthz", "/v1/summary?timeframe=1h", "/v1/limits",
+                                                               "/v1/dead_letters?timeframe=1h")]
+                assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+                connections = server._server.server_state.connections
+                assert len(connections) == 1  # one connection, kept alive
+                for protocol in connections:
+                    sock = protocol.transport.get_extra_info("socket")
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            timing = [r.headers.get("server-timing", "") for r in answers]
+            assert timing[0] == ""
+            assert timing[1].startswith("slot;dur=") and ", query;dur=" in timing[1], timing
+            assert timing[2].startswith("redis;dur=") and timing[3].startswith("kafka;dur="), timing
+        finally:
+            await server.stop()
+            engine.close()
+
+    asyncio.run(go())
+
+
+def test_dead_letters_read_back_leave_nothing_fetching_between_reads(live_stack):
+    """The dead-letter reader's partitions are paused whenever it is not reading: an assigned
+    partition is fetched in the background, each fetch waiting at the broker for records
+    (fetch_max_wait_ms), and the next read's offset requests, on the same connection, waited
+    behind it (200-500 ms a read, measured). Every record is still read, read after read."""
+    from aiokafka import AIOKafkaProducer
+
+    from quotaflow.analytics.dashboard.dead_letters import DeadLetters
+    from quotaflow.schemas import deadletter
+    from quotaflow.schemas.topics import DEAD_LETTER_TOPIC
+
+    reason = unique("status: refused in a test")
+
+    async def go() -> None:
+        since = int(time.time() * 1000) - 1000
+        producer = AIOKafkaProducer(bootstrap_servers=live_stack.kafka_bootstrap)
+        reader = DeadLetters(live_stack.kafka_bootstrap)
+        await producer.start()
+        try:
+            sent = 0
+            for n in (3, 5, 0):
+                for _ in range(n):
+                    await producer.send_and_wait(DEAD_LETTER_TOPIC, b"{}", headers=[
+                        (deadletter.HEADER_REASON, reason.encode()), (deadletter.HEADER_STAGE, b"processor")])
+                sent += n
+                recent = await reader.read(since)
+                assert sum(r["reason"] == reason for r in recent.rows) == sent and recent.complete
+                consumer = reader._consumer
+                assert consumer.assignment() and consumer.paused() == consumer.assignment()
+        finally:
+            await reader.close()
+            await producer.stop()
+
+    asyncio.run(go())
+
+
+def test_the_pages_files_are_asked_for_by_version_and_kept_by_the_browser(engine, live_stack):
+    """The page names each of its files with its content's version; asked for so, a file is
+    immutable for the browser (no revalidation on every load); asked for otherwise (no or an
+    old version), it is revalidated as before. The page itself is always asked again."""
+    import re
+
+    from quotaflow.analytics.dashboard import STATIC
+
+    app = create_app({"tok": "*"}, retention.wanted_days(live_stack), engine, lambda: engine)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            page = await client.get("/")
+            assert page.status_code == 200 and page.headers["cache-control"] == "no-cache"
+            named = dict(re.findall(r'(?:src|href)="/static/([^"?]+)\?v=([0-9a-f]{16})"', page.text))
+            assert {"dashboard.js", "dashboard.css"} <= set(named), page.text[:1000]
+            for name, version in named.items():
+                assert version == hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:16], name
+                kept = await client.get(f"/static/{name}?v={version}")
+                assert kept.status_code == 200 and kept.content == (STATIC / name).read_bytes()
+                assert kept.headers["cache-control"] == "public, max-age=31536000, immutable"
+                assert kept.headers["content-security-policy"].startswith("default-src 'none'")
+                for other in (f"/static/{name}", f"/static/{name}?v=0000000000000000"):
+                    asked = await client.get(other)
+                    assert asked.status_code == 200 and asked.headers["cache-control"] == "no-cache", other
+            assert (await client.get("/static/nothing.js?v=0")).status_code == 404
+
+    asyncio.run(go())

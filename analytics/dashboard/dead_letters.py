@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from quotaflow.analytics.scope import Scope
+from quotaflow.analytics.timing import server_timing
 from quotaflow.analytics.window import TIMEFRAMES
 from quotaflow.schemas import deadletter
 from quotaflow.schemas.ids import show
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SCAN_PER_PARTITION = 2000
 READ_TIMEOUT_S = 5.0
+FETCH_MAX_WAIT_MS = 50  # a fetch left in flight after a read delays the next read's offset requests this long at most
 REASON_CHARS = 300
 COLUMNS = ("at", "stage", "field", "reason", "source_topic", "source_partition", "source_offset", "source_index",
            "source_file", "source_file_offset")
@@ -89,7 +91,8 @@ class DeadLetters:
             timeout_ms = int(READ_TIMEOUT_S * 1000)
             self._admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, request_timeout_ms=timeout_ms)
             self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
-                                              enable_auto_commit=False, request_timeout_ms=timeout_ms)
+                                              enable_auto_commit=False, request_timeout_ms=timeout_ms,
+                                              fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
             await self._admin.start()
             await self._consumer.start()
         return self._consumer, self._admin
@@ -109,7 +112,11 @@ class DeadLetters:
         out = Recent()
         if not tps:
             return out
+        # Paused but while a read needs them: an assigned partition is fetched in the background,
+        # a fetch waits at the broker for records (fetch_max_wait_ms), and the offset requests
+        # of the next read, on the same connection, would wait behind it.
         consumer.assign(tps)
+        consumer.pause(*tps)
         ends = await consumer.end_offsets(tps)
         found = await consumer.offsets_for_times({tp: since_ms for tp in tps})
         pending = {}
@@ -119,6 +126,7 @@ class DeadLetters:
                 start, out.complete = ends[tp] - SCAN_PER_PARTITION, False
             if start < ends[tp]:
                 consumer.seek(tp, start)
+                consumer.resume(tp)
                 pending[tp] = ends[tp]
         deadline = time.monotonic() + READ_TIMEOUT_S
         while pending:
@@ -132,7 +140,9 @@ class DeadLetters:
                         out.rows.append(_row(r.timestamp, r.headers))
             for tp in list(pending):
                 if await consumer.position(tp) >= pending[tp]:
+                    consumer.pause(tp)
                     del pending[tp]
+        consumer.pause(*tps)
         out.rows.sort(key=lambda r: r["at"], reverse=True)
         return out
 
@@ -170,7 +180,10 @@ def routes(authorize: Callable[[Request], Scope | str], reader: DeadLetters | No
             return error(503, "dead letters are not available in this process (no Kafka configured)")
         now_ms = int(clock() * 1000)
         try:
-            return await reader.read(now_ms - TIMEFRAMES[timeframe]), now_ms - TIMEFRAMES[timeframe], now_ms
+            started = time.perf_counter()
+            found = await reader.read(now_ms - TIMEFRAMES[timeframe])
+            request.state.timing = server_timing(kafka=time.perf_counter() - started)
+            return found, now_ms - TIMEFRAMES[timeframe], now_ms
         except (KafkaError, OSError, asyncio.TimeoutError) as exc:
             log.warning("dead letters not read", extra={"error": repr(exc)[:300]})
             return error(503, "Kafka did not answer; dead letters are not available right now")
@@ -184,7 +197,8 @@ def routes(authorize: Callable[[Request], Scope | str], reader: DeadLetters | No
         return JSONResponse({"question": "dead_letters", "source": DEAD_LETTER_TOPIC, "from": _iso(start),
                              "to": _iso(end), "complete": r.complete, "total": len(r.rows),
                              "by_reason": [{"stage": s, "field": f, "count": n} for (s, f), n in by.most_common()],
-                             "columns": list(COLUMNS), "rows": r.rows[:1000]})
+                             "columns": list(COLUMNS), "rows": r.rows[:1000]},
+                            headers={"server-timing": request.state.timing})
 
     async def as_csv(request: Request) -> Response:
         got = await recent(request)

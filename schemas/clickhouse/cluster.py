@@ -17,7 +17,10 @@ names they use on one server:
 
 Materialized views run on each shard, from local table to local table. Views read the
 Distributed tables. Backfills (INSERT ... SELECT of rows stored before a migration) have
-nothing to do on a new cluster and are left out, named in a comment.
+nothing to do on a new cluster and are left out, named in a comment. A table that a later
+migration drops and creates again (another granule size: 0010) is dropped on the cluster
+too, the Distributed table before the shards' tables, and created again as that migration
+writes it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _VIEW = re.compile(r"^CREATE VIEW IF NOT EXISTS (\w+)\s+AS\s+(.*)$", re.S)
 _INSERT = re.compile(r"^INSERT INTO (\w+)")
 _UPDATE = re.compile(r"^ALTER TABLE (\w+)\s+UPDATE\b")
 _DROP_VIEW = re.compile(r"^DROP VIEW IF EXISTS (\w+)$")
+_DROP_TABLE = re.compile(r"^DROP TABLE IF EXISTS (\w+)$")
 
 
 class UnknownStatement(ValueError):
@@ -113,6 +117,12 @@ def _convert(stmt: str, cluster: str, tables: set[str]) -> list[str]:
                 + _local_names(select, tables)]
     if m := _DROP_VIEW.match(stmt):  # a view replaced by a later migration
         return [f"DROP VIEW IF EXISTS {m.group(1)} ON CLUSTER {cluster}"]
+    if m := _DROP_TABLE.match(stmt):  # a table created again by a later migration (another layout)
+        name = m.group(1)
+        if name not in tables:
+            raise UnknownStatement(f"DROP TABLE {name}: not a table of the migrations")
+        tables.discard(name)
+        return [f"DROP TABLE IF EXISTS {name} ON CLUSTER {cluster}", f"DROP TABLE IF EXISTS {name}{LOCAL} ON CLUSTER {cluster}"]
     if m := _VIEW.match(stmt):
         view, select = m.groups()
         return [f"CREATE VIEW IF NOT EXISTS {view} ON CLUSTER {cluster} AS {select}"]
