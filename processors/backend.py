@@ -128,9 +128,6 @@ class RedisBackend:
                     fields += [window_field(label), encode_buckets(b)]
             if w.decision is not None:
                 fields += w.decision.redis_fields()
-                fields += ["org_id", w.org_id]
-                if w.api_key_id is not None:
-                    fields += ["api_key_id", w.api_key_id]
             applied = "" if w.buckets is None or w.applied is None else applied_place(*w.applied)
             by_org.setdefault(w.org_id, []).append([usage_key(w.org_id, w.api_key_id),
                                                     reservations_key(w.org_id, w.api_key_id), fields, w.released,

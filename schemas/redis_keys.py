@@ -5,9 +5,9 @@ call touches a single slot:
 
     qf:v1:{org}:org                  HASH  tier                     operators (quotaflow org set-tier)
     qf:v1:{org}:overrides:{key}      HASH  <window label> -> limit  operators (quotaflow key set-limit)
-    qf:v1:{org}:usage:key:{key}      HASH  w:<label> counts + the key's Decision summary
-                                           (Decision.redis_fields) + org_id, api_key_id + applied
-    qf:v1:{org}:usage:org            HASH  w:<label> counts + the org's Decision summary + org_id + applied
+    qf:v1:{org}:usage:key:{key}      HASH  w:<label> counts + decision: the key's Decision summary
+                                           (Decision.redis_fields, one JSON field) + applied
+    qf:v1:{org}:usage:org            HASH  w:<label> counts + decision: the org's + applied
                                            (processors write them, gateways check the counts;
                                            expire after the longest window; applied: the place,
                                            partition:position, of the last event the counts
@@ -52,7 +52,10 @@ A window's counts are buckets "start:count,start:count" (start in epoch ms).
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
+
+import orjson
 
 PREFIX = "qf:v1:"
 ENFORCEMENT_KEY = PREFIX + "enforcement"
@@ -61,7 +64,9 @@ ENFORCEMENT_OFF = "off"
 ORG_TIER_FIELD = "tier"
 WINDOW_FIELD_PREFIX = "w:"
 APPLIED_FIELD = "applied"  # of a usage hash: "partition:position" (zero-padded) of the counts' last event
+DECISION_FIELD = "decision"  # of a usage hash: Decision.redis_fields
 USAGE_KEY_PATTERN = PREFIX + "{*}:usage:key:*"
+_USAGE = re.compile(re.escape(PREFIX) + r"\{([^}]+)\}:usage:(?:org|key:(.+))")
 
 
 def _org(org_id: str) -> str:
@@ -100,6 +105,12 @@ def overrides_key(org_id: str, api_key_id: str) -> str:
 def usage_key(org_id: str, api_key_id: str | None = None) -> str:
     """The key's usage hash, or the org's when api_key_id is None."""
     return _org(org_id) + ("usage:org" if api_key_id is None else "usage:key:" + api_key_id)
+
+
+def usage_subject(name: str) -> tuple[str, str | None] | None:
+    """(org_id, api_key_id or None for the org's) of a usage_key name; None for any other name."""
+    m = _USAGE.fullmatch(name)
+    return (m.group(1), m.group(2)) if m else None
 
 
 def reservations_key(org_id: str, api_key_id: str | None = None) -> str:
@@ -216,18 +227,21 @@ class Decision(NamedTuple):
         return max(1, -(-(self.reset_ms - self.now_ms) // 1000))
 
     def redis_fields(self) -> list[str]:
-        """Field, value, field, value, ... as the usage hash holds them (from_redis reads them)."""
-        return ["allowed", "1" if self.allowed else "0", "tier", self.tier, "limit", str(self.limit),
-                "remaining", str(self.remaining), "reset_ms", str(self.reset_ms), "window", self.window,
-                "denied_by", self.denied_by, "updated_ms", str(self.now_ms)]
+        """The usage hash's field and value for it: one field, a JSON array (from_redis reads it).
+        One field, not one per attribute: the processors write it for every subject of every
+        batch, and each field costs the write script as much as a window's counts."""
+        return [DECISION_FIELD, orjson.dumps([self.allowed, self.tier, self.limit, self.remaining, self.reset_ms,
+                                              self.window, self.denied_by, self.now_ms]).decode()]
 
     @classmethod
-    def from_redis(cls, raw: dict[bytes | str, bytes | str]) -> "Decision":
-        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in raw.items()}
-        return cls(allowed=d["allowed"] == "1", tier=d["tier"], limit=int(d["limit"]),
-                   remaining=int(d["remaining"]), reset_ms=int(d["reset_ms"]), window=d["window"],
-                   denied_by=d["denied_by"], now_ms=int(d["updated_ms"]))
+    def from_redis(cls, raw: dict[bytes | str, bytes | str]) -> "Decision | None":
+        """The decision a usage hash (HGETALL) holds; None when it holds none yet."""
+        value = raw.get(DECISION_FIELD.encode(), raw.get(DECISION_FIELD))
+        if value is None:
+            return None
+        allowed, tier, limit, remaining, reset_ms, window, denied_by, now_ms = orjson.loads(value)
+        return cls(allowed=allowed, tier=tier, limit=limit, remaining=remaining, reset_ms=reset_ms, window=window,
+                   denied_by=denied_by, now_ms=now_ms)
 
     def denies_at(self, now_ms: int) -> bool:
         """A stored deny only holds until its window frees a unit."""

@@ -255,8 +255,7 @@ def counted(redis_client, org_id: str, api_key_id: str | None, at_ms: int, label
 def decision(redis_client, org_id: str, api_key_id: str):
     from quotaflow.schemas.redis_keys import Decision
 
-    raw = redis_client.hgetall(usage_key(org_id, api_key_id))
-    return Decision.from_redis(raw) if b"allowed" in raw else None
+    return Decision.from_redis(redis_client.hgetall(usage_key(org_id, api_key_id)))
 
 
 def stray_keys(redis_client, pairs: list[tuple[str, str]]) -> list[str]:

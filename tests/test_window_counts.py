@@ -7,7 +7,15 @@ from quotaflow.processors.decisions import decide, org_windows
 from quotaflow.processors.window_counts import COUNTED, LATE, REDELIVERED, apply_event
 from quotaflow.schemas.limits import window_count, window_reset
 from quotaflow.schemas.limits import DEFAULT_TIER_LIMITS, SUBJECT_KEY, SUBJECT_ORG, Policy, Window, policy_from_settings
-from quotaflow.schemas.redis_keys import Decision, WindowUsage
+from quotaflow.schemas.redis_keys import (
+    APPLIED_FIELD,
+    Decision,
+    WindowUsage,
+    org_key,
+    reservations_key,
+    usage_key,
+    usage_subject,
+)
 from quotaflow.schemas.tiers import Tier
 
 MIN, HOUR, DAY = Window(60), Window(3600), Window(86400)
@@ -103,6 +111,24 @@ def test_the_binding_window_is_the_last_to_free_of_those_denying_else_the_neares
     assert d.denied_by == (binding.name if denying else "")
     assert (d.limit, d.reset_ms) == ((binding.limit, binding.reset_ms) if binding else (0, now))
     assert d.remaining == (0 if not allowed or binding is None else binding.remaining)
+
+
+@hypothesis.given(st.booleans(), st.text(max_size=20), st.integers(0, 2**40), st.integers(0, 2**40),
+                  st.integers(0, 2**53), st.text(max_size=30), st.text(max_size=30), st.integers(0, 2**53))
+def test_the_durable_decision_reads_back_from_its_usage_hash_as_written(allowed, tier, limit, remaining, reset_ms,
+                                                                         window, denied_by, now_ms):
+    d = Decision(allowed=allowed, tier=tier, limit=limit, remaining=remaining, reset_ms=reset_ms, window=window,
+                 denied_by=denied_by, now_ms=now_ms)
+    field, value = d.redis_fields()
+    as_redis_answers = {field.encode(): value, b"w:60s": b"1:1", APPLIED_FIELD.encode(): b"0:1"}  # HGETALL: bytes
+    assert Decision.from_redis(as_redis_answers) == d
+    assert Decision.from_redis({b"w:60s": b"1:1"}) is None  # counts, no decision yet
+
+
+def test_usage_hash_names_read_back_as_their_subjects():
+    assert usage_subject(usage_key("acme", "key-1")) == ("acme", "key-1")
+    assert usage_subject(usage_key("acme")) == ("acme", None)
+    assert usage_subject(org_key("acme")) is None and usage_subject(reservations_key("acme", "k")) is None
 
 
 def test_overrides_replace_the_tier_limit_of_the_key_only():

@@ -14,7 +14,6 @@ cut short by a bound says so (``complete: false``) rather than pretend to be who
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from quotaflow.schemas.redis_keys import (
     overrides_key,
     reservations_key,
     usage_key,
+    usage_subject,
     window_field,
 )
 
@@ -40,7 +40,6 @@ COLUMNS = ("org_id", "api_key_id", "subject", "tier", "window", "limit", "used",
 MAX_SCANNED = 200_000  # keys SCAN may look at for one answer
 MAX_SUBJECTS = 2_000  # usage hashes read for one answer
 MAX_SECONDS = 1.0  # time SCAN may take for one answer
-_USAGE = re.compile(re.escape(PREFIX) + r"\{([^}]+)\}:usage:(?:org|key:(.+))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +79,11 @@ class LiveLimits:
             cursor, keys = await self._redis.scan(cursor, match=pattern, count=1000)
             scanned += 1000
             for raw in keys:
-                m = _USAGE.fullmatch(raw.decode())
-                if m:
-                    found.add((m.group(1), m.group(2)))
+                subject = usage_subject(raw.decode())
+                if subject:
+                    found.add(subject)
                     if api_key_id is not None:
-                        found.add((m.group(1), None))  # the key's org, beside it
+                        found.add((subject[0], None))  # the key's org, beside it
             if cursor == 0:
                 return sorted(found, key=lambda s: (s[0], s[1] or "")), True
             if len(found) >= MAX_SUBJECTS or scanned >= MAX_SCANNED or time.monotonic() > deadline:

@@ -57,8 +57,8 @@ def run_key(args: argparse.Namespace, settings: Settings) -> int:
     overrides = parse_overrides(client.hgetall(key))
     print(f"{args.org_id}/{args.api_key_id} overrides: {overrides or 'none (tier limits apply)'}")
     if args.action == "show":
-        raw = client.hgetall(usage_key(args.org_id, args.api_key_id))
-        print(f"  decision: {Decision.from_redis(raw) if raw else 'none yet (no events counted)'}")
+        decision = Decision.from_redis(client.hgetall(usage_key(args.org_id, args.api_key_id)))
+        print(f"  decision: {decision or 'none yet (no events counted)'}")
     return 0
 
 
