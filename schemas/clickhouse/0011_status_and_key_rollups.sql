@@ -14,14 +14,11 @@
 -- the raw table's.
 --
 -- Filled from the API-key-level rollup of the same grain (whose sums merge exactly into these),
--- as 0010 filled the org rollups: each table dropped and filled again whole if the migration
--- runs again after a failure; the sink applies migrations before it consumes. Granules of 256
+-- as 0009 filled the endpoint rollups: before the views exist, with tokens that make a retry
+-- after a failed migration drop the blocks that had already landed; the sink applies
+-- migrations before it consumes. Granules of 256
 -- rows: a day of one org is 24 x a few status codes or keys here. `quotaflow db migrate` (and
 -- the sink at start) sets the TTLs from the retention settings again (retention.py).
-
-DROP VIEW IF EXISTS requests_status_1h_mv;
-
-DROP TABLE IF EXISTS requests_status_1h;
 
 CREATE TABLE IF NOT EXISTS requests_status_1h
 (
@@ -39,7 +36,7 @@ ORDER BY (org_id, bucket, status)
 TTL bucket + INTERVAL 365 DAY
 SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 256;
 
-INSERT INTO requests_status_1h
+INSERT INTO requests_status_1h SETTINGS insert_deduplication_token = '0011_status_and_key_rollups:requests_status_1h'
 SELECT bucket, org_id, status, sum(requests), sum(errors), sum(request_bytes), sum(response_bytes)
 FROM requests_1h
 GROUP BY bucket, org_id, status;
@@ -49,10 +46,6 @@ SELECT toStartOfHour(toDateTime(event_time)) AS bucket, org_id, status, count() 
        sum(request_bytes) AS request_bytes, sum(response_bytes) AS response_bytes
 FROM requests
 GROUP BY bucket, org_id, status;
-
-DROP VIEW IF EXISTS requests_key_1h_mv;
-
-DROP TABLE IF EXISTS requests_key_1h;
 
 CREATE TABLE IF NOT EXISTS requests_key_1h
 (
@@ -71,7 +64,7 @@ ORDER BY (org_id, bucket, api_key_id)
 TTL bucket + INTERVAL 365 DAY
 SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 256;
 
-INSERT INTO requests_key_1h
+INSERT INTO requests_key_1h SETTINGS insert_deduplication_token = '0011_status_and_key_rollups:requests_key_1h'
 SELECT bucket, org_id, api_key_id, sum(requests), sum(errors), sumIf(requests, status = 429), sum(request_bytes),
        sum(response_bytes)
 FROM requests_1h
@@ -82,10 +75,6 @@ SELECT toStartOfHour(toDateTime(event_time)) AS bucket, org_id, api_key_id, coun
        countIf(status = 429) AS denials, sum(request_bytes) AS request_bytes, sum(response_bytes) AS response_bytes
 FROM requests
 GROUP BY bucket, org_id, api_key_id;
-
-DROP VIEW IF EXISTS requests_status_1d_mv;
-
-DROP TABLE IF EXISTS requests_status_1d;
 
 CREATE TABLE IF NOT EXISTS requests_status_1d
 (
@@ -103,7 +92,7 @@ ORDER BY (org_id, bucket, status)
 TTL bucket + INTERVAL 1095 DAY
 SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 256;
 
-INSERT INTO requests_status_1d
+INSERT INTO requests_status_1d SETTINGS insert_deduplication_token = '0011_status_and_key_rollups:requests_status_1d'
 SELECT bucket, org_id, status, sum(requests), sum(errors), sum(request_bytes), sum(response_bytes)
 FROM requests_1d
 GROUP BY bucket, org_id, status;
@@ -113,10 +102,6 @@ SELECT toStartOfDay(toDateTime(event_time)) AS bucket, org_id, status, count() A
        sum(request_bytes) AS request_bytes, sum(response_bytes) AS response_bytes
 FROM requests
 GROUP BY bucket, org_id, status;
-
-DROP VIEW IF EXISTS requests_key_1d_mv;
-
-DROP TABLE IF EXISTS requests_key_1d;
 
 CREATE TABLE IF NOT EXISTS requests_key_1d
 (
@@ -135,7 +120,7 @@ ORDER BY (org_id, bucket, api_key_id)
 TTL bucket + INTERVAL 1095 DAY
 SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 256;
 
-INSERT INTO requests_key_1d
+INSERT INTO requests_key_1d SETTINGS insert_deduplication_token = '0011_status_and_key_rollups:requests_key_1d'
 SELECT bucket, org_id, api_key_id, sum(requests), sum(errors), sumIf(requests, status = 429), sum(request_bytes),
        sum(response_bytes)
 FROM requests_1d
