@@ -309,3 +309,45 @@ def test_org_rollups_created_again_in_small_granules_keep_every_figure_and_the_m
     store(Writer(engine), new, tiers, first_offset=5000)
     for t in ORG_ROLLUPS:
         assert stored_org_groups(engine, t.name) == expected_org_groups(old + new, t.grain_ms // 1000, tiers), t.name
+
+
+def test_questions_about_every_org_read_the_projections_and_answer_as_the_rows_do(engine):
+    """0012: the org- and endpoint-level rollups keep a projection without org; an operator's
+    question about every org reads it, with the answer the rows give, after inserts (a part
+    each) and after merges (the projection rebuilt)."""
+    from quotaflow.analytics import queries
+    from quotaflow.analytics.scope import Scope
+    from quotaflow.analytics.window import for_timeframe
+
+    migrate(engine)
+    for table in ORG_ROLLUPS + ENDPOINT_ROLLUPS:
+        ddl = engine.query(f"SHOW CREATE TABLE {table.name}").result_rows[0][0]
+        assert "PROJECTION every_org" in ddl and "deduplicate_merge_projection_mode = 'rebuild'" in ddl, ddl
+    tiers = {"acme": "FREE", "globex": "ENTERPRISE"}
+    evs = events(2000, seed=21) + events(1000, seed=22, org="globex")
+    writer = Writer(engine)
+    now_ms = int(time.time() * 1000)
+    retention_days = {t.name: 3650 for t in TABLES}
+    bounds = queries.Bounds().settings()
+
+    def compare(read_projection: bool) -> None:
+        for timeframe in ("1h", "24h", "7d", "30d"):
+            time_range = for_timeframe(timeframe, now_ms, retention_days)
+            for question in sorted(queries.ORG_LEVEL | queries.ENDPOINT_LEVEL):
+                q = queries.build(question, Scope.operator(), time_range, limit=1000)
+                answers = [engine.query(q.sql, parameters=q.parameters,
+                                        settings={**bounds, "optimize_use_projections": on}).result_rows
+                           for on in (0, 1)]
+                assert answers[0] == answers[1], (timeframe, question)
+                if read_projection and question in ("summary", "latency", "endpoints"):
+                    plan = "\n".join(r[0] for r in engine.query(f"EXPLAIN {q.sql}", parameters=q.parameters).result_rows)
+                    assert "every_org" in plan, (timeframe, question, plan)
+
+    store(writer, evs[:1500], tiers)
+    store(writer, evs[1500:], tiers, first_offset=1500)
+    compare(read_projection=True)
+    for table in ORG_ROLLUPS + ENDPOINT_ROLLUPS:
+        engine.command(f"OPTIMIZE TABLE {table.name} FINAL")
+    compare(read_projection=True)
+    store(writer, events(500, seed=23, org="globex"), tiers, first_offset=5000)
+    compare(read_projection=False)
