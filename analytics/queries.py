@@ -28,13 +28,15 @@ from quotaflow.schemas.clickhouse.tables import (
     ALERT_HISTORY,
     DAY_MS,
     DENIAL_STATUS,
+    DENIALS_ROLLUPS,
     ENDPOINT_ROLLUP_OF,
     ERROR_MIN_STATUS,
     HOUR_MS,
+    KEY_ROLLUP_OF,
     MINUTE_MS,
     ORG_ROLLUP_OF,
-    ORG_ROLLUPS,
     RAW,
+    STATUS_ROLLUP_OF,
     Table,
 )
 
@@ -58,7 +60,7 @@ class Query:
     parameters: dict[str, Any]
     columns: tuple[str, ...]
     time_range: TimeRange
-    table: Table  # where the answer is read: the time range's table, or the org- or endpoint-level rollup of its grain
+    table: Table  # where the answer is read: the time range's table, or a narrower rollup of its grain (org, endpoint, status, key)
     org_id: str | None  # the org the answer is restricted to (None: every org)
 
 
@@ -68,6 +70,12 @@ ORG_LEVEL = frozenset({"summary", "volume", "latency", "orgs", "tiers"})
 # Questions per endpoint: without an API key filter, the endpoint-level rollup of the time
 # range's grain answers them (an endpoint filter is one of its columns).
 ENDPOINT_LEVEL = frozenset({"endpoints"})
+# Questions that count requests by status code: without an API key or endpoint filter, the
+# status-level rollup of the time range's grain answers them (hour and day grains).
+STATUS_LEVEL = frozenset({"status_series", "status"})
+# Questions that count requests by API key: without an endpoint filter, the key-level rollup
+# of the time range's grain answers them (an API key filter is one of its columns).
+KEY_LEVEL = frozenset({"api_keys", "denials"})
 
 
 class _Source:
@@ -82,7 +90,7 @@ class _Source:
         self.errors = f"countIf(status >= {ERROR_MIN_STATUS})" if raw else "sum(errors)"
         if raw:
             self.denials = f"countIf(status = {DENIAL_STATUS})"
-        elif table in ORG_ROLLUPS:
+        elif table in DENIALS_ROLLUPS:
             self.denials = "sum(denials)"
         else:
             self.denials = f"sumIf(requests, status = {DENIAL_STATUS})"
@@ -299,6 +307,11 @@ def build(question: str, scope: Scope, time_range: TimeRange, filters: Filters =
         table = ORG_ROLLUP_OF[table.name]
     elif question in ENDPOINT_LEVEL and filters.api_key_id is None and table.name in ENDPOINT_ROLLUP_OF:
         table = ENDPOINT_ROLLUP_OF[table.name]
+    elif question in STATUS_LEVEL and filters.api_key_id is None and filters.endpoint is None \
+            and table.name in STATUS_ROLLUP_OF:
+        table = STATUS_ROLLUP_OF[table.name]
+    elif question in KEY_LEVEL and filters.endpoint is None and table.name in KEY_ROLLUP_OF:
+        table = KEY_ROLLUP_OF[table.name]
     where, params = _where(table, time_range, org_id, filters)
     sql, columns = make(_Source(table, time_range.step_ms), table.name, where)
     params.update(limit=limit, step_s=time_range.step_ms // 1000,

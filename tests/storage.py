@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from quotaflow.schemas.clickhouse.latency import ABSOLUTE_ERROR_MS, RELATIVE_ERROR
 from quotaflow.schemas.clickhouse import latency
-from quotaflow.schemas.clickhouse.tables import ALL_ROLLUPS, LATENCY_QUANTILES, RAW
+from quotaflow.schemas.clickhouse.tables import KEY_ROLLUPS, LATENCY_QUANTILES, LATENCY_ROLLUPS, RAW, STATUS_ROLLUPS
 from quotaflow.schemas.events import RequestEvent
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import to_rows
@@ -87,6 +87,41 @@ def expected_endpoint_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
     return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.endpoint, e.method) for e in evs)
 
 
+def expected_status_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
+    """Requests per (bucket, org, status), computed here from the events."""
+    return Counter((e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.status) for e in evs)
+
+
+def expected_key_groups(evs: list[RequestEvent], grain_s: int) -> Counter:
+    """(requests, 5xx, 429s) per (bucket, org, API key), computed here from the events."""
+    out: dict = {}
+    for e in evs:
+        k = (e.ts_ms // 1000 // grain_s * grain_s, e.org_id, e.api_key_id)
+        n, err, den = out.get(k, (0, 0, 0))
+        out[k] = (n + 1, err + (e.status >= 500), den + (e.status == 429))
+    return Counter(out)
+
+
+def stored_status_groups(client, table: str) -> Counter:
+    sql = f"SELECT toUnixTimestamp(bucket), org_id, status, sum(requests) FROM {table} GROUP BY ALL"
+    return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
+
+
+def stored_key_groups(client, table: str) -> Counter:
+    sql = (f"SELECT toUnixTimestamp(bucket), org_id, api_key_id, sum(requests), sum(errors), sum(denials) "
+           f"FROM {table} GROUP BY ALL")
+    return Counter({tuple(r[:3]): tuple(r[3:]) for r in client.query(sql).result_rows})
+
+
+def assert_status_and_key_rollups(client, evs: list[RequestEvent]) -> None:
+    """The status-level and key-level rollups (0011) hold each event once, group by group."""
+    for table in STATUS_ROLLUPS:
+        assert stored_status_groups(client, table.name) == expected_status_groups(evs, table.grain_ms // 1000), \
+            table.name
+    for table in KEY_ROLLUPS:
+        assert stored_key_groups(client, table.name) == expected_key_groups(evs, table.grain_ms // 1000), table.name
+
+
 def stored_endpoint_groups(client, table: str) -> Counter:
     sql = f"SELECT toUnixTimestamp(bucket), org_id, endpoint, method, sum(requests) FROM {table} GROUP BY ALL"
     return Counter({tuple(r[:-1]): r[-1] for r in client.query(sql).result_rows})
@@ -142,7 +177,7 @@ def latency_answers(client, org: str) -> dict[str, list[float]]:
     """An org's p50, p95 and p99 from the raw table and from every rollup."""
     out = {RAW: client.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM {RAW} WHERE org_id = {{o:String}}",
                              parameters={"o": org}).result_rows[0][0]}
-    for table in ALL_ROLLUPS:
+    for table in LATENCY_ROLLUPS:
         out[table.name] = client.query(f"SELECT {latency.quantiles_sql(raw=False)} FROM {table.name} "
                                        "WHERE org_id = {o:String}", parameters={"o": org}).result_rows[0][0]
     return out

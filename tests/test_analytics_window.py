@@ -117,15 +117,21 @@ def test_every_query_binds_caller_input_and_always_filters_a_scoped_callers_org(
 
 def test_questions_read_the_narrowest_rollup_their_filters_allow():
     """About a whole org: the org-level rollup; about endpoints without an API key filter:
-    the endpoint-level one (an endpoint filter too); anything filtered by key: the widest."""
+    the endpoint-level one (an endpoint filter too); by status code without a key or endpoint
+    filter: the status-level one, and by key without an endpoint filter: the key-level one (a
+    key filter too), per hour and day; anything else filtered by key: the widest."""
     for timeframe, grain in (("1h", "1m"), ("24h", "1h"), ("30d", "1d")):
         time_range = for_timeframe(timeframe, NOW, RETENTION)
         for question in set(queries.QUESTIONS) - queries.OWN_TABLE:
+            narrow = grain != "1m"  # no minute grain of the status- and key-level rollups
             level = ("org_" if question in queries.ORG_LEVEL else
-                     "endpoint_" if question in queries.ENDPOINT_LEVEL else "")
+                     "endpoint_" if question in queries.ENDPOINT_LEVEL else
+                     "status_" if question in queries.STATUS_LEVEL and narrow else
+                     "key_" if question in queries.KEY_LEVEL and narrow else "")
             by_endpoint = "endpoint_" if question in queries.ENDPOINT_LEVEL else ""
+            by_key = "key_" if question in queries.KEY_LEVEL and narrow else ""
             for filters, table in ((queries.Filters(), f"requests_{level}{grain}"),
-                                   (queries.Filters(api_key_id="k"), f"requests_{grain}"),
+                                   (queries.Filters(api_key_id="k"), f"requests_{by_key}{grain}"),
                                    (queries.Filters(endpoint="/e"), f"requests_{by_endpoint}{grain}")):
                 assert queries.build(question, Scope.org("acme"), time_range, filters).table.name == table, (
                     question, filters)

@@ -18,6 +18,7 @@ from quotaflow.sinks.clickhouse.rows import Rows, to_rows
 from quotaflow.sinks.clickhouse.writer import Writer
 from tests.storage import (
     DAY_S,
+    assert_status_and_key_rollups,
     events,
     expected_endpoint_groups,
     expected_groups,
@@ -53,6 +54,7 @@ def assert_whole(client, evs) -> None:
     for table in ENDPOINT_ROLLUPS:
         assert stored_endpoint_groups(client, table.name) == expected_endpoint_groups(evs, table.grain_ms // 1000), \
             table.name
+    assert_status_and_key_rollups(client, evs)
 
 
 def test_a_retry_that_landed_everywhere_is_left_as_it_is(engine):

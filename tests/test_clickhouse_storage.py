@@ -21,8 +21,10 @@ from quotaflow.schemas.clickhouse import latency, retention
 from quotaflow.schemas.clickhouse.migrate import MIGRATIONS_TABLE_DDL, available, migrate, statements
 from quotaflow.schemas.clickhouse.tables import (
     ALL_ROLLUPS,
+    DENIALS_ROLLUPS,
     ENDPOINT_ROLLUPS,
     INGEST,
+    LATENCY_ROLLUPS,
     ORG_ROLLUPS,
     RAW,
     RAW_COLUMNS,
@@ -35,6 +37,7 @@ from quotaflow.sinks.clickhouse.writer import Writer
 from tests.pipeline import event
 from tests.storage import (
     DAY_S,
+    assert_status_and_key_rollups,
     check_latencies,
     events,
     expected_endpoint_groups,
@@ -76,6 +79,7 @@ def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engi
                                                                             {"old-org": ""}), table.name
     for table in ENDPOINT_ROLLUPS:  # rolled up from the API-key-level rollups by 0009
         assert stored_endpoint_groups(engine, table.name) == expected_endpoint_groups(old, table.grain_ms // 1000)
+    assert_status_and_key_rollups(engine, old)  # rolled up from the API-key-level rollups by 0011
     assert engine.query("SELECT groupUniqArray(tier) FROM requests").result_rows[0][0] == [""]
 
     # New rows go through the views into every rollup, with their tier.
@@ -90,6 +94,7 @@ def test_migrations_apply_once_and_upgrade_a_database_that_predates_rollups(engi
             both, table.grain_ms // 1000, {"old-org": "", "new-org": "SCALE"}), table.name
     for table in ENDPOINT_ROLLUPS:
         assert stored_endpoint_groups(engine, table.name) == expected_endpoint_groups(both, table.grain_ms // 1000)
+    assert_status_and_key_rollups(engine, both)
 
 
 def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
@@ -108,8 +113,10 @@ def test_rollups_hold_the_same_totals_as_the_raw_table(engine):
                               f"FROM {table.name}").result_rows[0]
         assert rolled == raw, table.name
         if table not in ENDPOINT_ROLLUPS:  # no status there
-            denied = "sum(denials)" if table in ORG_ROLLUPS else "sumIf(requests, status = 429)"
+            denied = "sum(denials)" if table in DENIALS_ROLLUPS else "sumIf(requests, status = 429)"
             assert engine.query(f"SELECT {denied} FROM {table.name}").result_rows[0][0] == denials, table.name
+        if table not in LATENCY_ROLLUPS:  # the status- and key-level rollups count requests only
+            continue
         # Latency states merge to the same bucket counts as the raw latencies give, in every
         # rollup: the same quantiles, within the buckets' error of the exact ones.
         q_raw = engine.query(f"SELECT {latency.quantiles_sql(raw=True)} FROM requests").result_rows[0][0]
@@ -175,7 +182,8 @@ def test_ttls_follow_the_retention_settings_and_are_set_idempotently(engine):
     def by_grain(raw: int, minute: int, hour: int, day: int) -> dict[str, int]:
         return {"requests": raw, "requests_1m": minute, "requests_1h": hour, "requests_1d": day,
                 "requests_org_1m": minute, "requests_org_1h": hour, "requests_org_1d": day,
-                "requests_endpoint_1m": minute, "requests_endpoint_1h": hour, "requests_endpoint_1d": day}
+                "requests_endpoint_1m": minute, "requests_endpoint_1h": hour, "requests_endpoint_1d": day,
+                "requests_status_1h": hour, "requests_status_1d": day, "requests_key_1h": hour, "requests_key_1d": day}
 
     assert ttl_days() == by_grain(defaults.retention_raw_days, defaults.retention_minute_days,
                                   defaults.retention_hour_days, defaults.retention_day_days)
@@ -241,7 +249,7 @@ def test_rows_stored_with_t_digest_states_are_converted_to_latency_buckets(engin
     for stmt in statements(dict((v, s) for v, _, s in available())[7])[:2]:
         engine.command(stmt)
     assert migrate(engine) == [v for v, _, _ in available() if v >= 7]
-    for table in ALL_ROLLUPS:
+    for table in LATENCY_ROLLUPS:
         columns = {n for (n,) in engine.query("SELECT name FROM system.columns WHERE table = {t:String}",
                                               parameters={"t": table.name}).result_rows}
         assert latency.COLUMN in columns and "latency_ms" not in columns, table.name
@@ -301,3 +309,45 @@ def test_org_rollups_created_again_in_small_granules_keep_every_figure_and_the_m
     store(Writer(engine), new, tiers, first_offset=5000)
     for t in ORG_ROLLUPS:
         assert stored_org_groups(engine, t.name) == expected_org_groups(old + new, t.grain_ms // 1000, tiers), t.name
+
+
+def test_questions_about_every_org_read_the_projections_and_answer_as_the_rows_do(engine):
+    """0012: the org- and endpoint-level rollups keep a projection without org; an operator's
+    question about every org reads it, with the answer the rows give, after inserts (a part
+    each) and after merges (the projection rebuilt)."""
+    from quotaflow.analytics import queries
+    from quotaflow.analytics.scope import Scope
+    from quotaflow.analytics.window import for_timeframe
+
+    migrate(engine)
+    for table in ORG_ROLLUPS + ENDPOINT_ROLLUPS:
+        ddl = engine.query(f"SHOW CREATE TABLE {table.name}").result_rows[0][0]
+        assert "PROJECTION every_org" in ddl and "deduplicate_merge_projection_mode = 'rebuild'" in ddl, ddl
+    tiers = {"acme": "FREE", "globex": "ENTERPRISE"}
+    evs = events(2000, seed=21) + events(1000, seed=22, org="globex")
+    writer = Writer(engine)
+    now_ms = int(time.time() * 1000)
+    retention_days = {t.name: 3650 for t in TABLES}
+    bounds = queries.Bounds().settings()
+
+    def compare(read_projection: bool) -> None:
+        for timeframe in ("1h", "24h", "7d", "30d"):
+            time_range = for_timeframe(timeframe, now_ms, retention_days)
+            for question in sorted(queries.ORG_LEVEL | queries.ENDPOINT_LEVEL):
+                q = queries.build(question, Scope.operator(), time_range, limit=1000)
+                answers = [engine.query(q.sql, parameters=q.parameters,
+                                        settings={**bounds, "optimize_use_projections": on}).result_rows
+                           for on in (0, 1)]
+                assert answers[0] == answers[1], (timeframe, question)
+                if read_projection and question in ("summary", "latency", "endpoints"):
+                    plan = "\n".join(r[0] for r in engine.query(f"EXPLAIN {q.sql}", parameters=q.parameters).result_rows)
+                    assert "every_org" in plan, (timeframe, question, plan)
+
+    store(writer, evs[:1500], tiers)
+    store(writer, evs[1500:], tiers, first_offset=1500)
+    compare(read_projection=True)
+    for table in ORG_ROLLUPS + ENDPOINT_ROLLUPS:
+        engine.command(f"OPTIMIZE TABLE {table.name} FINAL")
+    compare(read_projection=True)
+    store(writer, events(500, seed=23, org="globex"), tiers, first_offset=5000)
+    compare(read_projection=False)

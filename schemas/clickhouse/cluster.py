@@ -42,6 +42,8 @@ _MATERIALIZED = re.compile(r"^CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+)\s+TO\
 _VIEW = re.compile(r"^CREATE VIEW IF NOT EXISTS (\w+)\s+AS\s+(.*)$", re.S)
 _INSERT = re.compile(r"^INSERT INTO (\w+)")
 _UPDATE = re.compile(r"^ALTER TABLE (\w+)\s+UPDATE\b")
+_MATERIALIZE_PROJECTION = re.compile(r"^ALTER TABLE (\w+)\s+MATERIALIZE PROJECTION\b")
+_LOCAL_ONLY = re.compile(r"^ALTER TABLE (\w+)\s+((?:ADD PROJECTION|MODIFY SETTING)\b.*)$", re.S)
 _DROP_VIEW = re.compile(r"^DROP VIEW IF EXISTS (\w+)$")
 _DROP_TABLE = re.compile(r"^DROP TABLE IF EXISTS (\w+)$")
 
@@ -103,6 +105,15 @@ def _convert(stmt: str, cluster: str, tables: set[str]) -> list[str]:
                 f"ENGINE = Distributed({cluster}, currentDatabase(), {local}, {SHARDING_KEY})"]
     if m := _UPDATE.match(stmt):  # rows stored before the migration rewritten: a backfill too
         return [f"-- left out: the backfill of {m.group(1)} (a new cluster has no rows stored before it)"]
+    if m := _MATERIALIZE_PROJECTION.match(stmt):  # built for the parts stored before: a backfill too
+        return [f"-- left out: the projection's backfill of {m.group(1)} (a new cluster has no rows stored before it)"]
+    if m := _LOCAL_ONLY.match(stmt):
+        name, rest = m.groups()
+        if name not in tables:
+            raise UnknownStatement(f"ALTER TABLE {name}: not a table of the migrations")
+        # a projection and the settings of the parts it lives in: the shards' tables alone (the
+        # Distributed table has no parts; each shard answers from its own projection)
+        return [f"ALTER TABLE {name}{LOCAL} ON CLUSTER {cluster} {rest}"]
     if m := _ALTER.match(stmt):
         name, rest = m.groups()
         if name not in tables:

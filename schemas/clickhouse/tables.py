@@ -84,7 +84,22 @@ ENDPOINT_ROLLUPS = (
     Table("requests_endpoint_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
 )
 ENDPOINT_ROLLUP_OF = {wide.name: ep for wide, ep in zip(ROLLUPS, ENDPOINT_ROLLUPS, strict=True)}  # same grain
-ALL_ROLLUPS = (*ROLLUPS, *ORG_ROLLUPS, *ENDPOINT_ROLLUPS)  # every table the views fill from RAW
+# By org and status code, and by org and API key (schemas/clickhouse/0011): request counts and
+# bytes only (no latency state), per hour and day, for the questions that count requests by
+# status or by key. No minute grain: a wide rollup without one of these reads its own rows.
+STATUS_ROLLUPS = (
+    Table("requests_status_1h", "bucket", "bucket", HOUR_MS, "retention_hour_days"),
+    Table("requests_status_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
+)
+STATUS_ROLLUP_OF = {wide.name: s for wide, s in zip(ROLLUPS[1:], STATUS_ROLLUPS, strict=True)}  # same grain
+KEY_ROLLUPS = (
+    Table("requests_key_1h", "bucket", "bucket", HOUR_MS, "retention_hour_days"),
+    Table("requests_key_1d", "bucket", "bucket", DAY_MS, "retention_day_days"),
+)
+KEY_ROLLUP_OF = {wide.name: k for wide, k in zip(ROLLUPS[1:], KEY_ROLLUPS, strict=True)}  # same grain
+LATENCY_ROLLUPS = (*ROLLUPS, *ORG_ROLLUPS, *ENDPOINT_ROLLUPS)  # the rollups with a latency state
+DENIALS_ROLLUPS = (*ORG_ROLLUPS, *KEY_ROLLUPS)  # the rollups with a denials column instead of a status one
+ALL_ROLLUPS = (*LATENCY_ROLLUPS, *STATUS_ROLLUPS, *KEY_ROLLUPS)  # every table the views fill from RAW
 TABLES = (RAW_TABLE, *ALL_ROLLUPS)
 
 

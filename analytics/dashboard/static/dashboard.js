@@ -382,26 +382,45 @@ function schedule() {
 
 // ---- sign-in ------------------------------------------------------------------------------
 
-async function signIn(token) {
-  const who = await (await request("/v1/whoami", token)).json();
+// The org the signed-in token has ("*": an operator's), kept beside the token: on a reload
+// the panels are asked at once, beside the whoami check rather than after its round trip.
+// Only what the page shows depends on it; what a token may read is the API's to decide.
+const ORG_KEY = "quotaflow.org";
+
+async function signIn(token, known = null) {
+  const asked = request("/v1/whoami", token).then((res) => res.json());
+  if (known === null) {
+    const who = await asked;
+    mark("signed-in");
+    await enter(token, who.org);
+    return;
+  }
+  const first = enter(token, known === "*" ? null : known);
+  const who = await asked; // refused (401): the caller signs out
   mark("signed-in");
+  await first;
+  if ((who.org ?? "*") !== known) await enter(token, who.org); // the token's org changed meanwhile
+}
+
+async function enter(token, org) {
   state.token = token;
-  state.org = who.org; // null: an operator, who picks the org
+  state.org = org; // null: an operator, who picks the org
   sessionStorage.setItem(TOKEN_KEY, token);
-  $("#who").textContent = who.org === null ? "Operator: every org" : "Org: " + who.org;
+  sessionStorage.setItem(ORG_KEY, org ?? "*");
+  $("#who").textContent = org === null ? "Operator: every org" : "Org: " + org;
   $("#who").hidden = false;
   $("#signout").hidden = false;
   $("#signin").hidden = true;
   $("#board").hidden = false;
-  $("#org-field").hidden = who.org !== null;
-  $("#panel-sql").hidden = who.org !== null; // ad-hoc SQL is for operator tokens only
-  $("#panel-dead_letters").hidden = who.org !== null; // so are dead letters: any org's records
+  $("#org-field").hidden = org !== null;
+  $("#panel-sql").hidden = org !== null; // ad-hoc SQL is for operator tokens only
+  $("#panel-dead_letters").hidden = org !== null; // so are dead letters: any org's records
   state.view = readView();
-  if (who.org !== null) state.view.org = "";
+  if (org !== null) state.view.org = "";
   showView(state.view);
   writeView(state.view, false);
   await refresh();
-  if (who.org === null) await loadOrgs(); // after the panels: the selector's list is not what one waits for
+  if (org === null) await loadOrgs(); // after the panels: the selector's list is not what one waits for
 }
 
 async function loadOrgs() {
@@ -414,6 +433,7 @@ async function loadOrgs() {
 
 function signOut(message = "") {
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(ORG_KEY);
   clearTimeout(state.timer);
   state.token = null;
   for (const c of Object.values(state.charts)) c.destroy();
@@ -523,6 +543,6 @@ document.addEventListener("DOMContentLoaded", () => {
     refresh();
   });
   const saved = sessionStorage.getItem(TOKEN_KEY);
-  if (saved) signIn(saved).catch(() => signOut("Sign in again."));
+  if (saved) signIn(saved, sessionStorage.getItem(ORG_KEY)).catch(() => signOut("Sign in again."));
   else signOut();
 });
