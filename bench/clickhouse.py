@@ -193,6 +193,11 @@ def bench_sink(settings, n: int) -> None:
     if inserts:
         log(f"sink: {inserts:.0f} inserts, {n / inserts:.0f} rows and "
             f"{scraped['quotaflow_sink_insert_seconds_sum'] / inserts * 1000:.0f} ms each on average")
+    steps = {name.split('"')[1]: value for name, value in scraped.items()
+             if name.startswith("quotaflow_sink_step_seconds_total{")}
+    batches = scraped.get("quotaflow_sink_insert_seconds_count", 0) or 1
+    log("sink steps, ms per batch (us per row): " + ", ".join(
+        f"{step} {seconds / batches * 1000:.0f} ({seconds / n * 1e6:.2f})" for step, seconds in steps.items()))
     while asyncio.run(group_lag(settings.kafka_bootstrap, SINK_CLICKHOUSE_GROUP, EVENTS_TOPIC)):
         time.sleep(0.2)
     stack.pipeline_proc(settings, "sink").stop()

@@ -31,7 +31,7 @@ from quotaflow.sinks.clickhouse import duplicates, repair
 from quotaflow.sinks.clickhouse.batches import Batch, Buffers
 from quotaflow.sinks.clickhouse.inserts import INSERT_RETRY_MAX_S, Inserter
 from quotaflow.sinks.clickhouse.kafka_side import KafkaSide
-from quotaflow.sinks.clickhouse.metrics import BUFFERED, DEDUP_FAILURES, EVENTS, READY, REPAIRS, REPLAYS
+from quotaflow.sinks.clickhouse.metrics import BUFFERED, DEDUP_FAILURES, EVENTS, READY, REPAIRS, REPLAYS, STEP_SECONDS
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import Rows, to_rows
 from quotaflow.sinks.clickhouse.tier_cache import TierCache
@@ -179,8 +179,12 @@ class Pipeline:
 
     def _decode(self, batch: Batch) -> tuple[Rows, Prepared]:
         """The batch's rows and their duplicate check, ready to send (in a thread)."""
+        started, cpu = time.perf_counter(), time.thread_time()
         rows = to_rows(batch.records, self.bounds)
-        return rows, self._duplicates.prepare(duplicates.groups(rows, batch.range.partition))
+        prepared = self._duplicates.prepare(duplicates.groups(rows, batch.range.partition))
+        STEP_SECONDS.labels("decode").inc(time.perf_counter() - started)
+        STEP_SECONDS.labels("decode_cpu").inc(time.thread_time() - cpu)
+        return rows, prepared
 
     async def _checked(self, decoded: asyncio.Future, previous: asyncio.Future | None) -> tuple[Rows, int]:
         """(the batch's rows without the events already stored from another record, how
@@ -201,8 +205,10 @@ class Pipeline:
                 DEDUP_FAILURES.inc()
                 raise
 
+        started = time.perf_counter()
         answers = await retry(attempt, "redis: check duplicates", on=(RedisError, OSError), pause=self._pause,
                               logger=log)
+        STEP_SECONDS.labels("duplicate_check").inc(time.perf_counter() - started)
         if not any(answers):
             return rows, 0
         return await asyncio.to_thread(duplicates.without, rows, answers)
@@ -226,22 +232,29 @@ class Pipeline:
         check, done or under way, only read the records: the places the check keeps in Redis
         give whoever reads these records next the same answers.)"""
         tp, batch = pending.tp, pending.batch
+        step = _Steps()
         rows, dropped_duplicates = await pending.rows
+        step.done("waiting")
         if pending.dropped:
             return
         if batch.replay:
             REPLAYS.inc()
         elif not await self.kafka.commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
             return
+        step.done("plan_commit")
         for why, n in rows.skipped.items():
             EVENTS.labels(f"{why}_skipped").inc(n)
         EVENTS.labels("duplicate").inc(dropped_duplicates)
         if rows:
             rows.set_tiers(await self.tiers.tiers(rows.org_ids))
+            step.done("tiers")
             stored = await self.inserter.store(rows, batch.range)
+            step.done("insert")
             if batch.replay or stored.retried:
                 await self._complete(Rows.join(stored.parts), batch.range)
+                step.done("repair")
         await self.kafka.commit({tp: OffsetAndMetadata(batch.range.end + 1, "")})
+        step.done("commit")
 
     async def _complete(self, rows: Rows, batch: Range) -> None:
         """After a retried batch: what a table lacks of it is added (see repair.py)."""
@@ -258,3 +271,15 @@ class Pipeline:
                                "raw_rows_added": outcome.raw_added, "raw_rows_extra": outcome.raw_extra,
                                "rollup_groups_added": outcome.groups_added,
                                "rollup_groups_undecided": outcome.undecided})
+
+
+class _Steps:
+    """Times the steps of storing a batch one after the other, into STEP_SECONDS."""
+
+    def __init__(self):
+        self._at = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        STEP_SECONDS.labels(step).inc(now - self._at)
+        self._at = now
