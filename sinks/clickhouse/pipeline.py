@@ -1,7 +1,8 @@
 """The sink's loop: records fetched into the buffers (batches.py) while batches go
 through a pipeline of three: a batch is decoded (in a thread) while the one before it
-is checked for duplicates (in Redis) and the one before that is stored (planned,
-inserted, committed). The engine releases the GIL, so decoding and inserting overlap,
+is checked for duplicates (in Redis, its orgs' tiers read meanwhile) and the one before
+that is stored (planned, inserted, committed; the commit of its end also plans the next
+batch of its partition). The engine releases the GIL, so decoding and inserting overlap,
 and records keep being fetched meanwhile. One decode at a time: several would only
 contend for the GIL.
 
@@ -51,6 +52,7 @@ class Pending:
     rows: asyncio.Future  # (its Rows without duplicates, how many were taken out), once checked
     stored: asyncio.Future  # done once it is stored (or dropped, or left to its plan)
     dropped: bool = False  # its partition was revoked before its plan was committed
+    planned: bool = False  # its plan was committed with the end of the batch before it (see _store)
 
 
 class Pipeline:
@@ -197,6 +199,9 @@ class Pipeline:
             await asyncio.wait({previous})
         if not rows:
             return rows, 0
+        # The orgs' tiers are read meanwhile, on their own connection: read when storing the
+        # batch, they waited behind this check's script calls in Redis, on the store's path.
+        tiers = asyncio.ensure_future(self.tiers.tiers(rows.org_ids))
 
         async def attempt() -> list[bool]:
             try:
@@ -206,9 +211,14 @@ class Pipeline:
                 raise
 
         started = time.perf_counter()
-        answers = await retry(attempt, "redis: check duplicates", on=(RedisError, OSError), pause=self._pause,
-                              logger=log)
+        try:
+            answers = await retry(attempt, "redis: check duplicates", on=(RedisError, OSError), pause=self._pause,
+                                  logger=log)
+        except BaseException:
+            tiers.cancel()
+            raise
         STEP_SECONDS.labels("duplicate_check").inc(time.perf_counter() - started)
+        rows.set_tiers(await tiers)  # never raises: an unreachable Redis gives the last known tiers
         if not any(answers):
             return rows, 0
         return await asyncio.to_thread(duplicates.without, rows, answers)
@@ -216,7 +226,9 @@ class Pipeline:
     async def _store_all(self) -> None:
         """Store the pending batches in order, each as soon as the one before it is
         stored, until the sink stops."""
-        while not self._stop.is_set():
+        # A batch whose plan is committed is stored even when stopping, as it would have
+        # been had the sink stopped a moment earlier: a clean stop leaves no plan behind.
+        while not self._stop.is_set() or (self._pending and self._pending[0].planned):
             if not self._pending:
                 self._taken.clear()
                 await self._taken.wait()
@@ -239,22 +251,40 @@ class Pipeline:
             return
         if batch.replay:
             REPLAYS.inc()
-        elif not await self.kafka.commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
+        elif not pending.planned and not await self.kafka.commit(
+                {tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
             return
         step.done("plan_commit")
         for why, n in rows.skipped.items():
             EVENTS.labels(f"{why}_skipped").inc(n)
         EVENTS.labels("duplicate").inc(dropped_duplicates)
         if rows:
-            rows.set_tiers(await self.tiers.tiers(rows.org_ids))
-            step.done("tiers")
             stored = await self.inserter.store(rows, batch.range)
             step.done("insert")
             if batch.replay or stored.retried:
                 await self._complete(Rows.join(stored.parts), batch.range)
                 step.done("repair")
-        await self.kafka.commit({tp: OffsetAndMetadata(batch.range.end + 1, "")})
+        # The batch done, and the next one of its partition, if taken already, planned: one
+        # commit, the same offset (this end is its start), the same state as the two commits
+        # one after the other. Its plan committed before its check is done is safe: the check
+        # only reads (see above); a crash then has the next owner read the range again.
+        follower = self._follower(pending)
+        done = await self.kafka.commit(
+            {tp: OffsetAndMetadata(batch.range.end + 1, follower.batch.range.plan_metadata() if follower else "")})
+        if follower is not None and done and not follower.dropped:
+            follower.planned = True
         step.done("commit")
+
+    def _follower(self, pending: Pending) -> Pending | None:
+        """The batch after ``pending`` in the pipeline when it continues the same partition's
+        range and is not a replay (whose plan is committed already), else None."""
+        if self._stop.is_set() or len(self._pending) < 2 or self._pending[0] is not pending:
+            return None
+        follower = self._pending[1]
+        if (follower.tp != pending.tp or follower.batch.replay or follower.dropped
+                or follower.batch.range.start != pending.batch.range.end + 1):
+            return None
+        return follower
 
     async def _complete(self, rows: Rows, batch: Range) -> None:
         """After a retried batch: what a table lacks of it is added (see repair.py)."""
