@@ -1,8 +1,8 @@
 """The sink's loop: records fetched into the buffers (batches.py) while batches go
 through a pipeline of three: a batch is decoded (in a thread) while the one before it
 is checked for duplicates (in Redis, its orgs' tiers read meanwhile) and the one before
-that is stored (planned, inserted, committed; the commit of its end also plans the next
-batch of its partition). The engine releases the GIL, so decoding and inserting overlap,
+that is stored (planned, inserted, committed; the commit of its end also commits the
+plan of the next batch). The engine releases the GIL, so decoding and inserting overlap,
 and records keep being fetched meanwhile. One decode at a time: several would only
 contend for the GIL.
 
@@ -264,25 +264,30 @@ class Pipeline:
             if batch.replay or stored.retried:
                 await self._complete(Rows.join(stored.parts), batch.range)
                 step.done("repair")
-        # The batch done, and the next one of its partition, if taken already, planned: one
-        # commit, the same offset (this end is its start), the same state as the two commits
-        # one after the other. Its plan committed before its check is done is safe: the check
-        # only reads (see above); a crash then has the next owner read the range again.
+        # The batch done and the next one planned, if taken already, in one commit: the state
+        # the two commits would leave one after the other (every batch of its partition before
+        # it is done). On the same partition, one offset: this end is its start. Its plan
+        # committed before its check is done is safe: the check only reads (see above); a
+        # crash then has the next owner read the range again.
+        offsets = {tp: OffsetAndMetadata(batch.range.end + 1, "")}
         follower = self._follower(pending)
-        done = await self.kafka.commit(
-            {tp: OffsetAndMetadata(batch.range.end + 1, follower.batch.range.plan_metadata() if follower else "")})
+        if follower is not None:
+            offsets[follower.tp] = OffsetAndMetadata(follower.batch.range.start, follower.batch.range.plan_metadata())
+        done = await self.kafka.commit(offsets)
         if follower is not None and done and not follower.dropped:
             follower.planned = True
         step.done("commit")
 
     def _follower(self, pending: Pending) -> Pending | None:
-        """The batch after ``pending`` in the pipeline when it continues the same partition's
-        range and is not a replay (whose plan is committed already), else None."""
+        """The batch after ``pending`` in the pipeline, if its plan can be committed with
+        ``pending``'s end: not a replay (its plan is committed already), and on another
+        partition or continuing ``pending``'s range."""
         if self._stop.is_set() or len(self._pending) < 2 or self._pending[0] is not pending:
             return None
         follower = self._pending[1]
-        if (follower.tp != pending.tp or follower.batch.replay or follower.dropped
-                or follower.batch.range.start != pending.batch.range.end + 1):
+        if follower.batch.replay or follower.dropped:
+            return None
+        if follower.tp == pending.tp and follower.batch.range.start != pending.batch.range.end + 1:
             return None
         return follower
 
