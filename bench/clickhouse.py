@@ -45,6 +45,7 @@ from quotaflow.analytics.window import for_timeframe
 from quotaflow.core import metrics
 from quotaflow.deploy import stack
 from quotaflow.deploy.observe import group_lag
+from quotaflow.deploy.procs import Proc
 from quotaflow.schemas.clickhouse import retention
 from quotaflow.schemas.clickhouse.client import connect
 from quotaflow.schemas.clickhouse.migrate import migrate
@@ -73,6 +74,8 @@ def sink_events(n: int) -> list[tuple[bytes, bytes]]:
     emitter publishes a stream of requests: events in time order (within a second), each
     record the next BATCH_EVENTS events of one org, records in the order they fill up."""
     rnd = random.Random(7)
+    # Ids of their own each run: the sink's duplicate check remembers the last run's for its window.
+    ids = random.Random()
     now = int(time.time() * 1000)
     by_org: dict[str, list[bytes]] = {}
     out = []
@@ -84,7 +87,7 @@ def sink_events(n: int) -> list[tuple[bytes, bytes]]:
     for i in range(n):
         org = f"ingest-{rnd.randrange(50)}"
         by_org.setdefault(org, []).append(orjson.dumps({
-            "schema_version": 1, "event_id": str(uuid.UUID(int=rnd.getrandbits(128), version=4)),
+            "schema_version": 1, "event_id": str(uuid.UUID(int=ids.getrandbits(128), version=4)),
             "ts_ms": now - SPAN_MS + i * SPAN_MS // n - rnd.randrange(1000), "org_id": org,
             "api_key_id": f"{org}-k{i % 5}", "service": "bench", "endpoint": ENDPOINTS[i % len(ENDPOINTS)],
             "method": "GET", "status": (200, 200, 200, 404, 429, 500)[i % 6], "latency_ms": rnd.uniform(1, 500),
@@ -125,13 +128,22 @@ def record_batches(recs: list, max_records: int, max_bytes: int) -> list[list]:
     return batches + [cur] if cur else batches
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, all threads) a process has used so far; 0 when unknown."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
     """Baselines on the same events: Python decode; the insert of decoded rows through the
     sink's writer (encoding + engine); the engine alone inserting the same rows."""
     arrived_ms = int(time.time() * 1000)  # the broker's time of each record, which to_rows judges events by
     recs = [SimpleNamespace(topic=EVENTS_TOPIC, partition=0, offset=i, key=k, value=v, headers=(), timestamp=arrived_ms)
             for i, (k, v) in enumerate(records)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     batches = []
     for group in record_batches(recs, SINK_BATCH, settings.sink_batch_bytes):
         rows = to_rows(group)
@@ -139,6 +151,7 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
         batches.append(rows)
     n = sum(len(rows) for rows in batches)
     harness.report("sink_decode_rows_per_s", n / (time.perf_counter() - started), "rows/s")
+    log(f"decode: {(time.process_time() - cpu) / n * 1e6:.2f} us of CPU a row")
     log(f"{n} rows in {len(batches)} batches of up to {SINK_BATCH} records / {settings.sink_batch_bytes} bytes")
     # An engine of its own: its parts are not merged in the background while the sink is timed.
     path = settings.state_dir / "clickhouse-baseline"
@@ -147,10 +160,11 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
     try:
         migrate(client)
         writer = Writer(client)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for i, rows in enumerate(batches):
             writer.insert(rows, Range("bench-baseline", 0, i, i).token() + uuid.uuid4().hex)
         harness.report("direct_insert_rows_per_s", n / (time.perf_counter() - started), "rows/s")
+        log(f"direct insert: {(time.process_time() - cpu) / n * 1e6:.2f} us of CPU a row (encoding and engine)")
         client.command("CREATE TABLE bench_stage ENGINE = Memory AS SELECT * FROM requests")  # for the engine alone
         # The same rows with their times shuffled over the hour, as if every record of a
         # backlog spanned all of it: what the order of a real stream saves the engine.
@@ -181,18 +195,27 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
 def bench_sink(settings, n: int) -> None:
     env = {**os.environ, "QUOTAFLOW_SINK_BATCH_SIZE": str(SINK_BATCH)}
     started = time.perf_counter()
-    stack.start_pipeline_process(settings, "sink", env=env)
+    pids = {"sink": stack.start_pipeline_process(settings, "sink", env=env),
+            "redis": Proc("redis", settings.state_dir / "run").pid(), "kafka": Proc("kafka", settings.state_dir / "run").pid()}
     ready = time.perf_counter()
+    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
     log(f"sink ready after {ready - started:.1f} s (engine open, migrations, group join)")
     port = settings.sink_metrics_port
     while metrics.scrape(port).get("quotaflow_sink_rows_inserted_total", 0) < n:
         time.sleep(0.1)
     done = time.perf_counter()
+    log("sink: CPU a row, " + ", ".join(f"{name} process {(cpu_seconds(pid) - cpu[name]) / n * 1e6:.2f} us"
+                                        for name, pid in pids.items()))
     scraped = metrics.scrape(port)
     inserts = scraped.get("quotaflow_sink_insert_seconds_count", 0)
     if inserts:
         log(f"sink: {inserts:.0f} inserts, {n / inserts:.0f} rows and "
             f"{scraped['quotaflow_sink_insert_seconds_sum'] / inserts * 1000:.0f} ms each on average")
+    steps = {name.split('"')[1]: value for name, value in scraped.items()
+             if name.startswith("quotaflow_sink_step_seconds_total{")}
+    batches = scraped.get("quotaflow_sink_insert_seconds_count", 0) or 1
+    log("sink steps, ms per batch (us per row): " + ", ".join(
+        f"{step} {seconds / batches * 1000:.0f} ({seconds / n * 1e6:.2f})" for step, seconds in steps.items()))
     while asyncio.run(group_lag(settings.kafka_bootstrap, SINK_CLICKHOUSE_GROUP, EVENTS_TOPIC)):
         time.sleep(0.2)
     stack.pipeline_proc(settings, "sink").stop()

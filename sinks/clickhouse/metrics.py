@@ -19,3 +19,7 @@ REPAIRS = Counter("quotaflow_sink_repairs_total",
 DEDUP_FAILURES = Counter("quotaflow_sink_duplicate_check_failures_total",
                          "Failed duplicate checks in Redis (retried: the batch waits, nothing is stored unchecked)")
 BUFFERED = Gauge("quotaflow_sink_buffered_records", "Records fetched from Kafka and held by the sink (buffered or being stored)")
+STEP_SECONDS = Counter("quotaflow_sink_step_seconds_total",
+                       "Time spent in each step of storing batches (decode: in its thread, wall; decode_cpu: that "
+                       "thread's CPU; waiting: the store loop idle for want of a checked batch), for a profile",
+                       ["step"])

@@ -1,7 +1,8 @@
 """The sink's loop: records fetched into the buffers (batches.py) while batches go
 through a pipeline of three: a batch is decoded (in a thread) while the one before it
-is checked for duplicates (in Redis) and the one before that is stored (planned,
-inserted, committed). The engine releases the GIL, so decoding and inserting overlap,
+is checked for duplicates (in Redis, its orgs' tiers read meanwhile) and the one before
+that is stored (planned, inserted, committed; the commit of its end also commits the
+plan of the next batch). The engine releases the GIL, so decoding and inserting overlap,
 and records keep being fetched meanwhile. One decode at a time: several would only
 contend for the GIL.
 
@@ -31,7 +32,7 @@ from quotaflow.sinks.clickhouse import duplicates, repair
 from quotaflow.sinks.clickhouse.batches import Batch, Buffers
 from quotaflow.sinks.clickhouse.inserts import INSERT_RETRY_MAX_S, Inserter
 from quotaflow.sinks.clickhouse.kafka_side import KafkaSide
-from quotaflow.sinks.clickhouse.metrics import BUFFERED, DEDUP_FAILURES, EVENTS, READY, REPAIRS, REPLAYS
+from quotaflow.sinks.clickhouse.metrics import BUFFERED, DEDUP_FAILURES, EVENTS, READY, REPAIRS, REPLAYS, STEP_SECONDS
 from quotaflow.sinks.clickhouse.plans import Range
 from quotaflow.sinks.clickhouse.rows import Rows, to_rows
 from quotaflow.sinks.clickhouse.tier_cache import TierCache
@@ -51,6 +52,7 @@ class Pending:
     rows: asyncio.Future  # (its Rows without duplicates, how many were taken out), once checked
     stored: asyncio.Future  # done once it is stored (or dropped, or left to its plan)
     dropped: bool = False  # its partition was revoked before its plan was committed
+    planned: bool = False  # its plan was committed with the end of the batch before it (see _store)
 
 
 class Pipeline:
@@ -179,8 +181,12 @@ class Pipeline:
 
     def _decode(self, batch: Batch) -> tuple[Rows, Prepared]:
         """The batch's rows and their duplicate check, ready to send (in a thread)."""
+        started, cpu = time.perf_counter(), time.thread_time()
         rows = to_rows(batch.records, self.bounds)
-        return rows, self._duplicates.prepare(duplicates.groups(rows, batch.range.partition))
+        prepared = self._duplicates.prepare(duplicates.groups(rows, batch.range.partition))
+        STEP_SECONDS.labels("decode").inc(time.perf_counter() - started)
+        STEP_SECONDS.labels("decode_cpu").inc(time.thread_time() - cpu)
+        return rows, prepared
 
     async def _checked(self, decoded: asyncio.Future, previous: asyncio.Future | None) -> tuple[Rows, int]:
         """(the batch's rows without the events already stored from another record, how
@@ -193,6 +199,9 @@ class Pipeline:
             await asyncio.wait({previous})
         if not rows:
             return rows, 0
+        # The orgs' tiers are read meanwhile, on their own connection: read when storing the
+        # batch, they waited behind this check's script calls in Redis, on the store's path.
+        tiers = asyncio.ensure_future(self.tiers.tiers(rows.org_ids))
 
         async def attempt() -> list[bool]:
             try:
@@ -201,8 +210,15 @@ class Pipeline:
                 DEDUP_FAILURES.inc()
                 raise
 
-        answers = await retry(attempt, "redis: check duplicates", on=(RedisError, OSError), pause=self._pause,
-                              logger=log)
+        started = time.perf_counter()
+        try:
+            answers = await retry(attempt, "redis: check duplicates", on=(RedisError, OSError), pause=self._pause,
+                                  logger=log)
+        except BaseException:
+            tiers.cancel()
+            raise
+        STEP_SECONDS.labels("duplicate_check").inc(time.perf_counter() - started)
+        rows.set_tiers(await tiers)  # never raises: an unreachable Redis gives the last known tiers
         if not any(answers):
             return rows, 0
         return await asyncio.to_thread(duplicates.without, rows, answers)
@@ -210,7 +226,9 @@ class Pipeline:
     async def _store_all(self) -> None:
         """Store the pending batches in order, each as soon as the one before it is
         stored, until the sink stops."""
-        while not self._stop.is_set():
+        # A batch whose plan is committed is stored even when stopping, as it would have
+        # been had the sink stopped a moment earlier: a clean stop leaves no plan behind.
+        while not self._stop.is_set() or (self._pending and self._pending[0].planned):
             if not self._pending:
                 self._taken.clear()
                 await self._taken.wait()
@@ -226,22 +244,52 @@ class Pipeline:
         check, done or under way, only read the records: the places the check keeps in Redis
         give whoever reads these records next the same answers.)"""
         tp, batch = pending.tp, pending.batch
+        step = _Steps()
         rows, dropped_duplicates = await pending.rows
+        step.done("waiting")
         if pending.dropped:
             return
         if batch.replay:
             REPLAYS.inc()
-        elif not await self.kafka.commit({tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
+        elif not pending.planned and not await self.kafka.commit(
+                {tp: OffsetAndMetadata(batch.range.start, batch.range.plan_metadata())}):
             return
+        step.done("plan_commit")
         for why, n in rows.skipped.items():
             EVENTS.labels(f"{why}_skipped").inc(n)
         EVENTS.labels("duplicate").inc(dropped_duplicates)
         if rows:
-            rows.set_tiers(await self.tiers.tiers(rows.org_ids))
             stored = await self.inserter.store(rows, batch.range)
+            step.done("insert")
             if batch.replay or stored.retried:
                 await self._complete(Rows.join(stored.parts), batch.range)
-        await self.kafka.commit({tp: OffsetAndMetadata(batch.range.end + 1, "")})
+                step.done("repair")
+        # The batch done and the next one planned, if taken already, in one commit: the state
+        # the two commits would leave one after the other (every batch of its partition before
+        # it is done). On the same partition, one offset: this end is its start. Its plan
+        # committed before its check is done is safe: the check only reads (see above); a
+        # crash then has the next owner read the range again.
+        offsets = {tp: OffsetAndMetadata(batch.range.end + 1, "")}
+        follower = self._follower(pending)
+        if follower is not None:
+            offsets[follower.tp] = OffsetAndMetadata(follower.batch.range.start, follower.batch.range.plan_metadata())
+        done = await self.kafka.commit(offsets)
+        if follower is not None and done and not follower.dropped:
+            follower.planned = True
+        step.done("commit")
+
+    def _follower(self, pending: Pending) -> Pending | None:
+        """The batch after ``pending`` in the pipeline, if its plan can be committed with
+        ``pending``'s end: not a replay (its plan is committed already), and on another
+        partition or continuing ``pending``'s range."""
+        if self._stop.is_set() or len(self._pending) < 2 or self._pending[0] is not pending:
+            return None
+        follower = self._pending[1]
+        if follower.batch.replay or follower.dropped:
+            return None
+        if follower.tp == pending.tp and follower.batch.range.start != pending.batch.range.end + 1:
+            return None
+        return follower
 
     async def _complete(self, rows: Rows, batch: Range) -> None:
         """After a retried batch: what a table lacks of it is added (see repair.py)."""
@@ -258,3 +306,15 @@ class Pipeline:
                                "raw_rows_added": outcome.raw_added, "raw_rows_extra": outcome.raw_extra,
                                "rollup_groups_added": outcome.groups_added,
                                "rollup_groups_undecided": outcome.undecided})
+
+
+class _Steps:
+    """Times the steps of storing a batch one after the other, into STEP_SECONDS."""
+
+    def __init__(self):
+        self._at = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        STEP_SECONDS.labels(step).inc(now - self._at)
+        self._at = now
