@@ -31,6 +31,7 @@ from quotaflow.deploy.observe import end_offsets
 from quotaflow.deploy.system_packages import ensure_command
 from quotaflow.schemas.api_keys import SCAN_PATTERN
 from quotaflow.schemas.events import decode
+from quotaflow.schemas.redis_keys import Decision
 from quotaflow.schemas.topics import EVENTS_TOPIC
 from tests.pipeline import Pipeline
 
@@ -209,7 +210,8 @@ def test_each_shell_example_runs_against_the_stack_and_shows_what_it_says(exampl
         assert not out.startswith(("(error)", "ERR", "WRONGTYPE")), shown
         if " HGETALL " in f" {example.command} ":
             lines = out.strip().splitlines()
-            assert len(lines) % 2 == 0 and "allowed" in lines[0::2], f"not a decision's fields\n{shown}"
+            fields = dict(zip(lines[0::2], lines[1::2]))
+            assert len(lines) % 2 == 0 and Decision.from_redis(fields) is not None, f"not a decision's fields\n{shown}"
     elif example.tool == "kcat" and " -L" in example.command:
         assert f'topic "{EVENTS_TOPIC}"' in out, shown
     elif example.tool == "kcat" and " -C" in example.command and "deadletter" in example.command:
