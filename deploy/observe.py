@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from quotaflow.schemas.redis_keys import DECISION_FIELD, USAGE_KEY_PATTERN, Decision, usage_subject
+from quotaflow.schemas.redis_keys import USAGE_KEY_PATTERN, Decision, usage_subject
 from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
 
 # The processor's own backlog (processors/metrics.py, set by processors/app.py): records not applied yet, skipped ones
@@ -77,12 +77,12 @@ def decisions(client: redis.Redis) -> dict[str, Decision]:
     keys = list(client.scan_iter(match=USAGE_KEY_PATTERN, count=1000))
     pipe = client.pipeline(transaction=False)
     for k in keys:
-        pipe.hget(k, DECISION_FIELD)
+        pipe.hgetall(k)
     decisions = {}
-    for name, value in zip(keys, pipe.execute(), strict=True):
-        subject = usage_subject(name.decode())
-        if value is not None and subject is not None and subject[1] is not None:
-            decisions[subject[1]] = Decision.from_redis({DECISION_FIELD: value})
+    for name, raw in zip(keys, pipe.execute(), strict=True):
+        subject, decision = usage_subject(name.decode()), Decision.from_redis(raw)
+        if decision is not None and subject is not None and subject[1] is not None:
+            decisions[subject[1]] = decision
     return decisions
 
 

@@ -106,8 +106,6 @@ REASONS = {  # for the client: never the key
 }
 _BAD_RECORD = "bad_record"  # the script's answer for a record naming an id that breaks the rule
 _SCOPE = re.compile(SCOPE_PATTERN)
-_VALID_SCOPES: set[str] = set()  # required scopes found valid, so not matched again (bounded: from configuration)
-_VALID_SCOPES_MAX = 1024
 # Redis Cluster's errors for a script reaching a key outside its call's slot (or node)
 _SLOT_ERROR = re.compile(r"do not hash to the same slot|non local key", re.IGNORECASE)
 
@@ -255,14 +253,8 @@ class _Check:
     def scope(required: str | None) -> str:
         if required is None or required == "":
             return ""
-        if not isinstance(required, str):
+        if not (isinstance(required, str) and _SCOPE.fullmatch(required)):
             raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
-        if required in _VALID_SCOPES:  # a gateway requires the same few scopes on every call
-            return required
-        if not _SCOPE.fullmatch(required):
-            raise InvalidScope(f"required scope: must match {SCOPE_PATTERN}")
-        if len(_VALID_SCOPES) < _VALID_SCOPES_MAX:
-            _VALID_SCOPES.add(required)
         return required
 
     def candidates(self, presented: str) -> tuple[str, ...]:

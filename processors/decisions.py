@@ -27,11 +27,7 @@ def subject_windows(subject: str, state: SubjectState | None, limits: tuple[int 
 
 
 def _decision(windows: tuple[WindowUsage, ...], policy: Policy, tier: str, now_ms: int) -> Decision:
-    allowed = True
-    for w in windows:
-        if w.used >= w.limit:
-            allowed = False
-            break
+    allowed = all(w.used < w.limit for w in windows)
     return Decision.from_windows(windows, allowed=allowed, tier=policy.tier_of(tier), now_ms=now_ms)
 
 

@@ -207,7 +207,7 @@ class Decision(NamedTuple):
         if binding is None:
             best = None
             for w in windows:
-                rank = (w.limit - w.used if w.limit > w.used else 0, w.reset_ms)
+                rank = (w.remaining, w.reset_ms)
                 if best is None or rank < best:
                     binding, best = w, rank
         return cls(
