@@ -18,7 +18,7 @@ import pytest
 
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.clickhouse import latency, retention
-from quotaflow.schemas.clickhouse.migrate import MIGRATIONS_TABLE_DDL, available, migrate, statements
+from quotaflow.schemas.clickhouse.migrate import available, migrate, statements
 from quotaflow.schemas.clickhouse.tables import (
     ALL_ROLLUPS,
     DENIALS_ROLLUPS,
@@ -233,12 +233,7 @@ def test_a_block_over_the_partition_bound_is_refused_as_data_and_its_halves_go_i
 
 def test_rows_stored_with_t_digest_states_are_converted_to_latency_buckets(engine):
     # A database as 0006 left it, with rows whose latency is a t-digest state.
-    engine.command(MIGRATIONS_TABLE_DDL)
-    for version, name, sql in available():
-        if version < 7:
-            for stmt in statements(sql):
-                engine.command(stmt)
-            engine.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+    migrate(engine, upto=6)
     rnd = random.Random(7)
     small = [rnd.uniform(0.05, 900) for _ in range(3000)]  # one or two a minute: one centroid per request
     big = [rnd.lognormvariate(4, 1.5) for _ in range(30_000)]  # a day rolled into few rows
@@ -272,12 +267,7 @@ def test_rows_stored_with_t_digest_states_are_converted_to_latency_buckets(engin
 
 def test_org_rollups_created_again_in_small_granules_keep_every_figure_and_the_migration_runs_again(engine):
     # A database as 0009 left it, with rows of two orgs in every rollup (through the views).
-    engine.command(MIGRATIONS_TABLE_DDL)
-    for version, name, sql in available():
-        if version < 10:
-            for stmt in statements(sql):
-                engine.command(stmt)
-            engine.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+    migrate(engine, upto=9)
     tiers = {"acme": "FREE", "globex": "ENTERPRISE"}
     old = events(1500, seed=11) + events(700, seed=12, org="globex")
     store(Writer(engine), old, tiers)

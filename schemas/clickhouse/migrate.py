@@ -39,13 +39,13 @@ def statements(sql: str) -> list[str]:
     return [s.strip() for s in re.split(r";\s*$", body, flags=re.M) if s.strip()]
 
 
-def migrate(client: Client) -> list[int]:
-    """Apply what is missing; return the versions applied now."""
+def migrate(client: Client, upto: int | None = None) -> list[int]:
+    """Apply what is missing (up to version ``upto``, when given); return the versions applied now."""
     client.command(MIGRATIONS_TABLE_DDL)
     done = {row[0] for row in client.query("SELECT version FROM schema_migrations").result_rows}
     applied = []
     for version, name, sql in available():
-        if version in done:
+        if version in done or (upto is not None and version > upto):
             continue
         for stmt in statements(sql):
             client.command(stmt)
