@@ -9,6 +9,8 @@ Machines are shared and noisy: every benchmark measures its baseline in the same
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
 from quotaflow.deploy import stack
@@ -37,9 +39,6 @@ async def publish_backlog(bootstrap: str, run: str, n: int, batch_events: int = 
     """n events of 200 orgs and 5,000 keys, ``batch_events`` to a record (1: one event a record,
     as kcat or Kafka Connect publish), flushed every 20,000: within the emitter's memory
     bound, and patient with a broker slowed by a shared machine. Every one is delivered."""
-    import time
-    import uuid
-
     from quotaflow.collector.emitter import Emitter
     from quotaflow.schemas.events import RequestEvent
 

@@ -5,9 +5,9 @@ sink commits offset ``start`` with metadata naming ``end`` (the plan); it insert
 rows with an insert_deduplication_token derived from the range; then it commits
 ``end + 1`` with no plan, in one commit with the plan of the next batch when that is
 taken already (on the same partition, one offset: its start is ``end + 1``), which
-leaves the state the two commits would leave one after the other. A sink that restarts and finds a plan in the committed
-metadata re-inserts exactly that range with the same token: if the first insert had
-landed, ClickHouse drops the retried block (and, with
+leaves the state the two commits would leave one after the other. A sink that restarts
+and finds a plan in the committed metadata re-inserts exactly that range with the same
+token: if the first insert had landed, ClickHouse drops the retried block (and, with
 deduplicate_blocks_in_dependent_materialized_views, the rollups' blocks too). A crash
 inside the engine's own commit can make it drop a block it does not have: the sink
 checks every retried batch afterwards (sinks/clickhouse/repair.py).
