@@ -91,9 +91,15 @@ class Output:
             await asyncio.wait_for(stopping, STOP_TIMEOUT_S)
 
     async def events_partitions(self) -> int:
-        """Partitions of the events topic, from the cluster's metadata (every processor
-        has it; Faust's own count is only known to the group's leader)."""
+        """Partitions of the events topic, from the cluster's metadata."""
         return len(await self._producer.partitions_for(self.events_topic))
+
+    async def changelog_partitions(self) -> int:
+        """Partitions of the changelog topic; 0 when the cluster does not know it."""
+        try:
+            return len(await asyncio.wait_for(self._producer.partitions_for(self.changelog_topic), 30))
+        except (KafkaError, asyncio.TimeoutError):
+            return 0
 
     def known_events_partitions(self) -> int | None:
         """The same, from the metadata at hand (refreshed by the client), without waiting."""
