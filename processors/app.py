@@ -114,9 +114,10 @@ def create_app(settings: Settings) -> faust.App:
 
         consumer = EventsConsumer(settings, assigned)
 
-        def before_writes() -> None:
+        async def before_writes() -> None:
             watch.check()
-            check_membership(consumer.live_generation(), consumer.generation)
+            live = consumer.live_generation() if await consumer.confirm_membership() else -1
+            check_membership(live, consumer.generation)
 
         counter = RequestCounter(table, output, backend, OffsetGuard(table.data, probe.first_offset, consumer.seek),
                                  time_bounds_from_settings(settings), partitions, before_writes=before_writes)

@@ -23,7 +23,7 @@ import time
 from typing import Any, Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, RebalanceInProgressError
 
 from quotaflow.core.settings import Settings
 from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_EVENTS_GROUP
@@ -69,6 +69,8 @@ class EventsConsumer(ConsumerRebalanceListener):
         self._pending: dict[TopicPartition, int] = {}  # offsets handled, not committed yet
         self._committed_at = time.monotonic()
         self._failed: BaseException | None = None  # a recovery that failed: nothing more is counted
+        self._revoking = False  # a rebalance waits for the batch in progress
+        self._batch_start: dict[TopicPartition, int] = {}  # the batch in progress: its first offsets
 
     async def start(self) -> None:
         self.consumer.subscribe([EVENTS_TOPIC], listener=self)
@@ -103,17 +105,40 @@ class EventsConsumer(ConsumerRebalanceListener):
             max_records = min(max(1, int(self.batch_events / self._events_per_record)), MAX_BATCH_RECORDS)
             fetched = await self.consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=max_records)
             if not fetched:
+                if self._pending and time.monotonic() - self._committed_at >= self.commit_interval_s:
+                    async with self._lock:  # the last batches' offsets, once no more come
+                        await self._commit()
                 continue
             async with self._lock:
                 if self._rebalances != seen:  # fetched under the previous assignment: read again after it
                     continue
                 records = [record for batch in fetched.values() for record in batch]
+                self._batch_start = {tp: batch[0].offset for tp, batch in fetched.items()}
                 per_record = max(await handle(records) / len(records), 1.0)
                 self._events_per_record = max(per_record, self._events_per_record / 2)
                 for tp, records in fetched.items():
                     self._pending[tp] = records[-1].offset + 1
                 if time.monotonic() - self._committed_at >= self.commit_interval_s:
                     await self._commit()
+
+    async def confirm_membership(self) -> bool:
+        """Whether this consumer is still a member of the group, asked of the group when a
+        rebalance is waiting for the batch in progress. A rebalance goes on without a member
+        that has not rejoined within the rebalance timeout, and the member learns of it at
+        its next heartbeat: a batch held up that long (a Redis only it cannot reach) must
+        not write after another member took its partitions. An offset commit under the
+        generation it was assigned in tells: refused for a rebalance in progress, it is
+        still a member (the group waits for it); refused as unknown, it is not."""
+        if not self._revoking:
+            return True
+        try:
+            await self.consumer.commit(dict(self._batch_start))
+        except CommitFailedError as exc:
+            return isinstance(exc.__cause__, RebalanceInProgressError)
+        except KafkaError as exc:  # not known either way: not a member, to be safe
+            log.warning("group membership not confirmed", extra={"error": repr(exc)})
+            return False
+        return True
 
     async def _commit(self) -> None:
         offsets, self._pending = self._pending, {}
@@ -126,7 +151,9 @@ class EventsConsumer(ConsumerRebalanceListener):
             log.warning("offsets not committed", extra={"error": repr(exc)})
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._revoking = True
         async with self._lock:  # the batch in progress first
+            self._revoking = False
             self._rebalances += 1
             await self._commit()
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import orjson
 from aiokafka import ConsumerRecord
@@ -70,7 +70,7 @@ class RequestCounter:
 
     def __init__(self, table: Table, output: Output, backend: RedisBackend, guard: OffsetGuard,
                  bounds: TimeBounds, partitions: int, clock: Callable[[], float] = time.time,
-                 before_writes: Callable[[], None] = lambda: None):
+                 before_writes: Callable[[], Awaitable[None]] | None = None):
         self.table = table
         self.output = output
         self.backend = backend
@@ -149,7 +149,8 @@ class RequestCounter:
         # their records are applied: a crash in between redelivers those records, which
         # are then handled again, never skipped.
         await self.output.deliver(sent)
-        self.before_writes()
+        if self.before_writes is not None:
+            await self.before_writes()
 
         # One changelog record per changed subject per batch, not per event, written to
         # the partition of the events that changed it (so it recovers with them); each
