@@ -281,43 +281,48 @@ async def baseline_consume(n: int) -> float:
     while seen < n:
         batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
         if start is None and batch:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         for records in batch.values():
             for r in records:
                 seen += len(decode_record(r.value))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     await consumer.stop()
+    harness.report("baseline_consume_cpu_us_per_event", cpu * 1e6 / seen, "us")
     return seen / elapsed
 
 
-def processor_throughput(settings, run: str, n: int, batch_events: int = 500) -> float:
-    """Events/s of one processor process working through a backlog of n events published
-    ``batch_events`` to a record (1: one event per record, as kcat or Kafka Connect publish)."""
+def processor_throughput(settings, run: str, n: int, batch_events: int = 500) -> tuple[float, float]:
+    """(events/s, CPU µs per event) of one processor process working through a backlog of n
+    events published ``batch_events`` to a record (1: one event per record, as kcat or Kafka
+    Connect publish). The CPU time is the process's own: what other work on a shared machine
+    does to it is mostly waiting, which the rate shows and the CPU time does not."""
     name = "processor"
     stack.pipeline_proc(settings, name).stop()
     asyncio.run(harness.publish_backlog(settings.kafka_bootstrap, run, n, batch_events))
     port = settings.processor_metrics_port
     stack.start_pipeline_process(settings, name)
 
-    def processed() -> tuple[float, float]:
-        """(events handled, the processor's own backlog: records skipped by the stream included)."""
+    def processed() -> tuple[float, float, float]:
+        """(events handled, the processor's own backlog: records skipped included, its CPU seconds)."""
         m = metrics.scrape(port)
         return (sum(v for k, v in m.items() if k.startswith("quotaflow_processor_events_total{")
                     and 'outcome="refetch"' not in k),  # records dropped to be read again, not events
-                m.get(PROCESSOR_BACKLOG_METRIC, float("nan")))
+                m.get(PROCESSOR_BACKLOG_METRIC, float("nan")), m.get("process_cpu_seconds_total", float("nan")))
 
     first, deadline = None, time.monotonic() + 600
     while True:
         if time.monotonic() > deadline:
             raise RuntimeError(f"the processor did not work through {n} events within 600 s; see its log")
-        done, backlog = processed()
+        done, backlog, cpu = processed()
         if first is None and done > 0:
-            first = (time.perf_counter(), done)
+            first = (time.perf_counter(), done, cpu)
         if backlog == 0:  # its own offsets: the group's committed ones can lag behind what it applied
             break
         time.sleep(0.2)
-    end, total = time.perf_counter(), processed()[0]
-    return (total - first[1]) / (end - first[0])
+    end, (total, _, cpu) = time.perf_counter(), processed()
+    if total == first[1]:
+        raise RuntimeError(f"{n} events were handled between two looks: too few to measure")
+    return (total - first[1]) / (end - first[0]), (cpu - first[2]) * 1e6 / (total - first[1])
 
 
 PHASES = ("admission", "lag", "throughput")
@@ -370,11 +375,14 @@ def main(phases: tuple[str, ...] = PHASES) -> None:
                     and time.monotonic() < deadline:
                 time.sleep(0.5)
             n = int(os.environ.get("BENCH_PROCESSOR_EVENTS", 500_000))
-            harness.report("processor_events_per_s", processor_throughput(settings, run, n), "events/s")
+            rate, cpu = processor_throughput(settings, run, n)
+            harness.report("processor_events_per_s", rate, "events/s")
+            harness.report("processor_cpu_us_per_event", cpu, "us")
             harness.report("baseline_consume_events_per_s", asyncio.run(baseline_consume(n)), "events/s")
             single = int(os.environ.get("BENCH_SINGLE_EVENT_RECORDS", 20_000))
-            harness.report("processor_single_event_records_per_s",
-                           processor_throughput(settings, run + "s", single, batch_events=1), "records/s")
+            rate, cpu = processor_throughput(settings, run + "s", single, batch_events=1)
+            harness.report("processor_single_event_records_per_s", rate, "records/s")
+            harness.report("processor_single_event_cpu_us_per_record", cpu, "us")
         stack.pipeline_proc(settings, "processor").stop()
     finally:
         stack.down(settings)  # the benchmark's own stack: nothing left running

@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from quotaflow.schemas.redis_keys import USAGE_KEY_PATTERN, Decision, usage_subject
-from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP
+from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_EVENTS_GROUP, SINK_CLICKHOUSE_GROUP
 
 # The processor's own backlog (processors/metrics.py, set by processors/app.py): records not applied yet, skipped ones
 # included; NaN until the processor has its partitions. What "caught up" means for it, unlike its
@@ -56,7 +56,7 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> int:
 
 async def pipeline_caught_up(bootstrap: str) -> bool:
     """Have the processor and the sink both committed every event published so far?"""
-    return await _committed_all(bootstrap, (PROCESSOR_APP_ID, SINK_CLICKHOUSE_GROUP))
+    return await _committed_all(bootstrap, (PROCESSOR_EVENTS_GROUP, SINK_CLICKHOUSE_GROUP))
 
 
 async def sink_caught_up(bootstrap: str) -> bool:

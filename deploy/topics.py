@@ -24,6 +24,7 @@ from quotaflow.schemas.topics import (
     KEYS_MIN_COMPACTION_LAG_MS,
     KEYS_PARTITIONS,
     KEYS_TOPIC,
+    WINDOW_COUNTS_TOPIC,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ MIN_INSYNC_REPLICAS = "min.insync.replicas"
 DEFAULT_CONFIG = 5  # DescribeConfigs config source DEFAULT_CONFIG
 KEYS_CONFIGS = {CLEANUP_POLICY: "compact", MIN_COMPACTION_LAG: str(KEYS_MIN_COMPACTION_LAG_MS)}
 ALERT_RULES_CONFIGS = {CLEANUP_POLICY: "compact"}
+# Every batch rewrites the subjects it touches: segments rolled often so the log cleaner
+# compacts them, and a recovery reads one record per subject, not one per batch.
+WINDOW_COUNTS_CONFIGS = {CLEANUP_POLICY: "compact", "segment.ms": str(5 * 60_000), "min.cleanable.dirty.ratio": "0.1"}
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
@@ -54,6 +58,8 @@ def wanted(settings: Settings) -> list[NewTopic]:
         NewTopic(ALERT_SILENCES_TOPIC, 1, rf, topic_configs={**ALERT_RULES_CONFIGS, **cluster}),
         # What alerts did (transitions, delivery attempts), on its way to ClickHouse.
         NewTopic(ALERT_HISTORY_TOPIC, 1, rf, topic_configs={"retention.ms": str(ALERT_HISTORY_RETENTION_MS), **cluster}),
+        # The processors' counts: a partition for each of the events topic's.
+        NewTopic(WINDOW_COUNTS_TOPIC, settings.events_partitions, rf, topic_configs={**WINDOW_COUNTS_CONFIGS, **cluster}),
     ]
 
 
@@ -102,7 +108,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
         await _ensure_configs(admin, ALERT_SILENCES_TOPIC, ALERT_RULES_CONFIGS, "compacting the alert silences topic")
         if cluster := _cluster_configs(settings):
             for topic in (EVENTS_TOPIC, DEAD_LETTER_TOPIC, KEYS_TOPIC, ALERT_RULES_TOPIC, ALERT_SILENCES_TOPIC,
-                          ALERT_HISTORY_TOPIC):
+                          ALERT_HISTORY_TOPIC, WINDOW_COUNTS_TOPIC):
                 await _ensure_configs(admin, topic, cluster, "requiring acknowledgements of several replicas")
         return created
     finally:

@@ -1,4 +1,4 @@
-"""The processor's work on one batch of events, apart from Faust's plumbing (app.py):
+"""The processor's work on one batch of events, apart from the consumer's plumbing (consumer.py):
 counts per API key and per org in every window of the policy, counts and decisions
 written to Redis, the gateways' reservations of the counted events released, invalid
 events dead-lettered.
@@ -7,8 +7,8 @@ Guarantee: at-least-once delivery, idempotent effect. A batch is acknowledged
 (its offsets become committable) only once its counts are in Redis and its
 changelog records, dead letters and forwarded records are on the broker (dead
 letters and forwarded records first: the changelog then says the batch is applied).
-The table also holds each partition's next offset: records Faust delivers twice
-or skips are caught by OffsetGuard; records redelivered after a crash are
+The table also holds each partition's next offset: records delivered twice or
+skipped are caught by OffsetGuard; records redelivered after a crash are
 recognised by their offset and not counted twice (window_counts keeps, per subject,
 the last offset applied). An event published twice (same event_id, two records)
 is counted once if the copies arrive within the dedup window. Events with status
@@ -25,19 +25,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
-import faust
 import orjson
+from aiokafka import ConsumerRecord
 
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
 from quotaflow.processors.decisions import decide, decide_org, org_windows
 from quotaflow.processors.duplicate_checks import BatchDuplicateChecks
 from quotaflow.processors.metrics import BATCH_SECONDS, DECISIONS, EVENTS
-from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key, partition_of_next_offset
+from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
 from quotaflow.processors.output import Output, Sent
 from quotaflow.processors.records import EVENT_ID, KEY, ORG, STATUS, TS, Record
 from quotaflow.processors.subjects import is_key_subject, key_subject, org_subject
+from quotaflow.processors.table import Table
 from quotaflow.processors.window_counts import REDELIVERED, apply_events
 from quotaflow.schemas import deadletter
 from quotaflow.schemas.dedup import position
@@ -67,9 +68,9 @@ class RequestCounter:
     are taken at and idle subjects judged by (event times are the events' own).
     ``before_writes``: called before the batch writes counts or changelog records."""
 
-    def __init__(self, table: faust.Table, output: Output, backend: RedisBackend, guard: OffsetGuard,
+    def __init__(self, table: Table, output: Output, backend: RedisBackend, guard: OffsetGuard,
                  bounds: TimeBounds, partitions: int, clock: Callable[[], float] = time.time,
-                 before_writes: Callable[[], None] = lambda: None):
+                 before_writes: Callable[[], Awaitable[None]] | None = None):
         self.table = table
         self.output = output
         self.backend = backend
@@ -85,7 +86,8 @@ class RequestCounter:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    async def handle(self, events: Sequence[faust.types.EventT]) -> None:
+    async def handle(self, records: Sequence[ConsumerRecord]) -> int:
+        """Count a batch; return how many events its records carried (all outcomes)."""
         started = time.perf_counter()
         touched: dict[tuple[str, str], int] = {}  # (org_id, api_key_id) -> partition
         released: dict[tuple[str, str], list[str]] = {}  # reservations to release, per key
@@ -95,8 +97,7 @@ class RequestCounter:
         checks = BatchDuplicateChecks(self.backend)
         outcomes: Counter[str] = Counter()
         try:
-            for event in events:
-                msg = event.message
+            for msg in records:
                 verdict = self.guard.quick(msg.partition, msg.offset) or await self.guard.check(msg.partition,
                                                                                                  msg.offset)
                 if verdict == REFETCH:
@@ -148,7 +149,8 @@ class RequestCounter:
         # their records are applied: a crash in between redelivers those records, which
         # are then handled again, never skipped.
         await self.output.deliver(sent)
-        self.before_writes()
+        if self.before_writes is not None:
+            await self.before_writes()
 
         # One changelog record per changed subject per batch, not per event, written to
         # the partition of the events that changed it (so it recovers with them); each
@@ -164,13 +166,13 @@ class RequestCounter:
             DECISIONS.inc(len(touched))
         if time.monotonic() >= self._next_sweep:
             changelog += await self._forget_idle_subjects()
-        # The batch is acknowledged (and its offsets become committable) when this
-        # returns, so its changelog must be on the broker by then. Faust's own flush
-        # before a commit gives up after 0.1 s per message.
+        # The batch's offsets become committable when this returns, so its changelog
+        # must be on the broker by then.
         await self.output.deliver(changelog)
         for outcome, n in outcomes.items():
             EVENTS.labels(outcome).inc(n)
         BATCH_SECONDS.observe(time.perf_counter() - started)
+        return sum(outcomes.values()) - outcomes["refetch"]  # refetches count records, to be read again
 
     def _apply(self, subject: str, run: Run, outcomes: Counter[str], changed: dict[str, int]) -> None:
         """Count a run of one subject's events; the outcomes are counted once, by their keys."""
@@ -184,13 +186,13 @@ class RequestCounter:
             data[subject] = state
             changed[subject] = partition
 
-    async def _read(self, msg: Any, verdict: str, outcomes: Counter[str], sent: list[Sent]) -> Record | None:
+    async def _read(self, msg: ConsumerRecord, verdict: str, outcomes: Counter[str], sent: list[Sent]) -> Record | None:
         """The events of a record that count here (valid, not refused by a limiter, on
         their org's partition), as columns. Invalid ones are dead-lettered and events on
         another partition forwarded to theirs, unless the record was handled before."""
         # Times are judged against the broker's time of the record (LogAppendTime): the
         # same for every stage, every replay.
-        received_ms = round(msg.timestamp * 1000)
+        received_ms = msg.timestamp
         if msg.timestamp_type != LOG_APPEND_TIME and not self._warned_create_time:
             self._warned_create_time = True
             log.error("the events topic keeps the publishers' record times (CreateTime): a publisher can then "
@@ -225,7 +227,7 @@ class RequestCounter:
         return Record.of(msg.partition, received_ms, org, columns[KEY], columns[TS], columns[EVENT_ID],
                          [base | index for index in indexes], rows)
 
-    async def _forward(self, msg: Any, org: str, columns: tuple[tuple, ...], home: int) -> Sent:
+    async def _forward(self, msg: ConsumerRecord, org: str, columns: tuple[tuple, ...], home: int) -> Sent:
         """The valid events of a record published on another partition than its org's,
         to that partition, to be counted there (the sink stores the original only)."""
         log.warning("events on another partition than their org's; forwarding them (publish keyed by org_id "
@@ -258,19 +260,6 @@ class RequestCounter:
                                        (ostate["p"], ostate["o"]) if ostate else None))
         return writes
 
-    def keep_partitions(self, assigned: set[int]) -> None:
-        """Forget the subjects and next offsets of every partition but ``assigned`` (after a
-        rebalance). Another processor counts them now: kept here, they would go stale, and
-        the idle sweep would delete from the changelog a subject its owner still counts."""
-        data = self.table.data
-        gone = [key for key, value in list(data.items())
-                if (partition_of_next_offset(key) if key.startswith("__") else value["p"]) not in assigned]
-        for key in gone:
-            del data[key]
-        if gone:
-            log.info("state of partitions no longer assigned forgotten",
-                     extra={"entries": len(gone), "assigned": sorted(assigned)})
-
     async def _forget_idle_subjects(self) -> list[Sent]:
         """Drop subjects idle for longer than their longest window and the grace after it:
         their counts can no longer matter, and the table (and its recovery) stays the
@@ -287,7 +276,7 @@ class RequestCounter:
             log.info("idle subjects forgotten", extra={"subjects": len(idle)})
         return sent
 
-    async def _dead_letter(self, msg: Any, exc: SchemaError, index: int | None) -> Sent:
+    async def _dead_letter(self, msg: ConsumerRecord, exc: SchemaError, index: int | None) -> Sent:
         log.warning("invalid event dead-lettered",
                     extra={"reason": str(exc)[:500], "partition": msg.partition, "offset": msg.offset, "index": index})
         return await self.output.dead_letter(

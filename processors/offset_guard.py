@@ -1,9 +1,10 @@
-"""Gap-free, duplicate-free input per partition, whatever the stream delivers.
+"""Gap-free, duplicate-free input per partition, whatever the consumer delivers.
 
-Faust acknowledges records it skips around a rebalance (records prefetched
-under the previous consumer generation), and its commit can then move past
-records no agent ever saw: they would be lost. Seen here as a jump from offset
-2074 to 2081 right after a worker restart. The guard keeps, in the table (and
+Faust's stream, which read the events before consumer.py, acknowledged records it
+skipped around a rebalance (records prefetched under the previous consumer
+generation), and its commit could then move past records no agent ever saw: seen
+here as a jump from offset 2074 to 2081 right after a worker restart. The guard
+stays as the check that no record is skipped, whoever reads them. It keeps, in the table (and
 so in its changelog), the next offset the processor must apply for each
 partition. A record past it is either a legitimate gap (transaction markers,
 retention) or a skip: a probe of the broker tells which, and a skip makes the

@@ -1,11 +1,10 @@
 """The processor's own Kafka producer, for its changelog records, dead letters and
 forwarded records.
 
-Faust's producer path sends records one by one through its buffer; a batch that
-touches thousands of keys spent most of its time there. This producer appends
-them all at once (idempotent, batched, lingering a few ms) and hands back what it
-sent, which the batch delivers (``deliver``) before it is acknowledged. Faust
-still reads the changelog topic to recover the table: it does not care who wrote it.
+A batch that touches thousands of keys changes thousands of table entries: this
+producer appends them all at once (idempotent, batched, lingering a few ms) and hands
+back what it sent, which the batch delivers (``deliver``) before its offsets are
+committed. table.py reads the changelog back.
 """
 
 from __future__ import annotations
@@ -91,9 +90,15 @@ class Output:
             await asyncio.wait_for(stopping, STOP_TIMEOUT_S)
 
     async def events_partitions(self) -> int:
-        """Partitions of the events topic, from the cluster's metadata (every processor
-        has it; Faust's own count is only known to the group's leader)."""
+        """Partitions of the events topic, from the cluster's metadata."""
         return len(await self._producer.partitions_for(self.events_topic))
+
+    async def changelog_partitions(self) -> int:
+        """Partitions of the changelog topic; 0 when the cluster does not know it."""
+        try:
+            return len(await asyncio.wait_for(self._producer.partitions_for(self.changelog_topic), 30))
+        except (KafkaError, asyncio.TimeoutError):
+            return 0
 
     def known_events_partitions(self) -> int | None:
         """The same, from the metadata at hand (refreshed by the client), without waiting."""
@@ -104,9 +109,9 @@ class Output:
         await self._stop(self._producer)
 
     async def changelogs(self, records: list[tuple[str, dict | int | None, int]]) -> list[Sent]:
-        """Table records (key, state, partition), encoded as Faust reads its changelog back (key
-        and value both JSON: a raw key fails its recovery, which then skips the record; None
-        deletes the key), in their order per partition. Appended to one record batch per
+        """Table records (key, state, partition), encoded as table.py reads them back (key and
+        value both JSON, as the Faust table before it wrote them; None deletes the key), in
+        their order per partition. Appended to one record batch per
         partition and sent as such: a batch changes thousands of subjects, and a send per
         record cost more than the rest of the batch's work on them."""
         sent: list[Sent] = []

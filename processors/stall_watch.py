@@ -7,8 +7,7 @@ The group takes a member's partitions once its heartbeats have stopped for its s
 it was: its batch would then write counts and changelog records after its successor's, from
 a state behind theirs. Redis refuses counts older than those it holds (write.lua); the
 changelog cannot refuse a record, and a later recovery of the partition would start from the
-stale one. Faust heartbeats from a thread of its own, so what the process can see of a freeze
-is time: a thread of ours ticking every TICK_S sees it as a gap (the event loop may be busy
+stale one. What the process can see of a freeze is time: a thread of ours ticking every TICK_S sees it as a gap (the event loop may be busy
 with a batch for seconds; a thread is not held up by that). A gap over half the session
 means the process may have been expelled: it exits at once, acknowledging nothing it has in
 flight (its supervisor starts it again; the partition's owner reads those records again).
@@ -47,10 +46,11 @@ def exit_stalled(gap_s: float) -> None:
 def check_membership(live: int | None, assigned: int) -> None:
     """Before a batch writes: the group generation the consumer is in now (``live``, None when
     unknown) against the one its partitions were assigned in. Within a rebalance the batch
-    in flight ends before the consumer rejoins (Faust waits for it), so it never sees the
-    generation move; it moves under a batch only when the group expelled the consumer (-1:
-    a batch held up, by a Redis it alone cannot reach say, past the rebalance timeout while
-    the others rebalanced), and then its partitions are another's."""
+    in flight ends before the consumer rejoins (consumer.py waits for it), so it never sees
+    the generation move; it moves under a batch only when the group expelled the consumer
+    (-1: a batch held up, by a Redis it alone cannot reach say, past the rebalance timeout
+    while the others rebalanced; EventsConsumer.confirm_membership asks the group), and
+    then its partitions are another's."""
     if live is not None and live != assigned:
         leave(f"the processor's group moved on without it (generation {assigned}, now {live}): its "
               "partitions are another processor's", generation=assigned, now=live)

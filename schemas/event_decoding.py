@@ -2,9 +2,9 @@
 
 A record's value is one JSON object, or a JSON array of up to MAX_EVENTS_PER_RECORD
 objects of one org (the record's key). Every item is judged alone: an event, or the
-SchemaError that refuses it, with what to dead-letter. A batch record whose items are all
-valid (the usual case) takes a fast path: parsed by msgspec straight into WireEvents and
-checked column by column, never as a dict per event.
+SchemaError that refuses it, with what to dead-letter. A record whose items are all valid
+(the usual case) takes a fast path: parsed by msgspec straight into WireEvents and checked
+column by column, never as a dict per event.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from quotaflow.schemas.event_validation import (
     WireEvent,
     make_event,
     valid_columns,
+    valid_row,
     validate,
     wire_values,
 )
@@ -31,6 +32,7 @@ MAX_EVENTS_PER_RECORD = 10_000  # also bounds the index of an event within its r
 MAX_DEPTH = 8  # an event is a flat JSON object; a batch nests it once
 
 _BATCH = msgspec.json.Decoder(Annotated[list[WireEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_RECORD)])
+_ONE = msgspec.json.Decoder(WireEvent)
 _ORG_ID = FIELD_NAMES.index("org_id")
 _TS_MS = FIELD_NAMES.index("ts_ms")
 
@@ -103,10 +105,10 @@ def _slow(data: bytes | None, received_ms: int, bounds: TimeBounds | None) -> li
 
 
 def decode_batch_fast(data: bytes) -> tuple[list[tuple], tuple[tuple, ...]] | None:
-    """(rows, columns) of a batch record, when it is one and every item is a valid event of
-    one org: each row a RequestEvent's values, each column one field's values (FIELDS order).
-    None otherwise: the caller then reads and validates item by item, which finds and words
-    the errors.
+    """(rows, columns) of a record, when every item is a valid event of one org (a single
+    event: one row): each row a RequestEvent's values, each column one field's values
+    (FIELDS order). None otherwise: the caller then reads and validates item by item, which
+    finds and words the errors.
 
     The same rules as validate, only stricter on types (an int written 12.0 goes item by
     item): msgspec checks the wire types (presence, unknown fields, lengths, choices,
@@ -114,10 +116,13 @@ def decode_batch_fast(data: bytes) -> tuple[list[tuple], tuple[tuple, ...]] | No
     checked once per distinct value of a column. Item-by-item validation of parsed dicts
     was most of the cost of reading a record."""
     try:
-        events = _BATCH.decode(data)
+        # One event a record (kcat, Kafka Connect, most non-Python producers) as often as many.
+        events = [_ONE.decode(data)] if data[:1] == b"{" else _BATCH.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
     rows = list(map(wire_values, events))
+    if len(rows) == 1:  # one event: its checks without building a set per column
+        return (rows, tuple((value,) for value in rows[0])) if valid_row(rows[0]) else None
     cols = tuple(zip(*rows, strict=True))
     if len(set(cols[_ORG_ID])) != 1 or not valid_columns(cols):
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from aiokafka.partitioner import murmur2
 
 
@@ -11,6 +13,7 @@ def partition_key(org_id: str) -> bytes:
     return org_id.encode()
 
 
+@lru_cache(maxsize=65_536)  # murmur2 in Python costs more than the rest of reading a one-event record
 def partition_of(org_id: str, partitions: int) -> int:
     """The partition an org's events belong on: where Kafka's default partitioner (murmur2
     of the key, as in the Java client, aiokafka and the emitter) puts a record keyed by

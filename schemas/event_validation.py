@@ -109,6 +109,17 @@ def _valid_strings(values: tuple[str, ...]) -> bool:
     return all(map(_valid_string, _REPEATING, values))
 
 
+def valid_row(values: tuple) -> bool:
+    """Whether one event's values (FIELDS order) all pass what their wire types left out:
+    the recurring ones in one cached lookup, the unique ones each."""
+    if not _valid_strings(_repeating_values(values)):
+        return False
+    for i, rule in _UNIQUE:
+        if not rule.matches(values[i]):
+            return False
+    return True
+
+
 def valid_columns(columns: tuple[tuple, ...]) -> bool:
     """Whether the values of a batch, one tuple per field, all pass what their wire types
     left out: the recurring ones once per distinct value, the unique ones all at once."""
@@ -136,11 +147,8 @@ def validate_fast(doc: dict) -> RequestEvent | None:
         values = wire_values(_convert(doc, WireEvent))
     except _MsgspecError:  # the slow path runs outside this handler: a SchemaError raised in
         return None  # it would keep this error, its frame and the document as its __context__
-    if not _valid_strings(_repeating_values(values)):
+    if not valid_row(values):
         return None
-    for i, rule in _UNIQUE:
-        if not rule.matches(values[i]):
-            return None
     for name in _FLOATS:
         if type(doc[name]) is Decimal:
             return None

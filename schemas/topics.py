@@ -23,9 +23,13 @@ ALERT_HISTORY_TOPIC = "quotaflow.alert-history.v1"
 # Silences (schemas/alert_rules.py Silence): compacted, keyed by "<org>/<silence id>".
 ALERT_SILENCES_TOPIC = "quotaflow.alert-silences.v1"
 
-# The Faust app id is also its consumer group and the prefix of its internal
-# (changelog, repartition) topics.
+# The processor's Faust app (the key registry's materializer): its id is also its consumer group.
 PROCESSOR_APP_ID = "quotaflow-processor"
+# The processors' group on the events topic (processors/consumer.py).
+PROCESSOR_EVENTS_GROUP = "quotaflow-processor-events"
+# The processors' table of counts (processors/table.py), compacted, partitioned as the events
+# topic. Named as the Faust table it replaces named its changelog: an older one recovers.
+WINDOW_COUNTS_TOPIC = "quotaflow-processor-window-counts-changelog"
 ALERTS_APP_ID = "quotaflow-alerts"  # the alerts stage: its own group on the events topic, its tables
 SINK_CLICKHOUSE_GROUP = "quotaflow-sink-clickhouse"
 # The sink's audit of key changes (KEYS_TOPIC into ClickHouse): a group of its own.

@@ -192,14 +192,14 @@ async def group_state(bootstrap: str) -> tuple[str, int]:
     (("", 0) while the broker names no coordinator for it)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from quotaflow.schemas.topics import PROCESSOR_APP_ID
+    from quotaflow.schemas.topics import PROCESSOR_EVENTS_GROUP
 
     from aiokafka.errors import KafkaError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        (response,) = await admin.describe_consumer_groups([PROCESSOR_APP_ID])
+        (response,) = await admin.describe_consumer_groups([PROCESSOR_EVENTS_GROUP])
         _, _, state, _, _, members, *_ = response.groups[0]
         return state, len(members)
     except KafkaError:  # no coordinator yet (the group's first member still joining): no group yet

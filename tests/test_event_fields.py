@@ -75,6 +75,7 @@ def verdicts(field: Field, value) -> dict[str, bool]:
         "validate": validated,
         "validate's fast path": validate_fast(doc) is not None,
         "a batch's fast path": decode_batch_fast(orjson.dumps([doc])) is not None,
+        "a single event's fast path": decode_batch_fast(orjson.dumps(doc)) is not None,
         "published JSON Schema": PUBLISHED.is_valid(doc),
     }
 
@@ -149,10 +150,11 @@ def test_the_fast_paths_take_exactly_what_the_checker_takes(case):
         assert got == want and type(got) is type(want)
     if isinstance(value, float) and not math.isfinite(value):
         return  # JSON has no such number (orjson writes null)
-    batch = decode_batch_fast(orjson.dumps([doc]))
-    assert (batch is not None) == expected, (value, batch)
-    if batch is not None:
-        assert tuple(batch[0][0]) == tuple(fast)
+    for record in (orjson.dumps([doc]), orjson.dumps(doc)):  # a batch of one, and the event alone
+        batch = decode_batch_fast(record)
+        assert (batch is not None) == expected, (value, batch)
+        if batch is not None:
+            assert tuple(batch[0][0]) == tuple(fast)
 
 
 def test_a_decimal_is_refused_by_name_as_it_always_was():

@@ -6,7 +6,6 @@ stop asked for while Redis is down."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import threading
@@ -247,49 +246,6 @@ def test_on_a_fresh_stack_an_invalid_first_record_is_dead_lettered_and_the_next_
         finally:
             pipeline.stop_all()
             stack.down(fresh)
-
-
-def test_the_processors_seek_survives_a_storm_of_seeks_under_load(live_stack, tmp_path):
-    """Finding 6: under load the processor sought back a partition, then aiokafka's fetcher
-    raised KeyError in fetched_records, Faust's fetcher crashed and the worker exited.
-    Faust's Consumer.seek calls the aiokafka consumer from outside the thread that owns
-    it; the processor's seek (processors.app.seek_stream) runs in that thread. With Faust's
-    own seek (SEEK_MODE=faust) the same storm crashed the worker with that KeyError in 3
-    of 4 runs of 3,000 seeks here (once within the first second): the harness reproduces
-    it, though not every time, so only the processor's seek is asserted."""
-    import sys
-
-    topic = unique("seek-storm")
-    asyncio.run(_fill_topic(live_stack, topic, 40_000))
-
-    def storm(mode: str, seeks: int) -> subprocess.CompletedProcess:
-        env = {**os.environ, "SEEK_MODE": mode, "SEEK_TOPIC": topic, "SEEK_BOOTSTRAP": live_stack.kafka_bootstrap,
-               "SEEK_COUNT": str(seeks), "SEEK_DATADIR": str(tmp_path / mode)}
-        worker = [sys.executable, "-m", "tests.seek_storm", "worker", "-l", "warn", "--without-web"]  # no port 6066
-        done = subprocess.run(worker, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-        return done.returncode, done.stdout  # Faust logs what the worker prints
-
-    code, out = storm("processor", 3000)
-    assert code == 0 and "done seeks=3000" in out and "KeyError" not in out, out[-3000:]
-
-
-async def _fill_topic(settings, topic: str, n: int) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 4, 1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=20)
-    await producer.start()
-    try:
-        for i in range(n):
-            await producer.send(topic, b"x" * 100, key=str(i).encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 def test_the_emitter_refuses_any_python_value_without_raising(live_stack):

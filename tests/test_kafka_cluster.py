@@ -18,7 +18,7 @@ import redis
 from quotaflow.core.settings import Settings
 from quotaflow.deploy import kafka, stack
 from quotaflow.deploy.procs import port_open
-from quotaflow.schemas.topics import ALERT_RULES_TOPIC, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KEYS_TOPIC, PROCESSOR_APP_ID
+from quotaflow.schemas.topics import ALERT_RULES_TOPIC, DEAD_LETTER_TOPIC, EVENTS_TOPIC, KEYS_TOPIC, WINDOW_COUNTS_TOPIC
 from tests.broker_drill import Stream, kafka_copies, kill_busiest_broker, reckon, spread_orgs, stored_rows
 from tests.pipeline import Pipeline, stack_of_its_own, this_minute, wait_for
 
@@ -131,10 +131,10 @@ def test_broker_sigkill_loses_no_acknowledged_event_and_counts_none_twice(cluste
         for name in stack.PIPELINE:  # neither process restarted
             state = pipeline.state(name)
             assert (state.pid, state.restarts) == (pids[name], 0), (name, state, pipeline.logs(name))
-        # Every topic, the consumer groups' offsets and the processor's changelog (made by
-        # Faust) included, has its three replicas, all in sync again.
+        # Every topic, the consumer groups' offsets and the processor's changelog included,
+        # has its three replicas, all in sync again.
         names = asyncio.run(list_topics(cluster))
-        assert {"__consumer_offsets", f"{PROCESSOR_APP_ID}-window-counts-changelog"} <= names
+        assert {"__consumer_offsets", WINDOW_COUNTS_TOPIC} <= names
         assert_replicated(asyncio.run(describe(cluster, sorted(names))))
         pipeline.stop("sink")
         result = reckon(stream, redis_client, stored_rows(pipeline.query_clickhouse, orgs))

@@ -14,19 +14,19 @@ import contextlib
 import json
 import os
 import signal
-from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
 
 from quotaflow.core.settings import Settings
 from quotaflow.processors.backend import RedisBackend, SubjectWrite
-from quotaflow.processors.counter import RequestCounter
 from quotaflow.processors.offset_guard import next_offset_key
 from quotaflow.processors.stall_watch import EXIT_STALLED, StallWatch
 from quotaflow.processors.subjects import key_subject, org_subject
+from quotaflow.processors.table import Table
 from quotaflow.schemas.limits import policy_from_settings
 from quotaflow.schemas.redis_keys import APPLIED_FIELD, reservations_key, usage_key
+from quotaflow.schemas.topics import WINDOW_COUNTS_TOPIC
 from tests.broker_drill import Stream, reckon, spread_orgs
 from tests.pipeline import counted, this_minute, unique, wait_for
 from tests.rebalance_drill import (
@@ -99,11 +99,11 @@ def test_a_rebalance_forgets_what_was_counted_on_partitions_now_another_processo
     """Kept, such state went stale while another processor counted on; the idle sweep then
     deleted from the changelog subjects their owner still counted (lost on its next recovery)."""
     state = {"p": 0, "o": 7, "m": 1, "b": [[]]}
-    table = SimpleNamespace(data={key_subject("a", "k"): dict(state), org_subject("a"): dict(state),
-                                  key_subject("b", "k"): {**state, "p": 2}, org_subject("b"): {**state, "p": 2},
-                                  next_offset_key(0): 8, next_offset_key(2): 3, next_offset_key(11): 5})
-    counter = RequestCounter(table, None, SimpleNamespace(policy=None), None, None, 12)
-    counter.keep_partitions({2, 11})
+    table = Table("127.0.0.1:9", WINDOW_COUNTS_TOPIC)
+    table.data.update({key_subject("a", "k"): dict(state), org_subject("a"): dict(state),
+                       key_subject("b", "k"): {**state, "p": 2}, org_subject("b"): {**state, "p": 2},
+                       next_offset_key(0): 8, next_offset_key(2): 3, next_offset_key(11): 5})
+    assert table.keep_partitions({2, 11}) == 3
     assert table.data == {key_subject("b", "k"): {**state, "p": 2}, org_subject("b"): {**state, "p": 2},
                           next_offset_key(2): 3, next_offset_key(11): 5}
 
@@ -284,7 +284,7 @@ def test_processors_the_group_expelled_while_their_batches_were_held_up_exit_wit
     rebalance timeout has passed the group goes on without them (the third takes everything).
     When their batches can go on, those partitions are the third's: they exit instead of
     writing, and every event counts once."""
-    env = {**POLICY_ENV, "BROKER_REBALANCE_TIMEOUT": "20"}  # Faust's, 60 s by default: the test waits it out
+    env = {**POLICY_ENV, "QUOTAFLOW_PROCESSOR_REBALANCE_TIMEOUT_S": "20"}  # 60 s by default: the test waits it out
     with pytest.MonkeyPatch.context() as patch:
         for name, value in POLICY_ENV.items():
             patch.setenv(name, value)

@@ -142,8 +142,11 @@ class Settings(BaseSettings):
     alerts_metrics_port: PortOrOff = 19115
 
     # Batching knobs of the stream stages.
-    processor_batch_size: int = Field(200, ge=1, description="records per batch; a record may carry many events")
-    processor_batch_seconds: float = Field(0.05, gt=0)
+    processor_batch_events: int = Field(20_000, ge=1, le=1_000_000, description="events in a batch at most, about "
+                                        "(a batch is what has arrived, in as many records as carried that many "
+                                        "events of late)")
+    processor_rebalance_timeout_s: float = Field(60.0, gt=0, description="how long the group waits for a processor "
+                                                 "to finish its batch in a rebalance before going on without it")
     processor_commit_interval_s: float = Field(1.0, gt=0, description="how often the processor commits the offsets "
                                                "it has handled; a restart reads again (and recognises) what came after")
     sink_batch_size: int = Field(10000, ge=1, description="records per insert at most")

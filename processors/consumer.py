@@ -1,0 +1,176 @@
+"""The events topic's consumer: the processor's membership in its group, the table of the
+partitions it is assigned recovered before it counts on them, batches handed to
+RequestCounter, offsets committed.
+
+An aiokafka consumer of its own rather than a Faust stream: Faust hands each record over on
+its own (tasks, queues, sensors and an acknowledgement per record), 120 to 350 µs a record
+here, so a topic of single-event records (what kcat and most non-Python producers publish)
+was counted at 3 to 5 thousand records/s. ``getmany`` hands over what has arrived, at once.
+
+Guarantee, as before: a batch's offsets are committed only after RequestCounter.handle has
+returned (its counts in Redis, its changelog on the broker); a record read again after a
+crash or a rebalance is recognised by the table. A rebalance waits for the batch in
+progress (the batch lock) and commits it before the partitions are given up, so the next
+owner starts where this one ended; records fetched before a rebalance and not yet handled
+are dropped, and read again from the committed offsets by whoever owns them after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, RebalanceInProgressError
+
+from quotaflow.core.settings import Settings
+from quotaflow.schemas.topics import EVENTS_TOPIC, PROCESSOR_EVENTS_GROUP
+
+log = logging.getLogger(__name__)
+
+SESSION_TIMEOUT_S = 15.0  # a member killed without leaving holds its partitions this long
+FETCH_WAIT_MS = 100  # getmany's wait when nothing has arrived: how long a stop or a rebalance may wait on it
+# Records in a batch at most, whatever they carry: a batch of one-event records costs its
+# round trips (Redis, the changelog's acknowledgement) once for this many.
+MAX_BATCH_RECORDS = 5_000
+
+# (partitions assigned now, those of them new to this process) -> None, before any batch of them
+OnAssigned = Callable[[set[int], set[int]], Awaitable[None]]
+
+
+class EventsConsumer(ConsumerRebalanceListener):
+    def __init__(self, settings: Settings, on_assigned: OnAssigned):
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=PROCESSOR_EVENTS_GROUP,
+            client_id=f"{PROCESSOR_EVENTS_GROUP}-{settings.processor_metrics_port or 'unnumbered'}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(SESSION_TIMEOUT_S * 1000),
+            heartbeat_interval_ms=1000,
+            rebalance_timeout_ms=int(settings.processor_rebalance_timeout_s * 1000),
+            # After a broker restart the first rebalance can see topics without leaders and
+            # assign nothing; fresh metadata within seconds makes the leader rebalance again.
+            metadata_max_age_ms=5000,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self.batch_events = settings.processor_batch_events
+        # Events per record of late, which sizes a batch in records: it starts at what an
+        # emitter's record holds, rises at once and falls by half a batch.
+        self._events_per_record = float(settings.collector_batch_events)
+        self.commit_interval_s = settings.processor_commit_interval_s
+        self.generation = -1  # the group generation the partitions were assigned in
+        self.owned: set[int] = set()
+        self._on_assigned = on_assigned
+        self._lock = asyncio.Lock()  # held while a batch is handled; a rebalance waits for it
+        self._rebalances = 0  # counted under the lock: records fetched before one are not handled
+        self._pending: dict[TopicPartition, int] = {}  # offsets handled, not committed yet
+        self._committed_at = time.monotonic()
+        self._failed: BaseException | None = None  # a recovery that failed: nothing more is counted
+        self._revoking = False  # a rebalance waits for the batch in progress
+        self._batch_start: dict[TopicPartition, int] = {}  # the batch in progress: its first offsets
+
+    async def start(self) -> None:
+        self.consumer.subscribe([EVENTS_TOPIC], listener=self)
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    def live_generation(self) -> int | None:
+        """The group generation the consumer is in now (-1 once the group expelled it)."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        return None if coordinator is None else coordinator.generation
+
+    def assigned(self) -> list[int]:
+        return [tp.partition for tp in self.consumer.assignment() if tp.topic == EVENTS_TOPIC]
+
+    async def seek(self, partition: int, offset: int) -> None:
+        """Read ``partition`` again from ``offset`` (OffsetGuard). A partition given up
+        meanwhile cannot be sought: its next owner starts from the committed offset."""
+        try:
+            self.consumer.seek(TopicPartition(EVENTS_TOPIC, partition), offset)
+        except (IllegalStateError, AssertionError) as exc:
+            log.warning("seek failed; it will be repeated", extra={"partition": partition, "error": repr(exc)})
+
+    async def run(self, handle: Callable[[Sequence[Any]], Awaitable[int]]) -> None:
+        """Hand every batch to ``handle`` (which answers how many events it held) until
+        cancelled, or ``handle`` raises."""
+        while True:
+            if self._failed is not None:
+                raise self._failed
+            seen = self._rebalances
+            max_records = min(max(1, int(self.batch_events / self._events_per_record)), MAX_BATCH_RECORDS)
+            fetched = await self.consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=max_records)
+            if not fetched:
+                if self._pending and time.monotonic() - self._committed_at >= self.commit_interval_s:
+                    async with self._lock:  # the last batches' offsets, once no more come
+                        await self._commit()
+                continue
+            async with self._lock:
+                if self._rebalances != seen:  # fetched under the previous assignment: read again after it
+                    continue
+                records = [record for batch in fetched.values() for record in batch]
+                self._batch_start = {tp: batch[0].offset for tp, batch in fetched.items()}
+                per_record = max(await handle(records) / len(records), 1.0)
+                self._events_per_record = max(per_record, self._events_per_record / 2)
+                for tp, records in fetched.items():
+                    self._pending[tp] = records[-1].offset + 1
+                if time.monotonic() - self._committed_at >= self.commit_interval_s:
+                    await self._commit()
+
+    async def confirm_membership(self) -> bool:
+        """Whether this consumer is still a member of the group, asked of the group when a
+        rebalance is waiting for the batch in progress. A rebalance goes on without a member
+        that has not rejoined within the rebalance timeout, and the member learns of it at
+        its next heartbeat: a batch held up that long (a Redis only it cannot reach) must
+        not write after another member took its partitions. An offset commit under the
+        generation it was assigned in tells: refused for a rebalance in progress, it is
+        still a member (the group waits for it); refused as unknown, it is not."""
+        if not self._revoking:
+            return True
+        try:
+            await self.consumer.commit(dict(self._batch_start))
+        except CommitFailedError as exc:
+            return isinstance(exc.__cause__, RebalanceInProgressError)
+        except KafkaError as exc:  # not known either way: not a member, to be safe
+            log.warning("group membership not confirmed", extra={"error": repr(exc)})
+            return False
+        return True
+
+    async def _commit(self) -> None:
+        offsets, self._pending = self._pending, {}
+        self._committed_at = time.monotonic()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # a rebalance under way, a broker away: read again, and recognised
+            log.warning("offsets not committed", extra={"error": repr(exc)})
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._revoking = True
+        async with self._lock:  # the batch in progress first
+            self._revoking = False
+            self._rebalances += 1
+            await self._commit()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        partitions = {tp.partition for tp in assigned if tp.topic == EVENTS_TOPIC}
+        async with self._lock:
+            self._rebalances += 1
+            self._pending.clear()
+            previous, self.generation = self.generation, self.live_generation() or -1
+            # A partition kept from the generation before is as this process left it. After a
+            # gap (the group went on without it for a while) another may have counted on
+            # any of them: all are read back.
+            kept = self.owned if self.generation == previous + 1 else set()
+            try:
+                await self._on_assigned(partitions, partitions - kept)
+            except Exception as exc:  # aiokafka would log it and go on: counting on a table not recovered
+                self._failed = exc
+                self.owned = set()
+                raise
+            self.owned = partitions
