@@ -68,12 +68,24 @@ def partitions_bound(retention_raw_days: int) -> int:
     return retention_raw_days + EVENTS_RETENTION_MS // 86_400_000 + 2
 
 
+# Never reached: blocks are squashed until their input ends (see INSERT_SETTINGS).
+WHOLE = 1 << 62
+
 # Settings of every insert, besides its token and block size.
 INSERT_SETTINGS = {
     "insert_deduplicate": 1,
     "deduplicate_blocks_in_dependent_materialized_views": 1,
-    "min_insert_block_size_rows": 0,
-    "min_insert_block_size_bytes": 0,
+    # Each view's output for the batch's block is squashed into one block. ClickHouse names
+    # the blocks a view outputs by number in the deduplication token of the view's table, so
+    # a retry whose view splits its output otherwise than the first attempt did is stored
+    # again in part. And how a view's GROUP BY splits its output is not fixed: after a large
+    # aggregation of the same view query in the process, the engine's hash table statistics
+    # (process-wide, kept across engines) make the next one two-level, several blocks, and the
+    # one after it (the retry, the statistics now from this batch) one block. Squashing only
+    # at a bound would still split where the pieces fall; never reached, it waits for the end.
+    # (The batch itself is one block: max_insert_block_size.)
+    "min_insert_block_size_rows": WHOLE,
+    "min_insert_block_size_bytes": WHOLE,
     # The rollup views' GROUP BY already gives one row per key in a block: no need for
     # the engine to sort-merge equal keys again on insert.
     "optimize_on_insert": 0,
