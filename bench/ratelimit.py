@@ -173,7 +173,7 @@ async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int
     (events are made from templates with ids made beforehand, so that it is mostly the emitter's)."""
     settings = harness.get_settings()
     probes = []
-    templates = [event(f"{run}-bg{k % 100}", f"{run}-bgkey{k}", 0) for k in range(1000)]
+    templates = [event(f"{run}-bg{k % 100}", f"{run}-bgkey{k}", int(time.time() * 1000)) for k in range(1000)]
     ids = [str(uuid.uuid4()) for _ in range(int(rate * seconds) + rate)]
     records = 0
     async with Emitter.from_settings(settings) as emitter:
