@@ -412,7 +412,12 @@ class RateLimiter:
     @classmethod
     def from_settings(cls, settings: Settings) -> "RateLimiter":
         timeout_s = settings.gateway_timeout_ms / 1000
-        client = async_client(settings, fail_fast=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # Every call is bounded by the check's budget (asyncio.timeout around it). On a single
+        # Redis no socket timeout on top: it bounds nothing more, and redis-py spends a task
+        # per command on it (wait_for around each write) and a timeout scope per reply read.
+        socket_timeout = timeout_s if settings.redis_cluster else None
+        client = async_client(settings, fail_fast=True, socket_timeout=socket_timeout,
+                              socket_connect_timeout=timeout_s)
         return cls(client, policy_from_settings(settings), timeout_ms=settings.gateway_timeout_ms,
                    fail_open=settings.gateway_fail_open, key_secrets=settings.key_hash_secrets)
 
