@@ -168,18 +168,31 @@ def worst_ratio(decisions: list, sliding: bool) -> float:
 # --- decision lag -----------------------------------------------------------------------------
 
 async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int) -> None:
-    """Background traffic at `rate` events/s over 1000 keys, plus probe events on keys of their own."""
+    """Background traffic at `rate` events/s over 1000 keys, plus probe events on keys of their own.
+    Also what publishing cost: the records the emitter produced, and this process's CPU time
+    (events are made from templates with ids made beforehand, so that it is mostly the emitter's)."""
     settings = harness.get_settings()
     probes = []
+    templates = [event(f"{run}-bg{k % 100}", f"{run}-bgkey{k}", int(time.time() * 1000)) for k in range(1000)]
+    ids = [str(uuid.uuid4()) for _ in range(int(rate * seconds) + rate)]
+    records = 0
     async with Emitter.from_settings(settings) as emitter:
+        submit = emitter.core.submit
+
+        def counted(record, *args, **kwargs):
+            nonlocal records
+            records += 1
+            return submit(record, *args, **kwargs)
+
+        emitter.core.submit = counted
+        cpu0 = time.process_time()
         start = time.monotonic()
         sent = probe_n = 0
         while (elapsed := time.monotonic() - start) < seconds:
             due = int(elapsed * rate)
             now = int(time.time() * 1000)
             while sent < due:
-                k = sent % 1000
-                await emitter.emit(event(f"{run}-bg{k % 100}", f"{run}-bgkey{k}", now))
+                await emitter.emit(templates[sent % 1000]._replace(event_id=ids[sent], ts_ms=now))
                 sent += 1
             if probe_n < int(elapsed * probes_per_s):
                 org, key = f"{run}-probe{probe_n}", f"{run}-probekey{probe_n}"
@@ -189,7 +202,8 @@ async def producer_worker(run: str, rate: int, seconds: float, probes_per_s: int
                 probe_n += 1
             await asyncio.sleep(0.001)
         await emitter.flush()
-    print(json.dumps({"probes": probes, "sent": sent}))
+        cpu_s = time.process_time() - cpu0
+    print(json.dumps({"probes": probes, "sent": sent, "records": records, "cpu_s": cpu_s, "seconds": seconds}))
 
 
 async def measure_lag(run: str, rate: int, seconds: float) -> list[float]:
@@ -221,6 +235,10 @@ async def measure_lag(run: str, rate: int, seconds: float) -> list[float]:
     await client.aclose()
     lags = [seen[usage_key(org, key)] - ts for org, key, ts in report["probes"] if usage_key(org, key) in seen]
     harness.report("decision_lag_sent_events_per_s", report["sent"] / seconds, "events/s")
+    # What the publisher paid: records produced (the processor's unit of work) and its CPU
+    harness.report("decision_lag_publish_records_per_s", report["records"] / seconds, "records/s")
+    harness.report("decision_lag_publish_cpu_us_per_event", 1e6 * report["cpu_s"] / max(report["sent"], 1), "us")
+    harness.report("decision_lag_publish_cpu_share", report["cpu_s"] / seconds, "cores")
     if len(lags) < len(report["probes"]):
         harness.report("decision_lag_probes_missing", len(report["probes"]) - len(lags), "probes")
     # Where the time goes: event time -> the broker's append time of its record (the

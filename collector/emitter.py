@@ -132,7 +132,9 @@ class Emitter:
             except SchemaError as exc:
                 self._dead_letter(event, exc)
                 return False
-        batch = self._open.setdefault(event.org_id, [])
+        batch = self._open.get(event.org_id)
+        if batch is None:
+            self._open[event.org_id] = batch = []
         batch.append(event)
         if len(batch) >= self.batch_events:
             self._send_batch(event.org_id)
@@ -150,8 +152,9 @@ class Emitter:
         await self.core.flush()
 
     def _close_batches(self) -> None:
-        for org in list(self._open):
-            self._send_batch(org)
+        batches, self._open = self._open, {}
+        for org, events in batches.items():
+            self._submit(org, events)
 
     async def _send_old_batches(self) -> None:
         while True:
@@ -161,8 +164,11 @@ class Emitter:
     def _send_batch(self, org_id: str) -> None:
         events = self._open.pop(org_id, None)
         if events:
-            value = events[0].encode() if len(events) == 1 else encode_batch(events)
-            self.core.submit(Record(self.topic, partition_key(org_id), value, events=len(events)))
+            self._submit(org_id, events)
+
+    def _submit(self, org_id: str, events: list[RequestEvent]) -> None:
+        value = events[0].encode() if len(events) == 1 else encode_batch(events)
+        self.core.submit(Record(self.topic, partition_key(org_id), value, events=len(events)))
 
     def _dead_letter(self, doc: Any, exc: SchemaError) -> None:
         self.dead_lettered += 1

@@ -123,27 +123,53 @@ local function durable(text, win)
   return total, oldest
 end
 
+-- Reservations of requests not yet counted: only those of the last ttl count (an older one's
+-- event never came). They are trimmed when one is added, not on every check: the trim changes
+-- no count (each count below starts after now - ttl), it only bounds the set, which only an
+-- admission grows. A count is monotone in where it starts: once a range holds none, no range
+-- inside it is asked (windows are counted longest first, then reported in their order); the
+-- processors release reservations as they count their events, so most sets hold none or few.
+local live_from = now - ttl  -- exclusive
+
 local allowed = 1
-local result = {}
+local out = {'', now, tier, key_id, org_id}
+local used_at = {}  -- where out holds each window's used: this request is added once admitted
 local function check_scope(scope, usage, resv, limits)
-  redis.call('ZREMRANGEBYSCORE', resv, '-inf', now - ttl)
-  -- Every reservation left is newer than now - ttl: a window reaching that far back holds
-  -- them all (one ZCARD, one ZRANGE for the oldest, shared by such windows); only a shorter
-  -- one counts its own range.
-  local card, oldest_all
+  local live_count  -- every live reservation: windows reaching past the ttl share it
+  local empty_from, empty_excl  -- a range (from, +inf) or [from, +inf) known to hold none
   local function count_since(from, exclusive)
-    if from <= now - ttl then
-      card = card or redis.call('ZCARD', resv)
-      return card
+    if from <= live_from then from, exclusive = live_from, true end
+    if empty_from and (from > empty_from or (from == empty_from and (exclusive or not empty_excl))) then
+      return 0
     end
-    return redis.call('ZCOUNT', resv, (exclusive and '(' or '') .. from, '+inf')
+    local n
+    if from == live_from then
+      live_count = live_count or redis.call('ZCOUNT', resv, '(' .. live_from, '+inf')
+      n = live_count
+    else
+      n = redis.call('ZCOUNT', resv, (exclusive and '(' or '') .. from, '+inf')
+    end
+    if n == 0 and (not empty_from or from < empty_from) then empty_from, empty_excl = from, exclusive end
+    return n
   end
-  local function first_since(from)
-    if from <= now - ttl then
-      oldest_all = oldest_all or redis.call('ZRANGE', resv, 0, 0, 'WITHSCORES')
-      return oldest_all
+  local function first_after(from)  -- the oldest live reservation's score after from (when any)
+    if from < live_from then from = live_from end
+    local first = redis.call('ZRANGEBYSCORE', resv, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    return first[2] and tonumber(first[2])
+  end
+  local resv_n, resv_first = {}, {}
+  for w = nw, 1, -1 do
+    local limit = limits[w]
+    if limit and limit >= 0 then
+      local win = windows[w]
+      if win.sliding then
+        resv_n[w] = count_since(now - win.len, true)
+        -- frees a unit when the oldest counted unit leaves the window
+        if resv_n[w] > 0 then resv_first[w] = first_after(now - win.len) end
+      else
+        resv_n[w] = count_since(now - (now % win.len), false)
+      end
     end
-    return redis.call('ZRANGEBYSCORE', resv, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
   end
   local texts = redis.call('HMGET', usage, unpack(fields))
   for w = 1, nw do
@@ -151,22 +177,21 @@ local function check_scope(scope, usage, resv, limits)
     if limit and limit >= 0 then
       local win = windows[w]
       local used, oldest = durable(texts[w], win)
+      used = used + resv_n[w]
       local reset
       if win.sliding then
-        used = used + count_since(now - win.len, true)
-        -- frees a unit when the oldest counted unit leaves the window
-        local first = first_since(now - win.len)
         local from_counts = oldest and (oldest + win.bucket + win.len)
-        local from_resv = first[2] and (tonumber(first[2]) + win.len + 1)
+        local from_resv = resv_first[w] and (resv_first[w] + win.len + 1)
         if from_counts and from_resv then reset = math.min(from_counts, from_resv)
         else reset = from_counts or from_resv or (now + win.bucket) end
       else
-        local start = now - (now % win.len)
-        used = used + count_since(start, false)
-        reset = start + win.len
+        reset = now - (now % win.len) + win.len
       end
       if used >= limit then allowed = 0 end
-      table.insert(result, {scope, win.label, win.len / 1000, limit, used, reset})
+      local n = #out
+      out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =
+        scope, win.label, win.len / 1000, limit, used, reset
+      used_at[#used_at + 1] = n + 5
     end
   end
 end
@@ -174,14 +199,15 @@ check_scope('key', K[1], K[3], key_limits)
 check_scope('org', K[2], K[4], org_limits)
 
 if allowed == 1 then
+  redis.call('ZREMRANGEBYSCORE', K[3], '-inf', live_from)
+  redis.call('ZREMRANGEBYSCORE', K[4], '-inf', live_from)
   redis.call('ZADD', K[3], now, event_id)
   redis.call('ZADD', K[4], now, event_id)
   redis.call('PEXPIRE', K[3], ttl)
   redis.call('PEXPIRE', K[4], ttl)
-end
-local out = {allowed == 1 and 'allowed' or 'rate_limited', now, tier, key_id, org_id}
-for _, r in ipairs(result) do
-  table.insert(out, r[1]); table.insert(out, r[2]); table.insert(out, r[3]); table.insert(out, r[4])
-  table.insert(out, r[5] + allowed); table.insert(out, r[6])
+  for _, i in ipairs(used_at) do out[i] = out[i] + 1 end
+  out[1] = 'allowed'
+else
+  out[1] = 'rate_limited'
 end
 return out

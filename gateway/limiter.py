@@ -44,11 +44,12 @@ closed (refuses) as configured; it never blocks a request longer than the budget
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
+import os
 import re
 import time
-import uuid
 from importlib import resources
 from typing import Mapping, NamedTuple, Sequence
 
@@ -88,6 +89,7 @@ from quotaflow.schemas.redis_keys import (
 log = logging.getLogger(__name__)
 
 CHECKS = Counter("quotaflow_gateway_checks_total", "Checks by result", ["result"])
+_ALLOWED_COUNT, _DENIED_COUNT = CHECKS.labels("allowed"), CHECKS.labels("denied")  # per check: looked up once
 
 # What a check can answer (Verdict.outcome), each a status a gateway answers with. The
 # outcomes that refuse a key are also results of quotaflow_gateway_checks_total.
@@ -165,6 +167,26 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_NAMES: dict[object, str] = {}
+
+
+def _name(value: object) -> str:
+    """A name the script answers with from its policy (outcome, tier, subject, window label):
+    few, so each is decoded once (never a key's or org's id: those are not bounded)."""
+    text = _NAMES.get(value)
+    if text is None:
+        text = _text(value)
+        if len(_NAMES) < 1024:
+            _NAMES[value] = text
+    return text
+
+
+def _event_id() -> str:
+    """A random (version 4) UUID as str(uuid.uuid4()) writes it, in half its time."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
 def _layout() -> list[tuple[str, str, bool]]:
     """The names of an org's six keys as check.lua builds them from a record's org and key
     ids: (head, middle, whether the key id ends it) each, taken from schemas/redis_keys.py
@@ -221,6 +243,11 @@ def policy_script(policy: Policy) -> str:
             f"local function ORG_KEYS(o, k) return {{{names}}} end\n{SCRIPT}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _org_keys(api_key_id: str, org_id: str) -> tuple[str, ...]:
+    return _Check._keys(api_key_id, org_id)
+
+
 class _Check:
     """Arguments and answers of check.lua, shared by the async and the sync limiter."""
 
@@ -233,17 +260,29 @@ class _Check:
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
 
     @staticmethod
-    def keys(api_key_id: str, org_id: str) -> list[str]:
+    def keys(api_key_id: str, org_id: str) -> tuple[str, ...]:
         """The script's keys: all of one org, so all in the org's hash slot. Refuses ids
-        that break the rule (InvalidId naming the field) before any of them is built."""
+        that break the rule (InvalidId naming the field) before any of them is built.
+        Those of keys checked again are remembered (a bounded cache: ids are the caller's
+        input; one that is refused is never in it)."""
+        if type(api_key_id) is str and type(org_id) is str:  # noqa: E721 (exactly str: hashable, no subclass)
+            return _org_keys(api_key_id, org_id)
+        return _Check._keys(api_key_id, org_id)
+
+    @staticmethod
+    def _keys(api_key_id: str, org_id: str) -> tuple[str, ...]:
         try:
             check_id("api_key_id", api_key_id)
             check_id("org_id", org_id)
         except InvalidId:
             CHECKS.labels("invalid_id").inc()
             raise
-        return [usage_key(org_id, api_key_id), usage_key(org_id), reservations_key(org_id, api_key_id),
-                reservations_key(org_id), org_key(org_id), overrides_key(org_id, api_key_id)]
+        return (usage_key(org_id, api_key_id), usage_key(org_id), reservations_key(org_id, api_key_id),
+                reservations_key(org_id), org_key(org_id), overrides_key(org_id, api_key_id))
+
+    def commands(self, keys: Sequence[str], args: list) -> tuple:
+        """The round trip's two commands: the switch's GET and the script's EVALSHA."""
+        return (("GET", ENFORCEMENT_KEY), ("EVALSHA", self.sha, len(keys), *keys, *args))
 
     @staticmethod
     def args(event_id: str) -> list:
@@ -283,17 +322,16 @@ class _Check:
         key, org, windows). With the switch off every request is admitted: one the script
         admitted keeps its reservation (its event releases it, so counting goes on exactly),
         one it refused has none."""
-        allowed, now_ms, tier = _text(reply[0]) == ALLOWED, int(reply[1]), _text(reply[2])
+        allowed, now_ms, tier = _name(reply[0]) == ALLOWED, int(reply[1]), _name(reply[2])
         if switch in _OFF:  # anything else, a read error included, leaves enforcement on
             CHECKS.labels("not_enforced").inc()
             return Decision(allowed=True, tier=tier, limit=0, remaining=0, reset_ms=now_ms, window="", denied_by="",
                             now_ms=now_ms, event_id=event_id if allowed else "", enforced=False)
         windows = []
         for i in range(5, len(reply), 6):
-            scope, label = _text(reply[i]), _text(reply[i + 1])
-            windows.append(WindowUsage(scope, label, int(reply[i + 2]), int(reply[i + 3]), int(reply[i + 4]),
-                                       int(reply[i + 5])))
-        CHECKS.labels("allowed" if allowed else "denied").inc()
+            windows.append(WindowUsage(_name(reply[i]), _name(reply[i + 1]), int(reply[i + 2]), int(reply[i + 3]),
+                                       int(reply[i + 4]), int(reply[i + 5])))
+        (_ALLOWED_COUNT if allowed else _DENIED_COUNT).inc()
         return Decision.from_windows(tuple(windows), allowed=allowed, tier=tier, now_ms=now_ms, event_id=event_id)
 
     def verdict(self, switch: object, reply: list, event_id: str, scope: str) -> Verdict:
@@ -374,7 +412,12 @@ class RateLimiter:
     @classmethod
     def from_settings(cls, settings: Settings) -> "RateLimiter":
         timeout_s = settings.gateway_timeout_ms / 1000
-        client = async_client(settings, fail_fast=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # Every call is bounded by the check's budget (asyncio.timeout around it). On a single
+        # Redis no socket timeout on top: it bounds nothing more, and redis-py spends a task
+        # per command on it (wait_for around each write) and a timeout scope per reply read.
+        socket_timeout = timeout_s if settings.redis_cluster else None
+        client = async_client(settings, fail_fast=True, socket_timeout=socket_timeout,
+                              socket_connect_timeout=timeout_s)
         return cls(client, policy_from_settings(settings), timeout_ms=settings.gateway_timeout_ms,
                    fail_open=settings.gateway_fail_open, key_secrets=settings.key_hash_secrets)
 
@@ -394,7 +437,7 @@ class RateLimiter:
             keys = self._check.candidates(presented_key)
         except InvalidKey as exc:
             return self._check.malformed(exc)
-        event_id = str(uuid.uuid4())
+        event_id = _event_id()
         try:
             async with asyncio.timeout(self.timeout_s):  # no task of its own, unlike wait_for
                 switch, reply = await self._round_trip(keys, self._check.key_args(event_id, scope))
@@ -407,7 +450,7 @@ class RateLimiter:
         mode); InvalidId (naming the field) for an id that breaks the rule, before anything
         is sent to Redis."""
         keys = _Check.keys(api_key_id, org_id)
-        event_id = str(uuid.uuid4())
+        event_id = _event_id()
         try:
             async with asyncio.timeout(self.timeout_s):
                 switch, reply = await self._round_trip(keys, self._check.args(event_id))
@@ -438,12 +481,20 @@ class RateLimiter:
         return _Check.replies(switch, reply)
 
     async def _pipeline(self, keys: Sequence[str], args: list) -> list:
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.get(ENFORCEMENT_KEY)
-            # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the latter
-            # (a script's keys might span nodes); ours are in one slot, routed by its keys
-            pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)
-            return await pipe.execute(raise_on_error=False)
+        """The two commands written at once on one of the pool's connections and read back
+        in order, as redis-py's pipeline does without its per-call machinery (which cost
+        the gateway more time per check than Redis spends on the script: bench/ratelimit.py).
+        Its retry policy (none for a gateway: fail fast) and error handling are the
+        connection's: a reply that is an error is returned as the exception, as
+        ``execute(raise_on_error=False)`` does; a read that fails or is cancelled (the
+        budget) closes the connection, so no answer is left on it for its next user."""
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            packed = conn.pack_commands(self._check.commands(keys, args))
+            return await conn.retry.call_with_retry(lambda: _send_read(conn, packed), lambda _: conn.disconnect())
+        finally:
+            await pool.release(conn)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -457,7 +508,8 @@ class SyncRateLimiter:
         self._client = client
         self._check = _Check(policy, fail_open, key_secrets)
         self.policy = policy
-        if is_cluster(client):
+        self._cluster = is_cluster(client)
+        if self._cluster:
             self._round_trip = self._cluster_round_trip  # type: ignore[method-assign]
 
     @classmethod
@@ -479,7 +531,7 @@ class SyncRateLimiter:
             keys = self._check.candidates(presented_key)
         except InvalidKey as exc:
             return self._check.malformed(exc)
-        event_id = str(uuid.uuid4())
+        event_id = _event_id()
         try:
             switch, reply = self._round_trip(keys, self._check.key_args(event_id, scope))
         except (RedisError, OSError) as exc:
@@ -488,7 +540,7 @@ class SyncRateLimiter:
 
     def check(self, api_key_id: str, org_id: str) -> Decision:
         keys = _Check.keys(api_key_id, org_id)
-        event_id = str(uuid.uuid4())
+        event_id = _event_id()
         try:
             switch, reply = self._round_trip(keys, self._check.args(event_id))
         except (RedisError, OSError) as exc:
@@ -521,7 +573,41 @@ class SyncRateLimiter:
             return exc
 
     def _pipeline(self, keys: Sequence[str], args: list) -> list:
-        with self._client.pipeline(transaction=False) as pipe:
-            pipe.get(ENFORCEMENT_KEY)
-            pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)  # as in RateLimiter._pipeline
-            return pipe.execute(raise_on_error=False)
+        if self._cluster:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(ENFORCEMENT_KEY)
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the latter
+                # (a script's keys might span nodes); ours are in one slot, routed by its keys
+                pipe.execute_command("EVALSHA", self._check.sha, len(keys), *keys, *args)
+                return pipe.execute(raise_on_error=False)
+        pool = self._client.connection_pool  # as RateLimiter._pipeline does
+        conn = pool.get_connection()
+        try:
+            packed = conn.pack_commands(self._check.commands(keys, args))
+            return conn.retry.call_with_retry(lambda: _send_read_sync(conn, packed), lambda _: conn.disconnect())
+        finally:
+            pool.release(conn)
+
+
+async def _send_read(conn, packed: list) -> list:
+    await conn.send_packed_command(packed)
+    return [await _reply(conn), await _reply(conn)]
+
+
+async def _reply(conn) -> object:
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:  # an error reply: the connection stays in step
+        return exc
+
+
+def _send_read_sync(conn, packed: list) -> list:
+    conn.send_packed_command(packed)
+    return [_reply_sync(conn), _reply_sync(conn)]
+
+
+def _reply_sync(conn) -> object:
+    try:
+        return conn.read_response()
+    except ResponseError as exc:
+        return exc

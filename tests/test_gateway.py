@@ -324,6 +324,36 @@ def test_a_hanging_redis_fails_open_or_closed_within_the_budget(fail_open):
         assert dict(rate_limit_headers(d)) == {"Retry-After": "1"}
 
 
+def test_a_check_past_its_budget_leaves_no_late_answer_for_the_next(live_stack, redis_client):
+    """A gateway's limiter (from_settings) is bounded by the check's budget alone, with no
+    socket timeout on a single Redis: a Redis that stops answering fails the check (closed,
+    as configured) within the budget, and the next check on the same limiter reads its own
+    answer, not the late one left on the connection (its count is every reservation made)."""
+    org, key = unique("org"), unique("key")
+    limited = live_stack.model_copy(update={"gateway_timeout_ms": 200, "gateway_fail_open": False})
+
+    async def scenario() -> tuple[Decision, float, Decision]:
+        limiter = RateLimiter.from_settings(limited)
+        try:
+            await limiter.check(key, org)  # connected, the script loaded
+            redis_client.execute_command("CLIENT", "PAUSE", 2000, "ALL")  # no client is answered for 2 s
+            t0 = time.monotonic()
+            late = await limiter.check(key, org)
+            elapsed = time.monotonic() - t0
+            await asyncio.to_thread(redis_client.ping)  # answered once the pause is over
+            return late, elapsed, await limiter.check(key, org)
+        finally:
+            await limiter.aclose()
+
+    late, elapsed, after = asyncio.run(scenario())
+    assert late.denied_by == UNAVAILABLE and not late.enforced and elapsed < 1.5
+    assert after.enforced and after.allowed
+    # its own answer: every reservation of the window (no processor here: nothing else counts), its own too
+    w = next(w for w in after.windows if w.subject == "key")
+    start = after.now_ms - after.now_ms % (w.length_s * 1000)
+    assert w.used == redis_client.zcount(reservations_key(org, key), start, "+inf") >= 2
+
+
 def test_headers_follow_the_ietf_draft_and_the_common_convention():
     now = 1_795_000_030_000
     windows = (WindowUsage("key", "60s", 60, 10, 10, now + 30_000), WindowUsage("org", "3600s", 3600, 100, 40, now + 90_000))
