@@ -5,6 +5,7 @@ returns the rows.
     GET /metrics                         no token needed: Prometheus metrics of this process
     GET /v1/{question}                   JSON
     GET /v1/{question}.csv               CSV, streamed
+    GET /v1/panels?questions=...         several questions of one view in one request (JSON)
 
 Questions: see analytics/queries.py QUESTIONS. Every request carries
 ``Authorization: Bearer <token>``; the token decides the scope (analytics/scope.py).
@@ -12,6 +13,14 @@ Parameters: ``timeframe`` (1h, 24h, 7d, 30d) or ``from`` and ``to`` (ISO 8601 wi
 timezone, or epoch milliseconds); optional ``org`` (operators; a scoped caller may
 only name its own org), ``api_key``, ``endpoint`` and ``limit``. Anything else is
 refused, as is a parameter given twice.
+
+``/v1/panels`` answers a dashboard view's questions together: the same parameters but
+``limit``, and ``questions``, a comma-separated list of questions, each optionally with its
+limit (``summary,endpoints:20,orgs:50``). Each answer is exactly what ``/v1/{question}``
+would say for the same view (``answers[question]``), or ``{"error", "status"}`` for a query
+that failed alone (stopped by a bound, say). One query slot serves them all, one after
+another on one client: the embedded engine answers one query at a time anyway, and one
+request spares the page nine round trips and the queueing between them.
 
 Every input is hostile: a parameter or header the API cannot use is answered 400 (401
 for the token) with a reason naming it, never a 500; a filter that could never match
@@ -59,6 +68,7 @@ from quotaflow.schemas.ids import ID_RULE, id_error, is_valid_id, show
 log = logging.getLogger(__name__)
 
 PARAMS = {"timeframe", "from", "to", "org", "api_key", "endpoint", "limit"}
+PANELS_PARAMS = PARAMS - {"limit"} | {"questions"}
 MAX_VALUE_CHARS = 256
 # ASCII digits only: str.isdigit() and int() also take "²" or "٣". 16 digits cover every
 # millisecond from 1970 to 2100 and then some; longer numbers are refused before int().
@@ -97,11 +107,11 @@ def _parse_time(name: str, text: str) -> int:
         raise BadRequest(f"{name}: time out of range, got {show(text)}") from None
 
 
-def _params(request: Request) -> dict[str, str]:
+def _params(request: Request, known: set[str] = PARAMS) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in request.query_params.multi_items():
-        if key not in PARAMS:
-            raise BadRequest(f"unknown parameter {show(key)}; known: {', '.join(sorted(PARAMS))}")
+        if key not in known:
+            raise BadRequest(f"unknown parameter {show(key)}; known: {', '.join(sorted(known))}")
         if key in out:
             raise BadRequest(f"parameter {key!r} given more than once")
         if len(value) > MAX_VALUE_CHARS:
@@ -126,10 +136,30 @@ def _time_range(p: dict[str, str], retention_days: dict[str, int], now_ms: int) 
 
 
 def _limit(p: dict[str, str]) -> int:
-    text = p.get("limit", str(queries.DEFAULT_LIMIT))
+    return _limit_value("limit", p.get("limit", str(queries.DEFAULT_LIMIT)))
+
+
+def _limit_value(name: str, text: str) -> int:
     if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= queries.MAX_LIMIT:
-        raise BadRequest(f"limit: must be an integer between 1 and {queries.MAX_LIMIT}, got {show(text)}")
+        raise BadRequest(f"{name}: must be an integer between 1 and {queries.MAX_LIMIT}, got {show(text)}")
     return int(text)
+
+
+def _questions(p: dict[str, str]) -> dict[str, int]:
+    """The questions of /v1/panels and each one's limit, in the order asked."""
+    text = p.get("questions")
+    if not text:
+        raise BadRequest(f"questions: give a comma-separated list of questions, each optionally with its limit "
+                         f"(summary,endpoints:20); known: {', '.join(queries.QUESTIONS)}")
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        question, _, limit = item.partition(":")
+        if question not in queries.QUESTIONS:
+            raise BadRequest(f"questions: unknown question {show(question)}; known: {', '.join(queries.QUESTIONS)}")
+        if question in out:
+            raise BadRequest(f"questions: {question!r} asked more than once")
+        out[question] = _limit_value(f"questions: the limit of {question!r}", limit) if _ else queries.DEFAULT_LIMIT
+    return out
 
 
 def _filters(p: dict[str, str], scope: Scope) -> queries.Filters:
@@ -254,19 +284,40 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         except (BadRequest, BadTimeRange) as exc:
             return _error(400, str(exc))
 
+    def prepare_panels(request: Request) -> list[queries.Query] | Response:
+        """The queries of a view's questions (/v1/panels), checked as one request: every
+        question shares the view's parameters, so one refusal answers them all."""
+        scope = authorize(request)
+        if isinstance(scope, str):
+            return _error(401, scope, {"www-authenticate": 'Bearer realm="quotaflow"'})
+        try:
+            p = _params(request, PANELS_PARAMS)
+            asked = _questions(p)
+            filters = _filters(p, scope)
+            time_range = _time_range(p, retention_days, int(clock() * 1000))
+            return [queries.build(question, scope, time_range, filters, limit) for question, limit in asked.items()]
+        except Forbidden as exc:
+            return _error(403, str(exc))
+        except (BadRequest, BadTimeRange) as exc:
+            return _error(400, str(exc))
+
     def meta(query: queries.Query) -> dict[str, Any]:
         r = query.time_range
         return {"question": query.question, "from": _iso(r.start_ms), "to": _iso(r.end_ms), "step": r.step,
                 "source": query.table.name, "org": query.org_id}
 
-    def failed(query: queries.Query, exc: BaseException, what: str) -> Response:
+    def why_failed(query: queries.Query, exc: BaseException, what: str) -> str:
+        """Logged and counted; the reason for the caller (a 503's)."""
         hit = queries.bound_hit(exc, bounds)
         if hit is not None:
             REFUSED.labels(hit.setting).inc()
             log.warning(f"{what} stopped by a bound", extra={"question": query.question, "bound": hit.setting})
-            return _error(503, hit.message)
+            return hit.message
         log.warning(f"{what} failed", extra={"question": query.question, "error": redact(str(exc)[:500])})
-        return _error(503, "the analytics store could not answer; try again")
+        return "the analytics store could not answer; try again"
+
+    def failed(query: queries.Query, exc: BaseException, what: str) -> Response:
+        return _error(503, why_failed(query, exc, what))
 
     async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
         # Shielded: a query keeps its slot until ClickHouse is done with it, even when
@@ -294,6 +345,37 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         timing = server_timing(slot=started - arrived, query=done - started)
         return JSONResponse({**meta(query), "columns": list(query.columns), "rows": rows},
                             headers={"server-timing": timing})
+
+    async def answer_panels(request: Request) -> Response:
+        asked = prepare_panels(request)
+        if isinstance(asked, Response):
+            return asked
+        arrived = time.perf_counter()
+        if not await acquire():
+            return busy()
+        started = time.perf_counter()
+
+        def run_all() -> tuple[dict[str, Any], dict[str, float]]:
+            answers: dict[str, Any] = {}
+            took: dict[str, float] = {}
+            for query in asked:
+                began = time.perf_counter()
+                try:
+                    rows = queries.run(client, query, bounds)
+                except Exception as exc:  # as in answer_json, but for this question alone
+                    answers[query.question] = {"error": why_failed(query, exc, "query"), "status": 503}
+                else:
+                    answers[query.question] = {**meta(query), "columns": list(query.columns), "rows": rows}
+                took[query.question] = time.perf_counter() - began
+            return answers, took
+
+        try:
+            answers, took = await in_thread(run_all)
+        finally:
+            release()
+        timing = server_timing(slot=started - arrived, query=time.perf_counter() - started,
+                               **{f"q_{q}": s for q, s in took.items()})
+        return JSONResponse({"answers": answers}, headers={"server-timing": timing})
 
     async def answer_csv(request: Request) -> Response:
         query = prepare(request)
@@ -358,6 +440,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         *dashboard.routes(authorize, live),
         *dead_letter_routes(authorize, dead_letters, clock),  # GET /v1/dead_letters, operators only
         *adhoc.routes(authorize, connect_for_export, bounds),  # POST /v1/sql, operators only
+        Route("/v1/panels", answer_panels),
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})
