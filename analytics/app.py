@@ -52,7 +52,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from quotaflow.analytics import adhoc, dashboard, queries
+from quotaflow.analytics import adhoc, dashboard, panels, queries
 from quotaflow.analytics.dashboard.dead_letters import DeadLetters
 from quotaflow.analytics.dashboard.dead_letters import routes as dead_letter_routes
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
@@ -284,7 +284,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         except (BadRequest, BadTimeRange) as exc:
             return _error(400, str(exc))
 
-    def prepare_panels(request: Request) -> list[queries.Query] | Response:
+    def prepare_panels(request: Request) -> tuple[list[str], list[panels.Step]] | Response:
         """The queries of a view's questions (/v1/panels), checked as one request: every
         question shares the view's parameters, so one refusal answers them all."""
         scope = authorize(request)
@@ -295,7 +295,8 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
             asked = _questions(p)
             filters = _filters(p, scope)
             time_range = _time_range(p, retention_days, int(clock() * 1000))
-            return [queries.build(question, scope, time_range, filters, limit) for question, limit in asked.items()]
+            return list(asked), panels.plan([queries.build(question, scope, time_range, filters, limit)
+                                             for question, limit in asked.items()], filters)
         except Forbidden as exc:
             return _error(403, str(exc))
         except (BadRequest, BadTimeRange) as exc:
@@ -347,9 +348,10 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
                             headers={"server-timing": timing})
 
     async def answer_panels(request: Request) -> Response:
-        asked = prepare_panels(request)
-        if isinstance(asked, Response):
-            return asked
+        prepared = prepare_panels(request)
+        if isinstance(prepared, Response):
+            return prepared
+        order, steps = prepared
         arrived = time.perf_counter()
         if not await acquire():
             return busy()
@@ -358,16 +360,18 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         def run_all() -> tuple[dict[str, Any], dict[str, float]]:
             answers: dict[str, Any] = {}
             took: dict[str, float] = {}
-            for query in asked:
+            for step in steps:
                 began = time.perf_counter()
                 try:
-                    rows = queries.run(client, query, bounds)
-                except Exception as exc:  # as in answer_json, but for this question alone
-                    answers[query.question] = {"error": why_failed(query, exc, "query"), "status": 503}
+                    rows = step.run(client, bounds)
+                except Exception as exc:  # as in answer_json, but for this step's questions alone
+                    reason = why_failed(step.queries[0], exc, "query")
+                    answers.update({q.question: {"error": reason, "status": 503} for q in step.queries})
                 else:
-                    answers[query.question] = {**meta(query), "columns": list(query.columns), "rows": rows}
-                took[query.question] = time.perf_counter() - began
-            return answers, took
+                    answers.update({q.question: {**meta(q), "columns": list(q.columns), "rows": rows[q.question]}
+                                    for q in step.queries})
+                took[step.name] = time.perf_counter() - began
+            return {q: answers[q] for q in order}, took
 
         try:
             answers, took = await in_thread(run_all)
