@@ -125,6 +125,54 @@ WHERE by_requests <= {{top:UInt32}} OR (n_denials > 0 AND by_denials <= {{top_de
     return Step((ranking, denials), sql, params, split)
 
 
+def _by_org_and_tier(ranking: Query, tiers: Query, filters: Filters) -> Step:
+    table, time_range = ranking.table, ranking.time_range
+    s = _Source(table, time_range.step_ms)
+    where, params = _where(table, time_range, ranking.org_id, filters)
+    params.update(top=ranking.parameters["limit"])
+    # Grouped by org and by tier in one scan; of the orgs, only the first `top` by requests.
+    sql = f"""
+SELECT by_tier, org_id, tier, orgs, n, n_errors, n_denials, bytes_in, bytes_out
+FROM (SELECT *, row_number() OVER (PARTITION BY by_tier ORDER BY n DESC, org_id, tier) AS place
+      FROM (SELECT grouping(org_id) AS by_tier, org_id, tier, uniqExact(org_id) AS orgs, {s.requests} AS n,
+                   {s.errors} AS n_errors, {s.denials} AS n_denials, {s.request_bytes} AS bytes_in,
+                   {s.response_bytes} AS bytes_out
+            FROM {table.name} WHERE {where} GROUP BY GROUPING SETS ((org_id), (tier))))
+WHERE by_tier = 1 OR place <= {{top:UInt32}}""".strip()
+
+    def split(rows: list[tuple]) -> dict[str, Rows]:
+        orgs = sorted((r for r in rows if r[0] == 0), key=lambda r: (-r[4], r[1]))[: params["top"]]
+        by_tier = sorted((r for r in rows if r[0] == 1), key=lambda r: (-r[4], r[2]))
+        return {ranking.question: [dict(zip(ranking.columns, (r[1], *r[4:]), strict=True)) for r in orgs],
+                tiers.question: [dict(zip(tiers.columns, (r[2], *r[3:]), strict=True)) for r in by_tier]}
+
+    return Step((ranking, tiers), sql, params, split)
+
+
+def _summary_and_latency(summary: Query, series: Query, filters: Filters) -> Step:
+    table, time_range = summary.table, summary.time_range
+    s = _Source(table, time_range.step_ms)
+    where, params = _where(table, time_range, summary.org_id, filters)
+    # The whole range and each bucket in one scan. Not for every org: there, each of the two
+    # alone reads the rollup's projection without org (migration 0012), which this cannot.
+    sql = f"""
+SELECT grouping(b) AS whole, toUnixTimestamp({s.bucket}) AS b, {s.requests} AS n, {s.errors}, {s.denials},
+       {s.request_bytes}, {s.response_bytes}, {s.latency}
+FROM {table.name} WHERE {where} GROUP BY GROUPING SETS ((), (b))""".strip()
+
+    def split(rows: list[tuple]) -> dict[str, Rows]:
+        # An empty input still has its row of the whole (n = 0), as the summary's own query.
+        whole = next(r for r in rows if r[0] == 1)
+        _, _, n, n_errors, n_denials, bytes_in, bytes_out, lat = whole
+        total = (n, n_errors, n_errors / n if n else 0.0, n_denials, bytes_in, bytes_out,
+                 *(lat if n else (None, None, None)))
+        buckets = sorted((r for r in rows if r[0] == 0), key=lambda r: r[1])
+        return {summary.question: [dict(zip(summary.columns, total, strict=True))],
+                series.question: [dict(zip(series.columns, (_iso(r[1]), r[2], *r[7]), strict=True)) for r in buckets]}
+
+    return Step((summary, series), sql, params, split)
+
+
 def plan(asked: list[Query], filters: Filters) -> list[Step]:
     """The steps answering ``asked`` (built by queries.build for one view: the same scope,
     time range and filters), in the order asked; pairs that one query answers are joined."""
@@ -138,6 +186,12 @@ def plan(asked: list[Query], filters: Filters) -> list[Step]:
     ranking, denials = by_question.get("api_keys"), by_question.get("denials")
     if ranking and denials and ranking.table == denials.table:
         joined["api_keys"] = joined["denials"] = _by_key(ranking, denials, filters)
+    ranking, tiers = by_question.get("orgs"), by_question.get("tiers")
+    if ranking and tiers and ranking.table == tiers.table:
+        joined["orgs"] = joined["tiers"] = _by_org_and_tier(ranking, tiers, filters)
+    summary, latency = by_question.get("summary"), by_question.get("latency")
+    if summary and latency and summary.table == latency.table and summary.org_id is not None:
+        joined["summary"] = joined["latency"] = _summary_and_latency(summary, latency, filters)
     steps: list[Step] = []
     for q in asked:
         step = joined.get(q.question) or _alone(q)
