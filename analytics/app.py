@@ -5,7 +5,7 @@ returns the rows.
     GET /metrics                         no token needed: Prometheus metrics of this process
     GET /v1/{question}                   JSON
     GET /v1/{question}.csv               CSV, streamed
-    GET /v1/panels?questions=...         several questions of one view in one request (JSON)
+    GET /v1/panels?questions=...         several questions of one view in one request (NDJSON, streamed)
 
 Questions: see analytics/queries.py QUESTIONS. Every request carries
 ``Authorization: Bearer <token>``; the token decides the scope (analytics/scope.py).
@@ -16,11 +16,13 @@ refused, as is a parameter given twice.
 
 ``/v1/panels`` answers a dashboard view's questions together: the same parameters but
 ``limit``, and ``questions``, a comma-separated list of questions, each optionally with its
-limit (``summary,endpoints:20,orgs:50``). Each answer is exactly what ``/v1/{question}``
-would say for the same view (``answers[question]``), or ``{"error", "status"}`` for a query
-that failed alone (stopped by a bound, say). One query slot serves them all, one after
-another on one client: the embedded engine answers one query at a time anyway, and one
-request spares the page nine round trips and the queueing between them.
+limit (``summary,endpoints:20,orgs:50``). The answer is NDJSON, one line per question as
+soon as its query is done: exactly what ``/v1/{question}`` would say for the same view, or
+``{"question", "error", "status"}`` for a query that failed alone (stopped by a bound, say),
+each with ``query_ms`` and ``query_of`` (the questions its query answered). One query slot
+serves them all, one after another on one client (analytics/panels.py plans them): the
+embedded engine answers one query at a time anyway, and one request spares the page nine
+round trips and the queueing between them.
 
 Every input is hostile: a parameter or header the API cannot use is answered 400 (401
 for the token) with a reason naming it, never a 500; a filter that could never match
@@ -38,9 +40,10 @@ import logging
 import re
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import anyio
+import orjson
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge
 from starlette.applications import Starlette
@@ -196,9 +199,9 @@ def check_tokens(tokens: dict[str, str]) -> None:
                               f"'*' (every org) nor an org id ({ID_RULE})")
 
 
-class _Export(StreamingResponse):
-    """A CSV export that gives its query slot back when the response ends, however it
-    ends (done, failed, client gone)."""
+class _Streamed(StreamingResponse):
+    """A streamed answer (a CSV export, a view's panels) that gives its query slot back
+    when the response ends, however it ends (done, failed, client gone)."""
 
     def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -284,7 +287,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         except (BadRequest, BadTimeRange) as exc:
             return _error(400, str(exc))
 
-    def prepare_panels(request: Request) -> tuple[list[str], list[panels.Step]] | Response:
+    def prepare_panels(request: Request) -> list[panels.Step] | Response:
         """The queries of a view's questions (/v1/panels), checked as one request: every
         question shares the view's parameters, so one refusal answers them all."""
         scope = authorize(request)
@@ -295,8 +298,8 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
             asked = _questions(p)
             filters = _filters(p, scope)
             time_range = _time_range(p, retention_days, int(clock() * 1000))
-            return list(asked), panels.plan([queries.build(question, scope, time_range, filters, limit)
-                                             for question, limit in asked.items()], filters)
+            return panels.plan([queries.build(question, scope, time_range, filters, limit)
+                                for question, limit in asked.items()], filters)
         except Forbidden as exc:
             return _error(403, str(exc))
         except (BadRequest, BadTimeRange) as exc:
@@ -351,35 +354,28 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         prepared = prepare_panels(request)
         if isinstance(prepared, Response):
             return prepared
-        order, steps = prepared
         arrived = time.perf_counter()
         if not await acquire():
             return busy()
-        started = time.perf_counter()
+        waited = time.perf_counter() - arrived
 
-        def run_all() -> tuple[dict[str, Any], dict[str, float]]:
-            answers: dict[str, Any] = {}
-            took: dict[str, float] = {}
-            for step in steps:
+        async def lines() -> AsyncIterator[bytes]:
+            # Each answer as soon as its query is done, so that the page draws it while the
+            # next one runs. The slot is held until the last (released by _Streamed).
+            for step in prepared:
                 began = time.perf_counter()
                 try:
-                    rows = step.run(client, bounds)
+                    rows = await in_thread(step.run, client, bounds)
                 except Exception as exc:  # as in answer_json, but for this step's questions alone
                     reason = why_failed(step.queries[0], exc, "query")
-                    answers.update({q.question: {"error": reason, "status": 503} for q in step.queries})
+                    answers = [{"question": q.question, "error": reason, "status": 503} for q in step.queries]
                 else:
-                    answers.update({q.question: {**meta(q), "columns": list(q.columns), "rows": rows[q.question]}
-                                    for q in step.queries})
-                took[step.name] = time.perf_counter() - began
-            return {q: answers[q] for q in order}, took
+                    answers = [{**meta(q), "columns": list(q.columns), "rows": rows[q.question]} for q in step.queries]
+                took = round((time.perf_counter() - began) * 1000, 1)
+                yield b"".join(orjson.dumps({**a, "query_ms": took, "query_of": step.name}) + b"\n" for a in answers)
 
-        try:
-            answers, took = await in_thread(run_all)
-        finally:
-            release()
-        timing = server_timing(slot=started - arrived, query=time.perf_counter() - started,
-                               **{f"q_{q}": s for q, s in took.items()})
-        return JSONResponse({"answers": answers}, headers={"server-timing": timing})
+        return _Streamed(lines(), media_type="application/x-ndjson", release=release,
+                         headers={"server-timing": server_timing(slot=waited)})
 
     async def answer_csv(request: Request) -> Response:
         query = prepare(request)
@@ -425,7 +421,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
                 export_client.close()
 
         filename = f"quotaflow-{query.question}.csv"
-        return _Export(lines(), media_type="text/csv; charset=utf-8", release=release,
+        return _Streamed(lines(), media_type="text/csv; charset=utf-8", release=release,
                        headers={"content-disposition": f'attachment; filename="{filename}"',
                                 "x-quotaflow-from": meta(query)["from"], "x-quotaflow-to": meta(query)["to"],
                                 "x-quotaflow-source": query.table.name})

@@ -32,7 +32,9 @@ events (default 10M), from navigation to every panel drawn.
 6. Where each load's time went (Breakdown, from the page's marks and the API's
    Server-Timing headers): the page's phases (``phase_*``), each panel's request and its
    server phases (``panel_<question>_<timeframe>_...``: ``server_slot`` waiting for a
-   query slot, ``server_query`` the ClickHouse query, ``server_redis``, ``server_kafka``),
+   query slot, ``server_query`` the ClickHouse query, ``server_redis``, ``server_kafka``;
+   the page asks its ClickHouse questions in one request, ``panel_panels_...``, whose
+   ``server_q_<questions>`` are the queries of its plan, analytics/panels.py),
    the static files (revalidated or fetched), the API requests per load and the most in
    flight at once (``api_parallel_peak``).
 

@@ -349,21 +349,34 @@ async function loadPanel(question, view) {
 }
 
 // The query API's questions of the view in one request (/v1/panels): the server answers
-// them one after another on its one engine handle, without a round trip between them.
+// them one after another on its one engine handle, each on a line of its own as soon as it
+// is done, and each is drawn while the next is computed.
 async function loadQuestions(questions, view) {
   const p = params(view, "panels");
   p.set("questions", questions.map((q) => (LIMITS[q] ? `${q}:${LIMITS[q]}` : q)).join(","));
-  let answers;
+  const results = {};
   try {
-    answers = (await (await request(`/v1/panels?${p}`)).json()).answers;
+    const res = await request(`/v1/panels?${p}`);
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buf += value || "";
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const a = JSON.parse(buf.slice(0, nl));
+        buf = buf.slice(nl + 1);
+        mark("data:" + a.question);
+        results[a.question] = a.error === undefined ? draw(a.question, a) : failPanel(a.question, new ApiError(a.status, a.error));
+      }
+      if (done) break;
+    }
   } catch (err) {
-    return questions.map((q) => failPanel(q, err)); // refused as a whole: every panel says why
+    if (err.status === 401) throw err;
+    // Refused as a whole (every panel says why), or cut short: the panels not answered say so.
+    for (const q of questions) if (!(q in results)) results[q] = failPanel(q, err);
   }
-  for (const q of questions) mark("data:" + q);
-  return questions.map((q) => {
-    const a = answers[q];
-    return a.error === undefined ? draw(q, a) : failPanel(q, new ApiError(a.status, a.error));
-  });
+  return questions.map((q) => results[q] ?? failPanel(q, new ApiError(0, "no answer came for this panel")));
 }
 
 async function refresh() {
