@@ -234,6 +234,9 @@ class Breakdown:
             self._put("phase_signin_ms", marks["signed-in"] - marks["start"])  # the whoami round trip
             self._put("phase_panels_ms", rendered_ms - marks["refresh"])  # every panel asked, answered and drawn
             data = [v for k, v in marks.items() if k.startswith("data:")]
+            for k, v in marks.items():  # when each answer came (/v1/panels streams them one by one)
+                if k.startswith("data:"):
+                    self._put(f"answer_{k[5:]}_{timeframe}_ms", v - marks["refresh"])
             self._put("phase_last_answer_to_rendered_ms", rendered_ms - max(data))
             self._put("phase_draw_total_ms", sum(marks["drawn:" + k[5:]] - v for k, v in marks.items()
                                                  if k.startswith("data:") and "drawn:" + k[5:] in marks))
