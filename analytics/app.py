@@ -156,12 +156,12 @@ def _questions(p: dict[str, str]) -> dict[str, int]:
                          f"(summary,endpoints:20); known: {', '.join(queries.QUESTIONS)}")
     out: dict[str, int] = {}
     for item in text.split(","):
-        question, _, limit = item.partition(":")
+        question, colon, limit = item.partition(":")
         if question not in queries.QUESTIONS:
             raise BadRequest(f"questions: unknown question {show(question)}; known: {', '.join(queries.QUESTIONS)}")
         if question in out:
             raise BadRequest(f"questions: {question!r} asked more than once")
-        out[question] = _limit_value(f"questions: the limit of {question!r}", limit) if _ else queries.DEFAULT_LIMIT
+        out[question] = _limit_value(f"questions: the limit of {question!r}", limit) if colon else queries.DEFAULT_LIMIT
     return out
 
 
