@@ -5,6 +5,7 @@ returns the rows.
     GET /metrics                         no token needed: Prometheus metrics of this process
     GET /v1/{question}                   JSON
     GET /v1/{question}.csv               CSV, streamed
+    GET /v1/panels?questions=...         several questions of one view in one request (NDJSON, streamed)
 
 Questions: see analytics/queries.py QUESTIONS. Every request carries
 ``Authorization: Bearer <token>``; the token decides the scope (analytics/scope.py).
@@ -12,6 +13,16 @@ Parameters: ``timeframe`` (1h, 24h, 7d, 30d) or ``from`` and ``to`` (ISO 8601 wi
 timezone, or epoch milliseconds); optional ``org`` (operators; a scoped caller may
 only name its own org), ``api_key``, ``endpoint`` and ``limit``. Anything else is
 refused, as is a parameter given twice.
+
+``/v1/panels`` answers a dashboard view's questions together: the same parameters but
+``limit``, and ``questions``, a comma-separated list of questions, each optionally with its
+limit (``summary,endpoints:20,orgs:50``). The answer is NDJSON, one line per question as
+soon as its query is done: exactly what ``/v1/{question}`` would say for the same view, or
+``{"question", "error", "status"}`` for a query that failed alone (stopped by a bound, say),
+each with ``query_ms`` and ``query_of`` (the questions its query answered). One query slot
+serves them all, one after another on one client (analytics/panels.py plans them): the
+embedded engine answers one query at a time anyway, and one request spares the page nine
+round trips and the queueing between them.
 
 Every input is hostile: a parameter or header the API cannot use is answered 400 (401
 for the token) with a reason naming it, never a 500; a filter that could never match
@@ -29,9 +40,10 @@ import logging
 import re
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import anyio
+import orjson
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge
 from starlette.applications import Starlette
@@ -43,7 +55,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Send
 from starlette.types import Scope as AsgiScope
 
-from quotaflow.analytics import adhoc, dashboard, queries
+from quotaflow.analytics import adhoc, dashboard, panels, queries
 from quotaflow.analytics.dashboard.dead_letters import DeadLetters
 from quotaflow.analytics.dashboard.dead_letters import routes as dead_letter_routes
 from quotaflow.analytics.scope import ALL_ORGS, Forbidden, Scope, scope_for_token
@@ -59,6 +71,7 @@ from quotaflow.schemas.ids import ID_RULE, id_error, is_valid_id, show
 log = logging.getLogger(__name__)
 
 PARAMS = {"timeframe", "from", "to", "org", "api_key", "endpoint", "limit"}
+PANELS_PARAMS = PARAMS - {"limit"} | {"questions"}
 MAX_VALUE_CHARS = 256
 # ASCII digits only: str.isdigit() and int() also take "²" or "٣". 16 digits cover every
 # millisecond from 1970 to 2100 and then some; longer numbers are refused before int().
@@ -97,11 +110,11 @@ def _parse_time(name: str, text: str) -> int:
         raise BadRequest(f"{name}: time out of range, got {show(text)}") from None
 
 
-def _params(request: Request) -> dict[str, str]:
+def _params(request: Request, known: set[str] = PARAMS) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in request.query_params.multi_items():
-        if key not in PARAMS:
-            raise BadRequest(f"unknown parameter {show(key)}; known: {', '.join(sorted(PARAMS))}")
+        if key not in known:
+            raise BadRequest(f"unknown parameter {show(key)}; known: {', '.join(sorted(known))}")
         if key in out:
             raise BadRequest(f"parameter {key!r} given more than once")
         if len(value) > MAX_VALUE_CHARS:
@@ -126,10 +139,30 @@ def _time_range(p: dict[str, str], retention_days: dict[str, int], now_ms: int) 
 
 
 def _limit(p: dict[str, str]) -> int:
-    text = p.get("limit", str(queries.DEFAULT_LIMIT))
+    return _limit_value("limit", p.get("limit", str(queries.DEFAULT_LIMIT)))
+
+
+def _limit_value(name: str, text: str) -> int:
     if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= queries.MAX_LIMIT:
-        raise BadRequest(f"limit: must be an integer between 1 and {queries.MAX_LIMIT}, got {show(text)}")
+        raise BadRequest(f"{name}: must be an integer between 1 and {queries.MAX_LIMIT}, got {show(text)}")
     return int(text)
+
+
+def _questions(p: dict[str, str]) -> dict[str, int]:
+    """The questions of /v1/panels and each one's limit, in the order asked."""
+    text = p.get("questions")
+    if not text:
+        raise BadRequest(f"questions: give a comma-separated list of questions, each optionally with its limit "
+                         f"(summary,endpoints:20); known: {', '.join(queries.QUESTIONS)}")
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        question, colon, limit = item.partition(":")
+        if question not in queries.QUESTIONS:
+            raise BadRequest(f"questions: unknown question {show(question)}; known: {', '.join(queries.QUESTIONS)}")
+        if question in out:
+            raise BadRequest(f"questions: {question!r} asked more than once")
+        out[question] = _limit_value(f"questions: the limit of {question!r}", limit) if colon else queries.DEFAULT_LIMIT
+    return out
 
 
 def _filters(p: dict[str, str], scope: Scope) -> queries.Filters:
@@ -166,9 +199,9 @@ def check_tokens(tokens: dict[str, str]) -> None:
                               f"'*' (every org) nor an org id ({ID_RULE})")
 
 
-class _Export(StreamingResponse):
-    """A CSV export that gives its query slot back when the response ends, however it
-    ends (done, failed, client gone)."""
+class _Streamed(StreamingResponse):
+    """A streamed answer (a CSV export, a view's panels) that gives its query slot back
+    when the response ends, however it ends (done, failed, client gone)."""
 
     def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -254,19 +287,41 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         except (BadRequest, BadTimeRange) as exc:
             return _error(400, str(exc))
 
+    def prepare_panels(request: Request) -> list[panels.Step] | Response:
+        """The queries of a view's questions (/v1/panels), checked as one request: every
+        question shares the view's parameters, so one refusal answers them all."""
+        scope = authorize(request)
+        if isinstance(scope, str):
+            return _error(401, scope, {"www-authenticate": 'Bearer realm="quotaflow"'})
+        try:
+            p = _params(request, PANELS_PARAMS)
+            asked = _questions(p)
+            filters = _filters(p, scope)
+            time_range = _time_range(p, retention_days, int(clock() * 1000))
+            return panels.plan([queries.build(question, scope, time_range, filters, limit)
+                                for question, limit in asked.items()], filters)
+        except Forbidden as exc:
+            return _error(403, str(exc))
+        except (BadRequest, BadTimeRange) as exc:
+            return _error(400, str(exc))
+
     def meta(query: queries.Query) -> dict[str, Any]:
         r = query.time_range
         return {"question": query.question, "from": _iso(r.start_ms), "to": _iso(r.end_ms), "step": r.step,
                 "source": query.table.name, "org": query.org_id}
 
-    def failed(query: queries.Query, exc: BaseException, what: str) -> Response:
+    def why_failed(query: queries.Query, exc: BaseException, what: str) -> str:
+        """Logged and counted; the reason for the caller (a 503's)."""
         hit = queries.bound_hit(exc, bounds)
         if hit is not None:
             REFUSED.labels(hit.setting).inc()
             log.warning(f"{what} stopped by a bound", extra={"question": query.question, "bound": hit.setting})
-            return _error(503, hit.message)
+            return hit.message
         log.warning(f"{what} failed", extra={"question": query.question, "error": redact(str(exc)[:500])})
-        return _error(503, "the analytics store could not answer; try again")
+        return "the analytics store could not answer; try again"
+
+    def failed(query: queries.Query, exc: BaseException, what: str) -> Response:
+        return _error(503, why_failed(query, exc, what))
 
     async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
         # Shielded: a query keeps its slot until ClickHouse is done with it, even when
@@ -294,6 +349,33 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         timing = server_timing(slot=started - arrived, query=done - started)
         return JSONResponse({**meta(query), "columns": list(query.columns), "rows": rows},
                             headers={"server-timing": timing})
+
+    async def answer_panels(request: Request) -> Response:
+        prepared = prepare_panels(request)
+        if isinstance(prepared, Response):
+            return prepared
+        arrived = time.perf_counter()
+        if not await acquire():
+            return busy()
+        waited = time.perf_counter() - arrived
+
+        async def lines() -> AsyncIterator[bytes]:
+            # Each answer as soon as its query is done, so that the page draws it while the
+            # next one runs. The slot is held until the last (released by _Streamed).
+            for step in prepared:
+                began = time.perf_counter()
+                try:
+                    rows = await in_thread(step.run, client, bounds)
+                except Exception as exc:  # as in answer_json, but for this step's questions alone
+                    reason = why_failed(step.queries[0], exc, "query")
+                    answers = [{"question": q.question, "error": reason, "status": 503} for q in step.queries]
+                else:
+                    answers = [{**meta(q), "columns": list(q.columns), "rows": rows[q.question]} for q in step.queries]
+                took = round((time.perf_counter() - began) * 1000, 1)
+                yield b"".join(orjson.dumps({**a, "query_ms": took, "query_of": step.name}) + b"\n" for a in answers)
+
+        return _Streamed(lines(), media_type="application/x-ndjson", release=release,
+                         headers={"server-timing": server_timing(slot=waited)})
 
     async def answer_csv(request: Request) -> Response:
         query = prepare(request)
@@ -339,7 +421,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
                 export_client.close()
 
         filename = f"quotaflow-{query.question}.csv"
-        return _Export(lines(), media_type="text/csv; charset=utf-8", release=release,
+        return _Streamed(lines(), media_type="text/csv; charset=utf-8", release=release,
                        headers={"content-disposition": f'attachment; filename="{filename}"',
                                 "x-quotaflow-from": meta(query)["from"], "x-quotaflow-to": meta(query)["to"],
                                 "x-quotaflow-source": query.table.name})
@@ -358,6 +440,7 @@ def create_app(tokens: dict[str, str], retention_days: dict[str, int], client: C
         *dashboard.routes(authorize, live),
         *dead_letter_routes(authorize, dead_letters, clock),  # GET /v1/dead_letters, operators only
         *adhoc.routes(authorize, connect_for_export, bounds),  # POST /v1/sql, operators only
+        Route("/v1/panels", answer_panels),
         Route("/v1/{question:str}.csv", answer_csv),
         Route("/v1/{question:str}", answer_json),
     ], exception_handlers={HTTPException: http_error})

@@ -32,7 +32,9 @@ events (default 10M), from navigation to every panel drawn.
 6. Where each load's time went (Breakdown, from the page's marks and the API's
    Server-Timing headers): the page's phases (``phase_*``), each panel's request and its
    server phases (``panel_<question>_<timeframe>_...``: ``server_slot`` waiting for a
-   query slot, ``server_query`` the ClickHouse query, ``server_redis``, ``server_kafka``),
+   query slot, ``server_query`` the ClickHouse query, ``server_redis``, ``server_kafka``;
+   the page asks its ClickHouse questions in one request, ``panel_panels_...``, whose
+   ``server_q_<questions>`` are the queries of its plan, analytics/panels.py),
    the static files (revalidated or fetched), the API requests per load and the most in
    flight at once (``api_parallel_peak``).
 
@@ -232,6 +234,9 @@ class Breakdown:
             self._put("phase_signin_ms", marks["signed-in"] - marks["start"])  # the whoami round trip
             self._put("phase_panels_ms", rendered_ms - marks["refresh"])  # every panel asked, answered and drawn
             data = [v for k, v in marks.items() if k.startswith("data:")]
+            for k, v in marks.items():  # when each answer came (/v1/panels streams them one by one)
+                if k.startswith("data:"):
+                    self._put(f"answer_{k[5:]}_{timeframe}_ms", v - marks["refresh"])
             self._put("phase_last_answer_to_rendered_ms", rendered_ms - max(data))
             self._put("phase_draw_total_ms", sum(marks["drawn:" + k[5:]] - v for k, v in marks.items()
                                                  if k.startswith("data:") and "drawn:" + k[5:] in marks))

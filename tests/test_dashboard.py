@@ -253,6 +253,10 @@ def test_sign_in_and_the_numbers_match_what_was_sent(tab, traffic):
     assert len(page.table("latency")) == len(by_minute)  # buckets with requests only
     assert [r["org_id"] for r in page.table("orgs")] == [t.a]
 
+    # The query API's questions came in one request (/v1/panels), none of them one by one.
+    api = [u.split("/v1/", 1)[1].split("?", 1)[0] for u in page.requests if "/v1/" in u]
+    assert sorted(api) == ["limits", "panels", "whoami", "whoami"], api  # whoami: the refused token and ours
+
     # The charts are drawn (Chart.js loaded from the package), one per charted panel.
     assert page.page.evaluate("Object.keys(Chart.instances).length") == 7
     page.screenshot("dashboard-org-1h")
@@ -279,6 +283,7 @@ def test_an_org_token_sees_nothing_of_another_org(tab, traffic):
     assert t.b not in html and all(e.api_key_id not in html for e in t.of(t.b))
     # Asking by hand, with the page's own token: refused, by the query API and the live state.
     for path in (f"/v1/summary?timeframe=1h&org={t.b}", f"/v1/volume.csv?timeframe=1h&org={t.b}",
+                 f"/v1/panels?timeframe=1h&org={t.b}&questions=summary,orgs",
                  f"/v1/limits?org={t.b}", f"/v1/limits.csv?org={t.b}"):
         assert page.fetch_status(path, t.tok_a) == 403, path
     assert page.fetch_status("/v1/limits", "not-a-token") == 401

@@ -9,8 +9,8 @@
     GET /v1/limits.csv       the same as CSV
     GET /v1/dead_letters     the timeframe's dead letters, operators only (dead_letters.py)
 
-The page asks the query API's questions (analytics/queries.py) itself, with the token in
-the Authorization header, never in a URL. It makes no request outside its own origin,
+The page asks the query API's questions (analytics/queries.py) itself, all of a view's in one
+request (/v1/panels, analytics/app.py), with the token in the Authorization header, never in a URL. It makes no request outside its own origin,
 and its Content-Security-Policy says so to the browser too.
 """
 

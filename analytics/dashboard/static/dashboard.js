@@ -320,25 +320,63 @@ const QUESTIONS = ["summary", "status_series", "latency", "status", "endpoints",
 // came and when it was drawn, for bench/dashboard.py's breakdown of a load.
 const mark = (name) => { if (state.loads === 0) performance.mark("qf:" + name); };
 
+function draw(question, data) {
+  PANELS[question](data);
+  mark("drawn:" + question);
+  $$(`.panel[data-question="${question}"]`).forEach((p) => { p.dataset.state = "ok"; p.querySelector(".problem")?.remove(); });
+  return data;
+}
+
+function failPanel(question, err) {
+  if (err.status === 401) throw err;
+  $$(`.panel[data-question="${question}"]`).forEach((p) => {
+    p.dataset.state = "error";
+    let problem = p.querySelector(".problem");
+    if (!problem) { problem = document.createElement("p"); problem.className = "problem"; p.append(problem); }
+    problem.textContent = err.message;
+  });
+  return err;
+}
+
 async function loadPanel(question, view) {
-  const panels = $$(`.panel[data-question="${question}"]`);
   try {
     const data = await ask(question, view);
     mark("data:" + question);
-    PANELS[question](data);
-    mark("drawn:" + question);
-    panels.forEach((p) => { p.dataset.state = "ok"; p.querySelector(".problem")?.remove(); });
-    return data;
+    return draw(question, data);
+  } catch (err) {
+    return failPanel(question, err);
+  }
+}
+
+// The query API's questions of the view in one request (/v1/panels): the server answers
+// them one after another on its one engine handle, each on a line of its own as soon as it
+// is done, and each is drawn while the next is computed.
+async function loadQuestions(questions, view) {
+  const p = params(view, "panels");
+  p.set("questions", questions.map((q) => (LIMITS[q] ? `${q}:${LIMITS[q]}` : q)).join(","));
+  const results = {};
+  try {
+    const res = await request(`/v1/panels?${p}`);
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buf += value || "";
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const a = JSON.parse(buf.slice(0, nl));
+        buf = buf.slice(nl + 1);
+        mark("data:" + a.question);
+        results[a.question] = a.error === undefined ? draw(a.question, a) : failPanel(a.question, new ApiError(a.status, a.error));
+      }
+      if (done) break;
+    }
   } catch (err) {
     if (err.status === 401) throw err;
-    panels.forEach((p) => {
-      p.dataset.state = "error";
-      let problem = p.querySelector(".problem");
-      if (!problem) { problem = document.createElement("p"); problem.className = "problem"; p.append(problem); }
-      problem.textContent = err.message;
-    });
-    return err;
+    // Refused as a whole (every panel says why), or cut short: the panels not answered say so.
+    for (const q of questions) if (!(q in results)) results[q] = failPanel(q, err);
   }
+  return questions.map((q) => results[q] ?? failPanel(q, new ApiError(0, "no answer came for this panel")));
 }
 
 async function refresh() {
@@ -350,10 +388,10 @@ async function refresh() {
   mark("refresh");
   try {
     const operator = ["dead_letters"].filter(() => state.org === null); // operators' panels
-    // Redis and Kafka first: they answer beside ClickHouse, not after it (the questions
-    // queue for ClickHouse on the server, at most MAX_PARALLEL of them from here at once).
+    // Redis and Kafka beside ClickHouse, not after it; ClickHouse's questions in one request.
     const asked = ["limits", ...operator, ...QUESTIONS];
-    const results = await Promise.all(asked.map((q) => loadPanel(q, view)));
+    const results = (await Promise.all([...["limits", ...operator].map((q) => loadPanel(q, view)),
+      loadQuestions(QUESTIONS, view)])).flat();
     const failed = results.filter((r) => r instanceof Error);
     // A refused filter is refused by every question alike: say it once, at the top.
     $("#error").textContent = failed.length ? [...new Set(failed.map((e) => e.message))].join("; ") : "";
