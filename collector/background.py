@@ -28,7 +28,7 @@ from quotaflow.schemas.events import RequestEvent
 log = logging.getLogger(__name__)
 
 # How long the loop waits after an event arrives before taking what has gathered. The
-# emitter holds events for up to its batch_ms (100 ms) anyway; waking the loop's thread
+# emitter holds events for up to its batch_ms (50 ms) anyway; waking the loop's thread
 # for each event would hand the GIL back and forth with the request threads per request.
 DRAIN_DELAY_S = 0.005
 MAX_PENDING = 100_000
