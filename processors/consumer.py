@@ -58,7 +58,7 @@ class EventsConsumer(ConsumerRebalanceListener):
         )
         self.batch_events = settings.processor_batch_events
         # Events per record of late, which sizes a batch in records: it starts at what an
-        # emitter's record holds, rises at once and falls by half a batch.
+        # emitter's record holds, rises at once and halves with each batch at most.
         self._events_per_record = float(settings.collector_batch_events)
         self.commit_interval_s = settings.processor_commit_interval_s
         self.generation = -1  # the group generation the partitions were assigned in
@@ -90,6 +90,7 @@ class EventsConsumer(ConsumerRebalanceListener):
     async def seek(self, partition: int, offset: int) -> None:
         """Read ``partition`` again from ``offset`` (OffsetGuard). A partition given up
         meanwhile cannot be sought: its next owner starts from the committed offset."""
+        log.warning("records skipped; seeking back", extra={"partition": partition, "offset": offset})
         try:
             self.consumer.seek(TopicPartition(EVENTS_TOPIC, partition), offset)
         except (IllegalStateError, AssertionError) as exc:
@@ -116,8 +117,8 @@ class EventsConsumer(ConsumerRebalanceListener):
                 self._batch_start = {tp: batch[0].offset for tp, batch in fetched.items()}
                 per_record = max(await handle(records) / len(records), 1.0)
                 self._events_per_record = max(per_record, self._events_per_record / 2)
-                for tp, records in fetched.items():
-                    self._pending[tp] = records[-1].offset + 1
+                for tp, batch in fetched.items():
+                    self._pending[tp] = batch[-1].offset + 1
                 if time.monotonic() - self._committed_at >= self.commit_interval_s:
                     await self._commit()
 
