@@ -46,11 +46,12 @@ from typing import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import Counter
 
 from quotaflow.collector.spool import Record, Spool
 from quotaflow.core.retry import GaveUp, pause_until, retry
+from quotaflow.schemas.event_partitions import key_hash
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ProducerCore:
             linger_ms=linger_ms,
             max_batch_size=max_batch_bytes,
             max_request_size=max_batch_bytes * 2,
-            partitioner=_KeyHashes(),
+            partitioner=_partition,
         )
         self.spool = None if spool_dir is None else Spool(
             spool_dir, max_bytes=spool_max_bytes, segment_bytes=spool_segment_bytes,
@@ -502,25 +503,12 @@ class ProducerCore:
         EVENTS.labels(DELIVERED).inc(batch.events)
 
 
-class _KeyHashes:
-    """aiokafka's default partitioner (murmur2 of the key, as Kafka's Java client and
-    schemas/event_partitions.py), each key's hash kept: a collector sends the same few org
-    keys again and again, and the pure-Python hash was a tenth of its CPU per record."""
-
-    MAX_KEYS = 65_536  # then hashed each time: memory stays bounded whatever the keys
-
-    def __init__(self) -> None:
-        self._hashes: dict[bytes, int] = {}
-
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        if key is None:
-            return DefaultPartitioner()(key, all_partitions, available)
-        h = self._hashes.get(key)
-        if h is None:
-            h = murmur2(key) & 0x7FFFFFFF
-            if len(self._hashes) < self.MAX_KEYS:
-                self._hashes[key] = h
-        return all_partitions[h % len(all_partitions)]
+def _partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner, each key's hash cached (schemas key_hash, which
+    partition_of uses too): a collector sends the same few org keys again and again."""
+    if key is None:
+        return DefaultPartitioner()(key, all_partitions, available)
+    return all_partitions[key_hash(key) % len(all_partitions)]
 
 
 def _resolve(outcome: asyncio.Future | None, result: str) -> None:
