@@ -111,9 +111,9 @@ class Output:
     async def changelogs(self, records: list[tuple[str, dict | int | None, int]]) -> list[Sent]:
         """Table records (key, state, partition), encoded as table.py reads them back (key and
         value both JSON, as the Faust table before it wrote them; None deletes the key), in
-        their order per partition. Appended to one record batch per
-        partition and sent as such: a batch changes thousands of subjects, and a send per
-        record cost more than the rest of the batch's work on them."""
+        their order per partition. Appended to one record batch per partition and sent as
+        such: a batch changes thousands of subjects, and a send per record cost more than
+        the rest of the batch's work on them."""
         sent: list[Sent] = []
         open_batches: dict[int, tuple[object, list[Sent]]] = {}  # partition -> (its batch, its records)
         for key, state, partition in records:
