@@ -114,12 +114,13 @@ class RedisBackend:
         return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
     async def write(self, writes: list[SubjectWrite]) -> int:
-        """All of a batch in one round trip: one script call (write.lua) per org, each
-        atomic like MULTI/EXEC and touching that org's keys only (one hash slot, as on a
-        Redis Cluster), pipelined. Counts older than those stored (another processor of the
-        group counted further) are not written (write.lua); returns how many were not."""
-        if not writes:
-            return 0
+        """All of a batch in one round trip (prepare_write, send_write); returns how many
+        counts were not written (see send_write)."""
+        return await self.send_write(self.prepare_write(writes))
+
+    def prepare_write(self, writes: list[SubjectWrite]) -> list[tuple[list[str], list]]:
+        """The script calls of a batch's writes: one per org (write.lua), its arguments
+        encoded now, whatever later batches do to the counts."""
         by_org: dict[str, list] = {}
         for w in writes:
             fields: list[str] = []
@@ -132,7 +133,15 @@ class RedisBackend:
             by_org.setdefault(w.org_id, []).append([usage_key(w.org_id, w.api_key_id),
                                                     reservations_key(w.org_id, w.api_key_id), fields, w.released,
                                                     applied])
-        calls = [([usage_key(org)], [self.usage_ttl_ms, orjson.dumps(batch)]) for org, batch in by_org.items()]
+        return [([usage_key(org)], [self.usage_ttl_ms, orjson.dumps(batch)]) for org, batch in by_org.items()]
+
+    async def send_write(self, calls: list[tuple[list[str], list]]) -> int:
+        """Prepared writes, in one round trip: the calls, each atomic like MULTI/EXEC and
+        touching one org's keys only (one hash slot, as on a Redis Cluster), pipelined.
+        Counts older than those stored (another processor of the group counted further)
+        are not written (write.lua); returns how many were not."""
+        if not calls:
+            return 0
         replies = await until_ok(lambda: evalsha_pipelined(self.redis, WRITE_SCRIPT, self._write.sha, calls,
                                                            replicated_within_ms=REPLICA_WAIT_MS,
                                                            what="processor_counts"),

@@ -7,9 +7,9 @@ its own (tasks, queues, sensors and an acknowledgement per record), 120 to 350 Â
 here, so a topic of single-event records (what kcat and most non-Python producers publish)
 was counted at 3 to 5 thousand records/s. ``getmany`` hands over what has arrived, at once.
 
-Guarantee, as before: a batch's offsets are committed only after RequestCounter.handle has
-returned (its counts in Redis, its changelog on the broker); a record read again after a
-crash or a rebalance is recognised by the table. A rebalance waits for the batch in
+Guarantee, as before: a batch's offsets are committed only after its finish has returned
+(RequestCounter.count: its counts in Redis, its changelog on the broker); a record read
+again after a crash or a rebalance is recognised by the table. Batches finish in order. A rebalance waits for the batch in
 progress (the batch lock) and commits it before the partitions are given up, so the next
 owner starts where this one ended; records fetched before a rebalance and not yet handled
 are dropped, and read again from the committed offsets by whoever owns them after it.
@@ -32,12 +32,15 @@ log = logging.getLogger(__name__)
 
 SESSION_TIMEOUT_S = 15.0  # a member killed without leaving holds its partitions this long
 FETCH_WAIT_MS = 100  # getmany's wait when nothing has arrived: how long a stop or a rebalance may wait on it
-# Records in a batch at most, whatever they carry: a batch of one-event records costs its
-# round trips (Redis, the changelog's acknowledgement) once for this many.
-MAX_BATCH_RECORDS = 5_000
+# Records in a batch at most, whatever they carry: as many as the default batch holds events,
+# so a backlog of one-event records is taken in batches as large as a batched one. A key's
+# writes (its decision, its counts, their Redis script) cost the same for one event as for
+# many, and in a large batch most keys have several.
+MAX_BATCH_RECORDS = 20_000
 
 # (partitions assigned now, those of them new to this process) -> None, before any batch of them
 OnAssigned = Callable[[set[int], set[int]], Awaitable[None]]
+Finish = Callable[[], Awaitable[None]]  # a counted batch's writes: returns once they are acknowledged
 
 
 class EventsConsumer(ConsumerRebalanceListener):
@@ -70,7 +73,8 @@ class EventsConsumer(ConsumerRebalanceListener):
         self._committed_at = time.monotonic()
         self._failed: BaseException | None = None  # a recovery that failed: nothing more is counted
         self._revoking = False  # a rebalance waits for the batch in progress
-        self._batch_start: dict[TopicPartition, int] = {}  # the batch in progress: its first offsets
+        self._batch_start: dict[TopicPartition, int] = {}  # the batch finishing: its first offsets
+        self._finishing: tuple[asyncio.Future, dict[TopicPartition, int]] | None = None  # and its next offsets
 
     async def start(self) -> None:
         self.consumer.subscribe([EVENTS_TOPIC], listener=self)
@@ -96,31 +100,58 @@ class EventsConsumer(ConsumerRebalanceListener):
         except (IllegalStateError, AssertionError) as exc:
             log.warning("seek failed; it will be repeated", extra={"partition": partition, "error": repr(exc)})
 
-    async def run(self, handle: Callable[[Sequence[Any]], Awaitable[int]]) -> None:
-        """Hand every batch to ``handle`` (which answers how many events it held) until
-        cancelled, or ``handle`` raises."""
-        while True:
-            if self._failed is not None:
-                raise self._failed
-            seen = self._rebalances
-            max_records = min(max(1, int(self.batch_events / self._events_per_record)), MAX_BATCH_RECORDS)
-            fetched = await self.consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=max_records)
-            if not fetched:
-                if self._pending and time.monotonic() - self._committed_at >= self.commit_interval_s:
-                    async with self._lock:  # the last batches' offsets, once no more come
-                        await self._commit()
-                continue
-            async with self._lock:
-                if self._rebalances != seen:  # fetched under the previous assignment: read again after it
+    async def run(self, count: Callable[[Sequence[Any]], Awaitable[tuple[int, Finish]]]) -> None:
+        """Hand every batch to ``count`` (RequestCounter.count: how many events it held, and
+        its finish) until cancelled, or a batch fails. A batch is counted while the one
+        before it finishes (its Redis writes and changelog on their way: waits that would
+        otherwise leave the process idle), and finishes after it."""
+        try:
+            while True:
+                if self._failed is not None:
+                    raise self._failed
+                seen = self._rebalances
+                max_records = min(max(1, int(self.batch_events / self._events_per_record)), MAX_BATCH_RECORDS)
+                fetched = await self.consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=max_records)
+                if not fetched:
+                    if self._finishing is not None or self._pending:
+                        async with self._lock:  # the last batches' offsets, once no more come
+                            await self._settle()
+                            if time.monotonic() - self._committed_at >= self.commit_interval_s:
+                                await self._commit()
                     continue
-                records = [record for batch in fetched.values() for record in batch]
-                self._batch_start = {tp: batch[0].offset for tp, batch in fetched.items()}
-                per_record = max(await handle(records) / len(records), 1.0)
-                self._events_per_record = max(per_record, self._events_per_record / 2)
-                for tp, batch in fetched.items():
-                    self._pending[tp] = batch[-1].offset + 1
-                if time.monotonic() - self._committed_at >= self.commit_interval_s:
-                    await self._commit()
+                async with self._lock:
+                    if self._rebalances != seen:  # fetched under the previous assignment: read again after it
+                        continue
+                    records = [record for batch in fetched.values() for record in batch]
+                    events, finish = await count(records)
+                    per_record = max(events / len(records), 1.0)
+                    self._events_per_record = max(per_record, self._events_per_record / 2)
+                    await self._settle()
+                    self._batch_start = {tp: batch[0].offset for tp, batch in fetched.items()}
+                    self._finishing = (asyncio.ensure_future(finish()),
+                                       {tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                    if time.monotonic() - self._committed_at >= self.commit_interval_s:
+                        await self._commit()
+        finally:
+            if self._finishing is not None:  # left unacknowledged: read again, and recognised
+                self._finishing[0].cancel()
+                self._finishing = None
+
+    async def _settle(self) -> None:
+        """Wait for the batch finishing, if any: its offsets then become committable. One
+        that failed fails the consumer: nothing more is counted."""
+        if self._finishing is None:
+            return
+        task, offsets = self._finishing
+        try:
+            await asyncio.shield(task)  # a rebalance cancelled meanwhile leaves the batch to finish
+        except BaseException as exc:
+            if task.done():
+                self._finishing = None
+                self._failed = self._failed or (exc if isinstance(exc, Exception) else None)
+            raise
+        self._finishing = None
+        self._pending.update(offsets)
 
     async def confirm_membership(self) -> bool:
         """Whether this consumer is still a member of the group, asked of the group when a
@@ -154,7 +185,12 @@ class EventsConsumer(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._revoking = True
         async with self._lock:  # the batch in progress first
-            self._revoking = False
+            try:
+                await self._settle()
+            except Exception as exc:  # aiokafka would log it and go on; run() raises it
+                log.warning("the batch in progress failed during a rebalance", extra={"error": repr(exc)})
+            finally:
+                self._revoking = False
             self._rebalances += 1
             await self._commit()
 

@@ -36,18 +36,19 @@ from quotaflow.processors.duplicate_checks import BatchDuplicateChecks
 from quotaflow.processors.metrics import BATCH_SECONDS, DECISIONS, EVENTS
 from quotaflow.processors.offset_guard import APPLY, REFETCH, OffsetGuard, next_offset_key
 from quotaflow.processors.output import Output, Sent
-from quotaflow.processors.records import EVENT_ID, KEY, ORG, STATUS, TS, Record
+from quotaflow.processors.records import EVENT_ID, KEY, ORG, STATUS, TS, OneEventRecords, Record
 from quotaflow.processors.subjects import is_key_subject, key_subject, org_subject
 from quotaflow.processors.table import Table
 from quotaflow.processors.window_counts import REDELIVERED, apply_events
 from quotaflow.schemas import deadletter
-from quotaflow.schemas.dedup import position
+from quotaflow.schemas.dedup import INDEX_BITS, position
 from quotaflow.schemas.events import (
     FIELD_NAMES,
     FORWARDED_HEADER,
     SchemaError,
     TimeBounds,
     decode_columns,
+    decode_one,
     partition_key,
     partition_of,
 )
@@ -87,7 +88,18 @@ class RequestCounter:
         return int(self.clock() * 1000)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> int:
-        """Count a batch; return how many events its records carried (all outcomes)."""
+        """Count a batch and finish it; return how many events its records carried (all outcomes)."""
+        events, finish = await self.count(records)
+        await finish()
+        return events
+
+    async def count(self, records: Sequence[ConsumerRecord]) -> tuple[int, Callable[[], Awaitable[None]]]:
+        """Count a batch into the table, take its decisions and encode all it writes; return
+        how many events its records carried (all outcomes) and its finish, which writes it
+        (Redis, the changelog; dead letters and forwarded records before) and returns once
+        all of it is acknowledged. What the finish sends is fixed here, whatever later
+        batches change: the next batch may be counted while this one finishes, and finishes
+        after it (consumer.py)."""
         started = time.perf_counter()
         touched: dict[tuple[str, str], int] = {}  # (org_id, api_key_id) -> partition
         released: dict[tuple[str, str], list[str]] = {}  # reservations to release, per key
@@ -96,26 +108,52 @@ class RequestCounter:
         fresh: list[Record] = []  # records whose events were not applied before
         checks = BatchDuplicateChecks(self.backend)
         outcomes: Counter[str] = Counter()
+        offset_keys: dict[int, str] = {}  # partition -> its next_offset_key
+        gathered: dict[int, dict[str, OneEventRecords]] = {}  # partition -> org -> its one-event records so far
+
+        def take(record: Record, verdict: str) -> None:
+            for key, rows in record.keys.items():
+                ident = (record.org_id, key)
+                touched[ident] = record.partition
+                released.setdefault(ident, []).extend([record.event_ids[j] for j in rows])
+            if verdict == REDELIVERED:
+                outcomes[REDELIVERED] += len(record.rows)
+            else:
+                fresh.append(record)
+                checks.add(record)
+
         try:
             for msg in records:
-                verdict = self.guard.quick(msg.partition, msg.offset) or await self.guard.check(msg.partition,
-                                                                                                 msg.offset)
+                partition = msg.partition
+                verdict = self.guard.quick(partition, msg.offset) or await self.guard.check(partition, msg.offset)
                 if verdict == REFETCH:
                     outcomes["refetch"] += 1
                     continue
-                changed[next_offset_key(msg.partition)] = msg.partition
+                if partition not in offset_keys:
+                    changed[offset_keys.setdefault(partition, next_offset_key(partition))] = partition
+                if verdict == APPLY:
+                    values = self._one_event(msg)
+                    if values is not None:
+                        if values[STATUS] == REJECTED_STATUS:  # see _read
+                            outcomes["rejected"] += 1
+                            continue
+                        orgs = gathered.get(partition)
+                        if orgs is None:
+                            orgs = gathered[partition] = {}
+                        one = orgs.get(values[ORG])
+                        if one is None:
+                            one = orgs[values[ORG]] = OneEventRecords(partition, values[ORG])
+                        one.add(values, msg.offset << INDEX_BITS, msg.timestamp)
+                        continue
+                if partition in gathered:  # a partition's events in order: those gathered before this record first
+                    for one in gathered.pop(partition).values():
+                        take(one.record(), APPLY)
                 record = await self._read(msg, verdict, outcomes, sent)
-                if record is None:
-                    continue
-                for key, rows in record.keys.items():
-                    ident = (record.org_id, key)
-                    touched[ident] = msg.partition
-                    released.setdefault(ident, []).extend([record.event_ids[j] for j in rows])
-                if verdict == REDELIVERED:
-                    outcomes[REDELIVERED] += len(record.rows)
-                else:
-                    fresh.append(record)
-                    checks.add(record)
+                if record is not None:
+                    take(record, verdict)
+            for orgs in gathered.values():
+                for one in orgs.values():
+                    take(one.record(), APPLY)
             duplicate = await checks.results()
         finally:
             checks.cancel()
@@ -131,6 +169,7 @@ class RequestCounter:
                     continue
             subjects = [(org_subject(record.org_id), record.rows)]
             subjects += [(key_subject(record.org_id, key), rows) for key, rows in record.keys.items()]
+            everything = isinstance(record.rows, range) and len(record.rows) == len(record.ts_ms)
             for subject, rows in subjects:
                 run = runs.get(subject)
                 if run is not None and run[0] != record.partition:  # a subject that moved partition: in order
@@ -138,41 +177,49 @@ class RequestCounter:
                     run = None
                 if run is None:
                     run = runs[subject] = (record.partition, [], [], [])
-                run[1].extend([record.ts_ms[j] for j in rows])
-                run[2].extend([record.positions[j] for j in rows])
-                run[3].extend([min(record.ts_ms[j], record.received_ms) for j in rows])
+                if everything and rows is record.rows:
+                    run[1].extend(record.ts_ms)
+                    run[2].extend(record.positions)
+                    run[3].extend(record.clocks)
+                else:
+                    run[1].extend([record.ts_ms[j] for j in rows])
+                    run[2].extend([record.positions[j] for j in rows])
+                    run[3].extend([record.clocks[j] for j in rows])
         for subject, run in runs.items():
             self._apply(subject, run, outcomes, changed)
         await self.guard.after_batch()
 
-        # Dead letters and forwarded records reach the broker before the changelog says
-        # their records are applied: a crash in between redelivers those records, which
-        # are then handled again, never skipped.
-        await self.output.deliver(sent)
-        if self.before_writes is not None:
-            await self.before_writes()
-
         # One changelog record per changed subject per batch, not per event, written to
         # the partition of the events that changed it (so it recovers with them); each
-        # partition's next offset last, as it is only valid once those are in.
+        # partition's next offset after them, as it is only valid once those are in.
         data = self.table.data
-        records = [(subject, data[subject], partition) for subject, partition in changed.items()
-                   if not subject.startswith("__")]
-        records += [(key, data[key], partition) for key, partition in changed.items() if key.startswith("__")]
-        changelog = await self.output.changelogs(records)
-
-        if touched:
-            await self.backend.write(await self.writes(touched, released))
-            DECISIONS.inc(len(touched))
+        table_records = [(subject, data[subject], partition) for subject, partition in changed.items()
+                         if not subject.startswith("__")]
+        table_records += [(key, data[key], partition) for key, partition in changed.items() if key.startswith("__")]
         if time.monotonic() >= self._next_sweep:
-            changelog += await self._forget_idle_subjects()
-        # The batch's offsets become committable when this returns, so its changelog
-        # must be on the broker by then.
-        await self.output.deliver(changelog)
+            table_records += self._forget_idle_subjects()
+        changelog = self.output.encode_changelogs(table_records)
+        calls = self.backend.prepare_write(await self.writes(touched, released)) if touched else []
         for outcome, n in outcomes.items():
             EVENTS.labels(outcome).inc(n)
-        BATCH_SECONDS.observe(time.perf_counter() - started)
-        return sum(outcomes.values()) - outcomes["refetch"]  # refetches count records, to be read again
+
+        async def finish() -> None:
+            # Dead letters and forwarded records reach the broker before the changelog says
+            # their records are applied: a crash in between redelivers those records, which
+            # are then handled again, never skipped.
+            await self.output.deliver(sent)
+            if self.before_writes is not None:
+                await self.before_writes()
+            on_its_way = await self.output.send_changelogs(changelog)
+            if calls:
+                await self.backend.send_write(calls)
+                DECISIONS.inc(len(touched))
+            # The batch's offsets become committable when this returns, so its changelog
+            # must be on the broker by then.
+            await self.output.deliver(on_its_way)
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+
+        return sum(outcomes.values()) - outcomes["refetch"], finish  # refetches count records, to be read again
 
     def _apply(self, subject: str, run: Run, outcomes: Counter[str], changed: dict[str, int]) -> None:
         """Count a run of one subject's events; the outcomes are counted once, by their keys."""
@@ -193,11 +240,8 @@ class RequestCounter:
         # Times are judged against the broker's time of the record (LogAppendTime): the
         # same for every stage, every replay.
         received_ms = msg.timestamp
-        if msg.timestamp_type != LOG_APPEND_TIME and not self._warned_create_time:
-            self._warned_create_time = True
-            log.error("the events topic keeps the publishers' record times (CreateTime): a publisher can then "
-                      "choose the time its events are judged against; set message.timestamp.type=LogAppendTime "
-                      "on it ('quotaflow stack up' does)", extra={"topic": msg.topic})
+        if msg.timestamp_type != LOG_APPEND_TIME:
+            self._warn_create_time(msg)
         columns, indexes, refused = decode_columns(msg.value, received_ms, self.bounds)
         for index, exc in refused:
             if verdict == APPLY:
@@ -224,8 +268,29 @@ class RequestCounter:
             if not rows:
                 return None
         base = position(msg.offset, 0)
-        return Record.of(msg.partition, received_ms, org, columns[KEY], columns[TS], columns[EVENT_ID],
-                         [base | index for index in indexes], rows)
+        ts_ms = columns[TS]
+        clocks = ts_ms if max(ts_ms) <= received_ms else [min(ts, received_ms) for ts in ts_ms]
+        return Record.of(msg.partition, org, columns[KEY], ts_ms, columns[EVENT_ID],
+                         [base | index for index in indexes], clocks, rows)
+
+    def _one_event(self, msg: ConsumerRecord) -> tuple | None:
+        """The values of a record holding one valid event, in time and on its org's
+        partition (the usual one-event record), without building columns for it; None for
+        any other record, which _read takes the general way and words what is wrong."""
+        values = decode_one(msg.value)
+        if (values is None or self.bounds.kind(values[TS], msg.timestamp) is not None
+                or partition_of(values[ORG], self.partitions) != msg.partition):
+            return None
+        if msg.timestamp_type != LOG_APPEND_TIME:
+            self._warn_create_time(msg)
+        return values
+
+    def _warn_create_time(self, msg: ConsumerRecord) -> None:
+        if not self._warned_create_time:
+            self._warned_create_time = True
+            log.error("the events topic keeps the publishers' record times (CreateTime): a publisher can then "
+                      "choose the time its events are judged against; set message.timestamp.type=LogAppendTime "
+                      "on it ('quotaflow stack up' does)", extra={"topic": msg.topic})
 
     async def _forward(self, msg: ConsumerRecord, org: str, columns: tuple[tuple, ...], home: int) -> Sent:
         """The valid events of a record published on another partition than its org's,
@@ -260,10 +325,11 @@ class RequestCounter:
                                        (ostate["p"], ostate["o"]) if ostate else None))
         return writes
 
-    async def _forget_idle_subjects(self) -> list[Sent]:
+    def _forget_idle_subjects(self) -> list[tuple[str, None, int]]:
         """Drop subjects idle for longer than their longest window and the grace after it:
         their counts can no longer matter, and the table (and its recovery) stays the
-        size of the active keys. Runs inside a batch, so nothing else changes the table."""
+        size of the active keys. Runs inside a batch, so nothing else changes the table.
+        Returns the changelog's deletions of them."""
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         horizon = max(w.length_ms for w in self.policy.windows) + self.policy.late_grace_ms
         cutoff = self._now_ms() - horizon
@@ -271,10 +337,9 @@ class RequestCounter:
         idle = [(k, v["p"]) for k, v in list(data.items()) if not k.startswith("__") and v["m"] < cutoff]
         for key, _ in idle:
             del data[key]
-        sent = await self.output.changelogs([(key, None, partition) for key, partition in idle])
         if idle:
             log.info("idle subjects forgotten", extra={"subjects": len(idle)})
-        return sent
+        return [(key, None, partition) for key, partition in idle]
 
     async def _dead_letter(self, msg: ConsumerRecord, exc: SchemaError, index: int | None) -> Sent:
         log.warning("invalid event dead-lettered",

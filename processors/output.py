@@ -109,15 +109,24 @@ class Output:
         await self._stop(self._producer)
 
     async def changelogs(self, records: list[tuple[str, dict | int | None, int]]) -> list[Sent]:
+        """Table records (key, state, partition), encoded and sent (encode_changelogs, send_changelogs)."""
+        return await self.send_changelogs(self.encode_changelogs(records))
+
+    @staticmethod
+    def encode_changelogs(records: list[tuple[str, dict | int | None, int]]) -> list[tuple[bytes, bytes | None, int]]:
         """Table records (key, state, partition), encoded as table.py reads them back (key and
-        value both JSON, as the Faust table before it wrote them; None deletes the key), in
-        their order per partition. Appended to one record batch per partition and sent as
-        such: a batch changes thousands of subjects, and a send per record cost more than
-        the rest of the batch's work on them."""
+        value both JSON, as the Faust table before it wrote them; None deletes the key): the
+        states as they stand now, whatever later batches do to them."""
+        return [(orjson.dumps(key), None if state is None else orjson.dumps(state), partition)
+                for key, state, partition in records]
+
+    async def send_changelogs(self, records: list[tuple[bytes, bytes | None, int]]) -> list[Sent]:
+        """Encoded table records, in their order per partition, appended to one record batch
+        per partition and sent as such: a batch changes thousands of subjects, and a send per
+        record cost more than the rest of the batch's work on them."""
         sent: list[Sent] = []
         open_batches: dict[int, tuple[object, list[Sent]]] = {}  # partition -> (its batch, its records)
-        for key, state, partition in records:
-            key_bytes, value = orjson.dumps(key), None if state is None else orjson.dumps(state)
+        for key_bytes, value, partition in records:
             entry = open_batches.get(partition)
             if entry is None or entry[0].append(timestamp=None, key=key_bytes, value=value) is None:
                 if entry is not None:  # full: on its way, and a new one for the rest

@@ -129,6 +129,21 @@ def decode_batch_fast(data: bytes) -> tuple[list[tuple], tuple[tuple, ...]] | No
     return rows, cols
 
 
+def decode_one(data: bytes | None) -> tuple | None:
+    """The values (FIELDS order) of a record holding one valid event, as decode_batch_fast
+    takes it; None for any other record, which the caller reads the general way
+    (decode_columns), finding and wording what is wrong. A consumer of one-event records
+    (kcat, Kafka Connect) calls this per record: no columns to build for one row.
+    The event's time is not judged here: that needs the record's time (TimeBounds)."""
+    if data is None or data[:1] != b"{":
+        return None
+    try:
+        row = wire_values(_ONE.decode(data))
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return None
+    return row if valid_row(row) else None
+
+
 def _load(data: bytes | None) -> Any:
     """The JSON document of a record value, or SchemaError when there is none to read."""
     if data is None:

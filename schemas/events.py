@@ -19,6 +19,7 @@ from quotaflow.schemas.event_decoding import (
     RecordColumns,
     decode,
     decode_columns,
+    decode_one,
     decode_record,
     encode_batch,
 )
@@ -49,6 +50,6 @@ __all__ = [
     "FORWARDED_HEADER", "LATENCY_MAX_MS", "MAX_DEPTH", "MAX_ERRORS", "MAX_EVENTS_PER_RECORD", "METHODS",
     "RAW_ID_SEGMENT", "SCHEMA_VERSION", "TS_MAX_MS", "TS_MIN_MS", "USER_AGENT_MAX", "UUID_PATTERN",
     "Field", "RecordColumns", "RequestEvent", "SchemaError", "TimeBounds",
-    "decode", "decode_columns", "decode_record", "encode_batch", "json_schema", "partition_key",
+    "decode", "decode_columns", "decode_one", "decode_record", "encode_batch", "json_schema", "partition_key",
     "partition_of", "render_json_schema", "time_bounds_from_settings", "validate",
 ]
