@@ -125,7 +125,7 @@ def create_app(settings: Settings) -> faust.App:
         watch.start()
         try:
             await consumer.start()
-            await consumer.run(counter.count)
+            await consumer.run(counter.read, counter.count)
         except stopping.Stopped:
             log.info("stopping: the batch in progress is left unacknowledged, to be read again")
         except Exception as exc:  # counting stopped: the process ends, and its supervisor starts it again

@@ -75,6 +75,9 @@ class EventsConsumer(ConsumerRebalanceListener):
         self._revoking = False  # a rebalance waits for the batch in progress
         self._batch_start: dict[TopicPartition, int] = {}  # the batch finishing: its first offsets
         self._finishing: tuple[asyncio.Future, dict[TopicPartition, int]] | None = None  # and its next offsets
+        # The batch read, not counted yet: (what read answered, its records, its first and next offsets)
+        self._reading: tuple[Any, int, dict[TopicPartition, int], dict[TopicPartition, int]] | None = None
+        self._count_batch: Callable[[Any], Awaitable[tuple[int, Finish]]] | None = None  # run's count, for rebalances
 
     async def start(self) -> None:
         self.consumer.subscribe([EVENTS_TOPIC], listener=self)
@@ -100,21 +103,28 @@ class EventsConsumer(ConsumerRebalanceListener):
         except (IllegalStateError, AssertionError) as exc:
             log.warning("seek failed; it will be repeated", extra={"partition": partition, "error": repr(exc)})
 
-    async def run(self, count: Callable[[Sequence[Any]], Awaitable[tuple[int, Finish]]]) -> None:
-        """Hand every batch to ``count`` (RequestCounter.count: how many events it held, and
-        its finish) until cancelled, or a batch fails. A batch is counted while the one
-        before it finishes (its Redis writes and changelog on their way: waits that would
-        otherwise leave the process idle), and finishes after it."""
+    async def run(self, read: Callable[[Sequence[Any]], Awaitable[Any]],
+                  count: Callable[[Any], Awaitable[tuple[int, Finish]]]) -> None:
+        """Hand every batch to ``read`` then ``count`` (RequestCounter's: how many events it
+        held, and its finish) until cancelled, or a batch fails. Three batches may be on
+        their way at once, each at another step: while one finishes (its Redis writes and
+        changelog on their way) the next is counted, and while that one's duplicate check
+        runs in Redis the one after it is read, if it has arrived already. Each step waits
+        for the batch before: batches are counted and finish in order."""
+        self._count_batch = count
         try:
             while True:
                 if self._failed is not None:
                     raise self._failed
                 seen = self._rebalances
                 max_records = min(max(1, int(self.batch_events / self._events_per_record)), MAX_BATCH_RECORDS)
-                fetched = await self.consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=max_records)
+                # A batch read waits for the next only if that one is here already.
+                wait_ms = 0 if self._reading is not None else FETCH_WAIT_MS
+                fetched = await self.consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
                 if not fetched:
-                    if self._finishing is not None or self._pending:
+                    if self._reading is not None or self._finishing is not None or self._pending:
                         async with self._lock:  # the last batches' offsets, once no more come
+                            await self._count(count)
                             await self._settle()
                             if time.monotonic() - self._committed_at >= self.commit_interval_s:
                                 await self._commit()
@@ -123,19 +133,30 @@ class EventsConsumer(ConsumerRebalanceListener):
                     if self._rebalances != seen:  # fetched under the previous assignment: read again after it
                         continue
                     records = [record for batch in fetched.values() for record in batch]
-                    events, finish = await count(records)
-                    per_record = max(events / len(records), 1.0)
-                    self._events_per_record = max(per_record, self._events_per_record / 2)
-                    await self._settle()
-                    self._batch_start = {tp: batch[0].offset for tp, batch in fetched.items()}
-                    self._finishing = (asyncio.ensure_future(finish()),
-                                       {tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                    reading = await read(records)
+                    await self._count(count)  # the batch before
+                    self._reading = (reading, len(records), {tp: batch[0].offset for tp, batch in fetched.items()},
+                                     {tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
                     if time.monotonic() - self._committed_at >= self.commit_interval_s:
                         await self._commit()
         finally:
+            if self._reading is not None:  # read only: dropped with the process, read again after it
+                self._reading[0].checks.cancel()
+                self._reading = None
             if self._finishing is not None:  # left unacknowledged: read again, and recognised
                 self._finishing[0].cancel()
                 self._finishing = None
+
+    async def _count(self, count: Callable[[Any], Awaitable[tuple[int, Finish]]]) -> None:
+        """Count the batch read, if any, and start its finish once the one before has finished."""
+        if self._reading is None:
+            return
+        (reading, records, start, offsets), self._reading = self._reading, None
+        events, finish = await count(reading)
+        self._events_per_record = max(max(events / records, 1.0), self._events_per_record / 2)
+        await self._settle()
+        self._batch_start = start
+        self._finishing = (asyncio.ensure_future(finish()), offsets)
 
     async def _settle(self) -> None:
         """Wait for the batch finishing, if any: its offsets then become committable. One
@@ -184,11 +205,14 @@ class EventsConsumer(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._revoking = True
-        async with self._lock:  # the batch in progress first
+        async with self._lock:  # the batches in progress first: the one read is counted and finished too
             try:
+                if self._count_batch is not None:
+                    await self._count(self._count_batch)
                 await self._settle()
             except Exception as exc:  # aiokafka would log it and go on; run() raises it
                 log.warning("the batch in progress failed during a rebalance", extra={"error": repr(exc)})
+                self._failed = self._failed or exc
             finally:
                 self._revoking = False
             self._rebalances += 1
@@ -197,6 +221,10 @@ class EventsConsumer(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         partitions = {tp.partition for tp in assigned if tp.topic == EVENTS_TOPIC}
         async with self._lock:
+            if self._reading is not None or self._finishing is not None:
+                # A revocation counts and finishes them first; without one, this process no
+                # longer knows what its table holds: it ends, and recovers it.
+                self._failed = self._failed or RuntimeError("partitions assigned with a batch in progress")
             self._rebalances += 1
             self._pending.clear()
             previous, self.generation = self.generation, self.live_generation() or -1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, NamedTuple, Sequence
 
 import orjson
 from aiokafka import ConsumerRecord
@@ -64,6 +64,20 @@ FORWARDED = "forwarded"  # events of a record on another partition than their or
 Run = tuple[int, list[int], list[int], list[int]]  # a subject's events in a batch: partition, times, positions, clocks
 
 
+class Reading(NamedTuple):
+    """A batch read (RequestCounter.read), to be counted (RequestCounter.count)."""
+
+    started: float  # perf_counter
+    touched: dict[tuple[str, str], int]  # (org_id, api_key_id) -> partition
+    released: dict[tuple[str, str], list[str]]  # reservations to release, per key
+    changed: dict[str, int]  # table key -> partition
+    offsets: dict[str, int]  # each partition's next offset (its table key), as the batch leaves it
+    sent: list[Sent]  # dead letters and forwarded records, on their way to the broker
+    fresh: list[Record]  # records whose events were not applied before
+    checks: BatchDuplicateChecks  # on their way
+    outcomes: Counter[str]
+
+
 class RequestCounter:
     """Handles one batch of events. ``clock``: the wall clock, in seconds, that decisions
     are taken at and idle subjects judged by (event times are the events' own).
@@ -88,18 +102,15 @@ class RequestCounter:
         return int(self.clock() * 1000)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> int:
-        """Count a batch and finish it; return how many events its records carried (all outcomes)."""
-        events, finish = await self.count(records)
+        """Read, count and finish a batch; return how many events its records carried (all outcomes)."""
+        events, finish = await self.count(await self.read(records))
         await finish()
         return events
 
-    async def count(self, records: Sequence[ConsumerRecord]) -> tuple[int, Callable[[], Awaitable[None]]]:
-        """Count a batch into the table, take its decisions and encode all it writes; return
-        how many events its records carried (all outcomes) and its finish, which writes it
-        (Redis, the changelog; dead letters and forwarded records before) and returns once
-        all of it is acknowledged. What the finish sends is fixed here, whatever later
-        batches change: the next batch may be counted while this one finishes, and finishes
-        after it (consumer.py)."""
+    async def read(self, records: Sequence[ConsumerRecord]) -> Reading:
+        """Take a batch's records apart into the events that count, their duplicate check on
+        its way to Redis; dead letters and forwarded records handed to the producer. Nothing
+        is counted yet (count): the next batch may be read while Redis checks this one."""
         started = time.perf_counter()
         touched: dict[tuple[str, str], int] = {}  # (org_id, api_key_id) -> partition
         released: dict[tuple[str, str], list[str]] = {}  # reservations to release, per key
@@ -154,6 +165,23 @@ class RequestCounter:
             for orgs in gathered.values():
                 for one in orgs.values():
                     take(one.record(), APPLY)
+            await self.guard.after_batch()
+        except BaseException:
+            checks.cancel()
+            raise
+        data = self.table.data
+        offsets = {key: data[key] for key in changed}  # as this batch leaves them: the next one moves them on
+        return Reading(started, touched, released, changed, offsets, sent, fresh, checks, outcomes)
+
+    async def count(self, reading: Reading) -> tuple[int, Callable[[], Awaitable[None]]]:
+        """Count a batch read into the table, take its decisions and encode all it writes;
+        return how many events its records carried (all outcomes) and its finish, which
+        writes it (Redis, the changelog; dead letters and forwarded records before) and
+        returns once all of it is acknowledged. What the finish sends is fixed here,
+        whatever later batches change: the next batch may be counted while this one
+        finishes, and finishes after it (consumer.py)."""
+        started, touched, released, changed, offsets, sent, fresh, checks, outcomes = reading
+        try:
             duplicate = await checks.results()
         finally:
             checks.cancel()
@@ -187,7 +215,6 @@ class RequestCounter:
                     run[3].extend([record.clocks[j] for j in rows])
         for subject, run in runs.items():
             self._apply(subject, run, outcomes, changed)
-        await self.guard.after_batch()
 
         # One changelog record per changed subject per batch, not per event, written to
         # the partition of the events that changed it (so it recovers with them); each
@@ -195,7 +222,7 @@ class RequestCounter:
         data = self.table.data
         table_records = [(subject, data[subject], partition) for subject, partition in changed.items()
                          if not subject.startswith("__")]
-        table_records += [(key, data[key], partition) for key, partition in changed.items() if key.startswith("__")]
+        table_records += [(key, offsets[key], partition) for key, partition in changed.items() if key.startswith("__")]
         if time.monotonic() >= self._next_sweep:
             table_records += self._forget_idle_subjects()
         changelog = self.output.encode_changelogs(table_records)

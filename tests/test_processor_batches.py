@@ -151,7 +151,7 @@ async def count_alone(live_stack, policy, records) -> dict:
 
         counter = RequestCounter(table, output, RedisBackend(client, policy), OffsetGuard(table.data, unused, unused),
                                  time_bounds_from_settings(live_stack), partitions=1)
-        events, _ = await counter.count(records)
+        events, _ = await counter.count(await counter.read(records))
         assert events == sum(1 if r.value[:1] == b"{" else r.value.count(b'"event_id"') for r in records)
         return table.data
     finally:
