@@ -109,8 +109,10 @@ class EventsConsumer(ConsumerRebalanceListener):
         held, and its finish) until cancelled, or a batch fails. Three batches may be on
         their way at once, each at another step: while one finishes (its Redis writes and
         changelog on their way) the next is counted, and while that one's duplicate check
-        runs in Redis the one after it is read, if it has arrived already. Each step waits
-        for the batch before: batches are counted and finish in order."""
+        runs in Redis the one after it is read, if it has arrived already and the stream is
+        behind (the batch read was full: a batch that took all there was is counted at once,
+        not held for the next). Each step waits for the batch before: batches are counted and
+        finish in order."""
         self._count_batch = count
         try:
             while True:
@@ -137,6 +139,8 @@ class EventsConsumer(ConsumerRebalanceListener):
                     await self._count(count)  # the batch before
                     self._reading = (reading, len(records), {tp: batch[0].offset for tp, batch in fetched.items()},
                                      {tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                    if len(records) < max_records:  # all there was: no backlog to read ahead in
+                        await self._count(count)
                     if time.monotonic() - self._committed_at >= self.commit_interval_s:
                         await self._commit()
         finally:
