@@ -70,6 +70,26 @@ def test_broker_restart_mid_stream_loses_nothing(live_stack, redis_client, pipel
     assert rows[0][0] == 400  # every event stored
 
 
+def test_processor_killed_while_reading_ahead_counts_each_event_once(live_stack, redis_client, pipeline):
+    """A backlog of one-event records in batches of 100: every batch is full, so while one
+    waits for its duplicate check the next is read, and the one before is finishing
+    (consumer.py). A SIGKILL among them, then a restart: each event counted once."""
+    org, key = unique("org"), unique("key")
+    window = this_minute()
+    total = 3000
+    asyncio.run(publish(live_stack, [event(org, key, window + i) for i in range(total)], batch_events=1))
+    pipeline.start("processor", QUOTAFLOW_PROCESSOR_COMMIT_INTERVAL_S="600", QUOTAFLOW_PROCESSOR_BATCH_EVENTS="100")
+    wait_for(lambda: pipeline.metric("processor", COUNTED) >= 1000, 60, "the processor to be mid-backlog", pipeline.logs)
+    pipeline.kill("processor")
+    pipeline.start("processor")  # by its supervisor, with the same variables
+    wait_for(lambda: counted(redis_client, org, key, window) == total, 120, f"exactly {total} counted",
+             lambda: f"count={counted(redis_client, org, key, window)}\n{pipeline.logs()}")
+    assert pipeline.metric("processor", REDELIVERED) > 0  # read again after the kill, and recognised
+    pipeline.wait_processor_applied(redis_client)
+    assert counted(redis_client, org, key, window) == total
+    assert counted(redis_client, org, None, window) == total
+
+
 def test_processor_killed_mid_stream_counts_each_event_once(live_stack, redis_client, pipeline):
     org, key = unique("org"), unique("key")
     window = this_minute()
