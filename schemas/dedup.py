@@ -57,27 +57,29 @@ def position(offset: int, index: int) -> int:
 
 @dataclass
 class _Call:
-    """One script call: some of one org's events."""
+    """One script call: some of one org's events, grouped by hash (an id's copies all fall
+    in one hash: same org and time), in their order within each."""
 
     keys: dict[str, int] = field(default_factory=dict)  # hash -> its index in KEYS (1-based)
-    entries: list[list] = field(default_factory=list)  # [key index, [event id, place, ...]]
-    spans: list[range] = field(default_factory=list)  # where the answers go, in the order of the events
+    entries: list[list] = field(default_factory=list)  # per hash: [key index, [event id, place, ...]]
+    spans: list[list[range]] = field(default_factory=list)  # per entry: where its answers go, in order
     events: int = 0
 
     def add(self, key: str, place: str, ids: Sequence[str], positions: Sequence[int], span: range) -> None:
-        k = self.keys.setdefault(key, len(self.keys) + 1)
-        pairs = [place] * (2 * len(ids))  # "partition:" + position, after each id
+        k = self.keys.get(key)
+        if k is None:
+            k = self.keys[key] = len(self.keys) + 1
+            self.entries.append([k, []])
+            self.spans.append([])
+        pairs = [place] * (2 * len(ids))  # each id, then its place: "partition:" + position
         pairs[0::2] = ids
-        pairs[1::2] = map(place.__add__, map(str, positions))
-        last = self.entries[-1] if self.entries else None
-        if last is not None and last[0] == k:  # the same hash: one HMGET for both
-            last[1].extend(pairs)
+        pairs[1::2] = [place + str(p) for p in positions]  # a list first: ~2x faster than from map()
+        self.entries[k - 1][1] += pairs
+        spans = self.spans[k - 1]
+        if spans and spans[-1].stop == span.start:
+            spans[-1] = range(spans[-1].start, span.stop)
         else:
-            self.entries.append([k, pairs])
-        if self.spans and self.spans[-1].stop == span.start:
-            self.spans[-1] = range(self.spans[-1].start, span.stop)
-        else:
-            self.spans.append(span)
+            spans.append(span)
         self.events += len(ids)
 
     def args(self, ttl_ms: int) -> list:
@@ -154,7 +156,7 @@ class DuplicateCheck:
                 raise RuntimeError(f"the duplicate check answered for {len(result)} events, {call.events} asked")
             if b"1" not in result:  # the usual answer: no duplicates
                 continue
-            where = [j for span in call.spans for j in span]  # the events' places in ``out``
+            where = [j for spans in call.spans for span in spans for j in span]  # the events' places in ``out``
             for i, flag in enumerate(result):
                 if flag == 49:  # b"1"
                     out[where[i]] = True

@@ -101,7 +101,7 @@ def test_each_script_call_touches_one_org(live_stack):
     for call in calls:
         assert len({key.split("}")[0] for key in call.keys}) == 1
         assert call.events <= 3
-    assert sorted(j for call in calls for span in call.spans for j in span) == list(range(7))
+    assert sorted(j for call in calls for spans in call.spans for span in spans for j in span) == list(range(7))
 
 
 def test_each_hash_is_a_hash_table_and_ids_repeated_in_one_chunk_keep_their_first_place(live_stack, redis_client):
