@@ -1,8 +1,8 @@
 -- Small parts packed into one file. Every insert of the sink writes a part into the raw table and
 -- into each of the 13 rollups (and a projection in 6 of them): ~260 files and directories an
--- insert, whatever its size. On the sink's benchmark a third of the engine's CPU went to creating
--- them (the file system's inode allocation: ext4 scanning for a free inode where merges had just
--- deleted parts), a fixed ~100-170 ms of CPU an insert, 1-2 us a row at ~90k rows an insert.
+-- insert, whatever its size. On the sink's benchmark ~12% of the sink process's CPU (perf) went
+-- to creating them: the file system's inode allocation (ext4 scanning for a free inode where
+-- merges had just deleted parts).
 -- A part under min_bytes_for_full_part_storage (uncompressed) is written as one file,
 -- data.packed (its projection's part likewise): ~40 files an insert. Parts are read, merged,
 -- mutated, attached (the sink's repair: ATTACH PARTITION FROM a staging table created AS the
