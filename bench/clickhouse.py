@@ -137,6 +137,17 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int | None) -> float:
+    """The most resident memory a process has held so far (VmHWM), in MiB; 0 when unknown."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, TypeError):
+        pass
+    return 0.0
+
+
 def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
     """Baselines on the same events: Python decode; the insert of decoded rows through the
     sink's writer (encoding + engine); the engine alone inserting the same rows."""
@@ -204,6 +215,8 @@ def bench_sink(settings, n: int) -> None:
     while metrics.scrape(port).get("quotaflow_sink_rows_inserted_total", 0) < n:
         time.sleep(0.1)
     done = time.perf_counter()
+    log(f"sink: peak resident memory {peak_rss_mb(pids['sink']):.0f} MiB (batches of up to "
+        f"{settings.sink_batch_bytes >> 20} MiB of records)")
     log("sink: CPU a row, " + ", ".join(f"{name} process {(cpu_seconds(pid) - cpu[name]) / n * 1e6:.2f} us"
                                         for name, pid in pids.items()))
     scraped = metrics.scrape(port)

@@ -23,7 +23,11 @@ copies, are not recognised.
 
 One script call per org (its keys declared: one hash slot), at most PART_EVENTS
 events each, all of a check in one pipeline: one round trip, and no call long
-enough to hold up the gateways' checks behind it.
+enough to hold up the gateways' checks behind it. Each hash is kept a hash table, never
+a listpack (dedup.lua): lookups that do not scan the hash, for some memory on the
+hashes of quiet org-minutes (busy ones, over 512 ids, are hash tables anyway). The
+events go to the script as (id, place) pairs in MessagePack, its answer comes back
+as one string: on the sink's benchmark the check cost Redis ~1 us an event, from ~3.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable, NamedTuple, Sequence
 
-import orjson
 import redis.asyncio as aioredis
+from msgspec import msgpack
 
 from quotaflow.core.redis_clients import evalsha_pipelined
 from quotaflow.schemas.redis_keys import SEEN_BUCKET_MS
@@ -53,28 +57,33 @@ def position(offset: int, index: int) -> int:
 
 @dataclass
 class _Call:
-    """One script call: some of one org's events."""
+    """One script call: some of one org's events, grouped by hash (an id's copies all fall
+    in one hash: same org and time), in their order within each."""
 
     keys: dict[str, int] = field(default_factory=dict)  # hash -> its index in KEYS (1-based)
-    entries: list[list] = field(default_factory=list)  # [key index, "partition:", ids, positions]
-    spans: list[list[range]] = field(default_factory=list)  # per entry: where its answers go
+    entries: list[list] = field(default_factory=list)  # per hash: [key index, [event id, place, ...]]
+    spans: list[list[range]] = field(default_factory=list)  # per entry: where its answers go, in order
     events: int = 0
 
     def add(self, key: str, place: str, ids: Sequence[str], positions: Sequence[int], span: range) -> None:
-        k = self.keys.setdefault(key, len(self.keys) + 1)
-        last = self.entries[-1] if self.entries else None
-        if last is not None and last[0] == k and last[1] == place:  # the same hash: one HMGET for both
-            last[2].extend(ids)
-            last[3].extend(map(str, positions))
-            spans = self.spans[-1]
-            if spans[-1].stop == span.start:
-                spans[-1] = range(spans[-1].start, span.stop)
-            else:
-                spans.append(span)
+        k = self.keys.get(key)
+        if k is None:
+            k = self.keys[key] = len(self.keys) + 1
+            self.entries.append([k, []])
+            self.spans.append([])
+        pairs = [place] * (2 * len(ids))  # each id, then its place: "partition:" + position
+        pairs[0::2] = ids
+        pairs[1::2] = [place + str(p) for p in positions]  # a list first: ~2x faster than from map()
+        self.entries[k - 1][1] += pairs
+        spans = self.spans[k - 1]
+        if spans and spans[-1].stop == span.start:
+            spans[-1] = range(spans[-1].start, span.stop)
         else:
-            self.entries.append([k, place, list(ids), list(map(str, positions))])
-            self.spans.append([span])
+            spans.append(span)
         self.events += len(ids)
+
+    def args(self, ttl_ms: int) -> list:
+        return [ttl_ms, msgpack.encode(self.entries)]
 
 
 class Prepared(NamedTuple):
@@ -138,20 +147,23 @@ class DuplicateCheck:
             results = [await self._call(calls[0])]
         else:
             results = await evalsha_pipelined(self.redis, SCRIPT, self._script.sha,
-                                              [(list(c.keys), [self._ttl_ms, orjson.dumps(c.entries)]) for c in calls])
+                                              [(list(c.keys), c.args(self._ttl_ms)) for c in calls])
         out = [False] * n
         for call, result in zip(calls, results, strict=True):
-            i = 0
-            for spans in call.spans:
-                for span in spans:
-                    out[span.start:span.stop] = map(bool, result[i:i + len(span)])
-                    i += len(span)
-            if i != len(result):
-                raise RuntimeError(f"the duplicate check answered for {len(result)} events, {i} asked")
+            if isinstance(result, str):  # a client that decodes replies
+                result = result.encode()
+            if len(result) != call.events:
+                raise RuntimeError(f"the duplicate check answered for {len(result)} events, {call.events} asked")
+            if b"1" not in result:  # the usual answer: no duplicates
+                continue
+            where = [j for spans in call.spans for span in spans for j in span]  # the events' places in ``out``
+            for i, flag in enumerate(result):
+                if flag == 49:  # b"1"
+                    out[where[i]] = True
         return out
 
     def _call(self, call: _Call):
-        return self._script(keys=list(call.keys), args=[self._ttl_ms, orjson.dumps(call.entries)])
+        return self._script(keys=list(call.keys), args=call.args(self._ttl_ms))
 
 
 def _runs(ts_ms: Sequence[int], bucket_ms: int) -> list[tuple[int, int, int]]:

@@ -389,3 +389,39 @@ def test_questions_about_every_org_read_the_projections_and_answer_as_the_rows_d
     compare(read_projection=True)
     store(writer, events(500, seed=23, org="globex"), tiers, first_offset=5000)
     compare(read_projection=False)
+
+
+def test_an_inserts_parts_are_packed_and_merge_and_attach_as_before(engine):
+    """0013: each table's part of an insert is one file (data.packed), not a dozen; packed
+    parts merge, and attach from a table created AS the raw table (the repair's staging),
+    keeping every total."""
+    migrate(engine)
+    writer = Writer(engine)
+    evs = events(1200, seed=21)
+    store(writer, evs[:600], {"acme": "FREE"})
+    store(writer, evs[600:], {"acme": "FREE"}, first_offset=600)
+    kinds = dict(engine.query("SELECT table, groupUniqArray(part_storage_type) FROM system.parts WHERE active "
+                              "AND database = currentDatabase() GROUP BY table").result_rows)
+    assert {name: kinds.get(name) for name in (t.name for t in TABLES)} == {t.name: ["Packed"] for t in TABLES}
+
+    def totals() -> list[tuple]:
+        return [engine.query(f"SELECT {'count()' if t is TABLES[0] else 'sum(requests)'}, sum(request_bytes) "
+                             f"FROM {t.name}").result_rows[0] for t in TABLES]
+
+    before = totals()
+    assert before == [(len(evs), sum(e.request_bytes for e in evs))] * len(TABLES)
+    for table in (RAW, ROLLUPS[0].name, ORG_ROLLUPS[1].name):  # merged: a projection's table among them
+        engine.command(f"OPTIMIZE TABLE {table} FINAL")
+    assert totals() == before
+    engine.command(f"CREATE TABLE stage AS {RAW}")
+    extra = events(5, seed=22)
+    Writer(engine).insert(_tiered(extra), None, table="stage")
+    for (partition_id,) in engine.query("SELECT DISTINCT _partition_id FROM stage").result_rows:
+        engine.command(f"ALTER TABLE {RAW} ATTACH PARTITION ID '{partition_id}' FROM stage")
+    assert engine.query(f"SELECT count() FROM {RAW}").result_rows[0][0] == len(evs) + len(extra)
+
+
+def _tiered(evs):
+    rows = to_rows(records(evs, first_offset=5000))
+    rows.set_tiers({"acme": "FREE"})
+    return rows

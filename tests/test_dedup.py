@@ -102,3 +102,19 @@ def test_each_script_call_touches_one_org(live_stack):
         assert len({key.split("}")[0] for key in call.keys}) == 1
         assert call.events <= 3
     assert sorted(j for call in calls for spans in call.spans for span in spans for j in span) == list(range(7))
+
+
+def test_each_hash_is_a_hash_table_and_ids_repeated_in_one_chunk_keep_their_first_place(live_stack, redis_client):
+    """A hash of a few ids is a hash table (a listpack would be scanned for every id: see
+    dedup.lua); an id twice in one chunk (the script's all-new path, whose HSET then adds
+    fewer fields than it was given) keeps its first place, and its copy is a duplicate."""
+    org, m = unique("org"), this_minute()
+    a, b = unique("ev"), unique("ev")
+    assert run(live_stack.redis_url, stored_key, [(org, 0, [m + 1] * 4, [a, b, a, b], [1, 2, 3, 2])]) == \
+        [[False, False, True, False]]
+    assert redis_client.object("encoding", stored_key(org, m)) == b"hashtable"
+    assert redis_client.hget(stored_key(org, m), a) == b"0:1"
+    # read again, the same places: no duplicates but the copy
+    assert run(live_stack.redis_url, stored_key, [(org, 0, [m + 1] * 4, [a, b, a, b], [1, 2, 3, 2])]) == \
+        [[False, False, True, False]]
+    assert run(live_stack.redis_url, stored_key, [(org, 1, [m + 1], [a], [1])]) == [[True]]
