@@ -154,8 +154,9 @@ def run(example: Example, settings: Settings, cwd: Path) -> subprocess.Completed
     command = on_test_stack(example.command, settings)
     # `quotaflow` as installed beside this Python (the venv need not be on PATH)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # errors="replace": the dead-letter example prints refused payloads as they came, any bytes
     return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**env, "QUOTAFLOW_KEY_HASH_SECRETS": KEY_HASH_SECRETS})
+                          errors="replace", timeout=120, env={**env, "QUOTAFLOW_KEY_HASH_SECRETS": KEY_HASH_SECRETS})
 
 
 def written_file(command: str, cwd: Path) -> str | None:
