@@ -9,8 +9,9 @@ was counted at 3 to 5 thousand records/s. ``getmany`` hands over what has arrive
 
 Guarantee, as before: a batch's offsets are committed only after its finish has returned
 (RequestCounter.count: its counts in Redis, its changelog on the broker); a record read
-again after a crash or a rebalance is recognised by the table. Batches finish in order. A rebalance waits for the batch in
-progress (the batch lock) and commits it before the partitions are given up, so the next
+again after a crash or a rebalance is recognised by the table. Batches are counted and
+finish in order. A rebalance waits for the batches in progress (the batch lock), counts
+and finishes them, and commits them before the partitions are given up, so the next
 owner starts where this one ended; records fetched before a rebalance and not yet handled
 are dropped, and read again from the committed offsets by whoever owns them after it.
 """
@@ -145,7 +146,7 @@ class EventsConsumer(ConsumerRebalanceListener):
                         await self._commit()
         finally:
             if self._reading is not None:  # read only: dropped with the process, read again after it
-                self._reading[0].checks.cancel()
+                self._reading[0].cancel()
                 self._reading = None
             if self._finishing is not None:  # left unacknowledged: read again, and recognised
                 self._finishing[0].cancel()

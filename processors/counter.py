@@ -1,7 +1,9 @@
 """The processor's work on one batch of events, apart from the consumer's plumbing (consumer.py):
 counts per API key and per org in every window of the policy, counts and decisions
 written to Redis, the gateways' reservations of the counted events released, invalid
-events dead-lettered.
+events dead-lettered. In three steps, so that a batch's waits overlap another's work:
+read (records taken apart, the duplicate check sent), count (into the table; decisions
+taken, writes encoded) and finish (writes sent and acknowledged).
 
 Guarantee: at-least-once delivery, idempotent effect. A batch is acknowledged
 (its offsets become committable) only once its counts are in Redis and its
@@ -76,6 +78,10 @@ class Reading(NamedTuple):
     fresh: list[Record]  # records whose events were not applied before
     checks: BatchDuplicateChecks  # on their way
     outcomes: Counter[str]
+
+    def cancel(self) -> None:
+        """Given up before it is counted (the process stops)."""
+        self.checks.cancel()
 
 
 class RequestCounter:
