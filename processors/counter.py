@@ -107,12 +107,6 @@ class RequestCounter:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    async def handle(self, records: Sequence[ConsumerRecord]) -> int:
-        """Read, count and finish a batch; return how many events its records carried (all outcomes)."""
-        events, finish = await self.count(await self.read(records))
-        await finish()
-        return events
-
     async def read(self, records: Sequence[ConsumerRecord]) -> Reading:
         """Take a batch's records apart into the events that count, their duplicate check on
         its way to Redis; dead letters and forwarded records handed to the producer. Nothing
