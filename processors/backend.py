@@ -113,11 +113,6 @@ class RedisBackend:
         prepared = self._duplicates.prepare(groups)
         return await until_ok(lambda: self._duplicates.run(prepared), "check duplicates")
 
-    async def write(self, writes: list[SubjectWrite]) -> int:
-        """All of a batch in one round trip (prepare_write, send_write); returns how many
-        counts were not written (see send_write)."""
-        return await self.send_write(self.prepare_write(writes))
-
     def prepare_write(self, writes: list[SubjectWrite]) -> list[tuple[list[str], list]]:
         """The script calls of a batch's writes: one per org (write.lua), its arguments
         encoded now, whatever later batches do to the counts."""

@@ -108,10 +108,6 @@ class Output:
     async def stop(self) -> None:
         await self._stop(self._producer)
 
-    async def changelogs(self, records: list[tuple[str, dict | int | None, int]]) -> list[Sent]:
-        """Table records (key, state, partition), encoded and sent (encode_changelogs, send_changelogs)."""
-        return await self.send_changelogs(self.encode_changelogs(records))
-
     @staticmethod
     def encode_changelogs(records: list[tuple[str, dict | int | None, int]]) -> list[tuple[bytes, bytes | None, int]]:
         """Table records (key, state, partition), encoded as table.py reads them back (key and

@@ -56,6 +56,12 @@ async def wait_for_room(client: aioredis.Redis, window: Window, seconds: float =
         await until_redis_time(client, now - now % window.length_ms + window.length_ms)
 
 
+async def seed(client: aioredis.Redis, policy, org: str, key: str, buckets: list) -> None:
+    """Counts of a key and its org, written as the processors write them."""
+    backend = RedisBackend(client, policy)
+    await backend.send_write(backend.prepare_write([SubjectWrite(org, key, buckets), SubjectWrite(org, None, buckets)]))
+
+
 async def burst(limiter: RateLimiter, key: str, org: str, n: int, concurrency: int = 100) -> list[Decision]:
     out: list[Decision] = []
     for start in range(0, n, concurrency):
@@ -86,7 +92,7 @@ def test_every_tier_denies_at_exactly_its_limit_in_each_window(live_stack, windo
                 now = await redis_now_ms(client)
                 buckets = [[] for _ in WINDOWS]
                 buckets[window_index] = [[now - now % window.length_ms, prefilled]]
-                await RedisBackend(client, policy).write([SubjectWrite(org, key, buckets), SubjectWrite(org, None, buckets)])
+                await seed(client, policy, org, key, buckets)
             decisions = await burst(limiter, key, org, limit - prefilled + 5)
             out[tier] = (prefilled + sum(d.allowed for d in decisions),
                          {d.denied_by for d in decisions if not d.allowed})
@@ -154,7 +160,7 @@ def test_counts_written_by_processors_are_read_the_same_way_by_gateways(live_sta
             [[now - 3_700_000 - (now % hour_bucket), 50], [now - now % hour_bucket - 10 * hour_bucket, 4],
              [now - now % hour_bucket, 2]],  # an hour and more ago: out of the sliding hour
         ]
-        await RedisBackend(client, policy).write([SubjectWrite(org, key, buckets), SubjectWrite(org, None, buckets)])
+        await seed(client, policy, org, key, buckets)
         d = await RateLimiter(client, policy, timeout_ms=5000).check(key, org)
         await client.aclose()
         return d, buckets

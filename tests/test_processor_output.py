@@ -22,7 +22,7 @@ async def _write(settings, topic: str, records: list) -> None:
     output = Output(settings.kafka_bootstrap, topic, DEAD_LETTER_TOPIC, EVENTS_TOPIC)
     await output.start()
     try:
-        sent = await output.changelogs(records)
+        sent = await output.send_changelogs(output.encode_changelogs(records))
         assert len(sent) == len(records)
         await output.deliver(sent)
         assert all(s.future.done() and s.future.exception() is None for s in sent)

@@ -64,8 +64,9 @@ def test_counts_older_than_those_stored_are_not_written_but_their_reservations_a
         client = aioredis.Redis.from_url(live_stack.redis_url)
         try:
             backend = RedisBackend(client, policy)
-            return await backend.write([SubjectWrite(org, key, buckets(n), None, released, applied),
-                                        SubjectWrite(org, None, buckets(n), None, released, applied)])
+            return await backend.send_write(backend.prepare_write([
+                SubjectWrite(org, key, buckets(n), None, released, applied),
+                SubjectWrite(org, None, buckets(n), None, released, applied)]))
         finally:
             await client.aclose()
 
