@@ -43,7 +43,7 @@ from quotaflow.processors.subjects import is_key_subject, key_subject, org_subje
 from quotaflow.processors.table import Table
 from quotaflow.processors.window_counts import REDELIVERED, apply_events
 from quotaflow.schemas import deadletter
-from quotaflow.schemas.dedup import INDEX_BITS, position
+from quotaflow.schemas.dedup import position
 from quotaflow.schemas.events import (
     FIELD_NAMES,
     FORWARDED_HEADER,
@@ -154,7 +154,7 @@ class RequestCounter:
                         one = orgs.get(values[ORG])
                         if one is None:
                             one = orgs[values[ORG]] = OneEventRecords(partition, values[ORG])
-                        one.add(values, msg.offset << INDEX_BITS, msg.timestamp)
+                        one.add(values, position(msg.offset, 0), msg.timestamp)
                         continue
                 if partition in gathered:  # a partition's events in order: those gathered before this record first
                     for one in gathered.pop(partition).values():
