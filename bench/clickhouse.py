@@ -11,7 +11,13 @@ measured in the same run.
    through the same writer, materialized views included (``direct_insert_rows_per_s``);
    the same with the times shuffled over the hour (``direct_insert_shuffled_times_rows_per_s``,
    the cost of a stream out of time order); and the engine alone inserting the same
-   rows from memory (``engine_insert_rows_per_s``).
+   rows from memory (``engine_insert_rows_per_s``). CPU a row, of each process at work:
+   ``sink_cpu_us_per_row`` (the sink, its engine included), ``sink_redis_cpu_us_per_row``
+   (the duplicate check), ``sink_kafka_cpu_us_per_row``; ``direct_insert_cpu_us_per_row``
+   and ``engine_insert_cpu_us_per_row`` beside them. On a machine of few cores these bound
+   the sink: its rows/s cannot pass the cores over the CPU a row of all three processes
+   (``sink_cpu_bound_rows_per_s``), nor any sink's, with the same duplicate check, the
+   cores over the engine's, Redis's and Kafka's (``engine_cpu_bound_rows_per_s``).
 2. Queries: BENCH_QUERY_EVENTS events (default 10M) generated inside ClickHouse
    (INSERT ... SELECT FROM numbers(), through the rollup views), then a dashboard of
    questions (analytics/queries.py) for one org over 1h/24h/7d/30d plus an org
@@ -148,9 +154,10 @@ def peak_rss_mb(pid: int | None) -> float:
     return 0.0
 
 
-def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
+def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> float:
     """Baselines on the same events: Python decode; the insert of decoded rows through the
-    sink's writer (encoding + engine); the engine alone inserting the same rows."""
+    sink's writer (encoding + engine); the engine alone inserting the same rows, whose CPU
+    a row (us) it returns."""
     arrived_ms = int(time.time() * 1000)  # the broker's time of each record, which to_rows judges events by
     recs = [SimpleNamespace(topic=EVENTS_TOPIC, partition=0, offset=i, key=k, value=v, headers=(), timestamp=arrived_ms)
             for i, (k, v) in enumerate(records)]
@@ -175,7 +182,8 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
         for i, rows in enumerate(batches):
             writer.insert(rows, Range("bench-baseline", 0, i, i).token() + uuid.uuid4().hex)
         harness.report("direct_insert_rows_per_s", n / (time.perf_counter() - started), "rows/s")
-        log(f"direct insert: {(time.process_time() - cpu) / n * 1e6:.2f} us of CPU a row (encoding and engine)")
+        # Encoding and the engine (parse, views, parts): the engine runs in this process.
+        harness.report("direct_insert_cpu_us_per_row", (time.process_time() - cpu) / n * 1e6, "us")
         client.command("CREATE TABLE bench_stage ENGINE = Memory AS SELECT * FROM requests")  # for the engine alone
         # The same rows with their times shuffled over the hour, as if every record of a
         # backlog spanned all of it: what the order of a real stream saves the engine.
@@ -193,17 +201,23 @@ def bench_direct_insert(settings, records: list[tuple[bytes, bytes]]) -> None:
         harness.report("direct_insert_shuffled_times_rows_per_s", n / (time.perf_counter() - started), "rows/s")
         # The engine alone: the same rows again, from the table in memory, through the same views.
         block = max(len(rows) for rows in batches)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         client.command("INSERT INTO requests SELECT * FROM bench_stage",
                        settings={**INSERT_SETTINGS, "max_insert_block_size": block, "min_insert_block_size_rows": block})
         harness.report("engine_insert_rows_per_s", n / (time.perf_counter() - started), "rows/s")
+        # What any sink pays per row in the engine, whatever it does before: with the duplicate
+        # check's and Kafka's CPU (bench_sink) it bounds what the machine's cores can store.
+        engine_us = (time.process_time() - cpu) / n * 1e6
+        harness.report("engine_insert_cpu_us_per_row", engine_us, "us")
+        return engine_us
         client.command("DROP TABLE bench_stage")
     finally:
         client.close()
         shutil.rmtree(path, ignore_errors=True)
 
 
-def bench_sink(settings, n: int) -> None:
+def bench_sink(settings, n: int) -> dict[str, float]:
+    """Times the sink; returns the CPU a row (us) of the sink, Redis and Kafka processes."""
     env = {**os.environ, "QUOTAFLOW_SINK_BATCH_SIZE": str(SINK_BATCH)}
     started = time.perf_counter()
     pids = {"sink": stack.start_pipeline_process(settings, "sink", env=env),
@@ -217,8 +231,9 @@ def bench_sink(settings, n: int) -> None:
     done = time.perf_counter()
     log(f"sink: peak resident memory {peak_rss_mb(pids['sink']):.0f} MiB (batches of up to "
         f"{settings.sink_batch_bytes >> 20} MiB of records)")
-    log("sink: CPU a row, " + ", ".join(f"{name} process {(cpu_seconds(pid) - cpu[name]) / n * 1e6:.2f} us"
-                                        for name, pid in pids.items()))
+    per_row = {name: (cpu_seconds(pid) - cpu[name]) / n * 1e6 for name, pid in pids.items()}
+    for name, us in per_row.items():  # the sink's own, and what it costs Redis (duplicate check) and Kafka
+        harness.report("sink_cpu_us_per_row" if name == "sink" else f"sink_{name}_cpu_us_per_row", us, "us")
     scraped = metrics.scrape(port)
     inserts = scraped.get("quotaflow_sink_insert_seconds_count", 0)
     if inserts:
@@ -234,6 +249,7 @@ def bench_sink(settings, n: int) -> None:
     stack.pipeline_proc(settings, "sink").stop()
     harness.report("sink_rows_per_s", n / (done - ready), "rows/s")
     log(f"sink batch size {SINK_BATCH}; {n} rows in {done - ready:.1f} s")
+    return per_row
 
 
 GENERATE = """
@@ -313,8 +329,15 @@ def run(settings) -> None:
     log(f"producing {SINK_EVENTS} events to Kafka")
     records = sink_events(SINK_EVENTS)
     asyncio.run(produce(settings.kafka_bootstrap, records))
-    bench_direct_insert(settings, records)
-    bench_sink(settings, SINK_EVENTS)
+    engine_us = bench_direct_insert(settings, records)
+    sink_us = bench_sink(settings, SINK_EVENTS)
+    cores = os.cpu_count() or 1
+    # Every core busy, with nothing else to do: what the sink could store at most on this
+    # machine, and what any sink could that stores through these tables with the same
+    # duplicate check (Redis) and reading (Kafka), if it cost nothing itself but the engine.
+    harness.report("sink_cpu_bound_rows_per_s", cores * 1e6 / sum(sink_us.values()), "rows/s")
+    harness.report("engine_cpu_bound_rows_per_s", cores * 1e6 / (engine_us + sink_us["redis"] + sink_us["kafka"]),
+                   "rows/s")
     bench_queries(settings.clickhouse_url, QUERY_EVENTS)
 
 
