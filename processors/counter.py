@@ -119,7 +119,7 @@ class RequestCounter:
         fresh: list[Record] = []  # records whose events were not applied before
         checks = BatchDuplicateChecks(self.backend)
         outcomes: Counter[str] = Counter()
-        offset_keys: dict[int, str] = {}  # partition -> its next_offset_key
+        seen_partitions: set[int] = set()  # those of the batch so far: each one's next offset changes
         gathered: dict[int, dict[str, OneEventRecords]] = {}  # partition -> org -> its one-event records so far
 
         def take(record: Record, verdict: str) -> None:
@@ -140,8 +140,9 @@ class RequestCounter:
                 if verdict == REFETCH:
                     outcomes["refetch"] += 1
                     continue
-                if partition not in offset_keys:
-                    changed[offset_keys.setdefault(partition, next_offset_key(partition))] = partition
+                if partition not in seen_partitions:
+                    seen_partitions.add(partition)
+                    changed[next_offset_key(partition)] = partition
                 if verdict == APPLY:
                     values = self._one_event(msg)
                     if values is not None:
